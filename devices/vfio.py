@@ -1,0 +1,160 @@
+"""``VfioDevice``: a typed handle on a VFIO device cdev (/dev/vfio/devices/vfioN).
+
+The iommufd-era flow, as the kernel's VFIO selftests use it::
+
+    dev = VfioDevice.open_bdf(host, "0000:6a:01.0")   # sysfs -> vfioN
+    devid = dev.bind_iommufd(iommufd)                 # VFIO_DEVICE_BIND_IOMMUFD
+    dev.attach_pt(hwpt_or_ioas_id)                    # VFIO_DEVICE_ATTACH_IOMMUFD_PT
+    dev.enable_msix([eventfd, ...])                   # VFIO_DEVICE_SET_IRQS
+    dev.region_write(VFIO_PCI_BAR0_REGION_INDEX, off, data)
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from luvmm.abi import ffi, new_arg
+from luvmm.host import Host, KernelObject
+from devices.vfio_uapi import (
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    VFIO_DEVICE_BIND_IOMMUFD,
+    VFIO_DEVICE_DETACH_IOMMUFD_PT,
+    VFIO_DEVICE_GET_INFO,
+    VFIO_DEVICE_GET_IRQ_INFO,
+    VFIO_DEVICE_GET_REGION_INFO,
+    VFIO_DEVICE_RESET,
+    VFIO_DEVICE_SET_IRQS,
+    VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX,
+)
+
+VFIO_CDEV_DIR = "/dev/vfio/devices"
+PCI_DEVICES_DIR = "/sys/bus/pci/devices"
+
+
+def cdev_path_for_bdf(host: Host, bdf: str) -> str:
+    """The cdev of a PCI function bound to vfio-pci, found the sysfs way:
+    /sys/bus/pci/devices/<BDF>/vfio-dev/vfioN -> /dev/vfio/devices/vfioN."""
+    entries = [e for e in host.listdir(f"{PCI_DEVICES_DIR}/{bdf}/vfio-dev") if e.startswith("vfio")]
+    if len(entries) != 1:
+        raise OSError(2, f"{bdf} has {len(entries)} vfio-dev entries (is it bound to vfio-pci?)")
+    return f"{VFIO_CDEV_DIR}/{entries[0]}"
+
+
+class VfioDevice(KernelObject):
+    """A VFIO device cdev fd."""
+
+    def __init__(self, host: Host, fd: int, path: str | None = None):
+        super().__init__(host, fd)
+        self.path = path
+        self._regions: dict[int, tuple[int, int]] = {}  # index -> (offset, size)
+
+    @classmethod
+    def open(cls, host: Host, path: str) -> VfioDevice:
+        return cls(host, host.open(path, os.O_RDWR), path)
+
+    @classmethod
+    def open_bdf(cls, host: Host, bdf: str) -> VfioDevice:
+        return cls.open(host, cdev_path_for_bdf(host, bdf))
+
+    # --- information --------------------------------------------------------------
+
+    def get_info(self):
+        info = new_arg("struct vfio_device_info")
+        self.ioctl(VFIO_DEVICE_GET_INFO, info)
+        return info
+
+    def get_region_info(self, index: int):
+        info = new_arg("struct vfio_region_info", index=index)
+        self.ioctl(VFIO_DEVICE_GET_REGION_INFO, info)
+        self._regions[index] = (info.offset, info.size)
+        return info
+
+    def get_irq_info(self, index: int):
+        info = new_arg("struct vfio_irq_info", index=index)
+        self.ioctl(VFIO_DEVICE_GET_IRQ_INFO, info)
+        return info
+
+    # --- interrupts -----------------------------------------------------------------
+
+    def set_irqs(self, index: int, flags: int, start: int, count: int, data: bytes = b"") -> None:
+        """VFIO_DEVICE_SET_IRQS with ``data`` appended to the struct."""
+        size = ffi.sizeof("struct vfio_irq_set")
+        buf = bytearray(size + len(data))
+        struct.pack_into("=5I", buf, 0, len(buf), flags, index, start, count)
+        buf[size:] = data
+        self.host.ioctl(self.fd, VFIO_DEVICE_SET_IRQS, buf)
+
+    def enable_msix(self, eventfds: list[int], start: int = 0) -> None:
+        """Route MSI-X vectors ``start..`` to ``eventfds`` (-1 leaves a vector unset)."""
+        self.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                      start, len(eventfds), struct.pack(f"={len(eventfds)}i", *eventfds))
+
+    def disable_irqs(self, index: int = VFIO_PCI_MSIX_IRQ_INDEX) -> None:
+        """DATA_NONE | ACTION_TRIGGER with count 0: tear down every vector of ``index``."""
+        self.set_irqs(index, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+
+    # --- state ----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.ioctl(VFIO_DEVICE_RESET)
+
+    def bind_iommufd(self, iommufd: int | KernelObject) -> int:
+        """Bind to an iommufd; returns the device id iommufd knows it by."""
+        fd = iommufd.fileno() if isinstance(iommufd, KernelObject) else iommufd
+        bind = new_arg("struct vfio_device_bind_iommufd", iommufd=fd)
+        self.ioctl(VFIO_DEVICE_BIND_IOMMUFD, bind)
+        return bind.out_devid
+
+    def attach_pt(self, pt_id: int) -> int:
+        """Attach to an IOAS or HWPT; returns the pt_id the kernel used (an
+        IOAS attach auto-allocates a HWPT and reports its id)."""
+        attach = new_arg("struct vfio_device_attach_iommufd_pt", pt_id=pt_id)
+        self.ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach)
+        return attach.pt_id
+
+    def detach_pt(self) -> None:
+        self.ioctl(VFIO_DEVICE_DETACH_IOMMUFD_PT, new_arg("struct vfio_device_detach_iommufd_pt"))
+
+    # --- regions ---------------------------------------------------------------------------
+
+    def _region(self, index: int) -> tuple[int, int]:
+        if index not in self._regions:
+            self.get_region_info(index)
+        return self._regions[index]
+
+    def region_read(self, index: int, offset: int, length: int) -> bytes:
+        base, size = self._region(index)
+        if offset < 0 or offset + length > size:
+            raise ValueError(f"region {index}: [{offset:#x}, +{length}) outside its {size:#x} bytes")
+        return self.host.pread(self.fd, length, base + offset)
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        base, size = self._region(index)
+        if offset < 0 or offset + len(data) > size:
+            raise ValueError(f"region {index}: [{offset:#x}, +{len(data)}) outside its {size:#x} bytes")
+        written = self.host.pwrite(self.fd, data, base + offset)
+        if written != len(data):
+            raise OSError(5, f"short region write: {written} of {len(data)} bytes")
+
+    def read32(self, index: int, offset: int) -> int:
+        return struct.unpack("<I", self.region_read(index, offset, 4))[0]
+
+    def write32(self, index: int, offset: int, value: int) -> None:
+        self.region_write(index, offset, struct.pack("<I", value))
+
+    def read64(self, index: int, offset: int) -> int:
+        return struct.unpack("<Q", self.region_read(index, offset, 8))[0]
+
+    def write64(self, index: int, offset: int, value: int) -> None:
+        self.region_write(index, offset, struct.pack("<Q", value))
+
+    def config_read(self, offset: int, length: int) -> bytes:
+        return self.region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset, length)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        self.region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)

@@ -1,0 +1,3 @@
+from luvmm.cli import main
+
+raise SystemExit(main())

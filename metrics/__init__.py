@@ -1,0 +1,1 @@
+"""Prometheus metrics of the VMM and the host daemon (prometheus-client)."""

@@ -1,0 +1,10 @@
+import pytest
+
+from vmm.kvm import kvm_available
+
+
+@pytest.fixture(scope="session")
+def kvm_ok():
+    ok, why = kvm_available()
+    if not ok:
+        pytest.skip(f"needs /dev/kvm: {why}")

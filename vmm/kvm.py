@@ -1,0 +1,205 @@
+"""Typed KVM handles: ``Kvm -> Vm -> Vcpu`` over the host interface.
+
+KVM_RUN is issued from one thread per vCPU through the cffi-called ioctl of
+the host interface: cffi releases the GIL for the call and returns EINTR
+instead of retrying (``fcntl.ioctl`` retries per PEP 475, so a vCPU in a guest
+busy loop could never be kicked out).  A kick is the kernel's own protocol:
+set ``kvm_run.immediate_exit`` (covers a vCPU that is about to enter) and send
+the vCPU thread a signal whose handler does nothing (covers one that is in the
+guest); KVM_RUN then returns with KVM_EXIT_INTR.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from luvmm.abi import ffi, new_arg
+from luvmm.host import Host, KernelObject, RealHost
+from vmm.kvm_uapi import (
+    KVM_API_VERSION,
+    KVM_CHECK_EXTENSION,
+    KVM_CREATE_IRQCHIP,
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_ENABLE_CAP,
+    KVM_EXIT_INTR,
+    KVM_GET_API_VERSION,
+    KVM_GET_REGS,
+    KVM_GET_SREGS,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_IOEVENTFD,
+    KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IRQFD,
+    KVM_RUN,
+    KVM_SET_REGS,
+    KVM_SET_SREGS,
+    KVM_SET_USER_MEMORY_REGION,
+)
+
+#: The signal that kicks a vCPU thread out of KVM_RUN (QEMU's SIG_IPI).
+SIG_VCPU_KICK = signal.SIGUSR1
+
+
+def install_kick_handler() -> None:
+    """Install the no-op handler that makes SIG_VCPU_KICK interrupt KVM_RUN.
+
+    Must run in the main thread (Python's rule for signal.signal).  Without a
+    handler the signal's default action would kill the process.
+    """
+    if signal.getsignal(SIG_VCPU_KICK) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(SIG_VCPU_KICK, _kick_handler)
+
+
+def _kick_handler(signum, frame) -> None:
+    """Nothing to do: the signal's only job is to make KVM_RUN return EINTR."""
+
+
+class Kvm(KernelObject):
+    """/dev/kvm."""
+
+    def __init__(self, host: Host | None = None, path: str = "/dev/kvm"):
+        host = host or RealHost()
+        super().__init__(host, host.open(path))
+        version = self.api_version()
+        if version != KVM_API_VERSION:
+            self.close()
+            raise OSError(f"KVM API version {version}, expected {KVM_API_VERSION}")
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()
+
+    def api_version(self) -> int:
+        return self.ioctl(KVM_GET_API_VERSION)
+
+    def check_extension(self, cap: int) -> int:
+        return self.ioctl(KVM_CHECK_EXTENSION, cap)
+
+    def vcpu_mmap_size(self) -> int:
+        return self.ioctl(KVM_GET_VCPU_MMAP_SIZE)
+
+    def create_vm(self, vm_type: int = 0) -> Vm:
+        return Vm(self, self.ioctl(KVM_CREATE_VM, vm_type))
+
+
+class Vm(KernelObject):
+    """A KVM virtual machine (the fd KVM_CREATE_VM returned)."""
+
+    def __init__(self, kvm: Kvm, fd: int):
+        super().__init__(kvm.host, fd)
+        self.kvm = kvm
+
+    def check_extension(self, cap: int) -> int:
+        return self.ioctl(KVM_CHECK_EXTENSION, cap)
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int,
+                               userspace_addr: int, flags: int = 0) -> None:
+        self.ioctl(KVM_SET_USER_MEMORY_REGION, new_arg(
+            "struct kvm_userspace_memory_region", slot=slot, flags=flags,
+            guest_phys_addr=guest_phys_addr, memory_size=memory_size, userspace_addr=userspace_addr))
+
+    def create_irqchip(self) -> None:
+        self.ioctl(KVM_CREATE_IRQCHIP)
+
+    def irqfd(self, fd: int, gsi: int, flags: int = 0) -> None:
+        self.ioctl(KVM_IRQFD, new_arg("struct kvm_irqfd", fd=fd, gsi=gsi, flags=flags))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, *, datamatch: int | None = None,
+                  pio: bool = False, flags: int = 0) -> None:
+        flags |= KVM_IOEVENTFD_FLAG_PIO if pio else 0
+        if datamatch is not None:
+            flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
+        self.ioctl(KVM_IOEVENTFD, new_arg("struct kvm_ioeventfd", fd=fd, addr=addr, len=length,
+                                          datamatch=datamatch or 0, flags=flags))
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        self.ioctl(KVM_ENABLE_CAP, new_arg("struct kvm_enable_cap", cap=cap, flags=flags,
+                                           args=list(args) + [0] * (4 - len(args))))
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        return Vcpu(self, vcpu_id, self.ioctl(KVM_CREATE_VCPU, vcpu_id))
+
+
+class Vcpu(KernelObject):
+    """A vCPU: its fd, its mmapped ``struct kvm_run``, and the thread running it."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int):
+        super().__init__(vm.host, fd)
+        self.vm = vm
+        self.id = vcpu_id
+        self._run_map = self.host.mmap(fd, vm.kvm.vcpu_mmap_size())
+        #: The shared ``struct kvm_run`` (exit information, immediate_exit).
+        self.kvm_run = ffi.from_buffer("struct kvm_run *", self._run_map)
+        # The thread inside run(), guarded so that kick() never signals a
+        # thread id that has already gone away.
+        self._thread_lock = threading.Lock()
+        self._thread_id: int | None = None
+
+    def run(self) -> int:
+        """KVM_RUN once; returns ``kvm_run.exit_reason``.
+
+        A kick returns KVM_EXIT_INTR (the kernel's own exit reason for a
+        signal) with immediate_exit cleared, ready for the next entry.
+        """
+        with self._thread_lock:
+            self._thread_id = threading.get_ident()
+        try:
+            self.host.ioctl(self.fd, KVM_RUN, 0)
+        except InterruptedError:
+            self.kvm_run.immediate_exit = 0
+            return KVM_EXIT_INTR
+        finally:
+            with self._thread_lock:
+                self._thread_id = None
+        return self.kvm_run.exit_reason
+
+    def kick(self) -> None:
+        """Make this vCPU leave KVM_RUN, or not enter it next time (any thread)."""
+        if signal.getsignal(SIG_VCPU_KICK) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise RuntimeError("install_kick_handler() was not called from the main thread")
+        self.kvm_run.immediate_exit = 1
+        with self._thread_lock:
+            if self._thread_id is not None:
+                signal.pthread_kill(self._thread_id, SIG_VCPU_KICK)
+
+    def get_regs(self):
+        regs = ffi.new("struct kvm_regs *")
+        self.ioctl(KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs) -> None:
+        self.ioctl(KVM_SET_REGS, regs)
+
+    def get_sregs(self):
+        sregs = ffi.new("struct kvm_sregs *")
+        self.ioctl(KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs) -> None:
+        self.ioctl(KVM_SET_SREGS, sregs)
+
+    def io_data(self) -> memoryview:
+        """The data bytes of a KVM_EXIT_IO (inside the kvm_run mapping)."""
+        io = self.kvm_run.io
+        return memoryview(self._run_map)[io.data_offset:io.data_offset + io.size * io.count]
+
+    def close(self) -> None:
+        if self.kvm_run is not None:
+            ffi.release(self.kvm_run)  # drop the buffer export before unmapping
+            self.kvm_run = None
+        self._run_map.close()
+        super().close()
+
+
+def kvm_available(path: str = "/dev/kvm") -> tuple[bool, str]:
+    """Whether KVM can be used here, and if not, why (for skips and fallbacks)."""
+    if not os.path.exists(path):
+        return False, f"{path} does not exist (no KVM on this machine)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return False, f"{path} is not readable and writable by this user"
+    try:
+        Kvm(path=path).close()
+    except OSError as e:
+        return False, f"{path} cannot be used: {e}"
+    return True, ""
