@@ -195,7 +195,7 @@ class PciFunction:
         cfg[PCIE_CAP_OFFSET + 1] = MSIX_CAP_OFFSET
         struct.pack_into("<H", cfg, PCIE_CAP_OFFSET + PCI_EXP_FLAGS, 2 | (PCI_EXP_TYPE_RC_END << 4))
         struct.pack_into("<I", cfg, PCIE_CAP_OFFSET + PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_FLR)
-        struct.pack_into("<H", wmask, PCIE_CAP_OFFSET + PCI_EXP_DEVCTL, 0x7FFF)
+        struct.pack_into("<H", wmask, PCIE_CAP_OFFSET + PCI_EXP_DEVCTL, 0xFFFF)  # BCR_FLR self-clears
         # MSI-X capability.
         cfg[MSIX_CAP_OFFSET] = PCI_CAP_ID_MSIX
         struct.pack_into("<H", cfg, MSIX_CAP_OFFSET + PCI_MSIX_FLAGS, msix_vectors - 1)

@@ -202,6 +202,7 @@ def new_arg(argtype: str, **fields):
 
 def load_all() -> None:
     """Import every uAPI module so that the tables are complete."""
+    import devices.dsa_uapi  # noqa: F401
     import devices.iommufd_uapi  # noqa: F401
     import devices.vfio_uapi  # noqa: F401
     import liveupdate.luo_uapi  # noqa: F401

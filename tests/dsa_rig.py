@@ -62,3 +62,20 @@ def make_rig(size: int = 16 << 20, *, bandwidth: float | None = None, init: bool
     if init:
         driver.init()
     return rig
+
+
+REC = 0x18000  # a completion record slot outside the driver's state
+
+
+def submit(rig: Rig, *, wait: bool = True, completion: int | None = None, wq: int = 0, **fields) -> dict:
+    """Write one descriptor to the portal; return its completion record once the device is idle."""
+    from devices.dsa_uapi import pack_desc, unpack_completion
+
+    record = REC if completion is None else completion
+    if completion is None:
+        rig.view[REC:REC + 32] = bytes(32)
+        fields.setdefault("completion_addr", rig.iova(REC))
+    rig.driver.desc_write(pack_desc(**fields), wq)
+    if wait:
+        assert rig.dev.wait_idle(10), "the device did not finish"
+    return unpack_completion(bytes(rig.view[record:record + 32])) if record + 32 <= rig.mem.size else {}

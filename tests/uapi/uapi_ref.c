@@ -16,6 +16,10 @@
 #if __has_include(<linux/iommufd.h>)
 #include <linux/iommufd.h>
 #endif
+#if __has_include(<linux/idxd.h>)
+#include <linux/idxd.h>
+#define HAVE_IDXD 1
+#endif
 #if __has_include(<linux/liveupdate.h>)
 #include <linux/liveupdate.h>
 #endif
@@ -106,6 +110,10 @@ int main(void)
 	SIZE(liveupdate_session_retrieve_fd);
 	SIZE(liveupdate_session_finish);
 	SIZE(liveupdate_session_get_name);
+#endif
+#ifdef HAVE_IDXD
+	SIZE(dsa_hw_desc);
+	SIZE(dsa_completion_record);
 #endif
 	printf("\n}\n");
 	return 0;
