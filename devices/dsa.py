@@ -36,6 +36,10 @@ What the model does, and the status it reports (include/uapi/linux/idxd.h):
   SUCCESS when every descriptor succeeded, else BATCH_FAIL; a FENCE after a
   failure (including a false predicate) abandons the rest; a fault reading
   the list is BATCH_PAGE_FAULT.  descs_completed counts what was processed.
+* CR_DELTA/AP_DELTA work on 8-byte words: addresses and size must be
+  8-byte aligned (ADDR_ALIGN); a record entry is (u16 word offset, u64 word);
+  a record that does not fit max_delta_size gives result 2, a malformed one
+  DR_ERANGE, DR_OFFSET_NOINC or DR_OFFSET_ERANGE (checked before any write).
 * COMPARE/COMPVAL: result 0 equal, 1 different (bytes_completed = offset of
   the first difference); with CR, a result other than expected_res is
   SUCCESS_PRED.  DUALCAST needs dst1 and dst2 equal in bits 11:0
@@ -169,6 +173,7 @@ from devices.dsa_regs import (
 from devices.dsa_uapi import (
     COMP,
     DESC,
+    DSA_COMP_ADDR_ALIGN,
     DSA_COMP_BAD_OPCODE,
     DSA_COMP_BATCH_FAIL,
     DSA_COMP_BATCH_PAGE_FAULT,
@@ -177,6 +182,9 @@ from devices.dsa_uapi import (
     DSA_COMP_DCAST_ERR,
     DSA_COMP_DESC_CNT_ERANGE,
     DSA_COMP_DESCLIST_ALIGN,
+    DSA_COMP_DR_ERANGE,
+    DSA_COMP_DR_OFFSET_ERANGE,
+    DSA_COMP_DR_OFFSET_NOINC,
     DSA_COMP_HW_ERR1,
     DSA_COMP_INT_HANDLE_INVAL,
     DSA_COMP_INVALID_FLAGS,
@@ -188,10 +196,12 @@ from devices.dsa_uapi import (
     DSA_COMP_SUCCESS_PRED,
     DSA_COMP_XFER_ERANGE,
     DSA_DESC_SIZE,
+    DSA_OPCODE_AP_DELTA,
     DSA_OPCODE_BATCH,
     DSA_OPCODE_COMPARE,
     DSA_OPCODE_COMPVAL,
     DSA_OPCODE_COPY_CRC,
+    DSA_OPCODE_CR_DELTA,
     DSA_OPCODE_CRCGEN,
     DSA_OPCODE_DRAIN,
     DSA_OPCODE_DUALCAST,
@@ -206,9 +216,10 @@ from devices.dsa_uapi import (
     IDXD_OP_FLAG_RCI,
     IDXD_OP_FLAG_RCR,
     OP_CRC,
+    OP_DELTA,
     OP_U64,
 )
-from devices.iommu import IommuDomain
+from devices.iommu import DmaFault, IommuDomain
 from devices.pci import Bar, PciFunction
 
 log = logging.getLogger(__name__)
@@ -217,6 +228,11 @@ log = logging.getLogger(__name__)
 VALID_FLAGS = 0xFFFF
 #: A chunk of data movement between checks for abort, Bus Master Enable and pacing.
 CHUNK = 1 << 20
+
+#: Delta records address 8-byte words with a 16-bit offset.
+DELTA_MAX_XFER = 0x80000
+DELTA_ENTRY = struct.Struct("<HQ")
+OP_U32 = struct.Struct("<I")
 
 _memmove = ctypes.memmove
 _u64 = struct.Struct("<Q")
@@ -809,7 +825,20 @@ class DsaDevice(PciFunction):
             return self._copy(domain, src, (dst, dst2), size, gen), flags, opcode
         if opcode == DSA_OPCODE_MEMFILL:
             return self._fill(domain, _u64.pack(src), dst, size, gen), flags, opcode
-        if opcode == DSA_OPCODE_COMPARE:
+        if opcode in (DSA_OPCODE_CR_DELTA, DSA_OPCODE_AP_DELTA):
+            if (src | dst | size) % 8:
+                return Outcome(DSA_COMP_ADDR_ALIGN), flags, opcode
+            if size > DELTA_MAX_XFER:
+                return Outcome(DSA_COMP_XFER_ERANGE), flags, opcode
+            if opcode == DSA_OPCODE_AP_DELTA:
+                return self._apply_delta(domain, src, dst, size, OP_U32.unpack_from(op)[0]), flags, opcode
+            delta_addr, max_delta = OP_DELTA.unpack_from(op)[:2]
+            if delta_addr % 8:
+                return Outcome(DSA_COMP_ADDR_ALIGN), flags, opcode
+            if max_delta % DELTA_ENTRY.size or max_delta == 0:
+                return Outcome(DSA_COMP_DR_ERANGE), flags, opcode
+            outcome = self._create_delta(domain, src, dst, size, delta_addr, max_delta)
+        elif opcode == DSA_OPCODE_COMPARE:
             outcome = self._compare(domain, src, dst, None, size, gen)
         elif opcode == DSA_OPCODE_COMPVAL:
             outcome = self._compare(domain, src, None, _u64.pack(dst), size, gen)
@@ -1012,6 +1041,55 @@ class DsaDevice(PciFunction):
             return Outcome(DSA_COMP_PAGE_FAULT_NOBOF, completed=done, fault_addr=fault)
         return Outcome(DSA_COMP_SUCCESS, result=0)
 
+    def _create_delta(self, domain, src1: int, src2: int, size: int, delta_addr: int, max_delta: int) -> Outcome:
+        """CR_DELTA: a delta record of the 8-byte words where src2 differs from
+        src1, each entry (u16 word offset, u64 src2 word).  Result 0: equal;
+        1: the record describes the difference; 2: it did not fit."""
+        try:
+            a, b = domain.read(src1, size), domain.read(src2, size)
+        except DmaFault as fault:
+            return Outcome(DSA_COMP_PAGE_FAULT_NOBOF, fault_addr=fault.addr)
+        self.stats.bytes += size
+        record = bytearray()
+        result = 0
+        for i, (x, y) in enumerate(zip(_words(a), _words(b))):
+            if x != y:
+                if len(record) + DELTA_ENTRY.size > max_delta:
+                    result = 2
+                    break
+                record += DELTA_ENTRY.pack(i, y)
+                result = 1
+        if record:
+            try:
+                domain.write(delta_addr, bytes(record))
+            except DmaFault as fault:
+                return Outcome(DSA_COMP_PAGE_FAULT_NOBOF | DSA_COMP_STATUS_WRITE, fault_addr=fault.addr)
+        return Outcome(DSA_COMP_SUCCESS, result=result, extra=struct.pack("<I", len(record)))
+
+    def _apply_delta(self, domain, record_addr: int, dst: int, size: int, record_size: int) -> Outcome:
+        """AP_DELTA: write a CR_DELTA record's words into ``dst``."""
+        if record_size % DELTA_ENTRY.size or record_size > size // 8 * DELTA_ENTRY.size:
+            return Outcome(DSA_COMP_DR_ERANGE)
+        try:
+            record = domain.read(record_addr, record_size)
+        except DmaFault as fault:
+            return Outcome(DSA_COMP_PAGE_FAULT_NOBOF, fault_addr=fault.addr)
+        entries = list(DELTA_ENTRY.iter_unpack(record))
+        last = -1
+        for offset, _ in entries:  # the whole record is checked before anything is written
+            if offset <= last:
+                return Outcome(DSA_COMP_DR_OFFSET_NOINC)
+            if offset * 8 + 8 > size:
+                return Outcome(DSA_COMP_DR_OFFSET_ERANGE)
+            last = offset
+        for offset, word in entries:
+            try:
+                domain.write(dst + offset * 8, _u64.pack(word))
+            except DmaFault as fault:
+                return Outcome(DSA_COMP_PAGE_FAULT_NOBOF | DSA_COMP_STATUS_WRITE, fault_addr=fault.addr)
+        self.stats.bytes += size
+        return Outcome()
+
     def _crc(self, domain, src: int, dst: int | None, size: int, seed: int, gen: int) -> Outcome:
         if dst is not None:
             pieces, usable, fault, write = self._pieces(domain, src, (dst,), size)
@@ -1033,6 +1111,10 @@ class DsaDevice(PciFunction):
         outcome = _partial(usable, size, fault, write)
         outcome.extra = _u64.pack(crc)
         return outcome
+
+
+def _words(data: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))
 
 
 def _overlap(a: int, b: int, size: int) -> bool:

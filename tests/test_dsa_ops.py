@@ -12,7 +12,9 @@ from devices.dsa_regs import (
     SWERR_ERROR_SHIFT,
 )
 from devices.dsa_uapi import (
+    DSA_COMP_ADDR_ALIGN,
     DSA_COMP_BAD_OPCODE,
+    DSA_COMP_DR_OFFSET_NOINC,
     DSA_COMP_BATCH_FAIL,
     DSA_COMP_BATCH_PAGE_FAULT,
     DSA_COMP_CRA_ALIGN,
@@ -36,11 +38,14 @@ from devices.dsa_uapi import (
     DSA_OPCODE_COPY_CRC,
     DSA_OPCODE_CR_DELTA,
     DSA_OPCODE_CRCGEN,
+    DSA_OPCODE_DIF_CHECK,
     DSA_OPCODE_DRAIN,
     DSA_OPCODE_DUALCAST,
     DSA_OPCODE_MEMFILL,
     DSA_OPCODE_MEMMOVE,
     DSA_OPCODE_NOOP,
+    DSA_OPCODE_TRANSL_FETCH,
+    DSA_OPCODE_AP_DELTA,
     IDXD_OP_FLAG_BOF,
     IDXD_OP_FLAG_CR,
     IDXD_OP_FLAG_CRAV,
@@ -155,9 +160,42 @@ def test_crcgen_and_copy_crc(rig):
     assert overlap["status"] == DSA_COMP_OVERLAP_BUFFERS
 
 
-@pytest.mark.parametrize("opcode", [DSA_OPCODE_CR_DELTA, DSA_OPCODE_CFLUSH, 0x7F, 0xFF])
+@pytest.mark.parametrize("opcode", [DSA_OPCODE_TRANSL_FETCH, DSA_OPCODE_DIF_CHECK, DSA_OPCODE_CFLUSH, 0x7F, 0xFF])
 def test_unimplemented_opcodes_are_bad_opcode(rig, opcode):
     assert submit(rig, opcode=opcode, flags=CRAV_RCR, xfer_size=64)["status"] == DSA_COMP_BAD_OPCODE
+
+
+def test_delta_records_and_address_alignment(rig):
+    old = os.urandom(4096)
+    new = bytearray(old)
+    for word in (3, 100, 511):
+        new[8 * word:8 * word + 8] = os.urandom(8)
+    fill(rig, A, old)
+    fill(rig, B, bytes(new))
+    record = submit(rig, opcode=DSA_OPCODE_CR_DELTA, flags=CRAV_RCR, src=rig.iova(A), dst=rig.iova(B),
+                    xfer_size=4096, op_specific=struct.pack("<QI", rig.iova(C), 80))
+    assert (record["status"], record["result"]) == (DSA_COMP_SUCCESS, 1)
+    size = struct.unpack_from("<I", record["op_specific"])[0]
+    assert size == 30 and struct.unpack_from("<HQ", rig.view[C:C + 10])[0] == 3
+    # Apply the delta to the old copy: it becomes the new one.
+    record = submit(rig, opcode=DSA_OPCODE_AP_DELTA, flags=CRAV_RCR, src=rig.iova(C), dst=rig.iova(A),
+                    xfer_size=4096, op_specific=struct.pack("<I", size))
+    assert record["status"] == DSA_COMP_SUCCESS and rig.view[A:A + 4096] == bytes(new)
+    # Too small a record: result 2.
+    fill(rig, A, old)
+    record = submit(rig, opcode=DSA_OPCODE_CR_DELTA, flags=CRAV_RCR, src=rig.iova(A), dst=rig.iova(B),
+                    xfer_size=4096, op_specific=struct.pack("<QI", rig.iova(C), 20))
+    assert record["result"] == 2
+    # Word operations need 8-byte alignment.
+    for src, dst, size in ((A + 4, B, 64), (A, B + 2, 64), (A, B, 60)):
+        record = submit(rig, opcode=DSA_OPCODE_CR_DELTA, flags=CRAV_RCR, src=rig.iova(src), dst=rig.iova(dst),
+                        xfer_size=size, op_specific=struct.pack("<QI", rig.iova(C), 80))
+        assert record["status"] == DSA_COMP_ADDR_ALIGN
+    # A record whose offsets do not increase is refused before anything is written.
+    fill(rig, C, struct.pack("<HQHQ", 5, 1, 5, 2))
+    record = submit(rig, opcode=DSA_OPCODE_AP_DELTA, flags=CRAV_RCR, src=rig.iova(C), dst=rig.iova(A),
+                    xfer_size=4096, op_specific=struct.pack("<I", 20))
+    assert record["status"] == DSA_COMP_DR_OFFSET_NOINC and rig.view[A:A + 4096] == old
 
 
 def test_invalid_flags(rig):
