@@ -125,7 +125,8 @@ IOMMU_IOAS_ALLOC = ioctl("IOMMU_IOAS_ALLOC", _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_
                          "struct iommu_ioas_alloc")
 IOMMU_IOAS_IOVA_RANGES = ioctl("IOMMU_IOAS_IOVA_RANGES",
                                _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_IOVA_RANGES),
-                               "struct iommu_ioas_iova_ranges")
+                               "struct iommu_ioas_iova_ranges",
+                               user_out_buffers=(("allowed_iovas", "num_iovas", "struct iommu_iova_range"),))
 IOMMU_IOAS_MAP = ioctl("IOMMU_IOAS_MAP", _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_MAP),
                        "struct iommu_ioas_map")
 IOMMU_IOAS_MAP_FILE = ioctl("IOMMU_IOAS_MAP_FILE", _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_MAP_FILE),

@@ -54,8 +54,10 @@ structs(__name__, "struct liveupdate_ioctl_create_session", "struct liveupdate_i
         "struct liveupdate_session_preserve_fd", "struct liveupdate_session_retrieve_fd",
         "struct liveupdate_session_finish", "struct liveupdate_session_get_name")
 
+LIVEUPDATE_CMD_BASE = 0x00
 LIVEUPDATE_CMD_CREATE_SESSION = 0x00
 LIVEUPDATE_CMD_RETRIEVE_SESSION = 0x01
+LIVEUPDATE_CMD_SESSION_BASE = 0x40
 LIVEUPDATE_CMD_SESSION_PRESERVE_FD = 0x40
 LIVEUPDATE_CMD_SESSION_RETRIEVE_FD = 0x41
 LIVEUPDATE_CMD_SESSION_FINISH = 0x42

@@ -135,6 +135,10 @@ class IoctlDef:
     ``fd_fields`` names the struct fields that carry file descriptors into the
     kernel and ``out_fd_fields`` those that carry new ones back; the emulated
     host passes them with SCM_RIGHTS.
+    ``user_out_buffers`` lists (pointer field, count field, element type) of
+    user memory the kernel fills (IOMMU_IOAS_IOVA_RANGES' allowed_iovas): the
+    emulated host returns those bytes after the struct and the client copies
+    them to the pointer, as copy_to_user would.
     """
 
     name: str
@@ -143,6 +147,7 @@ class IoctlDef:
     sized: bool
     fd_fields: tuple[str, ...] = ()
     out_fd_fields: tuple[str, ...] = ()
+    user_out_buffers: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def argsize(self) -> int:
@@ -159,7 +164,8 @@ STRUCTS: dict[str, str] = {}  # "struct NAME" -> owning module, for `luvmm uapi`
 
 
 def ioctl(name: str, request: IoctlNumber, argtype: str | None = None, *,
-          fd_fields: tuple[str, ...] = (), out_fd_fields: tuple[str, ...] = ()) -> IoctlNumber:
+          fd_fields: tuple[str, ...] = (), out_fd_fields: tuple[str, ...] = (),
+          user_out_buffers: tuple[tuple[str, str, str], ...] = ()) -> IoctlNumber:
     """Register an ioctl and return its number.
 
     For ``_IOR/_IOW/_IOWR`` the argument type comes from the macro; ``_IO``
@@ -172,7 +178,7 @@ def ioctl(name: str, request: IoctlNumber, argtype: str | None = None, *,
     if argtype is not None:
         fields = ffi.typeof(argtype).fields
         sized = bool(fields) and fields[0][0] in ("size", "argsz")
-    definition = IoctlDef(name, int(request), argtype, sized, fd_fields, out_fd_fields)
+    definition = IoctlDef(name, int(request), argtype, sized, fd_fields, out_fd_fields, user_out_buffers)
     if int(request) in IOCTLS and IOCTLS[int(request)].name != name:
         raise ValueError(f"{name} collides with {IOCTLS[int(request)].name} (0x{int(request):x})")
     IOCTLS[int(request)] = definition

@@ -161,12 +161,13 @@ class Host(abc.ABC):
         """Directory entries (sysfs: /sys/bus/pci/devices/<BDF>/vfio-dev)."""
 
     @abc.abstractmethod
-    def kexec(self) -> None:
+    def kexec(self):
         """reboot(LINUX_REBOOT_CMD_KEXEC): LUO freezes, the new kernel boots.
 
-        On a real host this does not return on success; the emulated host
-        returns after the new kernel is up (the caller has been killed by then
-        unless it is outside the host's init).
+        On a real host this does not return on success.  The emulated host
+        returns after the new kernel is up, with a dict describing the reboot
+        (a caller started by the host's init has been killed by then).  A
+        failing freeze raises OSError with its errno and nothing happens.
         """
 
 

@@ -1,0 +1,378 @@
+"""The emulated host daemon (`luvmm host start`): machine, kernel and init in one process.
+
+* The **machine** (:class:`liveupdate.machine.Machine`) is the hardware; it is
+  created once and never reboots.
+* The **kernel** (:class:`liveupdate.kernel.core.Kernel`) serves the emulated
+  device files; it is replaced at every kexec by a new one built from the KHO
+  image alone.  Each emulated file is served by a task in the kernel's own
+  nursery, so dropping the kernel cancels them all.
+* **Init** (:class:`liveupdate.init.Init`) starts the units (the agent and one
+  VMM per VM) from unit files in the state dir, SIGKILLs them at kexec and
+  starts them again after it.
+
+A malformed message gets an error reply and the daemon goes on serving; an
+unexpected failure inside a request is logged and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+import trio
+
+from luvmm.abi import IOCTLS, load_all
+from luvmm.wire import (
+    MAX_FDS,
+    MAX_MESSAGE,
+    OP_IOCTL,
+    OP_PREAD,
+    OP_PWRITE,
+    REPLY,
+    REQUEST,
+    ProtocolError,
+    decode_json,
+    encode_json,
+    fds_from_ancillary,
+)
+from liveupdate import faults
+from liveupdate.init import Init
+from liveupdate.kernel import kho
+from liveupdate.kernel.core import Kernel, KernelError
+from liveupdate.machine import Machine
+from liveupdate.state import StateDir
+
+log = logging.getLogger("luvmm.host")
+
+PROFILES = ("continuous-dma", "reset-on-freeze")
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _ancillary(fds) -> list:
+    if not fds:
+        return []
+    import array
+
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+class HostDaemon:
+    def __init__(self, state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
+                 dsa_bandwidth: float | None = None):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown kernel profile {profile!r}")
+        load_all()
+        self.state = state
+        self.profile = profile
+        self.machine = Machine(devices, dsa_bandwidth=dsa_bandwidth)
+        self.generation = 0
+        self.kernel: Kernel | None = None
+        self._kernel_nursery: trio.Nursery | None = None
+        self._kernel_scope: trio.CancelScope | None = None
+        self.init = Init(state, self)
+        self.kexec_count = 0
+        self.kexec_seconds: list[float] = []
+        self.last_kho_error: str | None = None
+        self.started = time.time()
+        self._stop = trio.Event()
+        self.finished = trio.Event()
+        self._kexec_lock = trio.Lock()
+        self.faults = faults.Faults.from_env()
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.machine.start()
+        listener = self._listen()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._boot(None)
+                nursery.start_soon(self._accept, listener)
+                await self.init.start_all(boot="cold")
+                task_status.started()
+                await self._stop.wait()
+                await self.init.kill_all()
+                nursery.cancel_scope.cancel()
+        finally:
+            listener.close()
+            if self.kernel is not None:
+                self.kernel.drop()
+            self.machine.shutdown()
+            try:
+                os.unlink(self.state.socket)
+            except FileNotFoundError:
+                pass
+            self.finished.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _listen(self) -> trio.socket.SocketType:
+        path = self.state.socket
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        return trio.socket.from_stdlib_socket(sock)
+
+    async def _boot(self, tree: dict | None) -> None:
+        self.generation += 1
+        self._kernel_nursery = await self._nursery.start(self._kernel_tasks)
+        self.kernel = Kernel(self.machine, profile=self.profile, generation=self.generation, spawn=self._spawn)
+        if tree is not None:
+            self.kernel.restore(tree)
+
+    async def _kernel_tasks(self, *, task_status) -> None:
+        with trio.CancelScope() as scope:
+            self._kernel_scope = scope
+            async with trio.open_nursery() as nursery:
+                task_status.started(nursery)
+                await trio.sleep_forever()
+
+    def _spawn(self, file) -> None:
+        self._kernel_nursery.start_soon(self._serve_file, self.kernel, file)
+
+    # --- emulated files -----------------------------------------------------------------------
+
+    async def _serve_file(self, kernel: Kernel, file) -> None:
+        sock = trio.socket.from_stdlib_socket(file.sock)
+        try:
+            while True:
+                try:
+                    data, anc, flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                             socket.MSG_CMSG_CLOEXEC)
+                except OSError:
+                    break
+                if not data:
+                    break
+                try:
+                    fds = fds_from_ancillary(anc, flags)
+                except ProtocolError:
+                    await self._send(sock, REPLY.pack(-1, errno.EINVAL), [])
+                    continue
+                out_fds: list[int] = []
+                try:
+                    reply, out_fds = self._file_request(kernel, file, data, fds)
+                finally:
+                    _close_all(fds)
+                try:
+                    await self._send(sock, reply, out_fds)
+                finally:
+                    _close_all(out_fds)
+        finally:
+            if not kernel.dropping:
+                kernel.release(file)
+
+    @staticmethod
+    async def _send(sock, data: bytes, fds) -> None:
+        try:
+            await sock.sendmsg([data], _ancillary(fds))
+        except OSError:
+            pass  # the caller is gone
+
+    def _file_request(self, kernel: Kernel, file, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+        if len(data) < REQUEST.size:
+            return REPLY.pack(-1, errno.EINVAL), []
+        op, arg32, arg64 = REQUEST.unpack_from(data)
+        payload = bytearray(data[REQUEST.size:])
+        try:
+            if op == OP_IOCTL:
+                definition = IOCTLS.get(arg32)
+                if definition is not None and definition.argtype is not None:
+                    if len(payload) != arg64:
+                        raise KernelError(errno.EFAULT)
+                    arg = 0
+                else:
+                    arg = arg64
+                result = file.ioctl(arg32, definition, payload, fds, arg)
+                out_fds: list[int] = []
+                if isinstance(result, tuple):
+                    result, out_fds = result
+                return REPLY.pack(result, 0) + bytes(payload), out_fds
+            if op == OP_PREAD:
+                out = file.pread(arg32, arg64)
+                return REPLY.pack(len(out), 0) + out, []
+            if op == OP_PWRITE:
+                if len(payload) != arg32:
+                    raise KernelError(errno.EINVAL)
+                return REPLY.pack(file.pwrite(bytes(payload), arg64), 0), []
+            raise KernelError(errno.EINVAL, f"unknown operation {op}")
+        except KernelError as e:
+            return REPLY.pack(-1, e.errno) + getattr(e, "payload", b""), []
+        except (ValueError, struct.error) as e:
+            log.info("bad request on %s: %s", file.describe(), e)
+            return REPLY.pack(-1, errno.EINVAL), []
+        except Exception:
+            log.exception("request on %s failed", file.describe())
+            return REPLY.pack(-1, errno.EIO), []
+
+    # --- control socket ---------------------------------------------------------------------------
+
+    async def _accept(self, listener) -> None:
+        while True:
+            conn, _ = await listener.accept()
+            self._nursery.start_soon(self._control, conn)
+
+    async def _control(self, conn) -> None:
+        with conn:
+            while True:
+                try:
+                    data, anc, flags, _ = await conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                             socket.MSG_CMSG_CLOEXEC)
+                except OSError:
+                    return
+                if not data:
+                    return
+                fds: list[int] = []
+                out_fds: list[int] = []
+                try:
+                    fds = fds_from_ancillary(anc, flags)
+                    request = decode_json(data)
+                    ok, out_fds = await self._control_request(request, fds)
+                    reply = {"ok": ok}
+                except (ProtocolError, KeyError, TypeError) as e:
+                    reply = {"errno": errno.EINVAL, "error": f"malformed request: {e}"}
+                except OSError as e:
+                    reply = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}
+                except Exception as e:
+                    log.exception("control request failed")
+                    reply = {"errno": errno.EIO, "error": f"internal error: {e}"}
+                finally:
+                    _close_all(fds)
+                try:
+                    await conn.sendmsg([encode_json(reply)], _ancillary(out_fds))
+                except OSError:
+                    pass
+                finally:
+                    _close_all(out_fds)
+                if reply.get("ok") == "stopping":
+                    self.stop()
+
+    async def _control_request(self, request: dict, fds: list[int]):
+        op = request["op"]
+        if op == "hello":
+            return {"pid": os.getpid(), "generation": self.generation}, []
+        if op == "open":
+            path, flags = request["path"], int(request.get("flags", os.O_RDWR))
+            if not isinstance(path, str):
+                raise TypeError("path must be a string")
+            return True, [self.kernel.open(path, flags)]
+        if op == "listdir":
+            return self.kernel.listdir(str(request["path"])), []
+        if op == "kexec":
+            return await self.kexec(), []
+        if op == "status":
+            return self.status(), []
+        if op == "stop":
+            return "stopping", []
+        if op == "units":
+            return self.init.status(), []
+        if op == "unit-start":
+            return await self.init.start_unit(str(request["name"])), []
+        if op == "unit-stop":
+            return await self.init.stop_unit(str(request["name"])), []
+        raise KernelError(errno.EINVAL, f"unknown request {op!r}")
+
+    # --- kexec --------------------------------------------------------------------------------------
+
+    async def kexec(self) -> dict:
+        """reboot(LINUX_REBOOT_CMD_KEXEC) with LUO: freeze, hand over, reboot."""
+        async with self._kexec_lock:
+            started = time.monotonic()
+            kernel = self.kernel
+            tree = kernel.freeze()  # a KernelError here: nothing happened, the caller gets the errno
+            image = kho.encode_image(tree)
+            bdfs, domains, memory = kernel.preserved_hardware()
+            image = self.faults.kho_image(image)
+            await self.init.kill_all()
+            self._kernel_scope.cancel()
+            kernel.drop()
+            self.machine.reset_for_kexec(bdfs, domains, memory)
+            self.kexec_count += 1
+            try:
+                new_tree = kho.decode_image(image)
+                self.last_kho_error = None
+            except kho.KhoError as e:
+                log.error("the new kernel refused the KHO image: %s", e)
+                self.last_kho_error = str(e)
+                new_tree = None
+            await self._boot(new_tree)
+            await self.init.start_all(boot="kexec")
+            self.kexec_seconds.append(time.monotonic() - started)
+            return {"generation": self.generation, "seconds": self.kexec_seconds[-1],
+                    "kho_bytes": len(image), "kho_error": self.last_kho_error}
+
+    def status(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "state_dir": self.state.path,
+            "uptime_s": round(time.time() - self.started, 3),
+            "kernel_profile": self.profile,
+            "kexec_count": self.kexec_count,
+            "kexec_seconds": [round(s, 4) for s in self.kexec_seconds],
+            "last_kho_error": self.last_kho_error,
+            "kernel": self.kernel.status(),
+            "units": self.init.status(),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m liveupdate.daemon", description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--kernel-profile", choices=PROFILES, default="continuous-dma")
+    parser.add_argument("--dsa-bandwidth", type=float, default=None, help="bytes per second (default: unlimited)")
+    parser.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd when serving")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sys.setswitchinterval(0.0005)  # keep serving while the DSA engines run Python
+    state = StateDir(args.state_dir)
+    state.ensure()
+    daemon = HostDaemon(state, devices=args.devices, profile=args.kernel_profile,
+                        dsa_bandwidth=args.dsa_bandwidth)
+
+    async def serve():
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                async def on_signal():
+                    async for _ in signals:
+                        daemon.stop()
+                nursery.start_soon(on_signal)
+                await nursery.start(daemon.run)
+                state.write_pid(os.getpid())
+                if args.ready_fd is not None:
+                    os.write(args.ready_fd, b"ready\n")
+                    os.close(args.ready_fd)
+                await daemon.finished.wait()
+                nursery.cancel_scope.cancel()
+
+    trio.run(serve)
+    state.clear_pid()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

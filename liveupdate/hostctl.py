@@ -1,0 +1,106 @@
+"""Starting, finding and stopping an emulated host (what `luvmm host` does)."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+
+from liveupdate.state import StateDir, default_state_dir
+
+
+class HostError(RuntimeError):
+    pass
+
+
+def running(state: StateDir) -> bool:
+    """Whether a daemon answers on the state dir's control socket."""
+    if not os.path.exists(state.socket):
+        return False
+    from luvmm.emuhost import HostGone, connect
+
+    try:
+        connect(state.socket).close_connection()
+    except (HostGone, OSError):
+        return False
+    return True
+
+
+def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
+          dsa_bandwidth: float | None = None, agent: bool = True, timeout: float = 30.0,
+          env: dict | None = None) -> int:
+    """Start a daemon in the background; returns its pid once it serves."""
+    if running(state):
+        raise HostError(f"an emulated host is already running in {state.path}")
+    state.ensure()
+    if agent:
+        state.write_unit("agent", [sys.executable, "-m", "liveupdate.agent", "--state-dir", state.path])
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "liveupdate.daemon", "--state-dir", state.path, "--devices", str(devices),
+            "--kernel-profile", profile, "--ready-fd", str(write_end)]
+    if dsa_bandwidth:
+        argv += ["--dsa-bandwidth", str(dsa_bandwidth)]
+    with open(state.log, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                pass_fds=(write_end,), start_new_session=True,
+                                env=dict(os.environ, **(env or {})))
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        line = os.read(read_end, 64) if ready else b""
+    finally:
+        os.close(read_end)
+    if line.strip() != b"ready":
+        proc.kill()
+        proc.wait()
+        tail = ""
+        try:
+            with open(state.log, "rb") as f:
+                tail = f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            pass
+        raise HostError(f"the emulated host did not start (see {state.log}):\n{tail}")
+    return proc.pid
+
+
+def stop(state: StateDir, timeout: float = 30.0) -> bool:
+    """Ask the daemon to stop and wait for its process to exit."""
+    pid = state.pid()
+    if not running(state):
+        return False
+    from luvmm.emuhost import connect
+
+    host = connect(state.socket)
+    try:
+        host.call({"op": "stop"})
+    finally:
+        host.close_connection()
+    if pid is not None:
+        _wait_exit(pid, timeout)
+    return True
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        if not ready:
+            raise HostError(f"the emulated host (pid {pid}) did not exit within {timeout:.0f} s")
+    finally:
+        os.close(pidfd)
+
+
+def ensure(state_dir: str | None, *, say=print, **start_args) -> StateDir:
+    """The host of ``state_dir`` (default: the embedded one), started if needed."""
+    state = StateDir(state_dir or default_state_dir())
+    if not running(state):
+        if state_dir is not None and not start_args.pop("autostart", True):
+            raise HostError(f"no emulated host is running in {state.path}")
+        start(state, **start_args)
+        say(f"started an emulated host in {state.path}")
+    return state

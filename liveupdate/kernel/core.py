@@ -1,0 +1,231 @@
+"""The emulated kernel's core: files, device nodes, sysfs, boot and freeze."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from typing import Callable
+
+from luvmm.abi import IoctlDef, ffi
+
+log = logging.getLogger(__name__)
+
+
+class KernelError(OSError):
+    """A syscall failing with ``errno`` (and a message for the daemon's log)."""
+
+    def __init__(self, err: int, message: str = ""):
+        super().__init__(err, message or os.strerror(err))
+
+
+class File:
+    """An open file description of the emulated kernel.
+
+    The client holds one end of a socketpair (its fd); the daemon serves the
+    other.  The file lives until every copy of the client end is closed --
+    including copies the kernel itself holds, such as LUO's reference on a
+    preserved file.
+    """
+
+    kind = "file"
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self.sock: socket.socket | None = None
+        self.inode = 0
+        self.released = False
+
+    def ioctl(self, request: int, definition: IoctlDef | None, buf: bytearray, fds: list[int],
+              arg: int) -> int | tuple[int, list[int]]:
+        """Returns the result, or (result, fds to hand to the caller)."""
+        raise KernelError(errno.ENOTTY)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        raise KernelError(errno.EINVAL)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        raise KernelError(errno.EINVAL)
+
+    def release(self) -> None:
+        """The last reference is gone."""
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class RealFile:
+    """A file of the host's real kernel (a memfd, an eventfd) that the emulated
+    kernel holds a reference to (its own dup)."""
+
+    kind = "real"
+
+    def __init__(self, fd: int):
+        self.fd = os.dup(fd)
+        st = os.fstat(self.fd)
+        self.key = (st.st_dev, st.st_ino)
+        self.mode = st.st_mode
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- struct helpers: the kernel's copy_struct_from_user ----------------------------------------
+
+
+def copy_struct(buf: bytearray, argtype: str, min_field: str, *, trailing: bool = True):
+    """The extensible-struct rules of iommufd and LUO: ``size`` below the
+    end of ``min_field`` is EINVAL, non-zero bytes past what this kernel knows
+    are E2BIG (when ``trailing``).  Returns (cdata copy, user size)."""
+    if len(buf) < 4:
+        raise KernelError(errno.EFAULT)
+    user_size = int.from_bytes(buf[:4], "little")
+    known = ffi.sizeof(argtype)
+    minsz = ffi.offsetof(argtype, min_field) + ffi.sizeof(ffi.typeof(argtype).fields[
+        [f[0] for f in ffi.typeof(argtype).fields].index(min_field)][1].type)
+    if user_size < minsz:
+        raise KernelError(errno.EINVAL, f"{argtype}: size {user_size} < {minsz}")
+    if user_size > len(buf):
+        raise KernelError(errno.EFAULT)
+    if trailing and user_size > known and any(buf[known:user_size]):
+        raise KernelError(errno.E2BIG, f"{argtype}: non-zero bytes past the {known} this kernel knows")
+    cmd = ffi.new(argtype + " *")
+    n = min(user_size, known)
+    ffi.memmove(cmd, bytes(buf[:n]), n)
+    return cmd, user_size
+
+
+def respond(buf: bytearray, cmd, user_size: int) -> None:
+    """copy_to_user of the struct, up to what the caller supplied."""
+    n = min(user_size, ffi.sizeof(ffi.typeof(cmd).item))
+    buf[:n] = ffi.buffer(cmd, n)
+
+
+# --- the kernel ------------------------------------------------------------------------------------
+
+
+class Kernel:
+    """One boot of the emulated kernel."""
+
+    def __init__(self, machine, *, profile: str, generation: int, spawn: Callable[[File], None]):
+        from devices.kernel.iommufd import IommufdSubsystem
+        from devices.kernel.vfio import VfioSubsystem
+        from liveupdate.kernel.luo import LuoSubsystem
+
+        self.machine = machine
+        self.profile = profile
+        self.generation = generation
+        self.spawn = spawn
+        self.files: dict[int, File] = {}
+        #: True while the old kernel is being discarded at kexec: release
+        #: paths must not touch the hardware then.
+        self.dropping = False
+        self.iommufd = IommufdSubsystem(self)
+        self.vfio = VfioSubsystem(self)
+        self.luo = LuoSubsystem(self)
+
+    # --- files ----------------------------------------------------------------------------
+
+    def install(self, file: File) -> int:
+        """Create the socketpair of a new file; returns the client's end (an fd
+        the caller hands over and then closes)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        file.sock = ours
+        file.inode = os.fstat(theirs.fileno()).st_ino
+        self.files[file.inode] = file
+        self.spawn(file)
+        return theirs.detach()
+
+    def lookup(self, fd: int) -> File | None:
+        """The emulated file behind a passed fd, identified by its socket inode."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            raise KernelError(errno.EBADF) from None
+        if stat.S_ISSOCK(st.st_mode):
+            return self.files.get(st.st_ino)
+        return None
+
+    def release(self, file: File) -> None:
+        if file.released:
+            return
+        file.released = True
+        self.files.pop(file.inode, None)
+        try:
+            file.release()
+        finally:
+            if file.sock is not None:
+                file.sock.close()
+
+    # --- paths ------------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int) -> int:
+        if path == "/dev/liveupdate":
+            return self.install(self.luo.open())
+        if path == "/dev/iommu":
+            return self.install(self.iommufd.open())
+        if path.startswith("/dev/vfio/devices/vfio"):
+            return self.install(self.vfio.open(path))
+        raise KernelError(errno.ENOENT, f"{path}: no such device")
+
+    def listdir(self, path: str) -> list[str]:
+        path = path.rstrip("/")
+        if path == "/dev/vfio/devices":
+            return self.vfio.cdev_names()
+        if path == "/sys/bus/pci/devices":
+            return sorted(self.machine.devices)
+        prefix = "/sys/bus/pci/devices/"
+        if path.startswith(prefix):
+            bdf, _, rest = path[len(prefix):].partition("/")
+            if bdf in self.machine.devices:
+                if rest == "":
+                    return ["config", "vfio-dev"]
+                if rest == "vfio-dev":
+                    return [self.vfio.cdev_name(bdf)]
+        raise KernelError(errno.ENOENT, f"{path}: no such directory")
+
+    # --- kexec -------------------------------------------------------------------------------
+
+    def freeze(self) -> dict:
+        """reboot(LINUX_REBOOT_CMD_KEXEC), first half: freeze every preserved
+        file and serialize the KHO tree.  A failure unfreezes what was frozen
+        and raises: nothing else happens."""
+        return {
+            "compatible": "luvmm,kho-v1",
+            "generation": self.generation,
+            "profile": self.profile,
+            "luo": self.luo.freeze(),
+        }
+
+    def preserved_hardware(self) -> tuple[set[str], set[int], set[tuple[int, int]]]:
+        """The functions, domains and memory that the frozen state refers to."""
+        return self.luo.preserved_hardware()
+
+    def drop(self) -> None:
+        """Every kernel object goes away (the old kernel is gone)."""
+        self.dropping = True
+        for file in list(self.files.values()):
+            try:
+                self.release(file)
+            except Exception:  # a release must not stop the others
+                log.exception("releasing %s at kexec", file.describe())
+        self.luo.drop()
+        self.iommufd.drop()
+        self.vfio.drop()
+
+    def restore(self, tree: dict) -> None:
+        """Boot, second half: take over what the KHO tree describes."""
+        self.luo.restore(tree.get("luo", {}))
+
+    def status(self) -> dict:
+        return {
+            "generation": self.generation,
+            "profile": self.profile,
+            "open_files": sorted(f.describe() for f in self.files.values()),
+            "sessions": self.luo.status(),
+            "vfio": self.vfio.status(),
+        }

@@ -1,0 +1,407 @@
+"""The Live Update Orchestrator, as kernel/liveupdate/luo_{core,session,file}.c
+behave, errno for errno.
+
+/dev/liveupdate has one opener at a time (EBUSY).  CREATE_SESSION makes an
+*outgoing* session (name 1..63 bytes, else EINVAL; a duplicate name EEXIST);
+RETRIEVE_SESSION opens an *incoming* one, handed over by the previous kernel
+(unknown ENOENT, retrieved twice EINVAL).  On a session fd: PRESERVE_FD only
+on outgoing sessions, RETRIEVE_FD and FINISH only on incoming ones (EINVAL
+otherwise); a token used twice in a session is EEXIST, a file preserved twice
+anywhere EBUSY, a file no handler takes ENOENT, an unknown token ENOENT.
+Struct sizes follow copy_struct_from_user: short EINVAL, non-zero bytes past
+the known struct E2BIG.  FINISH asks every file's can_finish first (EBUSY).
+Closing an outgoing session fd unpreserves its files; closing a retrieved
+one finishes it.  Freeze runs inside the kexec reboot: a failing freeze
+unfreezes the others and the reboot returns the error.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+
+from luvmm.abi import IoctlDef, _IOC_NR, ffi
+from liveupdate.kernel.core import File, KernelError, RealFile, copy_struct, respond
+from liveupdate.luo_uapi import (
+    LIVEUPDATE_CMD_SESSION_BASE,
+    LIVEUPDATE_IOCTL_CREATE_SESSION,
+    LIVEUPDATE_IOCTL_RETRIEVE_SESSION,
+    LIVEUPDATE_SESSION_FINISH,
+    LIVEUPDATE_SESSION_GET_NAME,
+    LIVEUPDATE_SESSION_NAME_LENGTH,
+    LIVEUPDATE_SESSION_PRESERVE_FD,
+    LIVEUPDATE_SESSION_RETRIEVE_FD,
+)
+
+log = logging.getLogger(__name__)
+
+
+class FileHandler:
+    """A LUO file handler (struct liveupdate_file_handler)."""
+
+    compatible = ""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def can_preserve(self, target) -> bool:
+        return False
+
+    def preserve(self, lf: LuoFile) -> dict:
+        return {}
+
+    def unpreserve(self, lf: LuoFile) -> None:
+        pass
+
+    def freeze(self, lf: LuoFile) -> dict:
+        return lf.state
+
+    def unfreeze(self, lf: LuoFile) -> None:
+        pass
+
+    def hardware(self, state: dict) -> tuple[set[str], set[int], set[tuple[int, int]]]:
+        """(PCI functions, IOMMU domains, memory) the preserved state needs."""
+        return set(), set(), set()
+
+    def restore(self, lf: LuoFile) -> None:
+        """At boot, for each incoming file (claim its hardware)."""
+
+    def retrieve(self, lf: LuoFile):
+        """Returns a new File (emulated) or an fd (real) for the caller."""
+        raise KernelError(errno.ENOENT)
+
+    def can_finish(self, lf: LuoFile) -> bool:
+        return True
+
+    def finish(self, lf: LuoFile) -> None:
+        pass
+
+
+@dataclass
+class LuoFile:
+    token: int
+    handler: FileHandler
+    target: object = None  # File or RealFile (outgoing); retrieved object (incoming)
+    ref_fd: int = -1  # LUO's reference on an emulated file: a dup of its client end
+    state: dict = field(default_factory=dict)
+    frozen: bool = False
+    retrieve_status: int = 0  # 0 not yet, 1 retrieved, <0 failed with -errno
+    identity: object = None
+
+    def drop_ref(self) -> None:
+        if self.ref_fd >= 0:
+            os.close(self.ref_fd)
+            self.ref_fd = -1
+        if isinstance(self.target, RealFile):
+            self.target.close()
+
+
+@dataclass
+class Session:
+    name: str
+    incoming: bool
+    files: list[LuoFile] = field(default_factory=list)
+    retrieved: bool = False
+    file: File | None = None
+
+    def find(self, token: int) -> LuoFile | None:
+        return next((f for f in self.files if f.token == token), None)
+
+
+def _name(cmd) -> str:
+    raw = bytes(cmd.name)
+    end = raw.find(b"\0")
+    if end <= 0:  # empty, or 64 bytes with no terminator
+        raise KernelError(errno.EINVAL, "session names are 1 to 63 bytes")
+    try:
+        return raw[:end].decode()
+    except UnicodeDecodeError:
+        raise KernelError(errno.EINVAL, "session name is not UTF-8") from None
+
+
+def _check_cmd(request: int, expected: dict[int, int], base: int) -> int:
+    """luo_ioctl's dispatch: nr out of the table EINVAL, wrong encoding ENOTTY."""
+    nr = _IOC_NR(request)
+    if nr - base not in range(len(expected)) or nr < base:
+        raise KernelError(errno.EINVAL)
+    if expected[nr - base] != request:
+        raise KernelError(errno.ENOTTY)
+    return request
+
+
+class LiveUpdateDev(File):
+    kind = "liveupdate"
+
+    def ioctl(self, request, definition, buf, fds, arg):
+        luo = self.kernel.luo
+        _check_cmd(request, {0: LIVEUPDATE_IOCTL_CREATE_SESSION, 1: LIVEUPDATE_IOCTL_RETRIEVE_SESSION}, 0)
+        argtype = definition.argtype
+        cmd, size = copy_struct(buf, argtype, "name")
+        name = _name(cmd)
+        session = luo.create(name) if request == LIVEUPDATE_IOCTL_CREATE_SESSION else luo.retrieve(name)
+        session.file = SessionFile(self.kernel, session)
+        fd = self.kernel.install(session.file)
+        cmd.fd = -1  # the client writes its own number in
+        respond(buf, cmd, size)
+        return 0, [fd]
+
+    def release(self):
+        self.kernel.luo.dev_open = None
+
+
+class SessionFile(File):
+    kind = "luo-session"
+
+    def __init__(self, kernel, session: Session):
+        super().__init__(kernel)
+        self.session = session
+
+    def describe(self):
+        return f"luo-session:{self.session.name}"
+
+    def ioctl(self, request, definition, buf, fds, arg):
+        luo = self.kernel.luo
+        session = self.session
+        _check_cmd(request, {0: LIVEUPDATE_SESSION_PRESERVE_FD, 1: LIVEUPDATE_SESSION_RETRIEVE_FD,
+                             2: LIVEUPDATE_SESSION_FINISH, 3: LIVEUPDATE_SESSION_GET_NAME},
+                   LIVEUPDATE_CMD_SESSION_BASE)
+        if request == LIVEUPDATE_SESSION_PRESERVE_FD:
+            if session.incoming:
+                raise KernelError(errno.EINVAL, "PRESERVE_FD on a retrieved session")
+            cmd, size = copy_struct(buf, definition.argtype, "token")
+            if cmd.fd < 0 or not fds:
+                raise KernelError(errno.EBADF)
+            luo.preserve(session, cmd.token, fds[0])
+            respond(buf, cmd, size)
+            return 0
+        if request == LIVEUPDATE_SESSION_RETRIEVE_FD:
+            if not session.incoming:
+                raise KernelError(errno.EINVAL, "RETRIEVE_FD on an outgoing session")
+            cmd, size = copy_struct(buf, definition.argtype, "token")
+            fd = luo.retrieve_fd(session, cmd.token)
+            cmd.fd = -1
+            respond(buf, cmd, size)
+            return 0, [fd]
+        if request == LIVEUPDATE_SESSION_FINISH:
+            if not session.incoming:
+                raise KernelError(errno.EINVAL, "FINISH on an outgoing session")
+            cmd, size = copy_struct(buf, definition.argtype, "reserved")
+            if cmd.reserved:
+                raise KernelError(errno.EINVAL)
+            luo.finish(session)
+            respond(buf, cmd, size)
+            return 0
+        cmd, size = copy_struct(buf, definition.argtype, "name")
+        if cmd.reserved:
+            raise KernelError(errno.EINVAL)
+        raw = session.name.encode()[:LIVEUPDATE_SESSION_NAME_LENGTH - 1]
+        ffi.memmove(cmd.name, raw + b"\0", len(raw) + 1)
+        respond(buf, cmd, size)
+        return 0
+
+    def release(self):
+        self.kernel.luo.session_closed(self.session)
+
+
+class LuoSubsystem:
+    def __init__(self, kernel):
+        from devices.kernel.iommufd import IommufdHandler
+        from devices.kernel.vfio import VfioHandler
+        from liveupdate.kernel.memfd import MemfdHandler
+
+        self.kernel = kernel
+        self.dev_open: File | None = None
+        self.outgoing: dict[str, Session] = {}
+        self.incoming: dict[str, Session] = {}
+        self.preserved: dict[object, LuoFile] = {}
+        # Order matters only for can_preserve; each handler takes one file type.
+        self.handlers = [MemfdHandler(kernel), VfioHandler(kernel), IommufdHandler(kernel)]
+        #: Set when the incoming KHO image was refused (shown by `host status`).
+        self.restore_error: str | None = None
+
+    def open(self) -> File:
+        if self.dev_open is not None:
+            raise KernelError(errno.EBUSY, "/dev/liveupdate is already open")
+        self.dev_open = LiveUpdateDev(self.kernel)
+        return self.dev_open
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def create(self, name: str) -> Session:
+        if name in self.outgoing:
+            raise KernelError(errno.EEXIST, f"session {name!r} exists")
+        session = self.outgoing[name] = Session(name, incoming=False)
+        return session
+
+    def retrieve(self, name: str) -> Session:
+        session = self.incoming.get(name)
+        if session is None:
+            raise KernelError(errno.ENOENT, f"no incoming session {name!r}")
+        if session.retrieved:
+            raise KernelError(errno.EINVAL, f"session {name!r} was already retrieved")
+        session.retrieved = True
+        return session
+
+    def session_closed(self, session: Session) -> None:
+        if session.incoming:
+            try:
+                self.finish(session)
+            except KernelError as e:
+                log.warning("unable to finish session %s on release: %s", session.name, e)
+                session.retrieved = False
+            return
+        for lf in reversed(session.files):
+            self._unpreserve(lf)
+        session.files.clear()
+        self.outgoing.pop(session.name, None)
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def preserve(self, session: Session, token: int, fd: int) -> None:
+        if session.find(token) is not None:
+            raise KernelError(errno.EEXIST, f"token {token:#x} is used in session {session.name!r}")
+        target = self.kernel.lookup(fd) or RealFile(fd)
+        handler = next((h for h in self.handlers if h.can_preserve(target)), None)
+        if handler is None:
+            if isinstance(target, RealFile):
+                target.close()
+            raise KernelError(errno.ENOENT, "no live update handler for this file type")
+        identity = target.inode if isinstance(target, File) else target.key
+        if identity in self.preserved:
+            if isinstance(target, RealFile):
+                target.close()
+            raise KernelError(errno.EBUSY, "the file is already preserved")
+        lf = LuoFile(token, handler, target, identity=identity)
+        if isinstance(target, File):
+            lf.ref_fd = os.dup(fd)  # LUO's reference keeps the file alive
+        try:
+            lf.state = handler.preserve(lf) or {}
+        except BaseException:
+            lf.drop_ref()
+            raise
+        session.files.append(lf)
+        self.preserved[identity] = lf
+
+    def _unpreserve(self, lf: LuoFile) -> None:
+        try:
+            lf.handler.unpreserve(lf)
+        finally:
+            self.preserved.pop(lf.identity, None)
+            lf.drop_ref()
+
+    def retrieve_fd(self, session: Session, token: int) -> int:
+        lf = session.find(token)
+        if lf is None:
+            raise KernelError(errno.ENOENT, f"no file with token {token:#x}")
+        if lf.retrieve_status < 0:
+            raise KernelError(-lf.retrieve_status)
+        if lf.retrieve_status == 0:
+            try:
+                lf.target = lf.handler.retrieve(lf)
+            except KernelError as e:
+                lf.retrieve_status = -e.errno
+                raise
+            lf.retrieve_status = 1
+            if isinstance(lf.target, File):
+                client = self.kernel.install(lf.target)
+                lf.ref_fd = os.dup(client)  # kept until FINISH, like get_file()
+                return client
+        if isinstance(lf.target, File):
+            return os.dup(lf.ref_fd)
+        return os.dup(lf.target)
+
+    def finish(self, session: Session) -> None:
+        for lf in session.files:
+            if not lf.handler.can_finish(lf):
+                raise KernelError(errno.EBUSY, f"{lf.handler.compatible} token {lf.token:#x} cannot finish yet")
+        for lf in reversed(session.files):
+            if lf.retrieve_status == 0:
+                try:
+                    lf.target = lf.handler.retrieve(lf)
+                    lf.retrieve_status = 1
+                except KernelError as e:
+                    lf.retrieve_status = -e.errno
+            lf.handler.finish(lf)
+            if lf.ref_fd >= 0:
+                os.close(lf.ref_fd)
+                lf.ref_fd = -1
+            if isinstance(lf.target, int):
+                os.close(lf.target)
+                lf.target = None
+        session.files.clear()
+        self.incoming.pop(session.name, None)
+
+    # --- kexec -------------------------------------------------------------------------------------
+
+    def freeze(self) -> dict:
+        frozen: list[LuoFile] = []
+        try:
+            for session in self.outgoing.values():
+                for lf in session.files:
+                    lf.state = lf.handler.freeze(lf) or lf.state
+                    lf.frozen = True
+                    frozen.append(lf)
+        except BaseException:
+            for lf in reversed(frozen):
+                try:
+                    lf.handler.unfreeze(lf)
+                finally:
+                    lf.frozen = False
+            raise
+        return {"sessions": [
+            {"name": s.name,
+             "files": [{"token": lf.token, "compatible": lf.handler.compatible, "data": lf.state}
+                       for lf in s.files]}
+            for s in self.outgoing.values()]}
+
+    def unfreeze(self) -> None:
+        for session in self.outgoing.values():
+            for lf in reversed(session.files):
+                if lf.frozen:
+                    lf.handler.unfreeze(lf)
+                    lf.frozen = False
+
+    def preserved_hardware(self):
+        bdfs, domains, memory = set(), set(), set()
+        for session in self.outgoing.values():
+            for lf in session.files:
+                b, d, m = lf.handler.hardware(lf.state)
+                bdfs |= b
+                domains |= d
+                memory |= m
+        return bdfs, domains, memory
+
+    def drop(self) -> None:
+        for session in list(self.outgoing.values()) + list(self.incoming.values()):
+            for lf in session.files:
+                lf.drop_ref()
+                if isinstance(lf.target, int):
+                    os.close(lf.target)
+        self.outgoing.clear()
+        self.incoming.clear()
+        self.preserved.clear()
+
+    def restore(self, tree: dict) -> None:
+        by_compatible = {h.compatible: h for h in self.handlers}
+        for s in tree.get("sessions", []):
+            session = Session(s["name"], incoming=True)
+            for f in s["files"]:
+                handler = by_compatible.get(f["compatible"])
+                if handler is None:
+                    log.warning("no handler for %r: token %#x dropped", f["compatible"], f["token"])
+                    continue
+                lf = LuoFile(f["token"], handler, state=f["data"])
+                handler.restore(lf)
+                session.files.append(lf)
+            self.incoming[session.name] = session
+
+    def status(self) -> list[dict]:
+        out = []
+        for kind, sessions in (("outgoing", self.outgoing), ("incoming", self.incoming)):
+            for s in sessions.values():
+                out.append({"name": s.name, "direction": kind, "retrieved": s.retrieved,
+                            "files": [{"token": lf.token, "type": lf.handler.compatible,
+                                       "retrieved": lf.retrieve_status == 1} for lf in s.files]})
+        return out

@@ -1,0 +1,98 @@
+"""The emulated machine: the hardware under the emulated kernel.
+
+It never reboots.  It owns the PCI functions (DSA devices, whose engines keep
+running through a kexec), the IOMMU domains (hardware page tables, named by
+an id the KHO image can refer to), and the physical memory: every memfd a
+kernel object handed to the hardware, mapped once.  A kexec asks it to clear
+Bus Master Enable on functions that are not preserved and to tear down the
+domains and memory nobody preserved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from devices.dsa import DsaDevice
+from devices.iommu import IommuDomain
+from devices.memory import PhysMem
+from devices.pci import PCI_COMMAND_MASTER
+
+
+class Machine:
+    def __init__(self, devices: int = 1, *, dsa_bandwidth: float | None = None):
+        self.devices: dict[str, DsaDevice] = {}
+        for i in range(devices):
+            bdf = f"0000:{0x6a + i:02x}:01.0"
+            self.devices[bdf] = DsaDevice(bdf, bandwidth=dsa_bandwidth)
+        self.domains: dict[int, IommuDomain] = {}
+        self._domain_ids = itertools.count(1)
+        self.memory: dict[tuple[int, int], PhysMem] = {}
+
+    def start(self) -> None:
+        for dev in self.devices.values():
+            dev.start()
+
+    def shutdown(self) -> None:
+        for dev in self.devices.values():
+            dev.shutdown()
+        for mem in self.memory.values():
+            mem.close()
+        self.memory.clear()
+
+    # --- IOMMU ---------------------------------------------------------------------------
+
+    def new_domain(self, name: str = "") -> tuple[int, IommuDomain]:
+        domain_id = next(self._domain_ids)
+        domain = IommuDomain(name or f"domain{domain_id}")
+        self.domains[domain_id] = domain
+        return domain_id, domain
+
+    def free_domain(self, domain_id: int) -> None:
+        domain = self.domains.pop(domain_id, None)
+        if domain is None:
+            return
+        for dev in self.devices.values():
+            if dev.domain is domain:
+                dev.attach_domain(None)
+        domain.clear()
+
+    # --- memory ----------------------------------------------------------------------------
+
+    def memory_for(self, fd: int) -> PhysMem:
+        """The machine's mapping of the memfd behind ``fd`` (made on first use)."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        mem = self.memory.get(key)
+        if mem is None:
+            mem = self.memory[key] = PhysMem(fd)
+        return mem
+
+    def memory_by_inode(self, inode: int) -> PhysMem | None:
+        return next((m for m in self.memory.values() if m.key[1] == inode), None)
+
+    def collect_memory(self, keep: set[tuple[int, int]]) -> None:
+        """Free memory that neither a domain nor ``keep`` still references."""
+        used = set(keep)
+        for domain in self.domains.values():
+            used |= {m.key for m in domain.memories()}
+        for key in list(self.memory):
+            if key not in used:
+                self.memory.pop(key).close()
+
+    # --- kexec ------------------------------------------------------------------------------
+
+    def reset_for_kexec(self, preserved_bdfs: set[str], preserved_domains: set[int],
+                        preserved_memory: set[tuple[int, int]]) -> None:
+        """What the hardware sees when the old kernel is gone: Bus Master Enable
+        cleared on every function that is not preserved, non-preserved domains
+        torn down, and memory that nobody preserved freed."""
+        for bdf, dev in self.devices.items():
+            if bdf not in preserved_bdfs:
+                dev.set_command_bits(PCI_COMMAND_MASTER, False)
+                for v in range(dev.msix.nvec):
+                    dev.msix.set_eventfd(v, None)
+        for domain_id in list(self.domains):
+            if domain_id not in preserved_domains:
+                self.free_domain(domain_id)
+        self.collect_memory(preserved_memory)

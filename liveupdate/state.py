@@ -1,0 +1,104 @@
+"""The state dir: the emulated host's "disk".
+
+Layout: ``host.sock`` (the daemon's control socket, mode 0600), ``agent.sock``,
+``host.pid``, ``host.log``, ``units/NAME.json`` (what init starts), ``logs/``
+(each unit's output), ``vms/NAME/`` (per-VM files of the VMM).  The directory
+itself is 0700: only its owner reaches the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def default_state_dir() -> str:
+    """$LUVMM_STATE_DIR, else $XDG_RUNTIME_DIR/luvmm, else /tmp/luvmm-UID."""
+    if os.environ.get("LUVMM_STATE_DIR"):
+        return os.environ["LUVMM_STATE_DIR"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "luvmm")
+    return f"/tmp/luvmm-{os.getuid()}"
+
+
+class StateDir:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.path, "host.sock")
+
+    @property
+    def agent_socket(self) -> str:
+        return os.path.join(self.path, "agent.sock")
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.path, "host.pid")
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.path, "host.log")
+
+    @property
+    def units(self) -> Path:
+        return Path(self.path) / "units"
+
+    @property
+    def logs(self) -> Path:
+        return Path(self.path) / "logs"
+
+    def vm_dir(self, name: str) -> Path:
+        return Path(self.path) / "vms" / name
+
+    def ensure(self) -> None:
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        self.units.mkdir(exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+
+    def write_pid(self, pid: int) -> None:
+        Path(self.pidfile).write_text(f"{pid}\n")
+
+    def clear_pid(self) -> None:
+        try:
+            os.unlink(self.pidfile)
+        except FileNotFoundError:
+            pass
+
+    def pid(self) -> int | None:
+        try:
+            return int(Path(self.pidfile).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    # --- units ----------------------------------------------------------------------------
+
+    def write_unit(self, name: str, argv: list[str], env: dict[str, str] | None = None, **extra) -> Path:
+        self.ensure()
+        path = self.units / f"{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"name": name, "argv": argv, "env": env or {}, **extra}, indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def remove_unit(self, name: str) -> bool:
+        try:
+            (self.units / f"{name}.json").unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def read_units(self) -> list[dict]:
+        units = []
+        for path in sorted(self.units.glob("*.json")):
+            try:
+                unit = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(unit, dict) and isinstance(unit.get("argv"), list) and unit.get("name") == path.stem:
+                units.append(unit)
+        return units

@@ -1,0 +1,116 @@
+"""The emulated host's wire protocol, shared by the client (:mod:`luvmm.emuhost`)
+and the daemon (:mod:`liveupdate.daemon`).
+
+Two kinds of SOCK_SEQPACKET sockets (message boundaries and SCM_RIGHTS):
+
+* the **control socket** ``host.sock`` in the state dir: JSON requests such as
+  ``{"op": "open", "path": "/dev/iommu", "flags": 2}``; replies are JSON
+  ``{"ok": ...}`` or ``{"errno": N, "error": "..."}``, with fds attached where
+  a request creates one (open);
+* one **file socket** per emulated file: the client holds one end of a
+  socketpair made by the daemon -- that end *is* the file descriptor -- and
+  sends binary requests on it.  A request is a 16-byte header
+  ``<B op, 3 pad, I arg, Q arg64>`` followed by the payload (the ioctl's struct
+  bytes, or the data of a pwrite); the fds the struct names travel as
+  SCM_RIGHTS in the order of :func:`ioctl_fd_offsets`.  A reply is an 8-byte
+  header ``<i result, I errno>`` followed by the payload (the struct as the
+  kernel left it, read data) and the fds the kernel returns.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+import struct
+
+from luvmm.abi import IoctlDef, ffi
+
+OP_IOCTL = 1
+OP_PREAD = 2
+OP_PWRITE = 3
+
+REQUEST = struct.Struct("<BxxxIQ")
+REPLY = struct.Struct("<iI")
+#: Largest message on any socket (header + payload); larger reads and writes are split.
+MAX_MESSAGE = 256 * 1024
+MAX_PAYLOAD = MAX_MESSAGE - REQUEST.size
+MAX_FDS = 64
+
+# VFIO_DEVICE_SET_IRQS carries its eventfds in data[], not in a named field.
+_VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol."""
+
+
+def ioctl_fd_offsets(definition: IoctlDef | None, buf: bytes | bytearray | memoryview) -> list[int]:
+    """Offsets of the s32 fds an ioctl's struct carries into the kernel."""
+    if definition is None or definition.argtype is None:
+        return []
+    offsets = [definition.offsetof(f) for f in definition.fd_fields]
+    if definition.name == "VFIO_DEVICE_SET_IRQS" and len(buf) >= 20:
+        flags, count = struct.unpack_from("<I", buf, 4)[0], struct.unpack_from("<I", buf, 16)[0]
+        if flags & _VFIO_IRQ_SET_DATA_EVENTFD:
+            base = ffi.sizeof("struct vfio_irq_set")
+            count = min(count, (len(buf) - base) // 4, MAX_FDS)
+            offsets += [base + 4 * i for i in range(count)]
+    return offsets
+
+
+def out_fd_offsets(definition: IoctlDef | None) -> list[int]:
+    if definition is None or definition.argtype is None:
+        return []
+    return [definition.offsetof(f) for f in definition.out_fd_fields]
+
+
+def send_msg(sock: socket.socket, data: bytes, fds: list[int] = ()) -> None:
+    ancillary = []
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    sock.sendmsg([data], ancillary)
+
+
+def recv_msg(sock: socket.socket, maxfds: int = MAX_FDS) -> tuple[bytes, list[int]]:
+    """Receive one message and its fds (always O_CLOEXEC).  Empty data: EOF."""
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(maxfds * 4), socket.MSG_CMSG_CLOEXEC)
+    return data, fds_from_ancillary(ancdata, flags)
+
+
+def fds_from_ancillary(ancdata, flags: int) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[:len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if flags & socket.MSG_CTRUNC:
+        # Too many fds: the kernel closed the rest; refuse the message.
+        for fd in fds:
+            _close_quietly(fd)
+        raise ProtocolError("too many file descriptors in one message")
+    return fds
+
+
+def _close_quietly(fd: int) -> None:
+    import os
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def encode_json(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(data: bytes) -> dict:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("a message must be a JSON object")
+    return obj
