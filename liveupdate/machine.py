@@ -28,6 +28,8 @@ class Machine:
         self.domains: dict[int, IommuDomain] = {}
         self._domain_ids = itertools.count(1)
         self.memory: dict[tuple[int, int], PhysMem] = {}
+        #: Pages held without a mapping: preserved memfds nobody DMAs into.
+        self.held: dict[tuple[int, int], int] = {}
 
     def start(self) -> None:
         for dev in self.devices.values():
@@ -39,6 +41,9 @@ class Machine:
         for mem in self.memory.values():
             mem.close()
         self.memory.clear()
+        for fd in self.held.values():
+            os.close(fd)
+        self.held.clear()
 
     # --- IOMMU ---------------------------------------------------------------------------
 
@@ -68,8 +73,20 @@ class Machine:
             mem = self.memory[key] = PhysMem(fd)
         return mem
 
-    def memory_by_inode(self, inode: int) -> PhysMem | None:
-        return next((m for m in self.memory.values() if m.key[1] == inode), None)
+    def hold(self, fd: int) -> tuple[int, int]:
+        """Keep the pages of the file behind ``fd`` (KHO preserves them)."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key not in self.held:
+            self.held[key] = os.dup(fd)
+        return key
+
+    def pages(self, key: tuple[int, int]) -> int | None:
+        """An fd on preserved pages (held or mapped), or None if they are gone."""
+        if key in self.held:
+            return self.held[key]
+        mem = self.memory.get(key)
+        return mem.fd if mem is not None else None
 
     def collect_memory(self, keep: set[tuple[int, int]]) -> None:
         """Free memory that neither a domain nor ``keep`` still references."""
@@ -79,6 +96,9 @@ class Machine:
         for key in list(self.memory):
             if key not in used:
                 self.memory.pop(key).close()
+        for key in list(self.held):
+            if key not in keep:
+                os.close(self.held.pop(key))
 
     # --- kexec ------------------------------------------------------------------------------
 

@@ -262,7 +262,8 @@ class VfioDeviceFile(File):
         if self.bound:
             raise KernelError(errno.EINVAL, "already bound")
         self._busy_if_preserved()
-        if self.dev.bound_file is not None and self.dev.bound_file is not self:
+        if self.dev.bound_file is not None and self.dev.bound_file is not self \
+                and self.kernel.alive(self.dev.bound_file):
             raise KernelError(errno.EINVAL, f"{self.dev.hw.bdf} is bound through another fd")
         if iommufd < 0 or not fds:
             raise KernelError(errno.EBADF)

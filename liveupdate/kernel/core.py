@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import stat
 from typing import Callable
@@ -149,6 +150,20 @@ class Kernel:
         if stat.S_ISSOCK(st.st_mode):
             return self.files.get(st.st_ino)
         return None
+
+    def alive(self, file: File | None) -> bool:
+        """Whether a file still has a user; a file whose every client end is
+        closed is released on the spot.  (close() in the client is
+        asynchronous to the daemon: exclusive-open checks ask here, so that
+        close-then-open behaves as it does on a real kernel.)"""
+        if file is None or file.released:
+            return False
+        p = select.poll()
+        p.register(file.sock, select.POLLHUP | select.POLLRDHUP)
+        if p.poll(0):
+            self.release(file)
+            return False
+        return True
 
     def release(self, file: File) -> None:
         if file.released:

@@ -222,7 +222,7 @@ class LuoSubsystem:
         self.restore_error: str | None = None
 
     def open(self) -> File:
-        if self.dev_open is not None:
+        if self.kernel.alive(self.dev_open):
             raise KernelError(errno.EBUSY, "/dev/liveupdate is already open")
         self.dev_open = LiveUpdateDev(self.kernel)
         return self.dev_open
@@ -269,6 +269,10 @@ class LuoSubsystem:
                 target.close()
             raise KernelError(errno.ENOENT, "no live update handler for this file type")
         identity = target.inode if isinstance(target, File) else target.key
+        if identity in self.preserved:
+            owner = next((s for s in self.outgoing.values() if self.preserved[identity] in s.files), None)
+            if owner is not None and owner is not session:
+                self.kernel.alive(owner.file)  # a session closed meanwhile has unpreserved its files
         if identity in self.preserved:
             if isinstance(target, RealFile):
                 target.close()

@@ -2,9 +2,9 @@
 the kexec; the size is frozen from PRESERVE_FD on; hugetlb memfds have no
 handler (ENOENT); seals beyond what LUO knows are EOPNOTSUPP.
 
-The pages are the machine's: preserving maps the memfd into the machine's
-memory (the same mapping the IOMMU uses for it), and the next kernel hands
-out a new fd on those very pages.  The kernel freezes the size with an inode
+The pages are the machine's: preserving hands the memfd's pages to the
+machine (the same pages the IOMMU translates to, when the memfd is guest
+RAM), and the next kernel hands out a new fd on those very pages.  The kernel freezes the size with an inode
 flag; the emulation adds F_SEAL_GROW | F_SEAL_SHRINK when it still can, and
 otherwise checks at freeze that the size did not change (EBUSY).
 """
@@ -46,13 +46,10 @@ class MemfdHandler(FileHandler):
         if seals & ~MEMFD_LUO_ALL_SEALS:
             raise KernelError(errno.EOPNOTSUPP, "memfd has seals LUO does not know")
         size = os.fstat(fd).st_size
-        if size % mmap.PAGESIZE or size == 0:
-            raise KernelError(errno.EINVAL, "memfd size is not a whole number of pages")
         if not seals & fcntl.F_SEAL_SEAL:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
-        mem = self.kernel.machine.memory_for(fd)
-        return {"size": size, "pos": os.lseek(fd, 0, os.SEEK_CUR), "seals": seals, "inode": mem.key[1],
-                "dev": mem.key[0]}
+        dev, inode = self.kernel.machine.hold(fd)
+        return {"size": size, "pos": os.lseek(fd, 0, os.SEEK_CUR), "seals": seals, "inode": inode, "dev": dev}
 
     def freeze(self, lf: LuoFile) -> dict:
         fd = lf.target.fd
@@ -63,17 +60,17 @@ class MemfdHandler(FileHandler):
     def hardware(self, state: dict):
         return set(), set(), {(state["dev"], state["inode"])}
 
-    def _memory(self, lf: LuoFile):
-        return self.kernel.machine.memory.get((lf.state["dev"], lf.state["inode"]))
+    def _pages(self, lf: LuoFile) -> int | None:
+        return self.kernel.machine.pages((lf.state["dev"], lf.state["inode"]))
 
     def restore(self, lf: LuoFile) -> None:
-        if self._memory(lf) is None:
+        if self._pages(lf) is None:
             lf.retrieve_status = -errno.EIO
 
     def retrieve(self, lf: LuoFile) -> int:
-        mem = self._memory(lf)
-        if mem is None:
+        pages = self._pages(lf)
+        if pages is None:
             raise KernelError(errno.EIO, "preserved memory is gone")
-        fd = os.dup(mem.fd)
+        fd = os.dup(pages)
         os.lseek(fd, lf.state["pos"], os.SEEK_SET)
         return fd
