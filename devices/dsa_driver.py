@@ -97,12 +97,13 @@ STATE_SIZE = 0x12000
 
 
 class DsaDriver:
-    def __init__(self, dev: DeviceAccess, mem: DmaBuffer, *, timeout: float = 5.0):
+    def __init__(self, dev: DeviceAccess, mem: DmaBuffer, *, timeout: float = 5.0, msix=None):
         if len(mem.view) < STATE_SIZE:
             raise ValueError(f"the driver needs {STATE_SIZE} bytes of DMA memory")
         self.dev = dev
         self.mem = mem
         self.timeout = timeout
+        self.msix = msix
         self.memcpy_count = 0
 
     # --- register helpers -------------------------------------------------------------
@@ -194,7 +195,14 @@ class DsaDriver:
         self.writeq(self.grpcfg_table + 32, 1)  # engines = engine 0
 
     def msix_enable(self, vector: int) -> None:
-        """What vfio_pci_msix_enable() gets done: MSI-X on, the vector unmasked."""
+        """What vfio_pci_msix_enable() gets done: MSI-X on, the vector unmasked.
+
+        Over VFIO the kernel owns MSI-X: pass ``msix=`` to the driver (a
+        callable taking the vector, e.g. one that issues VFIO_DEVICE_SET_IRQS);
+        on a bare device the driver programs the capability and table itself."""
+        if self.msix is not None:
+            self.msix(vector)
+            return
         flags = struct.unpack("<H", self.dev.cfg_read(MSIX_CAP_OFFSET + PCI_MSIX_FLAGS, 2))[0]
         self.dev.cfg_write(MSIX_CAP_OFFSET + PCI_MSIX_FLAGS, struct.pack("<H", flags | PCI_MSIX_FLAGS_ENABLE))
         self.writel(MSIX_TABLE + vector * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL, 0)

@@ -33,10 +33,12 @@ def emulated_host(request):
     from liveupdate.state import StateDir
     from luvmm.emuhost import connect
 
-    profile = getattr(request, "param", "continuous-dma")
+    param = getattr(request, "param", "continuous-dma")
+    options = dict(param) if isinstance(param, dict) else {"profile": param}
+    profile = options.setdefault("profile", "continuous-dma")
     path = tempfile.mkdtemp(prefix="luvmm-test-")  # short: Unix socket paths are limited
     state = StateDir(path)
-    hostctl.start(state, agent=False, profile=profile)
+    hostctl.start(state, agent=False, **options)
     host = connect(state.socket)
     try:
         yield SimpleNamespace(state=state, host=host, profile=profile)

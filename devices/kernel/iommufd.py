@@ -193,7 +193,7 @@ class IommufdFile(File):
 
     def _iova_ranges(self, cmd, fds):
         self._get(cmd.ioas_id, Ioas)
-        if cmd.__reserved:
+        if getattr(cmd, "__reserved"):
             raise KernelError(errno.EOPNOTSUPP)
         room = cmd.num_iovas
         cmd.num_iovas = len(APERTURE)
@@ -206,7 +206,7 @@ class IommufdFile(File):
         return b"".join(lo.to_bytes(8, "little") + hi.to_bytes(8, "little") for lo, hi in APERTURE)
 
     def _ioas_map(self, cmd, fds):
-        if cmd.flags & ~MAP_FLAGS or cmd.__reserved:
+        if cmd.flags & ~MAP_FLAGS or getattr(cmd, "__reserved"):
             raise KernelError(errno.EOPNOTSUPP)
         self._get(cmd.ioas_id, Ioas)
         raise KernelError(errno.EOPNOTSUPP, "IOMMU_IOAS_MAP of a user VA: the emulated host cannot pin another "
@@ -277,7 +277,7 @@ class IommufdFile(File):
         cmd.length = sum(self._unmap_area(ioas, a) for a in inside)
 
     def _hwpt_alloc(self, cmd, fds):
-        if cmd.flags or cmd.__reserved or cmd.__reserved2:
+        if cmd.flags or getattr(cmd, "__reserved") or getattr(cmd, "__reserved2"):
             raise KernelError(errno.EOPNOTSUPP)
         if cmd.data_type != IOMMU_HWPT_DATA_NONE or cmd.data_len:
             raise KernelError(errno.EOPNOTSUPP)
@@ -301,7 +301,8 @@ class IommufdFile(File):
         self.machine().free_domain(hwpt.domain_id)
 
     def _hw_info(self, cmd, fds):
-        if cmd.__reserved[0] or cmd.__reserved[1] or cmd.__reserved[2] or cmd.flags:
+        # getattr: cffi fields named __reserved would be name-mangled inside a class.
+        if any(getattr(cmd, "__reserved")) or cmd.flags:
             raise KernelError(errno.EOPNOTSUPP)
         self._get(cmd.dev_id, BoundDevice)
         cmd.out_data_type = IOMMU_HW_INFO_TYPE_NONE
@@ -367,12 +368,15 @@ class IommufdFile(File):
     # --- life cycle -------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """The last fd is gone: every object goes, domains are torn down."""
+        """The last fd is gone: every object goes, domains are torn down.
+        (At kexec the hardware is left alone: the machine tears down what
+        nobody preserved.)"""
+        dropping = self.kernel.dropping
         for obj in list(self.objects.values()):
-            if isinstance(obj, BoundDevice):
+            if isinstance(obj, BoundDevice) and not dropping:
                 obj.vfio.iommufd_gone()
         for obj in list(self.objects.values()):
-            if isinstance(obj, Hwpt):
+            if isinstance(obj, Hwpt) and not dropping:
                 self.machine().free_domain(obj.domain_id)
             elif isinstance(obj, Ioas):
                 for area in obj.areas:
