@@ -335,6 +335,11 @@ class HostDaemon:
             "kexec_seconds": [round(s, 4) for s in self.kexec_seconds],
             "last_kho_error": self.last_kho_error,
             "kernel": self.kernel.status(),
+            "machine": {
+                "memory": [{"inode": m.key[1], "bytes": m.size} for m in self.machine.memory.values()],
+                "held_memory": [k[1] for k in self.machine.held],
+                "domains": sorted(self.machine.domains),
+            },
             "units": self.init.status(),
         }
 
