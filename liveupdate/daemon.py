@@ -141,7 +141,8 @@ class HostDaemon:
     async def _boot(self, tree: dict | None) -> None:
         self.generation += 1
         self._kernel_nursery = await self._nursery.start(self._kernel_tasks)
-        self.kernel = Kernel(self.machine, profile=self.profile, generation=self.generation, spawn=self._spawn)
+        self.kernel = Kernel(self.machine, profile=self.profile, generation=self.generation, spawn=self._spawn,
+                             closing=trio.lowlevel.notify_closing)
         if tree is not None:
             self.kernel.restore(tree)
 
@@ -164,7 +165,7 @@ class HostDaemon:
                 try:
                     data, anc, flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
                                                              socket.MSG_CMSG_CLOEXEC)
-                except OSError:
+                except (OSError, trio.ClosedResourceError):
                     break
                 if not data:
                     break

@@ -112,7 +112,8 @@ def respond(buf: bytearray, cmd, user_size: int) -> None:
 class Kernel:
     """One boot of the emulated kernel."""
 
-    def __init__(self, machine, *, profile: str, generation: int, spawn: Callable[[File], None]):
+    def __init__(self, machine, *, profile: str, generation: int, spawn: Callable[[File], None],
+                 closing: Callable[[socket.socket], None] = lambda sock: None):
         from devices.kernel.iommufd import IommufdSubsystem
         from devices.kernel.vfio import VfioSubsystem
         from liveupdate.kernel.luo import LuoSubsystem
@@ -121,6 +122,8 @@ class Kernel:
         self.profile = profile
         self.generation = generation
         self.spawn = spawn
+        #: Told before a file's socket is closed (the daemon's event loop may be waiting on it).
+        self.closing = closing
         self.files: dict[int, File] = {}
         #: True while the old kernel is being discarded at kexec: release
         #: paths must not touch the hardware then.
@@ -174,6 +177,7 @@ class Kernel:
             file.release()
         finally:
             if file.sock is not None:
+                self.closing(file.sock)
                 file.sock.close()
 
     # --- paths ------------------------------------------------------------------------------
@@ -236,7 +240,13 @@ class Kernel:
         """Boot, second half: take over what the KHO tree describes."""
         self.luo.restore(tree.get("luo", {}))
 
+    def reap(self) -> None:
+        """Release every file whose users have all closed it."""
+        for file in list(self.files.values()):
+            self.alive(file)
+
     def status(self) -> dict:
+        self.reap()
         return {
             "generation": self.generation,
             "profile": self.profile,
