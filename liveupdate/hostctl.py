@@ -104,3 +104,33 @@ def ensure(state_dir: str | None, *, say=print, **start_args) -> StateDir:
         start(state, **start_args)
         say(f"started an emulated host in {state.path}")
     return state
+
+
+def format_status(status: dict) -> str:
+    """`luvmm host status` for people."""
+    kernel = status["kernel"]
+    lines = [f"emulated host pid {status['pid']} in {status['state_dir']}, up {status['uptime_s']:.0f} s",
+             f"kernel profile {status['kernel_profile']}, generation {kernel['generation']}, "
+             f"kexec count {status['kexec_count']}"]
+    if status.get("last_kho_error"):
+        lines.append(f"last KHO image refused: {status['last_kho_error']}")
+    lines.append("devices:")
+    for d in kernel["vfio"]:
+        flags = [name for name in ("bound", "preserved", "incoming", "enabled", "bus_master") if d.get(name)]
+        lines.append(f"  {d['bdf']} {d['cdev']}  [{', '.join(flags) or 'idle'}]  descriptors {d['descriptors']}, "
+                     f"bytes {d['bytes']}, faults {d['faults']}, errors {d['errors']}, "
+                     f"interrupts {d['interrupts']} (+{d['interrupts_pending']} pending), "
+                     f"MSI-X vectors {d['msix_vectors'] or '-'}")
+    lines.append(f"open files: {len(kernel['open_files'])}" + (
+        f" ({', '.join(sorted(set(kernel['open_files'])))})" if kernel["open_files"] else ""))
+    lines.append("sessions:" + ("" if kernel["sessions"] else " none"))
+    for s in kernel["sessions"]:
+        files = ", ".join(f"{f['type']}#{f['token']:#x}{' (retrieved)' if f['retrieved'] else ''}"
+                          for f in s["files"])
+        lines.append(f"  {s['name']} ({s['direction']}{', retrieved' if s['retrieved'] else ''}): {files or '-'}")
+    lines.append("units:" + ("" if status["units"] else " none"))
+    for u in status["units"]:
+        state = f"running, pid {u['pid']}" if u["running"] else (
+            f"exited {u['returncode']}" if u["returncode"] is not None else "not started")
+        lines.append(f"  {u['name']}: {state}, started {u['starts']} times")
+    return "\n".join(lines)

@@ -41,6 +41,111 @@ def _cmd_bench_dsa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """A byte count with an optional K/M/G suffix (powers of two)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _state_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="the emulated host to use (default: $LUVMM_STATE_DIR, else $XDG_RUNTIME_DIR/luvmm, "
+                        "else /tmp/luvmm-UID; started there if none is running)")
+
+
+def _host(args: argparse.Namespace):
+    from liveupdate.hostctl import ensure
+
+    return ensure(args.state_dir, say=lambda m: print(m, file=sys.stderr))
+
+
+def _cmd_host_start(args: argparse.Namespace) -> int:
+    from liveupdate import hostctl
+    from liveupdate.state import StateDir, default_state_dir
+
+    state = StateDir(args.state_dir or default_state_dir())
+    if hostctl.running(state):
+        print(f"an emulated host is already running in {state.path}", file=sys.stderr)
+        return 1
+    pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
+                        dsa_bandwidth=args.dsa_bandwidth, agent=not args.no_agent)
+    print(f"emulated host running in {state.path} (pid {pid}, {args.devices} DSA, kernel profile "
+          f"{args.kernel_profile}); control socket {state.socket}")
+    return 0
+
+
+def _cmd_host_stop(args: argparse.Namespace) -> int:
+    from liveupdate import hostctl
+    from liveupdate.state import StateDir, default_state_dir
+
+    state = StateDir(args.state_dir or default_state_dir())
+    if not hostctl.stop(state):
+        print(f"no emulated host is running in {state.path}", file=sys.stderr)
+        return 0
+    print(f"stopped the emulated host in {state.path}")
+    return 0
+
+
+def _cmd_host_status(args: argparse.Namespace) -> int:
+    from liveupdate.hostctl import format_status
+    from luvmm.emuhost import connect
+
+    state = _host(args)
+    host = connect(state.socket)
+    status = host.call({"op": "status"})[0]
+    host.close_connection()
+    if args.json:
+        json.dump(status, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_status(status))
+    return 0
+
+
+def _cmd_host_kexec(args: argparse.Namespace) -> int:
+    from luvmm.emuhost import connect
+
+    state = _host(args)
+    host = connect(state.socket)
+    try:
+        info = host.kexec()
+    except OSError as e:
+        print(f"kexec failed: {e.strerror} (errno {e.errno}); the old kernel is still running", file=sys.stderr)
+        return 1
+    finally:
+        host.close_connection()
+    print(f"kexec done: generation {info['generation']}, {info['seconds'] * 1000:.1f} ms, KHO image "
+          f"{info['kho_bytes']} bytes")
+    if info.get("kho_error"):
+        print(f"the new kernel refused the KHO image: {info['kho_error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_update(args: argparse.Namespace) -> int:
+    from liveupdate.agent_client import AgentError
+    from liveupdate.update import update_once
+
+    state = _host(args)
+    cycles = []
+    for n in range(args.cycles):
+        try:
+            result = update_once(state, timeout=args.timeout)
+        except AgentError as e:
+            print(f"update {n + 1}/{args.cycles} failed: {e.strerror or e}", file=sys.stderr)
+            _write_json(args.json, {"cycles": cycles, "failed": str(e.strerror or e)})
+            return 1
+        cycles.append(result)
+        vms = ", ".join(f"{vm}: {'ok' if r else 'no report'}" for vm, r in
+                        ((vm, result["reports"].get(vm)) for vm in result["vms"]))
+        print(f"update {n + 1}/{args.cycles} ({result['id']}): {vms or 'no VMs'}")
+    _write_json(args.json, {"cycles": cycles})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="luvmm",
@@ -59,6 +164,40 @@ def build_parser() -> argparse.ArgumentParser:
     uapi.add_argument("--json", action="store_true",
                       help='one JSON object: {"IOCTL_NAME": number, "sizeof(struct NAME)": bytes, ...}')
     uapi.set_defaults(func=_cmd_uapi)
+
+    host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec",
+                          description="The emulated host daemon: an emulated machine (Intel DSA devices, IOMMU), "
+                                      "its kernel (VFIO cdev, iommufd, LUO, KHO, kexec) and init.")
+    host_sub = host.add_subparsers(dest="host_command", metavar="ACTION")
+    host_sub.required = True
+    start = host_sub.add_parser("start", help="start an emulated host daemon in the background")
+    _state_dir_arg(start)
+    start.add_argument("--devices", type=int, default=1, help="number of DSA functions (default 1)")
+    start.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma",
+                       help="what the kernel does to a preserved device (default continuous-dma)")
+    start.add_argument("--dsa-bandwidth", type=_size, default=None, metavar="BYTES",
+                       help="bytes per second each DSA moves, e.g. 1G (default: as fast as memcpy)")
+    start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
+    start.set_defaults(func=_cmd_host_start)
+    stop = host_sub.add_parser("stop", help="stop the emulated host (its units are killed)")
+    _state_dir_arg(stop)
+    stop.set_defaults(func=_cmd_host_stop)
+    status = host_sub.add_parser("status", help="devices, open files, sessions, units, kexec count")
+    _state_dir_arg(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=_cmd_host_status)
+    kexec = host_sub.add_parser("kexec", help="reboot the emulated kernel with kexec (LUO preserves sessions)")
+    _state_dir_arg(kexec)
+    kexec.set_defaults(func=_cmd_host_kexec)
+
+    update = sub.add_parser("update", help="live-update the host: prepare every VM, kexec, collect reports",
+                            description="Ask the LUO agent for live updates: every registered VMM prepares "
+                                        "(pause, save, preserve), the host kexecs, the VMMs restore and report.")
+    _state_dir_arg(update)
+    update.add_argument("--cycles", type=int, default=1, help="updates in a row (default 1)")
+    update.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step (default 60)")
+    update.add_argument("--json", metavar="FILE", help="write every cycle's record as JSON")
+    update.set_defaults(func=_cmd_update)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures (and write them as JSON)",
                            description="Benchmarks. Each prints a table and, with --json FILE, writes its figures.")

@@ -1,0 +1,313 @@
+"""The LUO agent (the role of luod): a unit of the host's init.
+
+It is the single opener of /dev/liveupdate.  VMMs ask it for their named
+session fd -- a new outgoing one before an update, the incoming one that the
+previous kernel handed over after it -- and register a channel on which the
+agent coordinates updates.  An update, asked for by ``luvmm update``:
+
+1. once every VM unit's VMM has registered, ``prepare`` goes to each; each pauses its guest, saves its
+   state and preserves its files, and answers ready (or an error);
+2. if one fails or does not answer in time, the others get ``cancel`` and
+   resume as they were (rollback), and the update fails;
+3. otherwise the agent writes the update to disk (the state dir) and triggers
+   the kexec -- which kills it, like every process;
+4. after the reboot init starts it again; it reads the update from disk and
+   collects each restored VMM's report, which ``luvmm update`` fetches.
+
+The agent holds every session fd it hands out: a VMM that dies before the
+kexec does not take its preservation with it, and a restarted one gets its
+session back.  It speaks to the host only through the host interface, so it
+runs unchanged on a real host.
+
+Protocol: SOCK_SEQPACKET at ``agent.sock`` in the state dir, one JSON object
+per message, fds by SCM_RIGHTS (the framing of :mod:`luvmm.wire`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import trio
+
+from luvmm.wire import MAX_FDS, MAX_MESSAGE, ProtocolError, decode_json, encode_json, fds_from_ancillary
+from liveupdate.luo import LiveUpdate, Session
+from liveupdate.state import StateDir
+
+log = logging.getLogger("luvmm.agent")
+
+
+def _ancillary(fds):
+    import array
+
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
+class Channel:
+    """A connection to the agent (agent side), with one request in flight at a time."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = trio.Lock()
+
+    async def send(self, obj: dict, fds=()) -> None:
+        await self.conn.sendmsg([encode_json(obj)], _ancillary(list(fds)))
+
+    async def recv(self) -> tuple[dict | None, list[int]]:
+        data, anc, flags, _ = await self.conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                      socket.MSG_CMSG_CLOEXEC)
+        if not data:
+            return None, []
+        return decode_json(data), fds_from_ancillary(anc, flags)
+
+
+class Agent:
+    def __init__(self, host, state: StateDir, *, boot: str = "cold", prepare_timeout: float = 30.0):
+        self.host = host
+        self.state = state
+        self.boot = boot
+        self.prepare_timeout = prepare_timeout
+        self.luo = LiveUpdate.open(host)
+        self.outgoing: dict[str, Session] = {}
+        self.incoming: dict[str, Session] = {}
+        self.vmms: dict[str, Channel] = {}
+        self.reports: dict[str, dict] = {}
+        self.reported = trio.Event()
+        self.registered = trio.Event()
+        self.update_file = Path(state.path) / "agent" / "update.json"
+        self.update = self._load_update()
+
+    # --- the update on disk --------------------------------------------------------------------
+
+    def _load_update(self) -> dict | None:
+        try:
+            update = json.loads(self.update_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if update.get("phase") == "kexec" and self.boot == "kexec":
+            update["phase"] = "restoring"
+            update["reports"] = {}
+            self._save_update(update)
+        return update
+
+    def _save_update(self, update: dict) -> None:
+        self.update_file.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = self.update_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(update))
+        os.replace(tmp, self.update_file)
+
+    # --- serving -------------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        path = self.state.agent_socket
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        listener = trio.socket.from_stdlib_socket(sock)
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(self._client, Channel(conn))
+
+    async def _client(self, ch: Channel) -> None:
+        registered = None
+        with ch.conn:
+            while True:
+                try:
+                    async with ch.lock:
+                        request, fds = await ch.recv()
+                except (OSError, ProtocolError) as e:
+                    if isinstance(e, ProtocolError):
+                        await self._reply(ch, {"errno": errno.EINVAL, "error": str(e)})
+                        continue
+                    break
+                if request is None:
+                    break
+                for fd in fds:
+                    os.close(fd)
+                if request.get("op") == "register":
+                    registered = str(request.get("name"))
+                    self.vmms[registered] = ch
+                    self.registered.set()
+                    self.registered = trio.Event()
+                    await self._reply(ch, {"ok": True})
+                    # From now on the agent speaks first on this channel.
+                    await trio.sleep_forever()
+                try:
+                    ok, out = await self._request(request)
+                    reply = {"ok": ok}
+                except (KeyError, TypeError, ValueError) as e:
+                    reply, out = {"errno": errno.EINVAL, "error": f"malformed request: {e}"}, []
+                except OSError as e:
+                    reply, out = {"errno": e.errno or errno.EIO, "error": str(e)}, []
+                await self._reply(ch, reply, out)
+                for fd in out:
+                    os.close(fd)
+        if registered and self.vmms.get(registered) is ch:
+            del self.vmms[registered]
+
+    async def _reply(self, ch: Channel, reply: dict, fds=()) -> None:
+        try:
+            await ch.send(reply, fds)
+        except OSError:
+            pass
+
+    async def _request(self, request: dict):
+        op = request["op"]
+        if op == "hello":
+            return {"pid": os.getpid(), "boot": self.boot, "generation": int(os.environ.get("LUVMM_GENERATION", 0)),
+                    "update": self.update}, []
+        if op == "create-session":
+            return True, [os.dup(self._outgoing(str(request["name"])).fd)]
+        if op == "retrieve-session":
+            session = self._incoming(str(request["name"]))
+            return True, [os.dup(session.fd)]
+        if op == "restored":
+            return self._restored(str(request["name"]), request.get("report", {})), []
+        if op == "update":
+            return await self._update(float(request.get("timeout", self.prepare_timeout))), []
+        if op == "result":
+            return await self._result(float(request.get("timeout", 60))), []
+        if op == "status":
+            return {"vmms": sorted(self.vmms), "outgoing": sorted(self.outgoing), "incoming": sorted(self.incoming),
+                    "update": self.update}, []
+        raise ValueError(f"unknown request {op!r}")
+
+    def _outgoing(self, name: str) -> Session:
+        session = self.outgoing.get(name)
+        if session is None:
+            session = self.outgoing[name] = self.luo.create_session(name)
+        return session
+
+    def _incoming(self, name: str) -> Session:
+        session = self.incoming.get(name)
+        if session is None:
+            session = self.incoming[name] = self.luo.retrieve_session(name)  # ENOENT if there is none
+        return session
+
+    def _restored(self, name: str, report: dict) -> bool:
+        self.reports[name] = dict(report, reported_at=time.time())
+        if self.update is not None and self.update.get("phase") == "restoring":
+            self.update["reports"][name] = self.reports[name]
+            if set(self.update["reports"]) >= set(self.update["vms"]):
+                self.update["phase"] = "done"
+            self._save_update(self.update)
+        self.reported.set()
+        self.reported = trio.Event()
+        return True
+
+    # --- updates -------------------------------------------------------------------------------------
+
+    async def _ask(self, name: str, ch: Channel, message: dict, timeout: float) -> dict:
+        with trio.move_on_after(timeout) as scope:
+            async with ch.lock:
+                await ch.send(message)
+                reply, fds = await ch.recv()
+            for fd in fds:
+                os.close(fd)
+            if reply is None:
+                return {"errno": errno.ECONNRESET, "error": f"{name} went away"}
+            return reply
+        assert scope.cancelled_caught
+        return {"errno": errno.ETIMEDOUT, "error": f"{name} did not answer in {timeout:.0f} s"}
+
+    async def _update(self, timeout: float) -> dict:
+        if self.update is not None and self.update.get("phase") in ("kexec", "restoring"):
+            raise OSError(errno.EBUSY, f"update {self.update['id']} is still in progress")
+        update_id = uuid.uuid4().hex[:12]
+        # Every VM of the host takes part: wait for the VMMs that init has (re)started to register.
+        expected = {u["name"][3:] for u in self.state.read_units() if u["name"].startswith("vm-")}
+        with trio.move_on_after(timeout):
+            while not expected <= set(self.vmms):
+                await self.registered.wait()
+        missing = expected - set(self.vmms)
+        if missing:
+            raise OSError(errno.ETIMEDOUT, f"VMMs not registered with the agent: {', '.join(sorted(missing))}")
+        vms = dict(self.vmms)
+        replies: dict[str, dict] = {}
+
+        async def prepare(name, ch):
+            replies[name] = await self._ask(name, ch, {"op": "prepare", "update": update_id}, timeout)
+
+        async with trio.open_nursery() as nursery:
+            for name, ch in vms.items():
+                nursery.start_soon(prepare, name, ch)
+        failed = {n: r for n, r in replies.items() if "errno" in r}
+        if failed:
+            await self._cancel(vms, replies, update_id)
+            detail = "; ".join(f"{n}: {r.get('error')}" for n, r in failed.items())
+            raise OSError(next(iter(failed.values()))["errno"], f"prepare failed, update rolled back: {detail}")
+        update = {"id": update_id, "vms": sorted(vms), "phase": "kexec", "kexec_started": time.time(),
+                  "prepared": {n: r.get("ok") for n, r in replies.items()}, "reports": {}}
+        self._save_update(update)
+        self.update = update
+        self.nursery.start_soon(self._kexec, update, vms, replies)
+        return {"update": update_id, "vms": update["vms"]}
+
+    async def _cancel(self, vms, replies, update_id) -> None:
+        async with trio.open_nursery() as nursery:
+            for name, ch in vms.items():
+                if "ok" in replies.get(name, {}):
+                    nursery.start_soon(self._ask, name, ch, {"op": "cancel", "update": update_id}, 30)
+
+    async def _kexec(self, update, vms, replies) -> None:
+        # Let the reply to `update` leave before the reboot kills us.
+        await trio.sleep(0)
+        try:
+            await trio.to_thread.run_sync(self.host.kexec)
+        except OSError as e:
+            log.error("kexec failed: %s; resuming the VMs", e)
+            update.update(phase="failed", error=f"kexec failed: {e.strerror or e}", errno=e.errno)
+            self._save_update(update)
+            await self._cancel(vms, replies, update["id"])
+            self.reported.set()
+            self.reported = trio.Event()
+
+    async def _result(self, timeout: float) -> dict:
+        with trio.move_on_after(timeout):
+            while self.update is not None and self.update.get("phase") in ("kexec", "restoring"):
+                await self.reported.wait()
+        return self.update
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m liveupdate.agent", description="The LUO agent (luod).")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--host", choices=("emulated", "real"), default="emulated")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    state = StateDir(args.state_dir)
+    if args.host == "real":
+        from luvmm.host import RealHost
+
+        host = RealHost()
+    else:
+        from luvmm.emuhost import connect
+
+        host = connect(os.environ.get("LUVMM_HOST_SOCKET", state.socket))
+    agent = Agent(host, state, boot=os.environ.get("LUVMM_BOOT", "cold"))
+    log.info("agent up (%s boot); update on disk: %s", agent.boot, agent.update and agent.update.get("id"))
+    trio.run(agent.serve)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

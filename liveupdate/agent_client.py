@@ -1,0 +1,92 @@
+"""Talking to the LUO agent (from a VMM, or from `luvmm update`)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+
+from luvmm.wire import decode_json, encode_json, recv_msg, send_msg
+from liveupdate.state import StateDir
+
+
+class AgentError(OSError):
+    pass
+
+
+class AgentClient:
+    """A synchronous connection to ``agent.sock``."""
+
+    def __init__(self, state: StateDir):
+        self.state = state
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(state.agent_socket)
+        except OSError as e:
+            self.sock.close()
+            raise AgentError(e.errno or errno.ECONNREFUSED, f"no LUO agent at {state.agent_socket}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, obj: dict) -> None:
+        send_msg(self.sock, encode_json(obj))
+
+    def recv(self) -> tuple[dict | None, list[int]]:
+        data, fds = recv_msg(self.sock)
+        return (decode_json(data) if data else None), fds
+
+    def call(self, request: dict) -> tuple[object, list[int]]:
+        try:
+            self.send(request)
+            reply, fds = self.recv()
+        except (BrokenPipeError, ConnectionResetError):
+            reply, fds = None, []
+        if reply is None:
+            raise AgentError(errno.ECONNRESET, "the LUO agent went away")
+        if "errno" in reply:
+            for fd in fds:
+                os.close(fd)
+            raise AgentError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
+        return reply.get("ok"), fds
+
+    def hello(self) -> dict:
+        return self.call({"op": "hello"})[0]
+
+    def create_session(self, name: str) -> int:
+        return self.call({"op": "create-session", "name": name})[1][0]
+
+    def retrieve_session(self, name: str) -> int | None:
+        """The incoming session of ``name``, or None when the previous kernel handed none over."""
+        try:
+            return self.call({"op": "retrieve-session", "name": name})[1][0]
+        except AgentError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    def restored(self, name: str, report: dict) -> None:
+        self.call({"op": "restored", "name": name, "report": report})
+
+
+def wait_for_agent(state: StateDir, timeout: float = 60.0, *, not_pid: int | None = None) -> tuple[AgentClient, dict]:
+    """Connect to the agent, waiting for one to start (and, with ``not_pid``, for a
+    new one to replace that process, as after a kexec)."""
+    deadline = time.monotonic() + timeout
+    last = "no agent"
+    while time.monotonic() < deadline:
+        try:
+            client = AgentClient(state)
+            hello = client.hello()
+            if not_pid is None or hello["pid"] != not_pid:
+                return client, hello
+            update = hello.get("update") or {}
+            if update.get("phase") == "failed":
+                return client, hello
+            client.close()
+            last = f"agent {not_pid} is still the old one"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.02)  # the agent is a separate process being restarted by init: poll its socket
+    raise AgentError(errno.ETIMEDOUT, f"the LUO agent did not come up in {timeout:.0f} s ({last})")
