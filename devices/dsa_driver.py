@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from devices.dsa_regs import (
-    GRPCFG_SIZE,
     IDXD_CMD_ENABLE_DEVICE,
     IDXD_CMD_ENABLE_WQ,
     IDXD_CMD_RESET_DEVICE,
@@ -53,7 +52,6 @@ from devices.pci import (
     PCI_COMMAND_INTX_DISABLE,
     PCI_COMMAND_MASTER,
     PCI_COMMAND_MEMORY,
-    PCI_DEVICE_ID,
     PCI_MSIX_ENTRY_SIZE,
     PCI_MSIX_ENTRY_VECTOR_CTRL,
     PCI_MSIX_FLAGS,

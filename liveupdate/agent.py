@@ -38,17 +38,20 @@ from pathlib import Path
 
 import trio
 
-from luvmm.wire import MAX_FDS, MAX_MESSAGE, ProtocolError, decode_json, encode_json, fds_from_ancillary
+from luvmm.wire import (
+    MAX_FDS,
+    MAX_MESSAGE,
+    ProtocolError,
+    ancillary,
+    decode_json,
+    encode_json,
+    fds_from_ancillary,
+    listen_seqpacket,
+)
 from liveupdate.luo import LiveUpdate, Session
 from liveupdate.state import StateDir
 
 log = logging.getLogger("luvmm.agent")
-
-
-def _ancillary(fds):
-    import array
-
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
 
 
 class Channel:
@@ -59,7 +62,7 @@ class Channel:
         self.lock = trio.Lock()
 
     async def send(self, obj: dict, fds=()) -> None:
-        await self.conn.sendmsg([encode_json(obj)], _ancillary(list(fds)))
+        await self.conn.sendmsg([encode_json(obj)], ancillary(list(fds)))
 
     async def recv(self) -> tuple[dict | None, list[int]]:
         data, anc, flags, _ = await self.conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
@@ -107,19 +110,7 @@ class Agent:
     # --- serving -------------------------------------------------------------------------------------
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        path = self.state.agent_socket
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(64)
-        listener = trio.socket.from_stdlib_socket(sock)
+        listener = trio.socket.from_stdlib_socket(listen_seqpacket(self.state.agent_socket))
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             task_status.started()

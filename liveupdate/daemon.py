@@ -38,9 +38,11 @@ from luvmm.wire import (
     REPLY,
     REQUEST,
     ProtocolError,
+    ancillary,
     decode_json,
     encode_json,
     fds_from_ancillary,
+    listen_seqpacket,
 )
 from liveupdate import faults
 from liveupdate.init import Init
@@ -60,14 +62,6 @@ def _close_all(fds) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def _ancillary(fds) -> list:
-    if not fds:
-        return []
-    import array
-
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
 class HostDaemon:
@@ -123,20 +117,7 @@ class HostDaemon:
         self._stop.set()
 
     def _listen(self) -> trio.socket.SocketType:
-        path = self.state.socket
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(64)
-        return trio.socket.from_stdlib_socket(sock)
+        return trio.socket.from_stdlib_socket(listen_seqpacket(self.state.socket))
 
     async def _boot(self, tree: dict | None) -> None:
         self.generation += 1
@@ -190,7 +171,7 @@ class HostDaemon:
     @staticmethod
     async def _send(sock, data: bytes, fds) -> None:
         try:
-            await sock.sendmsg([data], _ancillary(fds))
+            await sock.sendmsg([data], ancillary(fds))
         except OSError:
             pass  # the caller is gone
 
@@ -264,7 +245,7 @@ class HostDaemon:
                 finally:
                     _close_all(fds)
                 try:
-                    await conn.sendmsg([encode_json(reply)], _ancillary(out_fds))
+                    await conn.sendmsg([encode_json(reply)], ancillary(out_fds))
                 except OSError:
                     pass
                 finally:

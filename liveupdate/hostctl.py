@@ -6,7 +6,6 @@ import os
 import select
 import subprocess
 import sys
-import time
 
 from liveupdate.state import StateDir, default_state_dir
 

@@ -65,11 +65,34 @@ def out_fd_offsets(definition: IoctlDef | None) -> list[int]:
     return [definition.offsetof(f) for f in definition.out_fd_fields]
 
 
+def ancillary(fds) -> list:
+    """The SCM_RIGHTS control message carrying ``fds`` (none: no message)."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
 def send_msg(sock: socket.socket, data: bytes, fds: list[int] = ()) -> None:
-    ancillary = []
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    sock.sendmsg([data], ancillary)
+    sock.sendmsg([data], ancillary(fds))
+
+
+def listen_seqpacket(path: str, backlog: int = 64) -> socket.socket:
+    """A listening SOCK_SEQPACKET socket at ``path`` that only its owner can
+    connect to (mode 0600 from the start: no window where it is wider)."""
+    import os
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock
 
 
 def recv_msg(sock: socket.socket, maxfds: int = MAX_FDS) -> tuple[bytes, list[int]]:

@@ -53,7 +53,6 @@ from devices.dsa_uapi import (
     IDXD_OP_FLAG_RCI,
     IDXD_OP_FLAG_RCR,
     pack_desc,
-    unpack_completion,
 )
 from devices.iommu import IOMMU_READ
 from tests.dsa_rig import DATA, REC, submit

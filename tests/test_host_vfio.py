@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from luvmm.abi import ffi, new_arg
-from devices.dsa_driver import COPY_COMPLETION, MSIX_VECTOR
+from devices.dsa_driver import COPY_COMPLETION
 from devices.dsa_uapi import DSA_COMP_SUCCESS
 from devices.iommufd import IommuFd
 from devices.iommufd_uapi import IOMMU_IOAS_ALLOC

@@ -21,7 +21,6 @@ still point at the machine domains the device kept translating through.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import fcntl
 import itertools

@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from luvmm.abi import IoctlDef, _IOC_NR, ffi
+from luvmm.abi import _IOC_NR, ffi
 from liveupdate.kernel.core import File, KernelError, RealFile, copy_struct, respond
 from liveupdate.luo_uapi import (
     LIVEUPDATE_CMD_SESSION_BASE,
