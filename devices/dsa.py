@@ -310,6 +310,9 @@ class DsaDevice(PciFunction):
         self._thread: threading.Thread | None = None
         self._vtime = 0.0
         self.internal_errors = 0
+        #: When each top-level descriptor completed (CLOCK_REALTIME): what an
+        #: observer on the bus sees, whatever the software above is doing.
+        self.completion_times: collections.deque[float] = collections.deque(maxlen=1 << 20)
         self._reset_registers()
 
     # --- life cycle -------------------------------------------------------------------
@@ -781,6 +784,7 @@ class DsaDevice(PciFunction):
         outcome, flags, opcode = self._process(wq, desc, gen, in_batch=False)
         if outcome is not None:
             self._complete(wq, desc, outcome, gen)
+        self.completion_times.append(time.time())
 
     def _process(self, wq: WorkQueue, desc: tuple, gen: int, in_batch: bool):
         """Validate and run one descriptor; returns (Outcome or None, flags, opcode).

@@ -49,6 +49,7 @@ from liveupdate.init import Init
 from liveupdate.kernel import kho
 from liveupdate.kernel.core import Kernel, KernelError
 from liveupdate.machine import Machine
+from liveupdate.observer import Observer
 from liveupdate.state import StateDir
 
 log = logging.getLogger("luvmm.host")
@@ -86,6 +87,8 @@ class HostDaemon:
         self.finished = trio.Event()
         self._kexec_lock = trio.Lock()
         self.faults = faults.Faults.from_env()
+        self.observer = Observer(self.machine)
+        self.last_kexec: dict = {}
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -97,6 +100,7 @@ class HostDaemon:
                 self._nursery = nursery
                 await self._boot(None)
                 nursery.start_soon(self._accept, listener)
+                nursery.start_soon(self.observer.run)
                 await self.init.start_all(boot="cold")
                 task_status.started()
                 await self._stop.wait()
@@ -270,6 +274,13 @@ class HostDaemon:
             return self.status(), []
         if op == "stop":
             return "stopping", []
+        if op == "watch":
+            self.observer.watch(str(request["bdf"]), int(request["iova"]))
+            return True, []
+        if op == "observe":
+            iova = request.get("iova")
+            return self.observer.observe(str(request["bdf"]), float(request["t0"]), float(request["t1"]),
+                                         None if iova is None else int(iova)), []
         if op == "units":
             return self.init.status(), []
         if op == "unit-start":
@@ -284,13 +295,18 @@ class HostDaemon:
         """reboot(LINUX_REBOOT_CMD_KEXEC) with LUO: freeze, hand over, reboot."""
         async with self._kexec_lock:
             started = time.monotonic()
+            marks = {"reboot": time.time()}
             kernel = self.kernel
             tree = kernel.freeze()  # a KernelError here: nothing happened, the caller gets the errno
             image = kho.encode_image(tree)
             bdfs, domains, memory = kernel.preserved_hardware()
             image = self.faults.kho_image(image)
-            await self.init.kill_all()
+            marks["frozen"] = time.time()
+            # From here the old kernel is gone: nothing it served may run a
+            # release path (a dying process's last close must not unpreserve).
+            kernel.dropping = True
             self._kernel_scope.cancel()
+            await self.init.kill_all()
             kernel.drop()
             self.machine.reset_for_kexec(bdfs, domains, memory)
             self.kexec_count += 1
@@ -302,10 +318,13 @@ class HostDaemon:
                 self.last_kho_error = str(e)
                 new_tree = None
             await self._boot(new_tree)
+            marks["booted"] = time.time()
             await self.init.start_all(boot="kexec")
+            marks["spawned"] = time.time()
             self.kexec_seconds.append(time.monotonic() - started)
-            return {"generation": self.generation, "seconds": self.kexec_seconds[-1],
-                    "kho_bytes": len(image), "kho_error": self.last_kho_error}
+            self.last_kexec = {"generation": self.generation, "seconds": self.kexec_seconds[-1],
+                               "kho_bytes": len(image), "kho_error": self.last_kho_error, "marks": marks}
+            return self.last_kexec
 
     def status(self) -> dict:
         return {
@@ -316,6 +335,7 @@ class HostDaemon:
             "kexec_count": self.kexec_count,
             "kexec_seconds": [round(s, 4) for s in self.kexec_seconds],
             "last_kho_error": self.last_kho_error,
+            "last_kexec": self.last_kexec,
             "kernel": self.kernel.status(),
             "machine": {
                 "memory": [{"inode": m.key[1], "bytes": m.size} for m in self.machine.memory.values()],

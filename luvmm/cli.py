@@ -125,6 +125,83 @@ def _cmd_host_kexec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vm_start(args: argparse.Namespace) -> int:
+    from luvmm.emuhost import connect
+    from vmm import manage
+    from vmm.vm import VmConfig
+
+    config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=args.guest)
+    try:
+        config.check()
+    except ValueError as e:
+        print(f"luvmm vm start: {e}", file=sys.stderr)
+        return 2
+    state = _host(args)
+    host = connect(state.socket)
+    try:
+        st = manage.start(state, config, host)
+    except manage.VmError as e:
+        print(f"luvmm vm start: {e}", file=sys.stderr)
+        return 1
+    finally:
+        host.close_connection()
+    print(f"VM {args.name} running (pid {st['pid']}, {args.memory >> 20} MiB, {args.vcpus} vCPU, DSA {st['bdf']}, "
+          f"{args.guest} guest)")
+    return 0
+
+
+def _cmd_vm_stop(args: argparse.Namespace) -> int:
+    from luvmm.emuhost import connect
+    from vmm import manage
+
+    state = _host(args)
+    host = connect(state.socket)
+    try:
+        if not manage.stop(state, args.name, host):
+            print(f"no VM {args.name!r}", file=sys.stderr)
+            return 1
+    finally:
+        host.close_connection()
+    print(f"VM {args.name} stopped")
+    return 0
+
+
+def _cmd_vm_status(args: argparse.Namespace) -> int:
+    from vmm import manage
+
+    state = _host(args)
+    names = [args.name] if args.name else manage.names(state)
+    out = {}
+    for name in names:
+        try:
+            out[name] = manage.status(state, name)
+        except (OSError, manage.VmError) as e:
+            out[name] = {"error": str(e)}
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for name, st in out.items():
+        if "error" in st:
+            print(f"{name}: not answering ({st['error']})")
+            continue
+        mb = st["mailbox"]
+        print(f"{name}: pid {st['pid']} ({st['boot']} boot), guest {st['guest_state']}, DSA {st['bdf']}, "
+              f"heartbeat {mb['heartbeat']}, batches {mb['completed']}/{mb['submitted']} "
+              f"({mb['descs_ok']} descriptors ok, {mb['errors']} errors, {mb['verify_failures']} corrupted), "
+              f"interrupts {st['interrupts']}" + (f", CRASHED: {st['crash']}" if st["crash"] else ""))
+    return 0
+
+
+def _cmd_vm_list(args: argparse.Namespace) -> int:
+    from vmm import manage
+
+    state = _host(args)
+    for name in manage.names(state):
+        print(name)
+    return 0
+
+
 def _cmd_update(args: argparse.Namespace) -> int:
     from liveupdate.agent_client import AgentError
     from liveupdate.update import update_once
@@ -189,6 +266,34 @@ def build_parser() -> argparse.ArgumentParser:
     kexec = host_sub.add_parser("kexec", help="reboot the emulated kernel with kexec (LUO preserves sessions)")
     _state_dir_arg(kexec)
     kexec.set_defaults(func=_cmd_host_kexec)
+
+    vm = sub.add_parser("vm", help="VMs with a passed-through DSA: start, stop, status, list",
+                        description="VMs are units of their host: init starts them again, in restore mode, "
+                                    "after every kexec.")
+    vm_sub = vm.add_subparsers(dest="vm_command", metavar="ACTION")
+    vm_sub.required = True
+    vm_start = vm_sub.add_parser("start", help="start a VM (its guest drives a passed-through DSA)")
+    vm_start.add_argument("name")
+    _state_dir_arg(vm_start)
+    vm_start.add_argument("--memory", type=_size, default=256 << 20, metavar="SIZE", help="guest RAM (default 256M)")
+    vm_start.add_argument("--vcpus", type=int, default=1, help="vCPUs (default 1)")
+    vm_start.add_argument("--device", default="auto", metavar="BDF|auto", help="the DSA to pass through")
+    vm_start.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware",
+                          help="firmware: the guest firmware under KVM; synthetic: the same DMA workload "
+                               "driven from the host side (no KVM needed)")
+    vm_start.set_defaults(func=_cmd_vm_start)
+    vm_stop = vm_sub.add_parser("stop", help="stop a VM and remove its unit")
+    vm_stop.add_argument("name")
+    _state_dir_arg(vm_stop)
+    vm_stop.set_defaults(func=_cmd_vm_stop)
+    vm_status = vm_sub.add_parser("status", help="guest counters, device, interrupts, last update")
+    vm_status.add_argument("name", nargs="?")
+    _state_dir_arg(vm_status)
+    vm_status.add_argument("--json", action="store_true")
+    vm_status.set_defaults(func=_cmd_vm_status)
+    vm_list = vm_sub.add_parser("list", help="the VMs of the host")
+    _state_dir_arg(vm_list)
+    vm_list.set_defaults(func=_cmd_vm_list)
 
     update = sub.add_parser("update", help="live-update the host: prepare every VM, kexec, collect reports",
                             description="Ask the LUO agent for live updates: every registered VMM prepares "

@@ -1,0 +1,77 @@
+"""An observer on the emulated machine's bus: it sees what a logic analyser
+would, independently of the software being measured.
+
+* DMA: the time at which each device completed each top-level descriptor
+  (kept by the device model).
+* Heartbeat: a u64 in guest memory, sampled every millisecond through the
+  device's IOMMU domain (IOVA = GPA), recording when its value changes.
+
+Both live in the machine, so they run straight through a kexec; the VMM and
+`luvmm update` ask for a time window afterwards.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import struct
+import time
+
+import trio
+
+from devices.iommu import DmaFault
+
+SAMPLE_PERIOD = 0.001
+
+
+def window_stats(times, t0: float, t1: float) -> tuple[int, float]:
+    """(events in [t0, t1], the longest stretch of [t0, t1] without one)."""
+    times = list(times)
+    lo, hi = bisect.bisect_left(times, t0), bisect.bisect_right(times, t1)
+    inside = times[lo:hi]
+    points = [t0] + inside + [t1]
+    gap = max((b - a for a, b in zip(points, points[1:])), default=t1 - t0)
+    return len(inside), gap
+
+
+class Observer:
+    def __init__(self, machine):
+        self.machine = machine
+        self.watches: dict[tuple[str, int], collections.deque] = {}
+        self._last: dict[tuple[str, int], int | None] = {}
+
+    def watch(self, bdf: str, iova: int) -> None:
+        if bdf not in self.machine.devices:
+            raise FileNotFoundError(2, f"no device {bdf}")
+        key = (bdf, iova)
+        if key not in self.watches:
+            self.watches[key] = collections.deque(maxlen=1 << 20)
+            self._last[key] = None
+
+    async def run(self) -> None:
+        while True:
+            now = time.time()
+            for key, changes in self.watches.items():
+                dev = self.machine.devices[key[0]]
+                domain = dev.domain
+                if domain is None:
+                    continue
+                try:
+                    value = struct.unpack("<Q", domain.read(key[1], 8))[0]
+                except DmaFault:
+                    continue
+                if value != self._last[key]:
+                    self._last[key] = value
+                    changes.append(now)
+            await trio.sleep(SAMPLE_PERIOD)
+
+    def observe(self, bdf: str, t0: float, t1: float, iova: int | None = None) -> dict:
+        dev = self.machine.devices.get(bdf)
+        if dev is None:
+            raise FileNotFoundError(2, f"no device {bdf}")
+        completions, dma_gap = window_stats(dev.completion_times, t0, t1)
+        result = {"completions": completions, "max_completion_gap_s": dma_gap}
+        if iova is not None and (bdf, iova) in self.watches:
+            changes, beat_gap = window_stats(self.watches[(bdf, iova)], t0, t1)
+            result.update(heartbeat_changes=changes, heartbeat_max_gap_s=beat_gap)
+        return result

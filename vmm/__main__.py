@@ -1,0 +1,3 @@
+from vmm.process import main
+
+raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""The VMM's control plane (trio), started once the guest runs.
+
+* After a restore: verify the guest (its heartbeat and DMA counters move on
+  from where they were, the batches in flight at the pause complete), FINISH
+  the incoming session, and report the update's measurements to the agent.
+* The agent channel: ``prepare`` pauses the VM, saves and preserves it;
+  ``cancel`` resumes it (rollback).  A failed prepare rolls back by itself.
+* ``vms/NAME/vmm.sock``: ``status`` and ``stop`` for `luvmm vm`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+
+import trio
+
+from luvmm.wire import MAX_FDS, MAX_MESSAGE, ancillary, decode_json, encode_json, fds_from_ancillary, \
+    listen_seqpacket
+from liveupdate.luo import Session
+from vmm import guest
+from vmm.report import update_report
+
+log = logging.getLogger("luvmm.vmm")
+VERIFY_TIMEOUT = 15.0
+
+
+class Control:
+    def __init__(self, vm, host, state, name, agent, clock, restored):
+        self.vm, self.host, self.state, self.name = vm, host, state, name
+        self.agent = agent
+        self.clock = clock
+        self.restored = restored
+        self.session: Session | None = None
+        self.boot = "kexec" if restored else "cold"
+        self.updates = 0
+        self.last_report: dict | None = None
+        self.done = trio.Event()
+
+    # --- after a restore ------------------------------------------------------------------
+
+    async def verify(self) -> dict:
+        incoming, saved = self.restored
+        at_pause = saved["phases"]["mailbox_at_pause"]
+        vm = self.vm
+        with trio.move_on_after(VERIFY_TIMEOUT):
+            while True:
+                now = vm.mailbox.snapshot()
+                moved = now["heartbeat"] > at_pause["heartbeat"]
+                drained = now["completed"] - at_pause["completed"] >= at_pause["inflight"]
+                if moved and drained and now["completed"] > at_pause["completed"] or vm.crash:
+                    break
+                await trio.sleep(0.002)
+        self.clock.mark("verified")
+        after = vm.mailbox.snapshot()
+        await trio.to_thread.run_sync(incoming.finish)
+        self.clock.mark("finished")
+        report = update_report(vm, self.host, self.clock.marks, saved, after)
+        self.last_report = report
+        await trio.to_thread.run_sync(self.agent.restored, self.name, report)
+        log.info("restored: blackout %.1f ms, %d DMA completions during it", report["blackout_s"] * 1000,
+                 report["dma_completed_during_blackout"])
+        return report
+
+    # --- the agent channel -------------------------------------------------------------------
+
+    async def agent_channel(self) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        await sock.connect(self.state.agent_socket)
+        with sock:
+            await sock.send(encode_json({"op": "register", "name": self.name}))
+            await sock.recv(MAX_MESSAGE)
+            while True:
+                data, anc, flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                         socket.MSG_CMSG_CLOEXEC)
+                if not data:
+                    log.warning("the agent went away")
+                    return
+                for fd in fds_from_ancillary(anc, flags):
+                    os.close(fd)
+                request = decode_json(data)
+                reply = self._handle(request)
+                await sock.sendmsg([encode_json(reply)], ancillary([]))
+
+    def _handle(self, request: dict) -> dict:
+        op = request.get("op")
+        if op == "prepare":
+            try:
+                phases = self.vm.prepare(self.session)
+            except OSError as e:
+                log.error("prepare failed: %s; resuming", e)
+                self.vm.cancel()
+                return {"errno": e.errno or errno.EIO, "error": f"{self.name}: prepare failed: {e}"}
+            self.updates += 1
+            return {"ok": {"phases": phases}}
+        if op == "cancel":
+            self.vm.cancel()
+            return {"ok": True}
+        return {"errno": errno.EINVAL, "error": f"unknown request {op!r}"}
+
+    # --- vmm.sock ----------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        vm = self.vm
+        mb = vm.mailbox.snapshot()
+        return {"name": self.name, "pid": os.getpid(), "boot": self.boot, "config": vm.config.to_dict(),
+                "bdf": vm.bdf, "guest_state": guest.GUEST_STATE.get(mb["state"], str(mb["state"])),
+                "mailbox": mb, "crash": vm.crash and vars(vm.crash), "interrupts": vm.count_interrupts(),
+                "portal_writes": vm.portal_writes, "updates_prepared": self.updates,
+                "last_update": self.last_report}
+
+    async def serve_local(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        vm_dir = self.state.vm_dir(self.name)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        listener = trio.socket.from_stdlib_socket(listen_seqpacket(str(vm_dir / "vmm.sock")))
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(self._local_client, conn)
+
+    async def _local_client(self, conn) -> None:
+        with conn:
+            while True:
+                try:
+                    data = await conn.recv(MAX_MESSAGE)
+                except OSError:
+                    return
+                if not data:
+                    return
+                try:
+                    request = decode_json(data)
+                    if request.get("op") == "status":
+                        reply = {"ok": self.status()}
+                    elif request.get("op") == "stop":
+                        reply = {"ok": True}
+                        self.done.set()
+                    else:
+                        reply = {"errno": errno.EINVAL, "error": "unknown request"}
+                except ValueError as e:
+                    reply = {"errno": errno.EINVAL, "error": str(e)}
+                await conn.send(encode_json(reply))
+
+
+def run_control_plane(vm, host, state, name, agent, clock, restored) -> int:
+    control = Control(vm, host, state, name, agent, clock, restored)
+
+    async def main():
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(control.serve_local)
+                if restored:
+                    await control.verify()
+                control.session = Session(host, agent.create_session(name), name)
+                if hasattr(host, "call"):  # an observer on the emulated machine's bus
+                    host.call({"op": "watch", "bdf": vm.bdf, "iova": guest.offset("heartbeat")})
+                nursery.start_soon(control.agent_channel)
+
+                async def on_signal():
+                    async for _ in signals:
+                        control.done.set()
+                nursery.start_soon(on_signal)
+                await control.done.wait()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    vm.close()
+    return 0

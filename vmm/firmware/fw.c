@@ -1,0 +1,236 @@
+/*
+ * luvmm guest firmware: drives the passed-through Intel DSA like a driver,
+ * at CPL 3, polling (no interrupts), with general-purpose registers only (the
+ * VMM saves kvm_regs/kvm_sregs across a live update, not FPU state).
+ *
+ * vCPU 0: (if asked) reset and configure the DSA as the VFIO selftests'
+ * driver does, then forever: keep `slots` batches in flight; each batch is
+ * `pairs` x (MEMMOVE src -> dst, then a fenced COMPVAL of dst against the
+ * batch's pattern with Check Result), so the device itself verifies every
+ * copy; count successes, errors and verification failures in the mailbox and
+ * bump the heartbeat.  Other vCPUs bump their own heartbeat.
+ *
+ * Portal submissions are eight 8-byte stores to the WQ's portal; the VMM
+ * combines them into one 64-byte descriptor write.
+ */
+#include "mailbox.h"
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned char u8;
+
+#define MB ((volatile struct mailbox *)MAILBOX_GPA)
+
+/* drivers/dma/idxd/registers.h, include/uapi/linux/idxd.h */
+#define IDXD_GENCAP_OFFSET 0x10
+#define IDXD_WQCAP_OFFSET 0x20
+#define IDXD_TABLE_OFFSET 0x60
+#define IDXD_CMD_OFFSET 0xa0
+#define IDXD_CMDSTS_OFFSET 0xa8
+#define IDXD_CMDSTS_ACTIVE 0x80000000u
+#define IDXD_CMD_ENABLE_DEVICE 1
+#define IDXD_CMD_RESET_DEVICE 5
+#define IDXD_CMD_ENABLE_WQ 6
+#define DSA_OPCODE_BATCH 0x01
+#define DSA_OPCODE_MEMMOVE 0x03
+#define DSA_OPCODE_COMPVAL 0x06
+#define IDXD_OP_FLAG_FENCE 0x0001
+#define IDXD_OP_FLAG_CRAV 0x0004
+#define IDXD_OP_FLAG_RCR 0x0008
+#define IDXD_OP_FLAG_CR 0x0080
+#define DSA_COMP_SUCCESS 1
+#define DSA_COMP_SUCCESS_PRED 2
+
+#define MAX_SLOTS 64
+#define MAX_PAIRS 16
+
+struct desc {
+	u32 pasid_priv;
+	u32 flags_opcode;
+	u64 completion_addr;
+	u64 src;
+	u64 dst;
+	u32 xfer_size;
+	unsigned short int_handle;
+	unsigned short rsvd1;
+	u64 op[3];
+};
+
+struct record {
+	volatile u8 status;
+	u8 result;
+	u8 fault_info;
+	u8 rsvd;
+	u32 bytes_completed;
+	u64 fault_addr;
+	u64 op[2];
+};
+
+static inline u32 rd32(u64 addr) { return *(volatile u32 *)addr; }
+static inline u64 rd64(u64 addr) { return *(volatile u64 *)addr; }
+static inline void wr32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline void wr64(u64 addr, u64 v) { *(volatile u64 *)addr = v; }
+
+/* The DMA area: batch records, member error records, descriptor lists, buffers. */
+static u64 batch_record(u64 s) { return MB->dma_base + s * 32; }
+static u64 member_record(u64 s, u64 i) { return MB->dma_base + 0x1000 + (s * 2 * MAX_PAIRS + i) * 32; }
+static u64 desc_list(u64 s) { return MB->dma_base + 0x20000 + s * 2 * MAX_PAIRS * 64; }
+static u64 buffer(u64 s, u64 p, u64 which)
+{
+	return MB->dma_base + 0x100000 + ((s * MAX_PAIRS + p) * 2 + which) * MB->xfer;
+}
+
+static u64 slot_seq[MAX_SLOTS];
+static u64 next_seq = 1;
+
+static u64 pattern(u64 seq) { return 0x9e3779b97f4a7c15ULL * seq ^ 0x4c55564d4dULL; }
+
+static int command(u32 cmd, u32 operand)
+{
+	u64 bar0 = MB->bar0;
+	u32 sts;
+
+	wr32(bar0 + IDXD_CMD_OFFSET, (operand & 0xfffff) | (cmd & 0x1f) << 20);
+	do
+		sts = rd32(bar0 + IDXD_CMDSTS_OFFSET);
+	while (sts & IDXD_CMDSTS_ACTIVE);
+	if (sts & 0xff) {
+		MB->init_error = (u64)cmd << 8 | (sts & 0xff);
+		return -1;
+	}
+	return 0;
+}
+
+static int init_device(void)
+{
+	u64 bar0 = MB->bar0, gencap, wqcap, offsets, wqcfg, grpcfg;
+	u32 max_xfer_shift, max_batch_shift;
+
+	if (command(IDXD_CMD_RESET_DEVICE, 0))
+		return -1;
+	gencap = rd64(bar0 + IDXD_GENCAP_OFFSET);
+	wqcap = rd64(bar0 + IDXD_WQCAP_OFFSET);
+	offsets = rd64(bar0 + IDXD_TABLE_OFFSET);
+	grpcfg = bar0 + (offsets & 0xffff) * 0x100;
+	wqcfg = bar0 + ((offsets >> 16) & 0xffff) * 0x100;
+	max_xfer_shift = (gencap >> 16) & 0x1f;
+	max_batch_shift = (gencap >> 21) & 0xf;
+	wr32(wqcfg + 0, wqcap & 0xffff);		/* wq_size = total_wq_size */
+	wr32(wqcfg + 8, 1 | 1 << 4);			/* dedicated, priority 1 */
+	wr32(wqcfg + 12, max_xfer_shift | max_batch_shift << 5);
+	wr64(grpcfg + 0, 1);				/* group 0: WQ 0 */
+	wr64(grpcfg + 32, 1);				/* group 0: engine 0 */
+	if (command(IDXD_CMD_ENABLE_DEVICE, 0))
+		return -1;
+	return command(IDXD_CMD_ENABLE_WQ, 0);
+}
+
+static void put_desc(u64 at, u32 opcode, u32 flags, u64 record, u64 src, u64 dst, u32 size, u64 op0)
+{
+	volatile struct desc *d = (volatile struct desc *)at;
+
+	d->pasid_priv = 0;
+	d->flags_opcode = flags | opcode << 24;
+	d->completion_addr = record;
+	d->src = src;
+	d->dst = dst;
+	d->xfer_size = size;
+	d->int_handle = 0;
+	d->rsvd1 = 0;
+	d->op[0] = op0;
+	d->op[1] = 0;
+	d->op[2] = 0;
+}
+
+static void submit(u64 s)
+{
+	u64 seq = next_seq++, pairs = MB->pairs, xfer = MB->xfer, pat = pattern(seq), p, i;
+	u64 list = desc_list(s);
+	volatile u64 *portal = (volatile u64 *)MB->bar2;
+	struct desc batch;
+	u64 *words = (u64 *)&batch;
+
+	for (p = 0; p < pairs; p++) {
+		u64 *src = (u64 *)buffer(s, p, 0);
+
+		for (i = 0; i < xfer / 8; i++)
+			src[i] = pat;
+		((volatile u64 *)buffer(s, p, 1))[0] = ~pat; /* the copy must overwrite this */
+		put_desc(list + (2 * p) * 64, DSA_OPCODE_MEMMOVE, IDXD_OP_FLAG_CRAV, member_record(s, 2 * p),
+			 buffer(s, p, 0), buffer(s, p, 1), xfer, 0);
+		put_desc(list + (2 * p + 1) * 64, DSA_OPCODE_COMPVAL,
+			 IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_FENCE | IDXD_OP_FLAG_CR, member_record(s, 2 * p + 1),
+			 buffer(s, p, 1), pat, xfer, 0 /* expected_res: equal */);
+	}
+	for (i = 0; i < 2 * pairs; i++)
+		((struct record *)member_record(s, i))->status = 0;
+	((struct record *)batch_record(s))->status = 0;
+	put_desc((u64)&batch, DSA_OPCODE_BATCH, IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_RCR, batch_record(s), list, 0,
+		 2 * pairs, 0);
+	slot_seq[s] = seq;
+	__asm__ volatile("" ::: "memory");
+	for (i = 0; i < 8; i++)
+		portal[i] = words[i];
+	MB->submitted++;
+	MB->inflight++;
+}
+
+static void reap(u64 s)
+{
+	volatile struct record *r = (volatile struct record *)batch_record(s);
+	u64 pairs = MB->pairs, i;
+	u8 status = r->status;
+
+	if (status == DSA_COMP_SUCCESS) {
+		MB->descs_ok += 2 * pairs;
+	} else {
+		MB->errors++;
+		MB->last_error = status;
+		for (i = 0; i < pairs; i++)
+			if (((struct record *)member_record(s, 2 * i + 1))->status == DSA_COMP_SUCCESS_PRED)
+				MB->verify_failures++;
+	}
+	MB->completed++;
+	MB->inflight--;
+	slot_seq[s] = 0;
+}
+
+void main0(void)
+{
+	u64 s, slots;
+
+	MB->state = 1;
+	if (MB->init_device && init_device()) {
+		MB->state = 3;
+		for (;;)
+			MB->heartbeat++;
+	}
+	MB->state = 2;
+	slots = MB->slots > MAX_SLOTS ? MAX_SLOTS : MB->slots;
+	for (;;) {
+		for (s = 0; s < slots; s++) {
+			if (slot_seq[s] == 0)
+				submit(s);
+			else if (((volatile struct record *)batch_record(s))->status)
+				reap(s);
+		}
+		MB->heartbeat++;
+	}
+}
+
+void aux(u64 id)
+{
+	for (;;)
+		MB->aux_heartbeat[id & 15]++;
+}
+
+/* Entry: the VMM sets RSP and RDI (vCPU id) and RIP = _start. */
+__asm__(".pushsection .text._start, \"ax\"\n"
+	".globl _start\n"
+	"_start:\n"
+	"	test %rdi, %rdi\n"
+	"	jnz 1f\n"
+	"	call main0\n"
+	"1:	call aux\n"
+	"2:	jmp 2b\n"
+	".popsection\n");

@@ -1,0 +1,58 @@
+"""The machine-state blob: everything about a VM that is not its RAM.
+
+One versioned, magic-tagged, checksummed record (as nanovmm does), written
+into a preserved memfd when the VMM prepares for a live update and read back
+by the VMM the new kernel's init starts:
+
+    b"LUVMMST\\0" | u32 version | u32 crc32 of the body | u64 body length | body
+
+The body is JSON: the guest config, each vCPU's ``kvm_regs`` and
+``kvm_sregs`` (their raw bytes, hex), the device wiring (BDF, iommufd object
+ids, BAR addresses, armed MSI-X vectors) and the phase timestamps taken so
+far.  A blob that is short, has the wrong magic or version, or fails its
+checksum is refused with a message: a VMM never resumes from a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+MAGIC = b"LUVMMST\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQ")
+STATE_MEMFD_SIZE = 1 << 20  # fixed: a preserved memfd's size is frozen
+
+
+class StateError(ValueError):
+    """A machine-state blob that cannot be trusted."""
+
+
+def encode(state: dict) -> bytes:
+    body = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
+    if HEADER.size + len(body) > STATE_MEMFD_SIZE:
+        raise StateError(f"machine state of {len(body)} bytes does not fit the state memfd")
+    return HEADER.pack(MAGIC, VERSION, zlib.crc32(body), len(body)) + body
+
+
+def decode(blob: bytes) -> dict:
+    if len(blob) < HEADER.size:
+        raise StateError(f"machine state of {len(blob)} bytes is shorter than its header")
+    magic, version, crc, length = HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise StateError("not a luvmm machine state (bad magic)")
+    if version != VERSION:
+        raise StateError(f"machine state version {version}; this VMM reads version {VERSION}")
+    body = blob[HEADER.size:HEADER.size + length]
+    if len(body) != length:
+        raise StateError(f"machine state truncated: {len(body)} of {length} bytes")
+    if zlib.crc32(body) != crc:
+        raise StateError("machine state checksum mismatch")
+    try:
+        state = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StateError(f"machine state body is not JSON: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("vcpus"), list):
+        raise StateError("machine state has no vCPUs")
+    return state

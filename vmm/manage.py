@@ -1,0 +1,81 @@
+"""`luvmm vm`: VMs as units of their host."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+import time
+
+from liveupdate.state import StateDir
+from luvmm.wire import MAX_MESSAGE, decode_json, encode_json
+from vmm.vm import VmConfig
+
+
+class VmError(RuntimeError):
+    pass
+
+
+def unit_name(name: str) -> str:
+    return f"vm-{name}"
+
+
+def vmm_call(state: StateDir, name: str, request: dict, timeout: float = 10.0) -> dict:
+    path = str(state.vm_dir(name) / "vmm.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.send(encode_json(request))
+        reply = decode_json(s.recv(MAX_MESSAGE))
+    if "errno" in reply:
+        raise VmError(reply.get("error", "error"))
+    return reply["ok"]
+
+
+def status(state: StateDir, name: str) -> dict:
+    return vmm_call(state, name, {"op": "status"})
+
+
+def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0) -> dict:
+    """Write the VM's config and unit, start it, wait until its guest runs."""
+    config.check()
+    if any(u["name"] == unit_name(config.name) for u in state.read_units()):
+        raise VmError(f"VM {config.name!r} exists")
+    vm_dir = state.vm_dir(config.name)
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    state.write_unit(unit_name(config.name), [sys.executable, "-m", "vmm", "--state-dir", state.path,
+                                              "--name", config.name])
+    host.call({"op": "unit-start", "name": unit_name(config.name)})
+    deadline = time.monotonic() + wait
+    last = "not started"
+    while time.monotonic() < deadline:
+        try:
+            st = status(state, config.name)
+            if st["guest_state"] == "running" or st["crash"]:
+                if st["crash"]:
+                    raise VmError(f"the guest crashed: {st['crash']}")
+                return st
+            last = st["guest_state"]
+        except (OSError, ValueError) as e:
+            last = str(e)
+            unit = next((u for u in host.call({"op": "units"})[0] if u["name"] == unit_name(config.name)), None)
+            if unit and unit["returncode"] is not None:
+                log = state.logs / f"{unit_name(config.name)}.log"
+                tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+                raise VmError(f"the VMM exited with {unit['returncode']}:\n{tail}") from None
+        time.sleep(0.02)  # the VMM is another process booting its guest
+    raise VmError(f"VM {config.name!r} did not come up in {wait:.0f} s ({last})")
+
+
+def stop(state: StateDir, name: str, host) -> bool:
+    if not state.remove_unit(unit_name(name)):
+        return False
+    host.call({"op": "unit-stop", "name": unit_name(name)})
+    shutil.rmtree(state.vm_dir(name), ignore_errors=True)
+    return True
+
+
+def names(state: StateDir) -> list[str]:
+    return [u["name"][3:] for u in state.read_units() if u["name"].startswith("vm-")]

@@ -1,0 +1,78 @@
+"""The VMM process: one per VM, a unit of its host's init.
+
+    python -m vmm --state-dir DIR --name NAME
+
+Cold boot builds the VM from ``DIR/vms/NAME/config.json``.  Restore mode --
+init starts the unit with ``LUVMM_BOOT=kexec`` and the agent holds an incoming
+session for the VM -- retrieves the session and its files, maps RAM, rebuilds
+KVM and the vCPUs, binds and attaches the device, re-arms interrupts and
+resumes the guest *before* trio (or anything else slow) is imported; only
+then does the control plane start, verify the guest, FINISH the session and
+report to the agent.
+"""
+
+from __future__ import annotations
+
+import time
+
+PROCESS_START = time.time()  # first thing: the restore path measures from here
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from liveupdate.agent_client import AgentClient, wait_for_agent  # noqa: E402
+from liveupdate.luo import Session  # noqa: E402
+from liveupdate.state import StateDir  # noqa: E402
+from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
+
+log = logging.getLogger("luvmm.vmm")
+
+
+def connect_host(args, state: StateDir):
+    if args.host == "real":
+        from luvmm.host import RealHost
+
+        return RealHost()
+    from luvmm.emuhost import connect
+
+    return connect(os.environ.get("LUVMM_HOST_SOCKET", state.socket))
+
+
+def load_config(state: StateDir, name: str) -> VmConfig:
+    return VmConfig.from_dict(json.loads((state.vm_dir(name) / "config.json").read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vmm", description="The luvmm VMM (a unit of the host).")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--host", choices=("emulated", "real"), default="emulated")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vmm[{args.name}] %(levelname)s %(message)s")
+    state = StateDir(args.state_dir)
+    clock = Clock()
+    clock.mark("process_start", PROCESS_START)
+    host = connect_host(args, state)
+    agent, _ = wait_for_agent(state, 30)
+    incoming_fd = agent.retrieve_session(args.name) if os.environ.get("LUVMM_BOOT") == "kexec" else None
+    clock.mark("connected")
+    restored = None
+    if incoming_fd is not None:
+        incoming = Session(host, incoming_fd, args.name)
+        vm, saved = Vm.restore(host, incoming, clock)  # the guest runs again when this returns
+        restored = (incoming, saved)
+    else:
+        vm = Vm(host, load_config(state, args.name))
+        vm.cold_boot()
+        clock.mark("booted")
+    # Only now the slow parts: trio and the control plane.
+    from vmm.control import run_control_plane
+
+    return run_control_plane(vm, host, state, args.name, agent, clock, restored)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

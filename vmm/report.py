@@ -1,0 +1,89 @@
+"""What one live update did to a VM: the blackout and its phases, and DMA continuity.
+
+Phases (DESIGN.md), from CLOCK_REALTIME marks taken by the old VMM, the host
+and the new VMM:
+
+    pause            pause requested -> last vCPU stopped        (blackout starts)
+    save             -> machine state written
+    preserve         -> files in the LUO session
+    freeze           -> the host's freeze done (agent hand-off, LUO freeze, KHO image)
+    kexec            -> the new kernel up
+    spawn            -> the new VMM process running
+    start-up         -> connected to the host and the agent, session retrieved
+    retrieve         -> files retrieved, machine state read
+    map              -> guest RAM mapped
+    vcpu_restore     -> KVM and the vCPUs rebuilt
+    device_reattach  -> device bound, attached, interrupts re-armed
+    resume           -> first vCPU running again                 (blackout ends)
+"""
+
+from __future__ import annotations
+
+from vmm import guest
+
+PHASES = ("pause", "save", "preserve", "freeze", "kexec", "spawn", "start-up", "retrieve", "map",
+          "vcpu_restore", "device_reattach", "resume")
+
+
+def phase_marks(saved_phases: dict, kexec_marks: dict, marks: dict) -> list[tuple[str, float | None]]:
+    """The mark that ends each phase, in order (None where it was not seen)."""
+    return [
+        ("pause_start", saved_phases.get("pause_start")),
+        ("pause", saved_phases.get("stopped")),
+        ("save", saved_phases.get("saved")),
+        ("preserve", saved_phases.get("preserved")),
+        ("freeze", kexec_marks.get("frozen")),
+        ("kexec", kexec_marks.get("booted")),
+        ("spawn", marks.get("process_start")),
+        ("start-up", marks.get("connected")),
+        ("retrieve", marks.get("retrieved")),
+        ("map", marks.get("mapped")),
+        ("vcpu_restore", marks.get("vcpus_restored")),
+        ("device_reattach", marks.get("device_reattached")),
+        ("resume", marks.get("resumed")),
+    ]
+
+
+def phases_s(seq: list[tuple[str, float | None]]) -> dict[str, float]:
+    out = {}
+    prev = seq[0][1]
+    for name, at in seq[1:]:
+        if at is not None and prev is not None:
+            out[name] = round(at - prev, 6)
+        if at is not None:
+            prev = at
+    return out
+
+
+def update_report(vm, host, marks: dict, saved: dict, after: dict) -> dict:
+    saved_phases = saved["phases"]
+    at_pause = saved_phases["mailbox_at_pause"]
+    status = host.call({"op": "status"})[0] if hasattr(host, "call") else {}
+    kexec_marks = (status.get("last_kexec") or {}).get("marks", {})
+    stopped, resumed = saved_phases["stopped"], marks["resumed"]
+    first_run = vm.first_run or resumed
+    report = {
+        "name": vm.config.name,
+        "guest": vm.config.guest,
+        "memory_bytes": vm.config.memory,
+        "kernel_profile": status.get("kernel_profile"),
+        "blackout_s": round(first_run - stopped, 6),
+        "phases_s": phases_s(phase_marks(saved_phases, kexec_marks, marks)),
+        "guest_progressed": after["heartbeat"] > at_pause["heartbeat"] and after["completed"] > at_pause["completed"],
+        "dma_errors": after["errors"] - at_pause["errors"],
+        "dma_corrupted": after["verify_failures"] - at_pause["verify_failures"],
+        "dma_lost": max(0, at_pause["inflight"] - (after["completed"] - at_pause["completed"])),
+        "mailbox_at_pause": at_pause,
+        "mailbox_after": after,
+        "crash": vm.crash and vars(vm.crash),
+    }
+    if hasattr(host, "call"):
+        blackout = host.call({"op": "observe", "bdf": vm.bdf, "t0": stopped, "t1": first_run})[0]
+        window = host.call({"op": "observe", "bdf": vm.bdf, "t0": saved_phases["pause_start"],
+                            "t1": marks["verified"], "iova": guest.offset("heartbeat")})[0]
+        report.update(dma_completed_during_blackout=blackout["completions"],
+                      dma_max_gap_s=round(window["max_completion_gap_s"], 6),
+                      heartbeat_gap_s=round(window.get("heartbeat_max_gap_s", 0.0), 6))
+    else:
+        report.update(dma_completed_during_blackout=None, dma_max_gap_s=None, heartbeat_gap_s=None)
+    return report

@@ -1,0 +1,456 @@
+"""A VM: guest RAM, KVM vCPUs, the passed-through DSA, and its live update.
+
+This module imports no trio and nothing heavy: the restore path after a kexec
+runs it before the control plane exists.  Threads: one per vCPU (KVM_RUN
+blocks), nothing else.
+
+Guest RAM is a memfd sealed with F_SEAL_SEAL|F_SEAL_GROW|F_SEAL_SHRINK,
+mapped into KVM and into an IOAS at IOVA = GPA with IOMMU_IOAS_MAP_FILE; the
+device is bound to the iommufd and attached to a HWPT that is marked for
+preservation when the VM prepares for an update.  MMIO exits on the BARs go
+to the device's VFIO regions; the eight 8-byte stores of a portal write are
+combined into one 64-byte descriptor write.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from luvmm.abi import ffi
+from devices.iommufd import IommuFd
+from devices.pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
+from devices.vfio import VfioDevice
+from devices.vfio_uapi import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
+from vmm import guest, machine_state
+from vmm.kvm import Kvm
+from vmm.kvm_uapi import (
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_HLT,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_NAMES,
+    KVM_EXIT_SHUTDOWN,
+)
+from vmm.x86 import identity_page_tables, setup_long_mode, user_rflags
+
+# LUO tokens of the files a VM preserves (fixed: the restored VMM asks for them by number).
+RAM_TOKEN = 0x10
+IOMMUFD_TOKEN = 0x11
+DEVICE_TOKEN = 0x12
+STATE_TOKEN = 0x13
+HWPT_TOKEN = 0x14
+TOKENS = {"ram": RAM_TOKEN, "iommufd": IOMMUFD_TOKEN, "device": DEVICE_TOKEN, "state": STATE_TOKEN}
+
+BAR0_SIZE, BAR2_SIZE = 64 << 10, 128 << 10
+MSIX_VECTORS = 9
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+
+
+@dataclass
+class VmConfig:
+    name: str
+    memory: int = 256 << 20
+    vcpus: int = 1
+    device: str = "auto"
+    guest: str = "firmware"
+    slots: int = 32
+    pairs: int = 4
+    xfer: int = 16 << 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VmConfig:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    def check(self) -> None:
+        if self.memory < guest.MIN_MEMORY or self.memory % (2 << 20):
+            raise ValueError(f"memory must be a multiple of 2 MiB and at least {guest.MIN_MEMORY >> 20} MiB")
+        if not 1 <= self.vcpus <= 16:
+            raise ValueError("vcpus must be 1..16")
+        if self.guest not in ("firmware", "synthetic"):
+            raise ValueError("guest must be firmware or synthetic")
+        if guest.DMA_BASE + guest.workload_bytes(self.slots, self.pairs, self.xfer) > min(
+                self.memory, guest.LOW_RAM_LIMIT):
+            raise ValueError("the DMA workload does not fit in guest RAM: lower slots, pairs or xfer")
+        if not 1 <= self.slots <= 64 or not 1 <= self.pairs <= 16 or self.xfer % 8 or not 8 <= self.xfer <= 1 << 20:
+            raise ValueError("slots 1..64, pairs 1..16, xfer a multiple of 8 up to 1 MiB")
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    return fd
+
+
+@dataclass
+class GuestCrash:
+    vcpu: int
+    reason: str
+    rip: int = 0
+
+
+@dataclass
+class Clock:
+    """Phase timestamps (CLOCK_REALTIME: they cross a kexec, CLOCK_MONOTONIC does not)."""
+
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str, at: float | None = None) -> float:
+        self.marks[name] = time.time() if at is None else at
+        return self.marks[name]
+
+
+class Vm:
+    def __init__(self, host, config: VmConfig):
+        config.check()
+        self.host = host
+        self.config = config
+        self.kvm: Kvm | None = None
+        self.vmfd = None
+        self.vcpus = []
+        self.memfd = -1
+        self.ram: mmap.mmap | None = None
+        self.view: memoryview | None = None
+        self.iommufd: IommuFd | None = None
+        self.ioas = self.hwpt = self.dev_id = 0
+        self.dev: VfioDevice | None = None
+        self.bdf = ""
+        self.eventfds: list[int] = []
+        self.msix_armed = False
+        self.interrupts = 0
+        self.clock = Clock()
+        self.crash: GuestCrash | None = None
+        self.mmio_unhandled = 0
+        self.portal_writes = 0
+        self._cond = threading.Condition()
+        self._pause = False
+        self._stop = False
+        self._parked = 0
+        self._threads: list[threading.Thread] = []
+        self.last_stop = 0.0
+        self.first_run = 0.0
+        self._portal = {}
+        self.state_memfd = -1
+
+    # --- memory -----------------------------------------------------------------------------
+
+    def _map_ram(self, memfd: int) -> None:
+        self.memfd = memfd
+        self.ram = mmap.mmap(memfd, self.config.memory, flags=mmap.MAP_SHARED,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.ram)
+        self._ram_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.ram)))
+
+    @property
+    def mailbox(self) -> guest.Mailbox:
+        return guest.Mailbox(self.view)
+
+    # --- KVM ------------------------------------------------------------------------------------
+
+    def _create_kvm(self) -> None:
+        self.kvm = Kvm(self.host)
+        self.vmfd = self.kvm.create_vm()
+        for slot, (gpa, off, length) in enumerate(guest.ram_ranges(self.config.memory)):
+            self.vmfd.set_user_memory_region(slot, gpa, length, self._ram_addr + off)
+        self.vcpus = [self.vmfd.create_vcpu(i) for i in range(self.config.vcpus)]
+
+    def _boot_vcpus(self) -> None:
+        top = max(guest.ram_ranges(self.config.memory)[-1][0] + guest.ram_ranges(self.config.memory)[-1][2],
+                  guest.MMIO_END)
+        cr3 = identity_page_tables(self.view, guest.PAGE_TABLES_GPA, top,
+                                   uncached=((guest.MMIO_START, guest.MMIO_END),))
+        for vcpu in self.vcpus:
+            sregs = vcpu.get_sregs()
+            setup_long_mode(sregs, cr3, cpl=3)
+            vcpu.set_sregs(sregs)
+            regs = vcpu.get_regs()
+            regs.rip, regs.rflags = guest.FIRMWARE_GPA, user_rflags()
+            regs.rsp = guest.STACK_TOP - 0x10000 * vcpu.id - 8
+            regs.rdi = vcpu.id
+            vcpu.set_regs(regs)
+
+    # --- the device ---------------------------------------------------------------------------------
+
+    def _open_device(self) -> None:
+        names = [self.config.device] if self.config.device != "auto" else self.host.listdir("/sys/bus/pci/devices")
+        last: OSError | None = None
+        for bdf in names:
+            dev = None
+            try:
+                dev = VfioDevice.open_bdf(self.host, bdf)
+                self.dev_id = dev.bind_iommufd(self.iommufd)
+            except OSError as e:
+                last = e
+                if dev is not None:
+                    dev.close()
+                continue
+            self.dev, self.bdf = dev, bdf
+            return
+        raise last or OSError(errno.ENODEV, "no device to pass through")
+
+    def _setup_iommu(self) -> None:
+        self.iommufd = IommuFd.open(self.host)
+        self.ioas = self.iommufd.ioas_alloc()
+        for gpa, off, length in guest.ram_ranges(self.config.memory):
+            self.iommufd.ioas_map_file(self.ioas, self.memfd, off, length, iova=gpa)
+
+    def _arm_msix(self) -> None:
+        if not self.eventfds:
+            self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(MSIX_VECTORS)]
+        self.dev.enable_msix(self.eventfds)
+        self.msix_armed = True
+
+    def _disarm_msix(self) -> None:
+        if self.msix_armed:
+            self.dev.disable_irqs()
+            self.msix_armed = False
+
+    def count_interrupts(self) -> int:
+        for fd in self.eventfds:
+            try:
+                self.interrupts += os.eventfd_read(fd)
+            except BlockingIOError:
+                pass
+        return self.interrupts
+
+    # --- cold boot ------------------------------------------------------------------------------------
+
+    def cold_boot(self) -> None:
+        cfg = self.config
+        self._map_ram(sealed_memfd(f"luvmm-{cfg.name}-ram", cfg.memory))
+        self._setup_iommu()
+        self._open_device()
+        self.hwpt = self.iommufd.hwpt_alloc(self.dev_id, self.ioas)
+        self.dev.attach_pt(self.hwpt)
+        # The VMM is the guest's firmware as far as PCI goes: it enables the device.
+        self.dev.config_write(PCI_COMMAND, struct.pack(
+            "<H", PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE))
+        self._arm_msix()
+        guest.load_firmware(self.view, slots=cfg.slots, pairs=cfg.pairs, xfer=cfg.xfer)
+        if cfg.guest == "firmware":
+            self._create_kvm()
+            self._boot_vcpus()
+        self.start_vcpus()
+
+    # --- vCPU threads -----------------------------------------------------------------------------------
+
+    def start_vcpus(self) -> None:
+        for vcpu in self.vcpus:
+            t = threading.Thread(target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _vcpu_loop(self, vcpu) -> None:
+        cond = self._cond
+        while True:
+            if self._pause or self._stop:
+                with cond:
+                    if self._stop:
+                        return
+                    if self._pause:
+                        self._parked += 1
+                        self.last_stop = max(self.last_stop, time.time())
+                        cond.notify_all()
+                        cond.wait_for(lambda: not self._pause or self._stop)
+                        self._parked -= 1
+                        if self._stop:
+                            return
+                        if not self.first_run:
+                            self.first_run = time.time()
+            try:
+                reason = vcpu.run()
+            except OSError as e:
+                self._crashed(vcpu, f"KVM_RUN failed: {e}")
+                return
+            if reason == KVM_EXIT_MMIO:
+                self._mmio(vcpu)
+            elif reason == KVM_EXIT_INTR:
+                continue
+            elif reason == KVM_EXIT_IO:
+                continue  # no port devices: writes are ignored, reads return what is there
+            elif reason in (KVM_EXIT_HLT, KVM_EXIT_SHUTDOWN, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTERNAL_ERROR):
+                self._crashed(vcpu, KVM_EXIT_NAMES.get(reason, str(reason)))
+                return
+            else:
+                self._crashed(vcpu, f"unexpected exit {KVM_EXIT_NAMES.get(reason, reason)}")
+                return
+
+    def _crashed(self, vcpu, reason: str) -> None:
+        try:
+            rip = vcpu.get_regs().rip
+        except OSError:
+            rip = 0
+        with self._cond:
+            self.crash = self.crash or GuestCrash(vcpu.id, reason, rip)
+            self._parked += 1  # a stopped vCPU counts as parked for pause()
+            self._cond.notify_all()
+
+    def _mmio(self, vcpu) -> None:
+        mmio = vcpu.kvm_run.mmio
+        addr, length, write = mmio.phys_addr, mmio.len, mmio.is_write
+        if guest.BAR0_GPA <= addr < guest.BAR0_GPA + BAR0_SIZE:
+            off = addr - guest.BAR0_GPA
+            if write:
+                self.dev.region_write(VFIO_PCI_BAR0_REGION_INDEX, off, bytes(mmio.data)[:length])
+            else:
+                ffi.memmove(mmio.data, self.dev.region_read(VFIO_PCI_BAR0_REGION_INDEX, off, length), length)
+        elif guest.BAR2_GPA <= addr < guest.BAR2_GPA + BAR2_SIZE:
+            if write:
+                self._portal_store(vcpu.id, addr - guest.BAR2_GPA, bytes(mmio.data)[:length])
+            else:
+                ffi.memmove(mmio.data, bytes(length), length)
+        else:
+            self.mmio_unhandled += 1
+            if not write:
+                ffi.memmove(mmio.data, b"\xff" * length, length)
+
+    def _portal_store(self, vcpu_id: int, off: int, data: bytes) -> None:
+        """Combine a guest's stores into whole 64-byte descriptors (what
+        MOVDIR64B does in one go on real hardware)."""
+        line = off & ~63
+        buf, mask, base = self._portal.get(vcpu_id, (None, 0, -1))
+        if base != line:
+            buf, mask = bytearray(64), 0
+        pos = off - line
+        if pos + len(data) > 64:
+            return  # a store across two portal lines: dropped, as the device would
+        buf[pos:pos + len(data)] = data
+        mask |= ((1 << len(data)) - 1) << pos
+        if mask == (1 << 64) - 1:
+            self.dev.region_write(VFIO_PCI_BAR2_REGION_INDEX, line, bytes(buf))
+            self.portal_writes += 1
+            self._portal.pop(vcpu_id, None)
+        else:
+            self._portal[vcpu_id] = (buf, mask, line)
+
+    def pause(self) -> float:
+        """Stop every vCPU; returns when the last one has left KVM_RUN (that time)."""
+        with self._cond:
+            self._pause = True
+            self.last_stop = 0.0
+            for vcpu in self.vcpus:
+                vcpu.kick()
+            self._cond.wait_for(lambda: self._parked >= len(self.vcpus))
+        return self.last_stop or time.time()
+
+    def resume(self) -> float:
+        with self._cond:
+            self.first_run = 0.0
+            self._pause = False
+            now = time.time()
+            self._cond.notify_all()
+        return now
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._pause = False
+            for vcpu in self.vcpus:
+                vcpu.kick()
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(5)
+
+    # --- machine state ------------------------------------------------------------------------------
+
+    def machine_state(self, phases: dict) -> dict:
+        vcpus = []
+        for vcpu in self.vcpus:
+            vcpus.append({"id": vcpu.id, "regs": bytes(ffi.buffer(vcpu.get_regs())).hex(),
+                          "sregs": bytes(ffi.buffer(vcpu.get_sregs())).hex()})
+        return {"config": self.config.to_dict(), "vcpus": vcpus,
+                "device": {"bdf": self.bdf, "ioas": self.ioas, "hwpt": self.hwpt, "msix": self.msix_armed},
+                "phases": phases, "mailbox": self.mailbox.snapshot(), "interrupts": self.count_interrupts()}
+
+    # --- live update: prepare, cancel ----------------------------------------------------------------
+
+    def prepare(self, session) -> dict:
+        """Pause, save the machine state into a preserved memfd, make sure the
+        RAM, the iommufd (HWPT marked), the device and the state are in the
+        session.  Returns the phase timestamps."""
+        clock = Clock()
+        clock.mark("pause_start")
+        clock.mark("stopped", self.pause())
+        mailbox_at_pause = self.mailbox.snapshot()
+        self._disarm_msix()  # kernels of the reset-on-freeze kind refuse the reboot otherwise
+        state = self.machine_state(dict(clock.marks, mailbox_at_pause=mailbox_at_pause))
+        blob = machine_state.encode(state)
+        if self.state_memfd < 0:
+            self.state_memfd = sealed_memfd(f"luvmm-{self.config.name}-state", machine_state.STATE_MEMFD_SIZE)
+        os.pwrite(self.state_memfd, blob + bytes(64), 0)
+        clock.mark("saved")
+        preserved = getattr(self, "_preserved", set())
+        for what, token, fd in (("ram", RAM_TOKEN, self.memfd), ("state", STATE_TOKEN, self.state_memfd),
+                                ("iommufd", IOMMUFD_TOKEN, self.iommufd.fd), ("device", DEVICE_TOKEN, self.dev.fd)):
+            if what in preserved:
+                continue
+            if what == "iommufd":
+                self.iommufd.hwpt_liveupdate_mark_preserve(self.hwpt, HWPT_TOKEN)
+            session.preserve_fd(fd, token)
+            preserved.add(what)
+        self._preserved = preserved
+        clock.mark("preserved")
+        return clock.marks
+
+    def cancel(self) -> float:
+        """Rollback: the update did not happen; the VM runs on as it was."""
+        self._arm_msix()
+        return self.resume()
+
+    # --- restore mode ---------------------------------------------------------------------------------
+
+    @classmethod
+    def restore(cls, host, session, clock: Clock) -> tuple[Vm, dict]:
+        """Rebuild a VM from its session after a kexec and resume it; returns
+        (vm, the machine state it was saved with)."""
+        state_fd = session.retrieve_fd(STATE_TOKEN)
+        blob = os.pread(state_fd, machine_state.STATE_MEMFD_SIZE, 0)
+        state = machine_state.decode(blob)
+        clock.mark("retrieved")
+        vm = cls(host, VmConfig.from_dict(state["config"]))
+        vm.state_memfd = state_fd
+        vm._map_ram(session.retrieve_fd(RAM_TOKEN))
+        clock.mark("mapped")
+        if vm.config.guest == "firmware":
+            vm._create_kvm()
+            for vcpu, saved in zip(vm.vcpus, state["vcpus"]):
+                sregs = ffi.new("struct kvm_sregs *")
+                ffi.memmove(sregs, bytes.fromhex(saved["sregs"]), ffi.sizeof(sregs[0]))
+                vcpu.set_sregs(sregs)
+                regs = ffi.new("struct kvm_regs *")
+                ffi.memmove(regs, bytes.fromhex(saved["regs"]), ffi.sizeof(regs[0]))
+                vcpu.set_regs(regs)
+        clock.mark("vcpus_restored")
+        wiring = state["device"]
+        vm.iommufd = IommuFd(host, session.retrieve_fd(IOMMUFD_TOKEN))
+        vm.dev = VfioDevice(host, session.retrieve_fd(DEVICE_TOKEN))
+        vm.bdf, vm.ioas, vm.hwpt = wiring["bdf"], wiring["ioas"], wiring["hwpt"]
+        vm.dev_id = vm.dev.bind_iommufd(vm.iommufd)
+        vm.dev.attach_pt(vm.hwpt)
+        vm._arm_msix()
+        clock.mark("device_reattached")
+        vm._pause = True
+        vm.start_vcpus()
+        clock.mark("resumed", vm.resume())
+        return vm, state
+
+    def close(self) -> None:
+        self.stop()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        for fd in self.eventfds:
+            os.close(fd)
+        self.eventfds = []
