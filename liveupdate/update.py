@@ -24,3 +24,68 @@ def update_once(state: StateDir, *, timeout: float = 60.0) -> dict:
     if result.get("phase") == "failed":
         raise AgentError(result.get("errno") or 5, result.get("error", "update failed"))
     return result
+
+
+CYCLE_KEYS = ("blackout_s", "phases_s", "heartbeat_gap_s", "dma_completed_during_blackout", "dma_max_gap_s",
+              "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed")
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), -(-len(ordered) * p // 100)))
+    return ordered[int(rank) - 1]
+
+
+def summarize(records: list[dict]) -> dict:
+    """The `luvmm update --json` document: one entry per VM per cycle, and the blackout percentiles."""
+    cycles = []
+    for n, record in enumerate(records, 1):
+        for vm in record["vms"]:
+            report = record["reports"].get(vm)
+            if report is None:
+                cycles.append({"cycle": n, "vm": vm, "error": "no report from the restored VMM"})
+                continue
+            entry = {"cycle": n, "vm": vm}
+            entry.update({k: report.get(k) for k in CYCLE_KEYS})
+            cycles.append(entry)
+    blackouts = [c["blackout_s"] for c in cycles if c.get("blackout_s") is not None]
+    first = next((r["reports"][v] for r in records for v in r["vms"] if v in r["reports"]), {})
+    return {
+        "cycles": cycles,
+        "blackout_s": {"p50": percentile(blackouts, 50), "p99": percentile(blackouts, 99),
+                       "max": max(blackouts, default=0.0)},
+        "guest": first.get("guest"),
+        "memory_bytes": first.get("memory_bytes"),
+        "kernel_profile": first.get("kernel_profile"),
+        "updates": records,
+    }
+
+
+def format_cycles(summary: dict) -> str:
+    lines = [f"{'cycle':>5} {'vm':<10} {'blackout ms':>11} {'DMA in blackout':>15} {'max DMA gap ms':>14} "
+             f"{'heartbeat gap ms':>16} {'err/lost/corrupt':>16}  progressed"]
+    for c in summary["cycles"]:
+        if "error" in c:
+            lines.append(f"{c['cycle']:>5} {c['vm']:<10} {c['error']}")
+            continue
+
+        def ms(v):
+            return "-" if v is None else f"{v * 1000:.1f}"
+        lines.append(f"{c['cycle']:>5} {c['vm']:<10} {ms(c['blackout_s']):>11} "
+                     f"{str(c['dma_completed_during_blackout']):>15} {ms(c['dma_max_gap_s']):>14} "
+                     f"{ms(c['heartbeat_gap_s']):>16} "
+                     f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']:>16}  {c['guest_progressed']}")
+    b = summary["blackout_s"]
+    lines.append(f"blackout p50 {b['p50'] * 1000:.1f} ms, p99 {b['p99'] * 1000:.1f} ms, max {b['max'] * 1000:.1f} ms "
+                 f"({summary['guest']} guest, {(summary['memory_bytes'] or 0) >> 20} MiB RAM, "
+                 f"kernel profile {summary['kernel_profile']})")
+    phases: dict[str, list[float]] = {}
+    for c in summary["cycles"]:
+        for name, v in (c.get("phases_s") or {}).items():
+            phases.setdefault(name, []).append(v)
+    if phases:
+        lines.append("phases (p50 ms): " + ", ".join(f"{k} {percentile(v, 50) * 1000:.1f}" for k, v in phases.items()))
+    return "\n".join(lines)

@@ -204,23 +204,26 @@ def _cmd_vm_list(args: argparse.Namespace) -> int:
 
 def _cmd_update(args: argparse.Namespace) -> int:
     from liveupdate.agent_client import AgentError
-    from liveupdate.update import update_once
+    from liveupdate.update import format_cycles, summarize, update_once
 
     state = _host(args)
-    cycles = []
+    records = []
+    failed = None
     for n in range(args.cycles):
         try:
-            result = update_once(state, timeout=args.timeout)
+            records.append(update_once(state, timeout=args.timeout))
         except AgentError as e:
-            print(f"update {n + 1}/{args.cycles} failed: {e.strerror or e}", file=sys.stderr)
-            _write_json(args.json, {"cycles": cycles, "failed": str(e.strerror or e)})
-            return 1
-        cycles.append(result)
-        vms = ", ".join(f"{vm}: {'ok' if r else 'no report'}" for vm, r in
-                        ((vm, result["reports"].get(vm)) for vm in result["vms"]))
-        print(f"update {n + 1}/{args.cycles} ({result['id']}): {vms or 'no VMs'}")
-    _write_json(args.json, {"cycles": cycles})
-    return 0
+            failed = f"update {n + 1}/{args.cycles} failed: {e.strerror or e}"
+            break
+    summary = summarize(records)
+    if failed:
+        summary["failed"] = failed
+    if records:
+        print(format_cycles(summary))
+    if failed:
+        print(failed, file=sys.stderr)
+    _write_json(args.json, summary)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,7 +68,7 @@ def test_update_through_the_agent(state_dir):
 
     registered(state, ["x"])
     out_json = os.path.join(state_dir, "update.json")
-    result = luvmm("update", "--state-dir", state_dir, "--cycles", "2", "--json", out_json)
-    assert result.stdout.count("x: ok") == 2
-    cycles = json.load(open(out_json))["cycles"]
-    assert len(cycles) == 2 and all(c["reports"]["x"]["data_ok"] for c in cycles)
+    luvmm("update", "--state-dir", state_dir, "--cycles", "2", "--json", out_json)
+    summary = json.load(open(out_json))
+    assert [(c["cycle"], c["vm"]) for c in summary["cycles"]] == [(1, "x"), (2, "x")]
+    assert all(u["reports"]["x"]["data_ok"] for u in summary["updates"])

@@ -46,7 +46,9 @@ class Control:
         incoming, saved = self.restored
         at_pause = saved["phases"]["mailbox_at_pause"]
         vm = self.vm
-        with trio.move_on_after(VERIFY_TIMEOUT):
+        if not vm.device_enabled():
+            log.warning("the device was reset during the update: its DMA stopped")
+        with trio.move_on_after(VERIFY_TIMEOUT if vm.device_enabled() else 0.2):
             while True:
                 now = vm.mailbox.snapshot()
                 moved = now["heartbeat"] > at_pause["heartbeat"]

@@ -76,6 +76,7 @@ def update_report(vm, host, marks: dict, saved: dict, after: dict) -> dict:
         "mailbox_at_pause": at_pause,
         "mailbox_after": after,
         "crash": vm.crash and vars(vm.crash),
+        "device_reset": not vm.device_enabled(),
     }
     if hasattr(host, "call"):
         blackout = host.call({"op": "observe", "bdf": vm.bdf, "t0": stopped, "t1": first_run})[0]

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from luvmm.abi import ffi
+from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
 from devices.iommufd import IommuFd
 from devices.pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from devices.vfio import VfioDevice
@@ -217,6 +218,10 @@ class Vm:
         if self.msix_armed:
             self.dev.disable_irqs()
             self.msix_armed = False
+
+    def device_enabled(self) -> bool:
+        """GENSTS says enabled: a device reset by the kernel (reset-on-freeze) is not."""
+        return self.dev.read32(VFIO_PCI_BAR0_REGION_INDEX, IDXD_GENSTATS_OFFSET) & 3 == IDXD_DEVICE_STATE_ENABLED
 
     def count_interrupts(self) -> int:
         for fd in self.eventfds:
