@@ -77,3 +77,12 @@ def test_reset_on_freeze_reports_dma_stopping(kvm_ok, host_with_agent):
         assert report["device_reset"] and report["crash"] is None  # a finding, not a crash
         assert cycle["dma_lost"] > 0 or not cycle["guest_progressed"]
     assert summary["cycles"][0]["dma_lost"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_synthetic_guest_five_updates(host_with_agent):
+    """The same workload driven from the host side (what runs where /dev/kvm is missing)."""
+    state, host = host_with_agent
+    summary, records = run_updates(state, host, "synthetic")
+    assert summary["guest"] == "synthetic"
+    check_continuity(summary, records)

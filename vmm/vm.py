@@ -31,6 +31,7 @@ from devices.vfio import VfioDevice
 from devices.vfio_uapi import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
 from vmm import guest, machine_state
 from vmm.kvm import Kvm
+from vmm.synthetic import SyntheticCpu
 from vmm.kvm_uapi import (
     KVM_EXIT_FAIL_ENTRY,
     KVM_EXIT_HLT,
@@ -248,6 +249,8 @@ class Vm:
         if cfg.guest == "firmware":
             self._create_kvm()
             self._boot_vcpus()
+        else:
+            self.vcpus = [SyntheticCpu(self)]
         self.start_vcpus()
 
     # --- vCPU threads -----------------------------------------------------------------------------------
@@ -259,22 +262,11 @@ class Vm:
             t.start()
 
     def _vcpu_loop(self, vcpu) -> None:
-        cond = self._cond
+        if isinstance(vcpu, SyntheticCpu):
+            return self._synthetic_loop(vcpu)
         while True:
-            if self._pause or self._stop:
-                with cond:
-                    if self._stop:
-                        return
-                    if self._pause:
-                        self._parked += 1
-                        self.last_stop = max(self.last_stop, time.time())
-                        cond.notify_all()
-                        cond.wait_for(lambda: not self._pause or self._stop)
-                        self._parked -= 1
-                        if self._stop:
-                            return
-                        if not self.first_run:
-                            self.first_run = time.time()
+            if (self._pause or self._stop) and not self._park():
+                return
             try:
                 reason = vcpu.run()
             except OSError as e:
@@ -293,9 +285,36 @@ class Vm:
                 self._crashed(vcpu, f"unexpected exit {KVM_EXIT_NAMES.get(reason, reason)}")
                 return
 
+    def _park(self) -> bool:
+        """Park this vCPU thread while the VM is paused; False when it must stop."""
+        with self._cond:
+            if self._stop:
+                return False
+            if self._pause:
+                self._parked += 1
+                self.last_stop = max(self.last_stop, time.time())
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: not self._pause or self._stop)
+                self._parked -= 1
+                if self._stop:
+                    return False
+                if not self.first_run:
+                    self.first_run = time.time()
+        return True
+
+    def _synthetic_loop(self, cpu) -> None:
+        while True:
+            if (self._pause or self._stop) and not self._park():
+                return
+            try:
+                cpu.step()
+            except OSError as e:
+                self._crashed(cpu, f"device access failed: {e}")
+                return
+
     def _crashed(self, vcpu, reason: str) -> None:
         try:
-            rip = vcpu.get_regs().rip
+            rip = vcpu.get_regs().rip if not isinstance(vcpu, SyntheticCpu) else 0
         except OSError:
             rip = 0
         with self._cond:
@@ -374,6 +393,9 @@ class Vm:
     def machine_state(self, phases: dict) -> dict:
         vcpus = []
         for vcpu in self.vcpus:
+            if isinstance(vcpu, SyntheticCpu):
+                vcpus.append({"id": vcpu.id, "synthetic": vcpu.save()})
+                continue
             vcpus.append({"id": vcpu.id, "regs": bytes(ffi.buffer(vcpu.get_regs())).hex(),
                           "sregs": bytes(ffi.buffer(vcpu.get_sregs())).hex()})
         return {"config": self.config.to_dict(), "vcpus": vcpus,
@@ -438,6 +460,10 @@ class Vm:
                 regs = ffi.new("struct kvm_regs *")
                 ffi.memmove(regs, bytes.fromhex(saved["regs"]), ffi.sizeof(regs[0]))
                 vcpu.set_regs(regs)
+        else:
+            cpu = SyntheticCpu(vm)
+            cpu.restore(state["vcpus"][0]["synthetic"])
+            vm.vcpus = [cpu]
         clock.mark("vcpus_restored")
         wiring = state["device"]
         vm.iommufd = IommuFd(host, session.retrieve_fd(IOMMUFD_TOKEN))
