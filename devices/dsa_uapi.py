@@ -9,9 +9,9 @@ tests check that their offsets equal the cffi layout below.
 
 import struct
 
-from luvmm.abi import ffi, structs
+from luvmm.abi import cdef, ffi, structs
 
-ffi.cdef(
+cdef(
     """
     struct dsa_hw_desc {
         uint32_t pasid:20;

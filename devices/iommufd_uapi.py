@@ -2,9 +2,9 @@
 provisional live-update mark of the out-of-tree iommufd preservation series.
 """
 
-from luvmm.abi import _IO, ffi, ioctl, structs
+from luvmm.abi import _IO, cdef, ffi, ioctl, structs
 
-ffi.cdef(
+cdef(
     """
     struct iommu_destroy {
         uint32_t size;

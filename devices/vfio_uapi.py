@@ -5,9 +5,9 @@ iommufd (VFIO_DEVICE_BIND_IOMMUFD) and attached to an IOAS or HWPT
 (VFIO_DEVICE_ATTACH_IOMMUFD_PT); no VFIO container or group is involved.
 """
 
-from luvmm.abi import _IO, ffi, ioctl, structs
+from luvmm.abi import _IO, cdef, ffi, ioctl, structs
 
-ffi.cdef(
+cdef(
     """
     struct vfio_device_info {
         uint32_t argsz;

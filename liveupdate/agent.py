@@ -25,7 +25,6 @@ per message, fds by SCM_RIGHTS (the framing of :mod:`luvmm.wire`).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import logging
@@ -36,8 +35,6 @@ import time
 import uuid
 from pathlib import Path
 
-import trio
-
 from luvmm.wire import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -47,11 +44,26 @@ from luvmm.wire import (
     encode_json,
     fds_from_ancillary,
     listen_seqpacket,
+    recv_msg,
+    send_msg,
 )
 from liveupdate.luo import LiveUpdate, Session
 from liveupdate.state import StateDir
 
 log = logging.getLogger("luvmm.agent")
+
+# trio is imported only once the restore-time requests are served (see
+# Agent.fast_restore): VMMs waiting for their session after a kexec must not
+# wait for ``import trio``.
+trio = None
+
+
+def _import_trio():
+    global trio
+    import trio as _trio
+
+    trio = _trio
+    return _trio
 
 
 class Channel:
@@ -83,8 +95,7 @@ class Agent:
         self.incoming: dict[str, Session] = {}
         self.vmms: dict[str, Channel] = {}
         self.reports: dict[str, dict] = {}
-        self.reported = trio.Event()
-        self.registered = trio.Event()
+        self.reported = self.registered = None  # trio.Events, made when serve() starts
         self.update_file = Path(state.path) / "agent" / "update.json"
         self.update = self._load_update()
 
@@ -109,22 +120,86 @@ class Agent:
 
     # --- serving -------------------------------------------------------------------------------------
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listener = trio.socket.from_stdlib_socket(listen_seqpacket(self.state.agent_socket))
+    def fast_restore(self, timeout: float = 5.0):
+        """Serve what restored VMMs need first -- hello, their sessions -- with
+        plain blocking sockets, before trio is imported.  Returns the listening
+        socket and the connections to hand to :meth:`serve` (each with a
+        request it has not answered yet, or None)."""
+        import selectors
+
+        listener = listen_seqpacket(self.state.agent_socket)
+        update = self.update or {}
+        expected = set(update.get("vms", [])) if update.get("phase") == "restoring" else set()
+        conns: dict[socket.socket, object] = {}
+        if not expected:
+            return listener, []
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        pending = False
+        while not pending and not expected <= set(self.incoming) and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                if key.fileobj is listener:
+                    conn, _ = listener.accept()
+                    conns[conn] = None
+                    sel.register(conn, selectors.EVENT_READ)
+                    continue
+                conn = key.fileobj
+                try:
+                    data, fds = recv_msg(conn)
+                except OSError:
+                    data, fds = b"", []
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    sel.unregister(conn)
+                    del conns[conn]
+                    conn.close()
+                    continue
+                try:
+                    request = decode_json(data)
+                except ProtocolError as e:
+                    send_msg(conn, encode_json({"errno": errno.EINVAL, "error": str(e)}))
+                    continue
+                if request.get("op") not in ("hello", "retrieve-session", "create-session"):
+                    conns[conn] = request  # the async server answers it
+                    pending = True
+                    continue
+                try:
+                    ok, out = self._sync_request(request)
+                    reply = {"ok": ok}
+                except OSError as e:
+                    reply, out = {"errno": e.errno or errno.EIO, "error": str(e)}, []
+                send_msg(conn, encode_json(reply), out)
+                for fd in out:
+                    os.close(fd)
+        sel.close()
+        return listener, list(conns.items())
+
+    async def serve(self, listener=None, early=(), *, task_status=None) -> None:
+        _import_trio()
+        self.reported, self.registered = trio.Event(), trio.Event()
+        listener = trio.socket.from_stdlib_socket(listener or listen_seqpacket(self.state.agent_socket))
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            task_status.started()
+            for conn, first in early:
+                nursery.start_soon(self._client, Channel(trio.socket.from_stdlib_socket(conn)), first)
+            if task_status is not None:
+                task_status.started()
             while True:
                 conn, _ = await listener.accept()
                 nursery.start_soon(self._client, Channel(conn))
 
-    async def _client(self, ch: Channel) -> None:
+    async def _client(self, ch: Channel, first: dict | None = None) -> None:
         registered = None
         with ch.conn:
             while True:
                 try:
-                    async with ch.lock:
-                        request, fds = await ch.recv()
+                    if first is not None:
+                        request, fds, first = first, [], None
+                    else:
+                        async with ch.lock:
+                            request, fds = await ch.recv()
                 except (OSError, ProtocolError) as e:
                     if isinstance(e, ProtocolError):
                         await self._reply(ch, {"errno": errno.EINVAL, "error": str(e)})
@@ -161,7 +236,7 @@ class Agent:
         except OSError:
             pass
 
-    async def _request(self, request: dict):
+    def _sync_request(self, request: dict):
         op = request["op"]
         if op == "hello":
             return {"pid": os.getpid(), "boot": self.boot, "generation": int(os.environ.get("LUVMM_GENERATION", 0)),
@@ -171,6 +246,13 @@ class Agent:
         if op == "retrieve-session":
             session = self._incoming(str(request["name"]))
             return True, [os.dup(session.fd)]
+        return None
+
+    async def _request(self, request: dict):
+        answered = self._sync_request(request)
+        if answered is not None:
+            return answered
+        op = request["op"]
         if op == "restored":
             return self._restored(str(request["name"]), request.get("report", {})), []
         if op == "update":
@@ -201,8 +283,9 @@ class Agent:
             if set(self.update["reports"]) >= set(self.update["vms"]):
                 self.update["phase"] = "done"
             self._save_update(self.update)
-        self.reported.set()
-        self.reported = trio.Event()
+        if self.reported is not None:
+            self.reported.set()
+            self.reported = trio.Event()
         return True
 
     # --- updates -------------------------------------------------------------------------------------
@@ -280,13 +363,12 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m liveupdate.agent", description="The LUO agent (luod).")
-    parser.add_argument("--state-dir", required=True)
-    parser.add_argument("--host", choices=("emulated", "real"), default="emulated")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    state = StateDir(args.state_dir)
-    if args.host == "real":
+    from vmm.process import parse_args
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv + ["--name", "agent"] if "--name" not in argv else argv)
+    state = StateDir(args["state_dir"])
+    if args["host"] == "real":
         from luvmm.host import RealHost
 
         host = RealHost()
@@ -295,8 +377,12 @@ def main(argv: list[str] | None = None) -> int:
 
         host = connect(os.environ.get("LUVMM_HOST_SOCKET", state.socket))
     agent = Agent(host, state, boot=os.environ.get("LUVMM_BOOT", "cold"))
+    listener, early = agent.fast_restore()
+    import logging as _logging
+
+    _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("agent up (%s boot); update on disk: %s", agent.boot, agent.update and agent.update.get("id"))
-    trio.run(agent.serve)
+    _import_trio().run(agent.serve, listener, early)
     return 0
 
 

@@ -128,6 +128,7 @@ class HostDaemon:
         self._kernel_nursery = await self._nursery.start(self._kernel_tasks)
         self.kernel = Kernel(self.machine, profile=self.profile, generation=self.generation, spawn=self._spawn,
                              closing=trio.lowlevel.notify_closing)
+        self.kernel.faults = self.faults
         if tree is not None:
             self.kernel.restore(tree)
 

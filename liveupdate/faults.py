@@ -3,7 +3,10 @@
 ``LUVMM_FAULTS`` holds comma-separated faults, e.g. ``kho=corrupt``:
 
 * ``kho=corrupt`` flips a byte of the KHO image the old kernel hands over;
-* ``kho=truncate`` cuts the image in half.
+* ``kho=truncate`` cuts the image in half;
+* ``freeze=COMPATIBLE`` makes the freeze callback of that LUO file handler
+  (``memfd-v1``, ``vfio-pci-v1``, ``iommufd-v1``) fail with EIO, after the
+  files frozen before it: the kernel must unfreeze them and the kexec fail.
 
 The new kernel must refuse such an image with a message.
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 @dataclass
 class Faults:
     kho: str | None = None
+    freeze: str | None = None
 
     @classmethod
     def from_env(cls) -> "Faults":
@@ -25,6 +29,8 @@ class Faults:
             key, _, value = item.partition("=")
             if key == "kho" and value in ("corrupt", "truncate"):
                 faults.kho = value
+            elif key == "freeze" and value:
+                faults.freeze = value
             else:
                 raise ValueError(f"unknown fault {item!r}")
         return faults

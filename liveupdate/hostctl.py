@@ -7,7 +7,7 @@ import select
 import subprocess
 import sys
 
-from liveupdate.state import StateDir, default_state_dir
+from liveupdate.state import StateDir, default_state_dir, python_unit
 
 
 class HostError(RuntimeError):
@@ -34,8 +34,12 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
     if running(state):
         raise HostError(f"an emulated host is already running in {state.path}")
     state.ensure()
+    from luvmm import abi
+
+    if not abi.PREBUILT:
+        abi.build_cache()  # the restore path imports the parsed uAPI instead of parsing it
     if agent:
-        state.write_unit("agent", [sys.executable, "-m", "liveupdate.agent", "--state-dir", state.path])
+        state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path))
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "liveupdate.daemon", "--state-dir", state.path, "--devices", str(devices),
             "--kernel-profile", profile, "--ready-fd", str(write_end)]

@@ -13,6 +13,22 @@ import os
 from pathlib import Path
 
 
+def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for a unit that runs ``python -m module``.
+
+    Units run with ``-S`` (no site initialisation: about 60 ms less before a
+    restored VMM runs its guest again) and get this interpreter's import path
+    explicitly instead.
+    """
+    import site
+
+    paths = [str(Path(__file__).resolve().parent.parent)]
+    paths += [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+    import sys
+
+    return [sys.executable, "-S", "-m", module, *args], {"PYTHONPATH": os.pathsep.join(paths)}
+
+
 def default_state_dir() -> str:
     """$LUVMM_STATE_DIR, else $XDG_RUNTIME_DIR/luvmm, else /tmp/luvmm-UID."""
     if os.environ.get("LUVMM_STATE_DIR"):

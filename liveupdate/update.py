@@ -77,7 +77,8 @@ def format_cycles(summary: dict) -> str:
         lines.append(f"{c['cycle']:>5} {c['vm']:<10} {ms(c['blackout_s']):>11} "
                      f"{str(c['dma_completed_during_blackout']):>15} {ms(c['dma_max_gap_s']):>14} "
                      f"{ms(c['heartbeat_gap_s']):>16} "
-                     f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']:>16}  {c['guest_progressed']}")
+                     f"{str(c['dma_errors']) + '/' + str(c['dma_lost']) + '/' + str(c['dma_corrupted']):>16}  "
+                     f"{c['guest_progressed']}")
     b = summary["blackout_s"]
     lines.append(f"blackout p50 {b['p50'] * 1000:.1f} ms, p99 {b['p99'] * 1000:.1f} ms, max {b['max'] * 1000:.1f} ms "
                  f"({summary['guest']} guest, {(summary['memory_bytes'] or 0) >> 20} MiB RAM, "

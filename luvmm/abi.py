@@ -16,24 +16,91 @@ host decode a request the way the kernel does.
 
 from __future__ import annotations
 
+import os
+import zlib
 from dataclasses import dataclass
-
-import cffi
-
-ffi = cffi.FFI()
 
 # The libc entry points the host interface needs.  ioctl goes through cffi
 # rather than fcntl.ioctl: cffi releases the GIL and does *not* retry on EINTR,
 # which is what lets another thread kick a vCPU out of KVM_RUN (PEP 475 makes
 # fcntl.ioctl retry forever).
-ffi.cdef(
-    """
+LIBC_CDEF = """
     int ioctl(int fd, unsigned long request, ...);
     int reboot(int cmd);
     long syscall(long number, ...);
-    """
-)
+"""
+
+#: The modules that declare uAPI structs (each owns its cdefs).
+UAPI_MODULES = ("vmm.kvm_uapi", "devices.vfio_uapi", "devices.iommufd_uapi", "devices.dsa_uapi",
+                "liveupdate.luo_uapi")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_uapi_ffi.py")
+
+
+def _sources_hash() -> str:
+    """Identifies the cdef sources (zlib, not hashlib: this runs on the restore path)."""
+    crc = zlib.crc32(LIBC_CDEF.encode())
+    for module in UAPI_MODULES:
+        with open(os.path.join(_ROOT, *module.split(".")) + ".py", "rb") as f:
+            crc = zlib.crc32(f.read(), crc)
+    return f"{crc:08x}"
+
+
+def _load_prebuilt():
+    """cffi's out-of-line ABI mode: the same cdefs, parsed once and saved as a
+    module (luvmm/_uapi_ffi.py), so that a process on the restore path does
+    not spend tens of milliseconds in pycparser.  Used only while the cdef
+    sources are unchanged; otherwise the cdefs are parsed in line."""
+    try:
+        from luvmm import _uapi_ffi
+    except ImportError:
+        return None
+    try:
+        if _uapi_ffi.SOURCES_HASH != _sources_hash():
+            return None
+    except (AttributeError, OSError):
+        return None
+    return _uapi_ffi.ffi
+
+
+ffi = _load_prebuilt()
+PREBUILT = ffi is not None
+_CDEFS: list[tuple[str, bool]] = []
+if ffi is None:
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(LIBC_CDEF)
 libc = ffi.dlopen(None)
+
+
+def cdef(text: str, *, packed: bool = False) -> None:
+    """Declare kernel structs (the owning module's cdef)."""
+    _CDEFS.append((text, packed))
+    if not PREBUILT:
+        ffi.cdef(text, packed=packed)
+
+
+def build_cache() -> bool:
+    """Write luvmm/_uapi_ffi.py from every module's cdefs (after load_all()).
+    Returns False where the package directory is not writable."""
+    import cffi
+
+    load_all()
+    fresh = cffi.FFI()
+    fresh.cdef(LIBC_CDEF)
+    for text, packed in _CDEFS:
+        fresh.cdef(text, packed=packed)
+    fresh.set_source("luvmm._uapi_ffi", None)
+    tmp = os.path.join(os.path.dirname(_CACHE), f"._uapi_ffi.{os.getpid()}.tmp")
+    try:
+        fresh.emit_python_code(tmp)
+        with open(tmp, "a") as f:
+            f.write(f"\nSOURCES_HASH = {_sources_hash()!r}\n")
+        os.replace(tmp, _CACHE)
+    except OSError:
+        return False
+    return True
 
 # --- include/uapi/asm-generic/ioctl.h --------------------------------------
 _IOC_NRBITS = 8

@@ -6,9 +6,9 @@ kernel's 256-byte union and the 2048-byte sync-regs area, so that
 ``sizeof(struct kvm_run)`` is the kernel's 2352.
 """
 
-from luvmm.abi import _IO, _IOR, _IOW, ffi, ioctl, structs
+from luvmm.abi import _IO, _IOR, _IOW, cdef, ffi, ioctl, structs
 
-ffi.cdef(
+cdef(
     """
     struct kvm_userspace_memory_region {
         uint32_t slot;

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import sys
 import time
 
-from liveupdate.state import StateDir
+from liveupdate.state import StateDir, python_unit
 from luvmm.wire import MAX_MESSAGE, decode_json, encode_json
 from vmm.vm import VmConfig
 
@@ -45,8 +44,7 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0) -> dic
     vm_dir = state.vm_dir(config.name)
     vm_dir.mkdir(parents=True, exist_ok=True)
     (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    state.write_unit(unit_name(config.name), [sys.executable, "-m", "vmm", "--state-dir", state.path,
-                                              "--name", config.name])
+    state.write_unit(unit_name(config.name), *python_unit("vmm", "--state-dir", state.path, "--name", config.name))
     host.call({"op": "unit-start", "name": unit_name(config.name)})
     deadline = time.monotonic() + wait
     last = "not started"

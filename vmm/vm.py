@@ -420,8 +420,8 @@ class Vm:
         os.pwrite(self.state_memfd, blob + bytes(64), 0)
         clock.mark("saved")
         preserved = getattr(self, "_preserved", set())
-        for what, token, fd in (("ram", RAM_TOKEN, self.memfd), ("state", STATE_TOKEN, self.state_memfd),
-                                ("iommufd", IOMMUFD_TOKEN, self.iommufd.fd), ("device", DEVICE_TOKEN, self.dev.fd)):
+        for what, token, fd in (("device", DEVICE_TOKEN, self.dev.fd), ("iommufd", IOMMUFD_TOKEN, self.iommufd.fd),
+                                ("ram", RAM_TOKEN, self.memfd), ("state", STATE_TOKEN, self.state_memfd)):
             if what in preserved:
                 continue
             if what == "iommufd":

@@ -128,6 +128,8 @@ class Kernel:
         #: True while the old kernel is being discarded at kexec: release
         #: paths must not touch the hardware then.
         self.dropping = False
+        #: Fault injection (liveupdate.faults.Faults), or None.
+        self.faults = None
         self.iommufd = IommufdSubsystem(self)
         self.vfio = VfioSubsystem(self)
         self.luo = LuoSubsystem(self)

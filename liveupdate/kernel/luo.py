@@ -344,6 +344,8 @@ class LuoSubsystem:
         try:
             for session in self.outgoing.values():
                 for lf in session.files:
+                    if self.kernel.faults is not None and self.kernel.faults.freeze == lf.handler.compatible:
+                        raise KernelError(errno.EIO, f"injected fault: {lf.handler.compatible} freeze failed")
                     lf.state = lf.handler.freeze(lf) or lf.state
                     lf.frozen = True
                     frozen.append(lf)

@@ -1,0 +1,58 @@
+"""A live update that fails leaves the VM as it was: rollback with the guest intact."""
+
+import shutil
+import tempfile
+import time
+
+import pytest
+
+from liveupdate import hostctl
+from liveupdate.agent_client import AgentError
+from liveupdate.state import StateDir
+from liveupdate.update import update_once
+from luvmm.emuhost import connect
+from vmm import manage
+from vmm.vm import VmConfig
+
+
+@pytest.fixture
+def faulty_host():
+    state = StateDir(tempfile.mkdtemp(prefix="luvmm-fault-"))
+    # The VM's device freezes fine; then the RAM memfd's freeze fails.
+    hostctl.start(state, dsa_bandwidth=48 << 20, env={"LUVMM_FAULTS": "freeze=memfd-v1"})
+    host = connect(state.socket)
+    yield state, host
+    host.close_connection()
+    hostctl.stop(state)
+    shutil.rmtree(state.path, ignore_errors=True)
+
+
+def wait_for_progress(state, name, before, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = manage.status(state, name)["mailbox"]
+        if now["completed"] > before["completed"] and now["heartbeat"] > before["heartbeat"]:
+            return now
+        time.sleep(0.01)  # the guest runs in another process
+    raise AssertionError("the guest did not make progress after the rollback")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("guest", ["firmware", "synthetic"])
+def test_failed_freeze_rolls_back_with_the_guest_intact(faulty_host, guest, request):
+    if guest == "firmware":
+        request.getfixturevalue("kvm_ok")
+    state, host = faulty_host
+    manage.start(state, VmConfig("rb", memory=64 << 20, guest=guest), host)
+    st = manage.status(state, "rb")
+    with pytest.raises(AgentError) as e:
+        update_once(state, timeout=30)
+    assert "kexec failed" in str(e.value) and "injected fault" in str(e.value)
+    status = host.call({"op": "status"})[0]
+    assert status["kexec_count"] == 0 and status["kernel"]["generation"] == 1
+    # The VM resumed where it was: same process, counters going on, no DMA lost or wrong.
+    after = wait_for_progress(state, "rb", manage.status(state, "rb")["mailbox"])
+    now = manage.status(state, "rb")
+    assert now["pid"] == st["pid"] and now["crash"] is None
+    assert after["errors"] == 0 and after["verify_failures"] == 0
+    assert status["kernel"]["vfio"][0]["msix_vectors"] == list(range(9))  # interrupts re-armed
