@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from dataclasses import dataclass
 
 # include/uapi/linux/pci_regs.h
 PCI_VENDOR_ID = 0x00
@@ -65,11 +64,13 @@ PCIE_CAP_OFFSET = 0x40
 MSIX_CAP_OFFSET = 0x80
 
 
-@dataclass(frozen=True)
 class Bar:
-    index: int
-    size: int  # power of two
-    prefetchable: bool = True
+    """A 64-bit memory BAR of ``size`` bytes (a power of two)."""
+
+    __slots__ = ("index", "size", "prefetchable")
+
+    def __init__(self, index: int, size: int, prefetchable: bool = True):
+        self.index, self.size, self.prefetchable = index, size, prefetchable
 
 
 class Msix:

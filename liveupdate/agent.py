@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import socket
 import sys
 import time
-import uuid
-from pathlib import Path
 
 from luvmm.wire import (
     MAX_FDS,
@@ -50,7 +47,16 @@ from luvmm.wire import (
 from liveupdate.luo import LiveUpdate, Session
 from liveupdate.state import StateDir
 
-log = logging.getLogger("luvmm.agent")
+class _LazyLog:
+    """logging costs ~10 ms to import: only pay it when something is logged."""
+
+    def __getattr__(self, level):
+        import logging
+
+        return getattr(logging.getLogger("luvmm.agent"), level)
+
+
+log = _LazyLog()
 
 # trio is imported only once the restore-time requests are served (see
 # Agent.fast_restore): VMMs waiting for their session after a kexec must not
@@ -96,14 +102,15 @@ class Agent:
         self.vmms: dict[str, Channel] = {}
         self.reports: dict[str, dict] = {}
         self.reported = self.registered = None  # trio.Events, made when serve() starts
-        self.update_file = Path(state.path) / "agent" / "update.json"
+        self.update_file = os.path.join(state.path, "agent", "update.json")
         self.update = self._load_update()
 
     # --- the update on disk --------------------------------------------------------------------
 
     def _load_update(self) -> dict | None:
         try:
-            update = json.loads(self.update_file.read_text())
+            with open(self.update_file) as f:
+                update = json.load(f)
         except (OSError, json.JSONDecodeError):
             return None
         if update.get("phase") == "kexec" and self.boot == "kexec":
@@ -113,9 +120,10 @@ class Agent:
         return update
 
     def _save_update(self, update: dict) -> None:
-        self.update_file.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = self.update_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(update))
+        os.makedirs(os.path.dirname(self.update_file), mode=0o700, exist_ok=True)
+        tmp = self.update_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(update, f)
         os.replace(tmp, self.update_file)
 
     # --- serving -------------------------------------------------------------------------------------
@@ -136,8 +144,7 @@ class Agent:
         sel = selectors.DefaultSelector()
         sel.register(listener, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
-        pending = False
-        while not pending and not expected <= set(self.incoming) and time.monotonic() < deadline:
+        while not expected <= set(self.incoming) and time.monotonic() < deadline:
             for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
@@ -162,8 +169,10 @@ class Agent:
                     send_msg(conn, encode_json({"errno": errno.EINVAL, "error": str(e)}))
                     continue
                 if request.get("op") not in ("hello", "retrieve-session", "create-session"):
-                    conns[conn] = request  # the async server answers it
-                    pending = True
+                    # The async server answers it (e.g. `luvmm update` asking for
+                    # the result); restoring VMMs go first.
+                    conns[conn] = request
+                    sel.unregister(conn)
                     continue
                 try:
                     ok, out = self._sync_request(request)
@@ -306,7 +315,7 @@ class Agent:
     async def _update(self, timeout: float) -> dict:
         if self.update is not None and self.update.get("phase") in ("kexec", "restoring"):
             raise OSError(errno.EBUSY, f"update {self.update['id']} is still in progress")
-        update_id = uuid.uuid4().hex[:12]
+        update_id = os.urandom(6).hex()
         # Every VM of the host takes part: wait for the VMMs that init has (re)started to register.
         expected = {u["name"][3:] for u in self.state.read_units() if u["name"].startswith("vm-")}
         with trio.move_on_after(timeout):

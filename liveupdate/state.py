@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 
 def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
@@ -18,15 +17,17 @@ def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
 
     Units run with ``-S`` (no site initialisation: about 60 ms less before a
     restored VMM runs its guest again) and get this interpreter's import path
-    explicitly instead.
+    appended after the standard library's (PYTHONPATH would put it first and
+    make every standard-library import search it).
     """
     import site
-
-    paths = [str(Path(__file__).resolve().parent.parent)]
-    paths += [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
     import sys
 
-    return [sys.executable, "-S", "-m", module, *args], {"PYTHONPATH": os.pathsep.join(paths)}
+    paths = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    paths += [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+    boot = (f"import sys; sys.path += {paths!r}; sys.argv[1:] = {list(args)!r}; "
+            f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-S", "-c", boot], {}
 
 
 def default_state_dir() -> str:
@@ -59,15 +60,22 @@ class StateDir:
     def log(self) -> str:
         return os.path.join(self.path, "host.log")
 
+    # pathlib only where it is used: the restore path must not import it.
     @property
-    def units(self) -> Path:
+    def units(self):
+        from pathlib import Path
+
         return Path(self.path) / "units"
 
     @property
-    def logs(self) -> Path:
+    def logs(self):
+        from pathlib import Path
+
         return Path(self.path) / "logs"
 
-    def vm_dir(self, name: str) -> Path:
+    def vm_dir(self, name: str):
+        from pathlib import Path
+
         return Path(self.path) / "vms" / name
 
     def ensure(self) -> None:
@@ -77,7 +85,8 @@ class StateDir:
         self.logs.mkdir(exist_ok=True)
 
     def write_pid(self, pid: int) -> None:
-        Path(self.pidfile).write_text(f"{pid}\n")
+        with open(self.pidfile, "w") as f:
+            f.write(f"{pid}\n")
 
     def clear_pid(self) -> None:
         try:
@@ -87,13 +96,14 @@ class StateDir:
 
     def pid(self) -> int | None:
         try:
-            return int(Path(self.pidfile).read_text())
+            with open(self.pidfile) as f:
+                return int(f.read())
         except (FileNotFoundError, ValueError):
             return None
 
     # --- units ----------------------------------------------------------------------------
 
-    def write_unit(self, name: str, argv: list[str], env: dict[str, str] | None = None, **extra) -> Path:
+    def write_unit(self, name: str, argv: list[str], env: dict[str, str] | None = None, **extra):
         self.ensure()
         path = self.units / f"{name}.json"
         tmp = path.with_suffix(".tmp")

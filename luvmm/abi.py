@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass
 
 # The libc entry points the host interface needs.  ioctl goes through cffi
 # rather than fcntl.ioctl: cffi releases the GIL and does *not* retry on EINTR,
@@ -190,7 +189,6 @@ def _IOC_SIZE(nr: int) -> int:
 # --- the ioctl table ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class IoctlDef:
     """One ioctl as the kernel defines it.
 
@@ -208,13 +206,16 @@ class IoctlDef:
     them to the pointer, as copy_to_user would.
     """
 
-    name: str
-    request: int
-    argtype: str | None
-    sized: bool
-    fd_fields: tuple[str, ...] = ()
-    out_fd_fields: tuple[str, ...] = ()
-    user_out_buffers: tuple[tuple[str, str, str], ...] = ()
+    __slots__ = ("name", "request", "argtype", "sized", "fd_fields", "out_fd_fields", "user_out_buffers")
+
+    def __init__(self, name: str, request: int, argtype: str | None, sized: bool,
+                 fd_fields: tuple[str, ...] = (), out_fd_fields: tuple[str, ...] = (),
+                 user_out_buffers: tuple[tuple[str, str, str], ...] = ()):
+        self.name, self.request, self.argtype, self.sized = name, request, argtype, sized
+        self.fd_fields, self.out_fd_fields, self.user_out_buffers = fd_fields, out_fd_fields, user_out_buffers
+
+    def __repr__(self) -> str:
+        return f"IoctlDef({self.name}, {self.request:#x}, {self.argtype})"
 
     @property
     def argsize(self) -> int:

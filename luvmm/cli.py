@@ -226,6 +226,28 @@ def _cmd_update(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_bench_blackout(args: argparse.Namespace) -> int:
+    from liveupdate.update import format_cycles
+    from vmm.bench import run_blackout
+
+    summary = run_blackout(memory=args.memory, cycles=args.cycles, vms=args.vms, guest=args.guest,
+                           profile=args.kernel_profile, dsa_bandwidth=args.dsa_bandwidth)
+    print(format_cycles(summary))
+    _write_json(args.json, summary)
+    return 0
+
+
+def _cmd_bench_scale(args: argparse.Namespace) -> int:
+    from vmm.bench import format_scale, run_scale
+
+    result = run_scale(memories=[_size(m) for m in args.memory.split(",")],
+                       vm_counts=[int(v) for v in args.vms.split(",") if v], cycles=args.cycles, guest=args.guest,
+                       dsa_bandwidth=args.dsa_bandwidth)
+    print(format_scale(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="luvmm",
@@ -320,6 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
     dsa.add_argument("--bytes", type=int, default=256 << 20, help="bytes copied per size (default 256 MiB)")
     dsa.add_argument("--batches", type=int, default=32, help="batches of 1024 for descriptors/s (default 32)")
     dsa.set_defaults(func=_cmd_bench_dsa)
+    blackout = bench_sub.add_parser(
+        "blackout", help="live-update blackout over N cycles on a fresh emulated host",
+        description="Start a fresh emulated host and VM(s), run N live updates through the agent, print each "
+                    "cycle's blackout, phases and DMA continuity, and the p50/p99/max.")
+    blackout.add_argument("--memory", type=_size, default=1 << 30, metavar="SIZE", help="guest RAM (default 1G)")
+    blackout.add_argument("--cycles", type=int, default=20, help="live updates (default 20)")
+    blackout.add_argument("--vms", type=int, default=1, help="VMs updated in each kexec (default 1)")
+    blackout.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware")
+    blackout.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma")
+    blackout.add_argument("--dsa-bandwidth", type=_size, default=64 << 20, metavar="BYTES",
+                          help="DSA bytes per second (default 64M: work queued before the pause outlasts it)")
+    blackout.add_argument("--json", metavar="FILE", help="write the luvmm update document")
+    blackout.set_defaults(func=_cmd_bench_blackout)
+    scale = bench_sub.add_parser(
+        "scale", help="blackout against guest RAM and against the number of VMs per kexec",
+        description="Blackout p50/p99/max for each guest RAM size (one VM) and each VM count (the smallest RAM).")
+    scale.add_argument("--memory", default="256M,4G", help="comma-separated RAM sizes (default 256M,4G)")
+    scale.add_argument("--vms", default="", help="comma-separated VM counts, e.g. 1,2,4,8 (default none)")
+    scale.add_argument("--cycles", type=int, default=10, help="updates per point (default 10)")
+    scale.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware")
+    scale.add_argument("--dsa-bandwidth", type=_size, default=64 << 20, metavar="BYTES")
+    scale.add_argument("--json", metavar="FILE", help="write {memory: {bytes: blackout}, vms: {n: blackout}}")
+    scale.set_defaults(func=_cmd_bench_scale)
     return parser
 
 

@@ -22,7 +22,6 @@ import socket
 import stat
 import struct
 import threading
-from typing import Any
 
 from luvmm.abi import IoctlDef, ffi
 from luvmm.host import Host, RealHost, ioctl_error
@@ -78,7 +77,7 @@ class EmulatedHost(Host):
 
     # --- control socket --------------------------------------------------------------
 
-    def call(self, request: dict, fds: list[int] = ()) -> tuple[Any, list[int]]:
+    def call(self, request: dict, fds: list[int] = ()) -> tuple[object, list[int]]:
         """One control request; returns (the reply's "ok" value, fds) or raises OSError."""
         with self._control_lock:
             try:

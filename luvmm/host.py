@@ -43,12 +43,11 @@ import abc
 import mmap as _mmap
 import os
 import struct
-from typing import Any
 
 from luvmm.abi import IOCTLS, IoctlDef, _IOC_SIZE, ffi, libc
 
 #: An ioctl argument: an int, or a writable buffer holding the struct.
-IoctlArg = Any
+IoctlArg = object
 
 # include/uapi/linux/reboot.h
 LINUX_REBOOT_CMD_KEXEC = 0x45584543
@@ -62,7 +61,7 @@ class IoctlArgumentError(ValueError):
     """
 
 
-def _is_buffer(obj: Any) -> bool:
+def _is_buffer(obj: object) -> bool:
     try:
         memoryview(obj)
     except TypeError:
@@ -148,7 +147,7 @@ class Host(abc.ABC):
         """pread(2): a device region access at ``offset`` (VFIO regions)."""
 
     @abc.abstractmethod
-    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+    def pwrite(self, fd: int, data: IoctlArg, offset: int) -> int:
         """pwrite(2): returns the number of bytes written."""
 
     @abc.abstractmethod
@@ -194,7 +193,7 @@ class RealHost(Host):
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         return os.pread(fd, length, offset)
 
-    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+    def pwrite(self, fd: int, data: object, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
     def mmap(self, fd: int, length: int, offset: int = 0, *,

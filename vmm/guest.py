@@ -13,10 +13,10 @@ Guest-physical map (IOVA = GPA for the device):
 
 from __future__ import annotations
 
+import os
 import struct
-from pathlib import Path
 
-FIRMWARE = Path(__file__).parent / "firmware" / "fw.bin"
+FIRMWARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "firmware", "fw.bin")
 PAGE_TABLES_GPA = 0x1000
 MAILBOX_GPA = 0x8000
 FIRMWARE_GPA = 0x10000
@@ -73,7 +73,8 @@ def workload_bytes(slots: int, pairs: int, xfer: int) -> int:
 
 
 def load_firmware(ram: memoryview, *, slots: int, pairs: int, xfer: int, init_device: bool = True) -> None:
-    image = FIRMWARE.read_bytes()
+    with open(FIRMWARE, "rb") as f:
+        image = f.read()
     ram[FIRMWARE_GPA:FIRMWARE_GPA + len(image)] = image
     mb = Mailbox(ram)
     for field, value in (("magic", MAILBOX_MAGIC), ("bar0", BAR0_GPA), ("bar2", BAR2_GPA), ("dma_base", DMA_BASE),

@@ -77,6 +77,8 @@ def update_report(vm, host, marks: dict, saved: dict, after: dict) -> dict:
         "mailbox_after": after,
         "crash": vm.crash and vars(vm.crash),
         "device_reset": not vm.device_enabled(),
+        "marks": dict(marks, **{f"host_{k}": v for k, v in kexec_marks.items()},
+                      **{f"old_{k}": v for k, v in saved_phases.items() if isinstance(v, float)}),
     }
     if hasattr(host, "call"):
         blackout = host.call({"op": "observe", "bdf": vm.bdf, "t0": stopped, "t1": first_run})[0]

@@ -21,7 +21,6 @@ import os
 import struct
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 
 from luvmm.abi import ffi
 from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
@@ -31,7 +30,6 @@ from devices.vfio import VfioDevice
 from devices.vfio_uapi import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
 from vmm import guest, machine_state
 from vmm.kvm import Kvm
-from vmm.synthetic import SyntheticCpu
 from vmm.kvm_uapi import (
     KVM_EXIT_FAIL_ENTRY,
     KVM_EXIT_HLT,
@@ -57,24 +55,26 @@ MSIX_VECTORS = 9
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
 
 
-@dataclass
 class VmConfig:
-    name: str
-    memory: int = 256 << 20
-    vcpus: int = 1
-    device: str = "auto"
-    guest: str = "firmware"
-    slots: int = 32
-    pairs: int = 4
-    xfer: int = 16 << 10
+    """A VM's configuration (vms/NAME/config.json).  A plain class, not a
+    dataclass: ``dataclasses`` costs tens of milliseconds on the restore path."""
+
+    FIELDS = ("name", "memory", "vcpus", "device", "guest", "slots", "pairs", "xfer")
+
+    def __init__(self, name: str, memory: int = 256 << 20, vcpus: int = 1, device: str = "auto",
+                 guest: str = "firmware", slots: int = 32, pairs: int = 4, xfer: int = 16 << 10):
+        self.name, self.memory, self.vcpus, self.device, self.guest = name, memory, vcpus, device, guest
+        self.slots, self.pairs, self.xfer = slots, pairs, xfer
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f: getattr(self, f) for f in self.FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> VmConfig:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+        return cls(**{k: d[k] for k in cls.FIELDS if k in d})
+
+    def __repr__(self) -> str:
+        return f"VmConfig({self.to_dict()})"
 
     def check(self) -> None:
         if self.memory < guest.MIN_MEMORY or self.memory % (2 << 20):
@@ -90,6 +90,16 @@ class VmConfig:
             raise ValueError("slots 1..64, pairs 1..16, xfer a multiple of 8 up to 1 MiB")
 
 
+def _synthetic():
+    from vmm.synthetic import SyntheticCpu  # only for synthetic guests
+
+    return SyntheticCpu
+
+
+def _is_synthetic(vcpu) -> bool:
+    return type(vcpu).__name__ == "SyntheticCpu"
+
+
 def sealed_memfd(name: str, size: int) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
@@ -97,18 +107,16 @@ def sealed_memfd(name: str, size: int) -> int:
     return fd
 
 
-@dataclass
 class GuestCrash:
-    vcpu: int
-    reason: str
-    rip: int = 0
+    def __init__(self, vcpu: int, reason: str, rip: int = 0):
+        self.vcpu, self.reason, self.rip = vcpu, reason, rip
 
 
-@dataclass
 class Clock:
     """Phase timestamps (CLOCK_REALTIME: they cross a kexec, CLOCK_MONOTONIC does not)."""
 
-    marks: dict[str, float] = field(default_factory=dict)
+    def __init__(self):
+        self.marks: dict[str, float] = {}
 
     def mark(self, name: str, at: float | None = None) -> float:
         self.marks[name] = time.time() if at is None else at
@@ -250,7 +258,7 @@ class Vm:
             self._create_kvm()
             self._boot_vcpus()
         else:
-            self.vcpus = [SyntheticCpu(self)]
+            self.vcpus = [_synthetic()(self)]
         self.start_vcpus()
 
     # --- vCPU threads -----------------------------------------------------------------------------------
@@ -262,7 +270,7 @@ class Vm:
             t.start()
 
     def _vcpu_loop(self, vcpu) -> None:
-        if isinstance(vcpu, SyntheticCpu):
+        if _is_synthetic(vcpu):
             return self._synthetic_loop(vcpu)
         while True:
             if (self._pause or self._stop) and not self._park():
@@ -314,7 +322,7 @@ class Vm:
 
     def _crashed(self, vcpu, reason: str) -> None:
         try:
-            rip = vcpu.get_regs().rip if not isinstance(vcpu, SyntheticCpu) else 0
+            rip = vcpu.get_regs().rip if not _is_synthetic(vcpu) else 0
         except OSError:
             rip = 0
         with self._cond:
@@ -393,7 +401,7 @@ class Vm:
     def machine_state(self, phases: dict) -> dict:
         vcpus = []
         for vcpu in self.vcpus:
-            if isinstance(vcpu, SyntheticCpu):
+            if _is_synthetic(vcpu):
                 vcpus.append({"id": vcpu.id, "synthetic": vcpu.save()})
                 continue
             vcpus.append({"id": vcpu.id, "regs": bytes(ffi.buffer(vcpu.get_regs())).hex(),
@@ -461,7 +469,7 @@ class Vm:
                 ffi.memmove(regs, bytes.fromhex(saved["regs"]), ffi.sizeof(regs[0]))
                 vcpu.set_regs(regs)
         else:
-            cpu = SyntheticCpu(vm)
+            cpu = _synthetic()(vm)
             cpu.restore(state["vcpus"][0]["synthetic"])
             vm.vcpus = [cpu]
         clock.mark("vcpus_restored")
