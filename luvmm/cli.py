@@ -41,6 +41,9 @@ def _cmd_bench_dsa(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_DSA_BANDWIDTH = 64 << 20
+
+
 def _size(text: str) -> int:
     """A byte count with an optional K/M/G suffix (powers of two)."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -59,7 +62,7 @@ def _state_dir_arg(p: argparse.ArgumentParser) -> None:
 def _host(args: argparse.Namespace):
     from liveupdate.hostctl import ensure
 
-    return ensure(args.state_dir, say=lambda m: print(m, file=sys.stderr))
+    return ensure(args.state_dir, say=lambda m: print(m, file=sys.stderr), dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
 
 
 def _cmd_host_start(args: argparse.Namespace) -> int:
@@ -71,7 +74,7 @@ def _cmd_host_start(args: argparse.Namespace) -> int:
         print(f"an emulated host is already running in {state.path}", file=sys.stderr)
         return 1
     pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
-                        dsa_bandwidth=args.dsa_bandwidth, agent=not args.no_agent)
+                        dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent)
     print(f"emulated host running in {state.path} (pid {pid}, {args.devices} DSA, kernel profile "
           f"{args.kernel_profile}); control socket {state.socket}")
     return 0
@@ -130,7 +133,15 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
     from vmm import manage
     from vmm.vm import VmConfig
 
-    config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=args.guest)
+    guest = args.guest
+    if guest == "auto":
+        from vmm.kvm import kvm_available
+
+        ok, why = kvm_available()
+        guest = "firmware" if ok else "synthetic"
+        if not ok:
+            print(f"no usable KVM ({why}): running the synthetic guest", file=sys.stderr)
+    config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=guest)
     try:
         config.check()
     except ValueError as e:
@@ -146,7 +157,7 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
     finally:
         host.close_connection()
     print(f"VM {args.name} running (pid {st['pid']}, {args.memory >> 20} MiB, {args.vcpus} vCPU, DSA {st['bdf']}, "
-          f"{args.guest} guest)")
+          f"{guest} guest)")
     return 0
 
 
@@ -277,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--devices", type=int, default=1, help="number of DSA functions (default 1)")
     start.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma",
                        help="what the kernel does to a preserved device (default continuous-dma)")
-    start.add_argument("--dsa-bandwidth", type=_size, default=None, metavar="BYTES",
-                       help="bytes per second each DSA moves, e.g. 1G (default: as fast as memcpy)")
+    start.add_argument("--dsa-bandwidth", type=_size, default=DEFAULT_DSA_BANDWIDTH, metavar="BYTES",
+                       help="bytes per second each DSA moves, e.g. 1G, or 0 for as fast as memcpy (default 64M: "
+                            "slow enough that work queued before a live update outlasts its blackout)")
     start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
     start.set_defaults(func=_cmd_host_start)
     stop = host_sub.add_parser("stop", help="stop the emulated host (its units are killed)")
@@ -303,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     vm_start.add_argument("--memory", type=_size, default=256 << 20, metavar="SIZE", help="guest RAM (default 256M)")
     vm_start.add_argument("--vcpus", type=int, default=1, help="vCPUs (default 1)")
     vm_start.add_argument("--device", default="auto", metavar="BDF|auto", help="the DSA to pass through")
-    vm_start.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware",
+    vm_start.add_argument("--guest", choices=("auto", "firmware", "synthetic"), default="auto",
                           help="firmware: the guest firmware under KVM; synthetic: the same DMA workload "
-                               "driven from the host side (no KVM needed)")
+                               "driven from the host side (no KVM needed); auto (default): firmware where "
+                               "/dev/kvm is usable")
     vm_start.set_defaults(func=_cmd_vm_start)
     vm_stop = vm_sub.add_parser("stop", help="stop a VM and remove its unit")
     vm_stop.add_argument("name")
