@@ -92,8 +92,12 @@ def build_cache() -> bool:
         fresh.cdef(text, packed=packed)
     fresh.set_source("luvmm._uapi_ffi", None)
     tmp = os.path.join(os.path.dirname(_CACHE), f"._uapi_ffi.{os.getpid()}.tmp")
+    import contextlib
+    import io
+
     try:
-        fresh.emit_python_code(tmp)
+        with contextlib.redirect_stdout(io.StringIO()):  # cffi announces "generating ..."
+            fresh.emit_python_code(tmp)
         with open(tmp, "a") as f:
             f.write(f"\nSOURCES_HASH = {_sources_hash()!r}\n")
         os.replace(tmp, _CACHE)

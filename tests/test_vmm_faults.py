@@ -56,3 +56,31 @@ def test_failed_freeze_rolls_back_with_the_guest_intact(faulty_host, guest, requ
     assert now["pid"] == st["pid"] and now["crash"] is None
     assert after["errors"] == 0 and after["verify_failures"] == 0
     assert status["kernel"]["vfio"][0]["msix_vectors"] == list(range(9))  # interrupts re-armed
+
+
+@pytest.fixture
+def host_with_agent():
+    state = StateDir(tempfile.mkdtemp(prefix="luvmm-fault-"))
+    hostctl.start(state, dsa_bandwidth=48 << 20)
+    host = connect(state.socket)
+    yield state, host
+    host.close_connection()
+    hostctl.stop(state)
+    shutil.rmtree(state.path, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_vmm_killed_after_prepare_comes_back_from_its_session(host_with_agent):
+    """The VMM dies between saying ready and the kexec: its files stay
+    preserved (LUO holds them), and the VMM that init starts after the kexec
+    restores the VM from its session with nothing lost."""
+    state, host = host_with_agent
+    manage.start(state, VmConfig("killed", memory=64 << 20, guest="synthetic"), host,
+                 env={"LUVMM_VMM_FAULT": "die-after-prepare"})
+    record = update_once(state, timeout=60)
+    log = (state.logs / "vm-killed.log").read_text()
+    assert "fault injection: the VMM exits after preparing" in log  # it did die before the kexec
+    report = record["reports"]["killed"]
+    assert report["guest_progressed"] and report["crash"] is None
+    assert (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)
+    assert report["mailbox_after"]["completed"] > report["mailbox_at_pause"]["completed"]

@@ -26,6 +26,8 @@ from vmm.report import update_report
 
 log = logging.getLogger("luvmm.vmm")
 VERIFY_TIMEOUT = 15.0
+#: LUVMM_VMM_FAULT=die-after-prepare: the VMM exits right after answering ready (tests).
+FAULT = os.environ.get("LUVMM_VMM_FAULT")
 
 
 class Control:
@@ -86,6 +88,10 @@ class Control:
                 request = decode_json(data)
                 reply = self._handle(request)
                 await sock.sendmsg([encode_json(reply)], ancillary([]))
+                if request.get("op") == "prepare" and "ok" in reply and FAULT == "die-after-prepare":
+                    log.warning("fault injection: the VMM exits after preparing")
+                    logging.shutdown()
+                    os._exit(137)  # fault injection: the VMM dies between "ready" and the kexec
 
     def _handle(self, request: dict) -> dict:
         op = request.get("op")

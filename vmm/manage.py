@@ -36,7 +36,7 @@ def status(state: StateDir, name: str) -> dict:
     return vmm_call(state, name, {"op": "status"})
 
 
-def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0) -> dict:
+def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: dict | None = None) -> dict:
     """Write the VM's config and unit, start it, wait until its guest runs."""
     config.check()
     if any(u["name"] == unit_name(config.name) for u in state.read_units()):
@@ -44,7 +44,8 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0) -> dic
     vm_dir = state.vm_dir(config.name)
     vm_dir.mkdir(parents=True, exist_ok=True)
     (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    state.write_unit(unit_name(config.name), *python_unit("vmm", "--state-dir", state.path, "--name", config.name))
+    argv, unit_env = python_unit("vmm", "--state-dir", state.path, "--name", config.name)
+    state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})))
     host.call({"op": "unit-start", "name": unit_name(config.name)})
     deadline = time.monotonic() + wait
     last = "not started"
