@@ -9,7 +9,7 @@ tests check that their offsets equal the cffi layout below.
 
 import struct
 
-from luvmm.abi import cdef, ffi, structs
+from luvmm.abi import cdef, structs
 
 cdef(
     """

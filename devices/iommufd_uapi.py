@@ -2,7 +2,7 @@
 provisional live-update mark of the out-of-tree iommufd preservation series.
 """
 
-from luvmm.abi import _IO, cdef, ffi, ioctl, structs
+from luvmm.abi import _IO, cdef, ioctl, structs
 
 cdef(
     """

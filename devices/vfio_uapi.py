@@ -5,7 +5,7 @@ iommufd (VFIO_DEVICE_BIND_IOMMUFD) and attached to an IOAS or HWPT
 (VFIO_DEVICE_ATTACH_IOMMUFD_PT); no VFIO container or group is involved.
 """
 
-from luvmm.abi import _IO, cdef, ffi, ioctl, structs
+from luvmm.abi import _IO, cdef, ioctl, structs
 
 cdef(
     """

@@ -6,7 +6,7 @@ with ``size`` (the extensible-struct convention): too small is EINVAL,
 non-zero bytes past what the kernel knows are E2BIG.
 """
 
-from luvmm.abi import _IO, cdef, ffi, ioctl, structs
+from luvmm.abi import _IO, cdef, ioctl, structs
 
 LIVEUPDATE_IOCTL_TYPE = 0xBA
 LIVEUPDATE_SESSION_NAME_LENGTH = 64

@@ -6,7 +6,7 @@ kernel's 256-byte union and the 2048-byte sync-regs area, so that
 ``sizeof(struct kvm_run)`` is the kernel's 2352.
 """
 
-from luvmm.abi import _IO, _IOR, _IOW, cdef, ffi, ioctl, structs
+from luvmm.abi import _IO, _IOR, _IOW, cdef, ioctl, structs
 
 cdef(
     """

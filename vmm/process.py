@@ -21,7 +21,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from liveupdate.agent_client import AgentClient, wait_for_agent  # noqa: E402
+from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
 from liveupdate.state import StateDir  # noqa: E402
 from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
