@@ -26,6 +26,8 @@ from liveupdate.luo import Session  # noqa: E402
 from liveupdate.state import StateDir  # noqa: E402
 from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
 
+IMPORTED = time.time()
+
 USAGE = "usage: python -m vmm --state-dir DIR --name NAME [--host emulated|real]"
 
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     state = StateDir(args["state_dir"])
     clock = Clock()
     clock.mark("process_start", PROCESS_START)
+    clock.mark("imported", IMPORTED)
     host = connect_host(args, state)
     agent, _ = wait_for_agent(state, 30)
     incoming_fd = agent.retrieve_session(name) if os.environ.get("LUVMM_BOOT") == "kexec" else None
