@@ -28,9 +28,10 @@ from devices.iommufd import IommuFd
 from devices.pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from devices.vfio import VfioDevice
 from devices.vfio_uapi import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
-from vmm import guest, machine_state
+from vmm import guest, machine_state, movdir64b
 from vmm.kvm import Kvm
 from vmm.kvm_uapi import (
+    KVM_CAP_EXIT_ON_EMULATION_FAILURE,
     KVM_EXIT_FAIL_ENTRY,
     KVM_EXIT_HLT,
     KVM_EXIT_INTERNAL_ERROR,
@@ -39,6 +40,8 @@ from vmm.kvm_uapi import (
     KVM_EXIT_MMIO,
     KVM_EXIT_NAMES,
     KVM_EXIT_SHUTDOWN,
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 )
 from vmm.x86 import identity_page_tables, setup_long_mode, user_rflags
 
@@ -173,6 +176,9 @@ class Vm:
     def _create_kvm(self) -> None:
         self.kvm = Kvm(self.host)
         self.vmfd = self.kvm.create_vm()
+        if self.vmfd.check_extension(KVM_CAP_EXIT_ON_EMULATION_FAILURE):
+            # Emulation failures come with the instruction bytes (MOVDIR64B).
+            self.vmfd.enable_cap(KVM_CAP_EXIT_ON_EMULATION_FAILURE, 1)
         for slot, (gpa, off, length) in enumerate(guest.ram_ranges(self.config.memory)):
             self.vmfd.set_user_memory_region(slot, gpa, length, self._ram_addr + off)
         self.vcpus = [self.vmfd.create_vcpu(i) for i in range(self.config.vcpus)]
@@ -286,6 +292,8 @@ class Vm:
                 continue
             elif reason == KVM_EXIT_IO:
                 continue  # no port devices: writes are ignored, reads return what is there
+            elif reason == KVM_EXIT_INTERNAL_ERROR and self._emulate(vcpu):
+                continue
             elif reason in (KVM_EXIT_HLT, KVM_EXIT_SHUTDOWN, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTERNAL_ERROR):
                 self._crashed(vcpu, KVM_EXIT_NAMES.get(reason, str(reason)))
                 return
@@ -348,6 +356,27 @@ class Vm:
             self.mmio_unhandled += 1
             if not write:
                 ffi.memmove(mmio.data, b"\xff" * length, length)
+
+    def _emulate(self, vcpu) -> bool:
+        """What KVM could not emulate and the VMM can: MOVDIR64B to a portal."""
+        failure = vcpu.kvm_run.emulation_failure
+        if failure.suberror != KVM_INTERNAL_ERROR_EMULATION or \
+                not failure.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            return False
+        regs = vcpu.get_regs()
+        try:
+            dest, src, length = movdir64b.decode(bytes(failure.insn_bytes)[:failure.insn_size], regs)
+            src_gpa = movdir64b.translate(self.view, vcpu.get_sregs().cr3, src)
+        except (movdir64b.NotMovdir64b, struct.error, IndexError):
+            return False
+        if not guest.BAR2_GPA <= dest < guest.BAR2_GPA + BAR2_SIZE or dest % 64:
+            return False
+        self.dev.region_write(VFIO_PCI_BAR2_REGION_INDEX, dest - guest.BAR2_GPA,
+                              bytes(self.view[src_gpa:src_gpa + 64]))
+        self.portal_writes += 1
+        regs.rip += length
+        vcpu.set_regs(regs)
+        return True
 
     def _portal_store(self, vcpu_id: int, off: int, data: bytes) -> None:
         """Combine a guest's stores into whole 64-byte descriptors (what
