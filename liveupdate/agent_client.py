@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
+import _socket
 import time
 
 from luvmm.wire import decode_json, encode_json, recv_msg, send_msg
@@ -20,7 +20,7 @@ class AgentClient:
 
     def __init__(self, state: StateDir):
         self.state = state
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(state.agent_socket)
         except OSError as e:

@@ -29,6 +29,11 @@ class Init:
 
     def _env(self, unit: dict, boot: str) -> dict[str, str]:
         env = dict(os.environ)
+        # Units keep their compiled bytecode (in the state dir, not the source
+        # tree): without it a restored VMM spends ~50 ms compiling its modules
+        # again during the blackout.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(self.state.path) + "/pycache"
         env.update({str(k): str(v) for k, v in unit.get("env", {}).items()})
         env.update(LUVMM_HOST_SOCKET=self.state.socket, LUVMM_STATE_DIR=self.state.path, LUVMM_BOOT=boot,
                    LUVMM_GENERATION=str(self.daemon.generation), LUVMM_UNIT=unit["name"])

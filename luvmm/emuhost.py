@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import mmap as _mmap
 import os
-import socket
+import _socket
 import stat
 import struct
 import threading
@@ -63,7 +63,7 @@ class EmulatedHost(Host):
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
         self.real = RealHost()
-        self._control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._control = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
         try:
             self._control.connect(socket_path)
         except OSError as e:
@@ -107,11 +107,11 @@ class EmulatedHost(Host):
         if not stat.S_ISSOCK(st.st_mode):
             return False
         try:
-            s = socket.socket(fileno=os.dup(fd))
+            s = _socket.socket(fileno=os.dup(fd))
         except OSError:
             return False
         try:
-            pid, _, _ = _SO_PEERCRED.unpack(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _SO_PEERCRED.size))
+            pid, _, _ = _SO_PEERCRED.unpack(s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _SO_PEERCRED.size))
         except OSError:
             return False
         finally:
@@ -130,7 +130,7 @@ class EmulatedHost(Host):
         """One request on a file socket.  The fd *is* the socket.  A failing
         call may still carry the struct the kernel copied out before failing
         (IOAS_IOVA_RANGES' EMSGSIZE): ``on_error_payload`` receives it."""
-        sock = socket.socket(fileno=fd)
+        sock = _socket.socket(fileno=fd)
         try:
             with self._lock(fd):
                 try:

@@ -19,11 +19,11 @@ Two kinds of SOCK_SEQPACKET sockets (message boundaries and SCM_RIGHTS):
 
 from __future__ import annotations
 
+import _socket
 import array
-import json
-import socket
 import struct
 
+from luvmm import leanjson
 from luvmm.abi import IoctlDef, ffi
 
 OP_IOCTL = 1
@@ -69,17 +69,19 @@ def ancillary(fds) -> list:
     """The SCM_RIGHTS control message carrying ``fds`` (none: no message)."""
     if not fds:
         return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
-def send_msg(sock: socket.socket, data: bytes, fds: list[int] = ()) -> None:
+def send_msg(sock, data: bytes, fds: list[int] = ()) -> None:
     sock.sendmsg([data], ancillary(fds))
 
 
-def listen_seqpacket(path: str, backlog: int = 64) -> socket.socket:
+def listen_seqpacket(path: str, backlog: int = 64):
     """A listening SOCK_SEQPACKET socket at ``path`` that only its owner can
-    connect to (mode 0600 from the start: no window where it is wider)."""
+    connect to (mode 0600 from the start: no window where it is wider).
+    A ``socket.socket`` (trio wraps those), unlike the clients' ``_socket``."""
     import os
+    import socket
 
     try:
         os.unlink(path)
@@ -95,20 +97,20 @@ def listen_seqpacket(path: str, backlog: int = 64) -> socket.socket:
     return sock
 
 
-def recv_msg(sock: socket.socket, maxfds: int = MAX_FDS) -> tuple[bytes, list[int]]:
+def recv_msg(sock, maxfds: int = MAX_FDS) -> tuple[bytes, list[int]]:
     """Receive one message and its fds (always O_CLOEXEC).  Empty data: EOF."""
-    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(maxfds * 4), socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, _socket.CMSG_SPACE(maxfds * 4), _socket.MSG_CMSG_CLOEXEC)
     return data, fds_from_ancillary(ancdata, flags)
 
 
 def fds_from_ancillary(ancdata, flags: int) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             arr = array.array("i")
             arr.frombytes(payload[:len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
-    if flags & socket.MSG_CTRUNC:
+    if flags & _socket.MSG_CTRUNC:
         # Too many fds: the kernel closed the rest; refuse the message.
         for fd in fds:
             _close_quietly(fd)
@@ -126,13 +128,13 @@ def _close_quietly(fd: int) -> None:
 
 
 def encode_json(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return leanjson.dumps(obj).encode()
 
 
 def decode_json(data: bytes) -> dict:
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = leanjson.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("a message must be a JSON object")

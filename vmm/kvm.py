@@ -12,7 +12,7 @@ guest); KVM_RUN then returns with KVM_EXIT_INTR.
 from __future__ import annotations
 
 import os
-import signal
+import _signal as signal  # not `signal`: its enums cost milliseconds on the restore path
 import threading
 
 from luvmm.abi import ffi, new_arg

@@ -15,9 +15,10 @@ checksum is refused with a message: a VMM never resumes from a guess.
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
+
+from luvmm import leanjson
 
 MAGIC = b"LUVMMST\0"
 VERSION = 1
@@ -30,7 +31,7 @@ class StateError(ValueError):
 
 
 def encode(state: dict) -> bytes:
-    body = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
+    body = leanjson.dumps(state, sort_keys=True).encode()
     if HEADER.size + len(body) > STATE_MEMFD_SIZE:
         raise StateError(f"machine state of {len(body)} bytes does not fit the state memfd")
     return HEADER.pack(MAGIC, VERSION, zlib.crc32(body), len(body)) + body
@@ -50,8 +51,8 @@ def decode(blob: bytes) -> dict:
     if zlib.crc32(body) != crc:
         raise StateError("machine state checksum mismatch")
     try:
-        state = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        state = leanjson.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
         raise StateError(f"machine state body is not JSON: {e}") from None
     if not isinstance(state, dict) or not isinstance(state.get("vcpus"), list):
         raise StateError("machine state has no vCPUs")

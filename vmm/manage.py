@@ -44,7 +44,7 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
     vm_dir = state.vm_dir(config.name)
     vm_dir.mkdir(parents=True, exist_ok=True)
     (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    argv, unit_env = python_unit("vmm", "--state-dir", state.path, "--name", config.name)
+    argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name)
     state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})))
     host.call({"op": "unit-start", "name": unit_name(config.name)})
     deadline = time.monotonic() + wait

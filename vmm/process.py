@@ -17,7 +17,6 @@ import time
 
 PROCESS_START = time.time()  # first thing: the restore path measures from here
 
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -57,6 +56,8 @@ def connect_host(args: dict, state: StateDir):
 
 
 def load_config(state: StateDir, name: str) -> VmConfig:
+    import json
+
     return VmConfig.from_dict(json.loads((state.vm_dir(name) / "config.json").read_text()))
 
 
