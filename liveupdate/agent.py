@@ -25,10 +25,9 @@ per message, fds by SCM_RIGHTS (the framing of :mod:`luvmm.wire`).
 
 from __future__ import annotations
 
+import _socket
 import errno
-import json
 import os
-import socket
 import sys
 import time
 
@@ -44,6 +43,7 @@ from luvmm.wire import (
     recv_msg,
     send_msg,
 )
+from luvmm import leanjson
 from liveupdate.luo import LiveUpdate, Session
 from liveupdate.state import StateDir
 
@@ -83,8 +83,8 @@ class Channel:
         await self.conn.sendmsg([encode_json(obj)], ancillary(list(fds)))
 
     async def recv(self) -> tuple[dict | None, list[int]]:
-        data, anc, flags, _ = await self.conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
-                                                      socket.MSG_CMSG_CLOEXEC)
+        data, anc, flags, _ = await self.conn.recvmsg(MAX_MESSAGE, _socket.CMSG_SPACE(MAX_FDS * 4),
+                                                      _socket.MSG_CMSG_CLOEXEC)
         if not data:
             return None, []
         return decode_json(data), fds_from_ancillary(anc, flags)
@@ -109,9 +109,9 @@ class Agent:
 
     def _load_update(self) -> dict | None:
         try:
-            with open(self.update_file) as f:
-                update = json.load(f)
-        except (OSError, json.JSONDecodeError):
+            with open(self.update_file, "rb") as f:
+                update = leanjson.loads(f.read())
+        except (OSError, ValueError):
             return None
         if update.get("phase") == "kexec" and self.boot == "kexec":
             update["phase"] = "restoring"
@@ -123,7 +123,7 @@ class Agent:
         os.makedirs(os.path.dirname(self.update_file), mode=0o700, exist_ok=True)
         tmp = self.update_file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(update, f)
+            f.write(leanjson.dumps(update))
         os.replace(tmp, self.update_file)
 
     # --- serving -------------------------------------------------------------------------------------
@@ -133,25 +133,24 @@ class Agent:
         plain blocking sockets, before trio is imported.  Returns the listening
         socket and the connections to hand to :meth:`serve` (each with a
         request it has not answered yet, or None)."""
-        import selectors
+        import select
 
-        listener = listen_seqpacket(self.state.agent_socket)
+        listener = listen_seqpacket(self.state.agent_socket, lean=True)
         update = self.update or {}
         expected = set(update.get("vms", [])) if update.get("phase") == "restoring" else set()
-        conns: dict[socket.socket, object] = {}
-        if not expected:
-            return listener, []
-        sel = selectors.DefaultSelector()
-        sel.register(listener, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while not expected <= set(self.incoming) and time.monotonic() < deadline:
-            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
-                if key.fileobj is listener:
-                    conn, _ = listener.accept()
-                    conns[conn] = None
-                    sel.register(conn, selectors.EVENT_READ)
+        conns: dict[int, tuple] = {}  # fd -> (_socket.socket, unanswered request or None)
+        if expected:
+            poll = select.poll()
+            poll.register(listener.fileno(), select.POLLIN)
+            deadline = time.monotonic() + timeout
+        while expected and not expected <= set(self.incoming) and time.monotonic() < deadline:
+            for fd, _ in poll.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                if fd == listener.fileno():
+                    newfd, _ = listener._accept()
+                    conns[newfd] = (_socket.socket(fileno=newfd), None)
+                    poll.register(newfd, select.POLLIN)
                     continue
-                conn = key.fileobj
+                conn = conns[fd][0]
                 try:
                     data, fds = recv_msg(conn)
                 except OSError:
@@ -159,8 +158,8 @@ class Agent:
                 for fd in fds:
                     os.close(fd)
                 if not data:
-                    sel.unregister(conn)
-                    del conns[conn]
+                    poll.unregister(fd)
+                    del conns[fd]
                     conn.close()
                     continue
                 try:
@@ -171,8 +170,8 @@ class Agent:
                 if request.get("op") not in ("hello", "retrieve-session", "create-session"):
                     # The async server answers it (e.g. `luvmm update` asking for
                     # the result); restoring VMMs go first.
-                    conns[conn] = request
-                    sel.unregister(conn)
+                    conns[fd] = (conn, request)
+                    poll.unregister(fd)
                     continue
                 try:
                     ok, out = self._sync_request(request)
@@ -182,8 +181,11 @@ class Agent:
                 send_msg(conn, encode_json(reply), out)
                 for fd in out:
                     os.close(fd)
-        sel.close()
-        return listener, list(conns.items())
+        # Hand everything over as the socket.socket objects trio wraps.
+        import socket
+
+        return socket.socket(fileno=listener.detach()), [(socket.socket(fileno=c.detach()), first)
+                                                          for c, first in conns.values()]
 
     async def serve(self, listener=None, early=(), *, task_status=None) -> None:
         _import_trio()
@@ -372,10 +374,9 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vmm.process import parse_args
+    from liveupdate.state import parse_unit_args
 
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv + ["--name", "agent"] if "--name" not in argv else argv)
+    args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
     state = StateDir(args["state_dir"])
     if args["host"] == "real":
         from luvmm.host import RealHost

@@ -76,18 +76,23 @@ def send_msg(sock, data: bytes, fds: list[int] = ()) -> None:
     sock.sendmsg([data], ancillary(fds))
 
 
-def listen_seqpacket(path: str, backlog: int = 64):
+def listen_seqpacket(path: str, backlog: int = 64, *, lean: bool = False):
     """A listening SOCK_SEQPACKET socket at ``path`` that only its owner can
     connect to (mode 0600 from the start: no window where it is wider).
-    A ``socket.socket`` (trio wraps those), unlike the clients' ``_socket``."""
+    A ``socket.socket`` (trio wraps those), or with ``lean`` a bare
+    ``_socket.socket`` (no ``socket`` import on the restore path)."""
     import os
-    import socket
 
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    if lean:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    else:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
         sock.bind(path)

@@ -22,28 +22,10 @@ import sys  # noqa: E402
 
 from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
-from liveupdate.state import StateDir  # noqa: E402
+from liveupdate.state import StateDir, parse_unit_args  # noqa: E402
 from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
 
 IMPORTED = time.time()
-
-USAGE = "usage: python -m vmm --state-dir DIR --name NAME [--host emulated|real]"
-
-
-def parse_args(argv: list[str]) -> dict[str, str]:
-    """The VMM's few flags, without argparse (20 ms on the restore path)."""
-    args = {"host": "emulated"}
-    it = iter(argv)
-    for flag in it:
-        key = {"--state-dir": "state_dir", "--name": "name", "--host": "host"}.get(flag)
-        value = next(it, None)
-        if key is None or value is None:
-            raise SystemExit(USAGE)
-        args[key] = value
-    if "state_dir" not in args or "name" not in args or args["host"] not in ("emulated", "real"):
-        raise SystemExit(USAGE)
-    return args
-
 
 def connect_host(args: dict, state: StateDir):
     if args["host"] == "real":
@@ -62,7 +44,7 @@ def load_config(state: StateDir, name: str) -> VmConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_unit_args(sys.argv[1:] if argv is None else argv)
     name = args["name"]
     state = StateDir(args["state_dir"])
     clock = Clock()
