@@ -46,7 +46,15 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
     (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name)
     state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})))
-    host.call({"op": "unit-start", "name": unit_name(config.name)})
+    try:
+        host.call({"op": "unit-start", "name": unit_name(config.name)})
+        return _wait_running(state, config, host, wait)
+    except BaseException:
+        stop(state, config.name, host)  # a VM that did not start leaves no unit behind
+        raise
+
+
+def _wait_running(state: StateDir, config: VmConfig, host, wait: float) -> dict:
     deadline = time.monotonic() + wait
     last = "not started"
     while time.monotonic() < deadline:
@@ -62,8 +70,9 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
             unit = next((u for u in host.call({"op": "units"})[0] if u["name"] == unit_name(config.name)), None)
             if unit and unit["returncode"] is not None:
                 log = state.logs / f"{unit_name(config.name)}.log"
-                tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-                raise VmError(f"the VMM exited with {unit['returncode']}:\n{tail}") from None
+                lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+                cause = next((ln for ln in reversed(lines) if ln and not ln.startswith(" ")), "")
+                raise VmError(f"the VMM exited with {unit['returncode']}: {cause} (see {log})") from None
         time.sleep(0.02)  # the VMM is another process booting its guest
     raise VmError(f"VM {config.name!r} did not come up in {wait:.0f} s ({last})")
 

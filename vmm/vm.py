@@ -215,6 +215,9 @@ class Vm:
                 continue
             self.dev, self.bdf = dev, bdf
             return
+        if last is not None and last.errno == errno.EINVAL and self.config.device == "auto":
+            raise OSError(errno.EBUSY, f"every DSA of the host is passed through to another VM "
+                                       f"({', '.join(names)}): start the host with more --devices") from None
         raise last or OSError(errno.ENODEV, "no device to pass through")
 
     def _setup_iommu(self) -> None:
