@@ -84,3 +84,15 @@ def test_vmm_killed_after_prepare_comes_back_from_its_session(host_with_agent):
     assert report["guest_progressed"] and report["crash"] is None
     assert (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)
     assert report["mailbox_after"]["completed"] > report["mailbox_at_pause"]["completed"]
+
+
+def test_a_vm_that_cannot_start_leaves_nothing_behind(host_with_agent):
+    state, host = host_with_agent
+    manage.start(state, VmConfig("first", memory=64 << 20, guest="synthetic"), host)
+    with pytest.raises(manage.VmError, match="every DSA of the host is passed through"):
+        manage.start(state, VmConfig("second", memory=64 << 20, guest="synthetic"), host)
+    assert manage.names(state) == ["first"]
+    assert not state.vm_dir("second").exists()
+    # The host can still update the VM that runs.
+    record = update_once(state, timeout=60)
+    assert record["vms"] == ["first"] and record["reports"]["first"]["guest_progressed"]
