@@ -358,6 +358,8 @@ class DsaDevice(PciFunction):
                 "queued": len(self._queue) + (self._current is not None),
                 "descriptors": self.stats.descriptors, "bytes": self.stats.bytes, "faults": self.stats.faults,
                 "errors": self.stats.errors, "interrupts": sum(self.msix.delivered),
+                "by_status": {f"{k:#x}": v for k, v in self.stats.by_status.items()},
+                "dropped_submissions": self.stats.dropped_submissions, "aborted": self.stats.aborted,
                 "interrupts_pending": bin(self.msix.pending).count("1"),
             }
 

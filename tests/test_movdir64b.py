@@ -66,3 +66,29 @@ def test_the_vmm_submits_the_64_bytes_and_steps_over_the_instruction():
     vm.dev = SimpleNamespace(region_write=lambda index, off, data: writes.append((index, off, data)))
     assert vm._emulate(vcpu)
     assert writes == [(2, 0x4000, desc)] and state.rip == 0x10000 + 5
+
+
+def test_portal_stores_combine_and_a_pause_between_them_loses_nothing():
+    from vmm.vm import Vm
+
+    writes = []
+    dev = SimpleNamespace(region_write=lambda index, off, data: writes.append((off, data)))
+    desc = os.urandom(64)
+    old = Vm.__new__(Vm)
+    old._portal, old.portal_writes, old.dev = {}, 0, dev
+    for i in range(5):  # the guest is paused after five of its eight stores
+        old._portal_store(0, 0x4000 + 8 * i, desc[8 * i:8 * i + 8])
+    assert writes == []
+    saved = {str(v): [buf.hex(), mask, line] for v, (buf, mask, line) in old._portal.items()}
+    new = Vm.__new__(Vm)  # the restored VMM, from the machine state
+    new._portal = {int(v): (bytearray.fromhex(b), m, ln) for v, (b, m, ln) in saved.items()}
+    new.portal_writes, new.dev = 0, dev
+    for i in range(5, 8):
+        new._portal_store(0, 0x4000 + 8 * i, desc[8 * i:8 * i + 8])
+    assert writes == [(0x4000, desc)]
+    # A descriptor that starts over a half-written one replaces it, never mixes with it.
+    other = os.urandom(64)
+    new._portal_store(0, 0x4000, b"x" * 8)
+    for i in range(8):
+        new._portal_store(0, 0x4000 + 8 * i, other[8 * i:8 * i + 8])
+    assert writes[-1] == (0x4000, other)

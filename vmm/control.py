@@ -47,6 +47,7 @@ class Control:
     async def verify(self) -> dict:
         incoming, saved = self.restored
         at_pause = saved["phases"]["mailbox_at_pause"]
+        inflight = saved["phases"].get("inflight_at_pause", {})
         vm = self.vm
         if not vm.device_enabled():
             log.warning("the device was reset during the update: its DMA stopped")
@@ -54,7 +55,7 @@ class Control:
             while True:
                 now = vm.mailbox.snapshot()
                 moved = now["heartbeat"] > at_pause["heartbeat"]
-                drained = now["completed"] - at_pause["completed"] >= at_pause["inflight"]
+                drained = guest.still_in_flight(vm.view, inflight) == 0
                 if moved and drained and now["completed"] > at_pause["completed"] or vm.crash:
                     break
                 await trio.sleep(0.002)

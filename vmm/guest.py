@@ -80,3 +80,40 @@ def load_firmware(ram: memoryview, *, slots: int, pairs: int, xfer: int, init_de
     for field, value in (("magic", MAILBOX_MAGIC), ("bar0", BAR0_GPA), ("bar2", BAR2_GPA), ("dma_base", DMA_BASE),
                          ("slots", slots), ("pairs", pairs), ("xfer", xfer), ("init_device", int(init_device))):
         mb[field] = value
+
+
+# The firmware's DMA area (vmm/firmware/fw.c): batch records, then descriptor lists.
+MAX_PAIRS = 16
+
+
+def batch_record(dma_base: int, slot: int) -> int:
+    return dma_base + slot * 32
+
+
+def batch_pattern_at(dma_base: int, slot: int) -> int:
+    """Where a slot's batch keeps its unique pattern: the comp_pattern of its first COMPVAL."""
+    return dma_base + 0x20000 + slot * 2 * MAX_PAIRS * 64 + 64 + 24
+
+
+def batches_in_flight(ram) -> dict[int, int]:
+    """{slot: the batch's pattern} for every batch submitted and not completed."""
+    mb = Mailbox(ram)
+    base, slots = mb["dma_base"], mb["slots"]
+    if mb["state"] != 2:
+        return {}
+    out = {}
+    for slot in range(min(slots, 64)):
+        if ram[batch_record(base, slot)] == 0:
+            pattern = struct.unpack_from("<Q", ram, batch_pattern_at(base, slot))[0]
+            if pattern:
+                out[slot] = pattern
+    return out
+
+
+def still_in_flight(ram, at_pause: dict) -> int:
+    """How many of the batches in flight at the pause have neither completed
+    nor been reaped (a reaped slot holds a new batch, with a new pattern)."""
+    base = Mailbox(ram)["dma_base"]
+    return sum(1 for slot, pattern in at_pause.items()
+               if ram[batch_record(base, int(slot))] == 0
+               and struct.unpack_from("<Q", ram, batch_pattern_at(base, int(slot)))[0] == pattern)

@@ -391,8 +391,11 @@ class Vm:
         pos = off - line
         if pos + len(data) > 64:
             return  # a store across two portal lines: dropped, as the device would
+        bits = ((1 << len(data)) - 1) << pos
+        if mask & bits:  # a store to bytes already written: a new descriptor began
+            buf, mask = bytearray(64), 0
         buf[pos:pos + len(data)] = data
-        mask |= ((1 << len(data)) - 1) << pos
+        mask |= bits
         if mask == (1 << 64) - 1:
             self.dev.region_write(VFIO_PCI_BAR2_REGION_INDEX, line, bytes(buf))
             self.portal_writes += 1
@@ -438,7 +441,10 @@ class Vm:
                 continue
             vcpus.append({"id": vcpu.id, "regs": bytes(ffi.buffer(vcpu.get_regs())).hex(),
                           "sregs": bytes(ffi.buffer(vcpu.get_sregs())).hex()})
-        return {"config": self.config.to_dict(), "vcpus": vcpus,
+        # The write-combining buffers: a pause can fall between the eight
+        # stores of one descriptor, and the rest arrive after the restore.
+        portal = {str(v): [buf.hex(), mask, line] for v, (buf, mask, line) in self._portal.items()}
+        return {"config": self.config.to_dict(), "vcpus": vcpus, "portal": portal,
                 "device": {"bdf": self.bdf, "ioas": self.ioas, "hwpt": self.hwpt, "msix": self.msix_armed},
                 "phases": phases, "mailbox": self.mailbox.snapshot(), "interrupts": self.count_interrupts()}
 
@@ -452,8 +458,10 @@ class Vm:
         clock.mark("pause_start")
         clock.mark("stopped", self.pause())
         mailbox_at_pause = self.mailbox.snapshot()
+        inflight = guest.batches_in_flight(self.view)
         self._disarm_msix()  # kernels of the reset-on-freeze kind refuse the reboot otherwise
-        state = self.machine_state(dict(clock.marks, mailbox_at_pause=mailbox_at_pause))
+        state = self.machine_state(dict(clock.marks, mailbox_at_pause=mailbox_at_pause,
+                                        inflight_at_pause={str(k): v for k, v in inflight.items()}))
         blob = machine_state.encode(state)
         if self.state_memfd < 0:
             self.state_memfd = sealed_memfd(f"luvmm-{self.config.name}-state", machine_state.STATE_MEMFD_SIZE)
@@ -509,6 +517,8 @@ class Vm:
         vm.iommufd = IommuFd(host, session.retrieve_fd(IOMMUFD_TOKEN))
         vm.dev = VfioDevice(host, session.retrieve_fd(DEVICE_TOKEN))
         vm.bdf, vm.ioas, vm.hwpt = wiring["bdf"], wiring["ioas"], wiring["hwpt"]
+        vm._portal = {int(v): (bytearray.fromhex(buf), mask, line)
+                      for v, (buf, mask, line) in state.get("portal", {}).items()}
         vm.dev_id = vm.dev.bind_iommufd(vm.iommufd)
         vm.dev.attach_pt(vm.hwpt)
         vm._arm_msix()
