@@ -72,6 +72,13 @@ def stop(state: StateDir, timeout: float = 30.0) -> bool:
     """Ask the daemon to stop and wait for its process to exit."""
     pid = state.pid()
     if not running(state):
+        if pid is not None and os.path.exists(f"/proc/{pid}"):
+            # A daemon that no longer answers: SIGTERM makes it stop its units and exit.
+            import signal
+
+            os.kill(pid, signal.SIGTERM)
+            _wait_exit(pid, timeout)
+            return True
         return False
     from luvmm.emuhost import connect
 
