@@ -72,7 +72,7 @@ def stop(state: StateDir, timeout: float = 30.0) -> bool:
     """Ask the daemon to stop and wait for its process to exit."""
     pid = state.pid()
     if not running(state):
-        if pid is not None and os.path.exists(f"/proc/{pid}"):
+        if pid is not None and _is_daemon(pid, state):
             # A daemon that no longer answers: SIGTERM makes it stop its units and exit.
             import signal
 
@@ -90,6 +90,16 @@ def stop(state: StateDir, timeout: float = 30.0) -> bool:
     if pid is not None:
         _wait_exit(pid, timeout)
     return True
+
+
+def _is_daemon(pid: int, state: StateDir) -> bool:
+    """Whether ``pid`` is still this state dir's daemon (not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"liveupdate.daemon" in argv and state.path.encode() in argv
 
 
 def _wait_exit(pid: int, timeout: float) -> None:
