@@ -921,15 +921,7 @@ class DsaDevice(PciFunction):
             # Fast path for the bulk of real batches: a MEMMOVE that only wants
             # a record on error, between two contiguous mapped buffers.
             if fo & _FAST_MASK == _FAST_MEMMOVE and 0 < desc[5] <= fast_limit and not desc[2] & 31:
-                size = desc[5]
-                (s_segs, s_fault), (d_segs, d_fault) = translate(desc[3], size, False), translate(desc[4], size, True)
-                if s_fault is None and d_fault is None and len(s_segs) == 1 and len(d_segs) == 1:
-                    smem, soff, _ = s_segs[0]
-                    dmem, doff, _ = d_segs[0]
-                    _memmove(dmem.address + doff, smem.address + soff, size)
-                    stats.bytes += size
-                    if self.bandwidth:
-                        self._pace(size, gen)
+                if self._move_contiguous(translate, desc[3], desc[4], desc[5], gen):
                     stats.descriptors += 1
                     stats.by_status[DSA_COMP_SUCCESS] += 1
                     done += 1
@@ -975,19 +967,24 @@ class DsaDevice(PciFunction):
             done += n
         return pieces, usable, fault, write
 
+    def _move_contiguous(self, translate, src: int, dst: int, size: int, gen: int) -> bool:
+        """The common case of a move, kept short: one chunk between one
+        contiguous source and one contiguous destination.  False: take the
+        general path (several segments, a fault)."""
+        (s_segs, s_fault), (d_segs, d_fault) = translate(src, size, False), translate(dst, size, True)
+        if s_fault is not None or d_fault is not None or len(s_segs) != 1 or len(d_segs) != 1:
+            return False
+        smem, soff, _ = s_segs[0]
+        dmem, doff, _ = d_segs[0]
+        _memmove(dmem.address + doff, smem.address + soff, size)
+        self.stats.bytes += size
+        if self.bandwidth:
+            self._pace(size, gen)
+        return True
+
     def _copy(self, domain: IommuDomain, src: int, dsts: tuple[int, ...], size: int, gen: int) -> Outcome:
-        if len(dsts) == 1 and size <= CHUNK:
-            # The common case, kept short: one contiguous source and destination.
-            (s_segs, s_fault), (d_segs, d_fault) = domain.translate(src, size, False), \
-                domain.translate(dsts[0], size, True)
-            if s_fault is None and d_fault is None and len(s_segs) == 1 and len(d_segs) == 1:
-                smem, soff, _ = s_segs[0]
-                dmem, doff, _ = d_segs[0]
-                _memmove(dmem.address + doff, smem.address + soff, size)
-                self.stats.bytes += size
-                if self.bandwidth:
-                    self._pace(size, gen)
-                return Outcome()
+        if len(dsts) == 1 and size <= CHUNK and self._move_contiguous(domain.translate, src, dsts[0], size, gen):
+            return Outcome()
         pieces, usable, fault, write = self._pieces(domain, src, dsts, size)
         # Overlapping move to a higher address: copy the pieces last to first.
         backwards = any(s < d < s + size for s, ds, _ in pieces[:1] for d in ds)

@@ -39,6 +39,7 @@ from luvmm.wire import (
     REQUEST,
     ProtocolError,
     ancillary,
+    close_fds,
     decode_json,
     encode_json,
     fds_from_ancillary,
@@ -55,14 +56,6 @@ from liveupdate.state import StateDir
 log = logging.getLogger("luvmm.host")
 
 PROFILES = ("continuous-dma", "reset-on-freeze")
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class HostDaemon:
@@ -164,11 +157,11 @@ class HostDaemon:
                 try:
                     reply, out_fds = self._file_request(kernel, file, data, fds)
                 finally:
-                    _close_all(fds)
+                    close_fds(fds)
                 try:
                     await self._send(sock, reply, out_fds)
                 finally:
-                    _close_all(out_fds)
+                    close_fds(out_fds)
         finally:
             if not kernel.dropping:
                 kernel.release(file)
@@ -248,13 +241,13 @@ class HostDaemon:
                     log.exception("control request failed")
                     reply = {"errno": errno.EIO, "error": f"internal error: {e}"}
                 finally:
-                    _close_all(fds)
+                    close_fds(fds)
                 try:
                     await conn.sendmsg([encode_json(reply)], ancillary(out_fds))
                 except OSError:
                     pass
                 finally:
-                    _close_all(out_fds)
+                    close_fds(out_fds)
                 if reply.get("ok") == "stopping":
                     self.stop()
 

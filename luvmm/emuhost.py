@@ -26,6 +26,7 @@ import threading
 from luvmm.abi import IoctlDef, ffi
 from luvmm.host import Host, RealHost, ioctl_error
 from luvmm.wire import (
+    close_fds,
     MAX_PAYLOAD,
     OP_IOCTL,
     OP_PREAD,
@@ -72,6 +73,7 @@ class EmulatedHost(Host):
         self._control_lock = threading.Lock()
         self._locks: dict[int, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._peers: dict[tuple[int, int], bool] = {}
         hello = self.call({"op": "hello"})[0]
         self.daemon_pid = hello["pid"]
 
@@ -89,8 +91,7 @@ class EmulatedHost(Host):
             raise HostGone(errno.ECONNRESET, "the emulated host closed the connection")
         reply = decode_json(data)
         if "errno" in reply:
-            for fd in got:
-                os.close(fd)
+            close_fds(got)
             raise OSError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
         return reply.get("ok"), got
 
@@ -100,12 +101,23 @@ class EmulatedHost(Host):
     # --- which fds are emulated ------------------------------------------------------------
 
     def is_emulated(self, fd: int) -> bool:
+        """Whether ``fd`` is a file of the emulated kernel.  Asked on every
+        ioctl, pread and pwrite -- every guest MMIO access goes through here --
+        so the answer is kept per socket inode (sockfs never reuses one while
+        the socket lives) and only a new socket costs the SO_PEERCRED query."""
         try:
             st = os.fstat(fd)
         except OSError:
             return False
         if not stat.S_ISSOCK(st.st_mode):
             return False
+        key = (st.st_dev, st.st_ino)
+        known = self._peers.get(key)
+        if known is None:
+            known = self._peers[key] = self._peer_is_daemon(fd)
+        return known
+
+    def _peer_is_daemon(self, fd: int) -> bool:
         try:
             s = _socket.socket(fileno=os.dup(fd))
         except OSError:
@@ -144,8 +156,7 @@ class EmulatedHost(Host):
             raise OSError(errno.EIO, "the emulated kernel dropped this file (was there a kexec?)")
         result, err = REPLY.unpack_from(data)
         if err:
-            for f in got:
-                os.close(f)
+            close_fds(got)
             if on_error_payload is not None and len(data) > REPLY.size:
                 on_error_payload(data[REPLY.size:])
             raise OSError(err, os.strerror(err))
@@ -158,8 +169,7 @@ class EmulatedHost(Host):
             return self.real.open(path, flags)
         _, fds = self.call({"op": "open", "path": path, "flags": flags})
         if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             raise OSError(errno.EPROTO, "the emulated host did not return one fd")
         return fds[0]
 
@@ -174,8 +184,7 @@ class EmulatedHost(Host):
         if isinstance(arg, int):
             header = REQUEST.pack(OP_IOCTL, request, arg & 0xFFFFFFFFFFFFFFFF)
             result, _, got = self._transact(fd, header, b"", [])
-            for f in got:
-                os.close(f)
+            close_fds(got)
             return result
         view = memoryview(arg).cast("B")
         payload = bytes(view)
@@ -201,8 +210,7 @@ class EmulatedHost(Host):
         out = out_fd_offsets(definition)
         for off, newfd in zip(out, got):
             struct.pack_into("<i", view, off, newfd)
-        for extra in got[len(out):]:
-            os.close(extra)
+        close_fds(got[len(out):])
         if definition is not None and definition.user_out_buffers and len(reply) > len(payload):
             self._copy_to_user(definition, payload, reply[len(payload):])
         return result
@@ -226,8 +234,7 @@ class EmulatedHost(Host):
         while len(out) < length:
             n = min(length - len(out), MAX_PAYLOAD)
             _, data, got = self._transact(fd, REQUEST.pack(OP_PREAD, n, offset + len(out)), b"", [])
-            for f in got:
-                os.close(f)
+            close_fds(got)
             out += data
             if len(data) < n:
                 break
@@ -241,8 +248,7 @@ class EmulatedHost(Host):
         while done < len(data) or not data:
             chunk = data[done:done + MAX_PAYLOAD]
             written, _, got = self._transact(fd, REQUEST.pack(OP_PWRITE, len(chunk), offset + done), chunk, [])
-            for f in got:
-                os.close(f)
+            close_fds(got)
             done += written
             if written < len(chunk) or not data:
                 break

@@ -117,19 +117,20 @@ def fds_from_ancillary(ancdata, flags: int) -> list[int]:
             fds.extend(arr)
     if flags & _socket.MSG_CTRUNC:
         # Too many fds: the kernel closed the rest; refuse the message.
-        for fd in fds:
-            _close_quietly(fd)
+        close_fds(fds)
         raise ProtocolError("too many file descriptors in one message")
     return fds
 
 
-def _close_quietly(fd: int) -> None:
+def close_fds(fds) -> None:
+    """Close fds that arrived with a message and are not kept."""
     import os
 
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def encode_json(obj: dict) -> bytes:

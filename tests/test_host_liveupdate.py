@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests.helpers import errno_of
+
 from devices.dsa_driver import BATCH_COMPLETION
 from devices.dsa_uapi import DSA_COMP_SUCCESS
 from devices.iommufd import IommuFd
@@ -19,11 +21,6 @@ from tests.vfio_rig import DATA, DEVICE_TOKEN, HWPT_TOKEN, IOMMUFD_TOKEN, RAM_TO
 
 SLOW = {"dsa_bandwidth": 24 << 20}  # 24 MiB/s: a second of DMA in flight
 
-
-def errno_of(fn, *args):
-    with pytest.raises(OSError) as e:
-        fn(*args)
-    return e.value.errno
 
 
 def status(host):
@@ -192,7 +189,7 @@ def test_hwpt_preservation_rules(emulated_host):
     hwpt = iommufd.hwpt_alloc(dev.bind_iommufd(iommufd), ioas)
     assert errno_of(iommufd.hwpt_liveupdate_mark_preserve, hwpt, 1) == errno.EINVAL  # not sealed
     iommufd.ioas_unmap(ioas, 0, 1 << 20)
-    ram = sealed_memfd(1 << 20)
+    ram = sealed_memfd("ram", 1 << 20)
     iommufd.ioas_map_file(ioas, ram, 0, 1 << 20, iova=0)
     iommufd.hwpt_liveupdate_mark_preserve(hwpt, HWPT_TOKEN)
     # The IOAS is immutable now.

@@ -4,7 +4,8 @@ import errno
 import os
 import struct
 
-import pytest
+
+from tests.helpers import errno_of
 
 from luvmm.abi import ffi, new_arg
 from devices.dsa_driver import COPY_COMPLETION
@@ -25,11 +26,6 @@ from devices.vfio_uapi import (
 )
 from tests.vfio_rig import DATA, VfioRig, sealed_memfd
 
-
-def errno_of(fn, *args, **kw):
-    with pytest.raises(OSError) as e:
-        fn(*args, **kw)
-    return e.value.errno
 
 
 def test_sysfs_and_cdev(emulated_host):
@@ -71,7 +67,7 @@ def test_iommufd_rules(emulated_host):
     host = emulated_host.host
     iommufd = IommuFd.open(host)
     ioas = iommufd.ioas_alloc()
-    mem = sealed_memfd(1 << 20)
+    mem = sealed_memfd("ram", 1 << 20)
     # A user VA cannot be pinned by the daemon: refused, clearly.
     assert errno_of(iommufd.ioas_map, ioas, 0x7F0000000000, 4096) == errno.EOPNOTSUPP
     assert iommufd.ioas_map_file(ioas, mem, 0, 1 << 20, iova=0x100000) == 0x100000

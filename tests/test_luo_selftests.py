@@ -9,6 +9,8 @@ import struct
 
 import pytest
 
+from tests.helpers import errno_of
+
 from luvmm.abi import new_arg, ffi
 from liveupdate.luo import LiveUpdate
 from liveupdate.luo_uapi import (
@@ -23,11 +25,6 @@ def memfd_with(data: bytes, name="luo-test", flags=0) -> int:
     os.write(fd, data)
     return fd
 
-
-def errno_of(fn, *args):
-    with pytest.raises(OSError) as e:
-        fn(*args)
-    return e.value.errno
 
 
 # --- liveupdate.c ------------------------------------------------------------------------------

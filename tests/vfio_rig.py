@@ -4,31 +4,24 @@ attached, MSI-X through an eventfd, and the selftests' DSA driver on top."""
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 
 from devices.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
 from devices.iommufd import IommuFd
 from devices.vfio import VfioDevice
+from vmm.vm import sealed_memfd
 
 RAM_IOVA = 0
 DATA = 0x20000
 RAM_TOKEN, IOMMUFD_TOKEN, DEVICE_TOKEN, HWPT_TOKEN = 0x1, 0x2, 0x3, 0x77
 
 
-def sealed_memfd(size: int, name: str = "guest-ram") -> int:
-    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
-    return fd
-
-
 class VfioRig:
     def __init__(self, host, size: int = 64 << 20, *, memfd: int | None = None, init: bool = True):
         self.host = host
         self.size = size
-        self.memfd = sealed_memfd(size) if memfd is None else memfd
+        self.memfd = sealed_memfd("guest-ram", size) if memfd is None else memfd
         self.map = mmap.mmap(self.memfd, size)
         self.view = memoryview(self.map)
         self.iommufd = IommuFd.open(host)

@@ -184,8 +184,8 @@ class Vm:
         self.vcpus = [self.vmfd.create_vcpu(i) for i in range(self.config.vcpus)]
 
     def _boot_vcpus(self) -> None:
-        top = max(guest.ram_ranges(self.config.memory)[-1][0] + guest.ram_ranges(self.config.memory)[-1][2],
-                  guest.MMIO_END)
+        gpa, _, length = guest.ram_ranges(self.config.memory)[-1]
+        top = max(gpa + length, guest.MMIO_END)
         cr3 = identity_page_tables(self.view, guest.PAGE_TABLES_GPA, top,
                                    uncached=((guest.MMIO_START, guest.MMIO_END),))
         for vcpu in self.vcpus:
