@@ -357,7 +357,10 @@ class Agent:
         # Let the reply to `update` leave before the reboot kills us.
         await trio.sleep(0)
         try:
-            await trio.to_thread.run_sync(self.host.kexec)
+            # Blocking, not in a worker thread: the guests are paused, nothing
+            # else is worth serving, and a thread's start is a millisecond of
+            # blackout.  The call returns only if the kexec was refused.
+            self.host.kexec()
         except OSError as e:
             log.error("kexec failed: %s; resuming the VMs", e)
             update.update(phase="failed", error=f"kexec failed: {e.strerror or e}", errno=e.errno)

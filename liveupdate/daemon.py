@@ -97,7 +97,7 @@ class HostDaemon:
                 await self.init.start_all(boot="cold")
                 task_status.started()
                 await self._stop.wait()
-                await self.init.kill_all()
+                await self.init.reap(self.init.kill_all())
                 nursery.cancel_scope.cancel()
         finally:
             listener.close()
@@ -300,7 +300,7 @@ class HostDaemon:
             # release path (a dying process's last close must not unpreserve).
             kernel.dropping = True
             self._kernel_scope.cancel()
-            await self.init.kill_all()
+            dying = self.init.kill_all()
             kernel.drop()
             self.machine.reset_for_kexec(bdfs, domains, memory)
             self.kexec_count += 1
@@ -315,6 +315,8 @@ class HostDaemon:
             marks["booted"] = time.time()
             await self.init.start_all(boot="kexec")
             marks["spawned"] = time.time()
+            await self.init.reap(dying)  # off the blackout's path: the units already run
+            marks["reaped"] = time.time()
             self.kexec_seconds.append(time.monotonic() - started)
             self.last_kexec = {"generation": self.generation, "seconds": self.kexec_seconds[-1],
                                "kho_bytes": len(image), "kho_error": self.last_kho_error, "marks": marks}

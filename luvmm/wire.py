@@ -20,7 +20,6 @@ Two kinds of SOCK_SEQPACKET sockets (message boundaries and SCM_RIGHTS):
 from __future__ import annotations
 
 import _socket
-import array
 import struct
 
 from luvmm import leanjson
@@ -69,7 +68,7 @@ def ancillary(fds) -> list:
     """The SCM_RIGHTS control message carrying ``fds`` (none: no message)."""
     if not fds:
         return []
-    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
 
 
 def send_msg(sock, data: bytes, fds: list[int] = ()) -> None:
@@ -112,9 +111,7 @@ def fds_from_ancillary(ancdata, flags: int) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[:len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
+            fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) - len(payload) % 4]))
     if flags & _socket.MSG_CTRUNC:
         # Too many fds: the kernel closed the rest; refuse the message.
         close_fds(fds)

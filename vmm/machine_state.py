@@ -11,11 +11,17 @@ The body is JSON: the guest config, each vCPU's ``kvm_regs`` and
 ids, BAR addresses, armed MSI-X vectors) and the phase timestamps taken so
 far.  A blob that is short, has the wrong magic or version, or fails its
 checksum is refused with a message: a VMM never resumes from a guess.
+
+The last 16 bytes of the state memfd hold when the blob was written
+(b"LUVMMSV\0" | f64 CLOCK_REALTIME): the one phase timestamp that cannot be
+inside the blob it times.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 import zlib
 
 from luvmm import leanjson
@@ -24,6 +30,8 @@ MAGIC = b"LUVMMST\0"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQ")
 STATE_MEMFD_SIZE = 1 << 20  # fixed: a preserved memfd's size is frozen
+SAVED = struct.Struct("<8sd")
+SAVED_MAGIC = b"LUVMMSV\0"
 
 
 class StateError(ValueError):
@@ -35,6 +43,29 @@ def encode(state: dict) -> bytes:
     if HEADER.size + len(body) > STATE_MEMFD_SIZE:
         raise StateError(f"machine state of {len(body)} bytes does not fit the state memfd")
     return HEADER.pack(MAGIC, VERSION, zlib.crc32(body), len(body)) + body
+
+
+def write(fd: int, state: dict) -> float:
+    """Write the blob into the state memfd; returns (and stamps) when it was written."""
+    blob = encode(state)
+    if len(blob) + 64 > STATE_MEMFD_SIZE - SAVED.size:
+        raise StateError(f"machine state of {len(blob)} bytes does not fit the state memfd")
+    os.pwrite(fd, blob + bytes(64), 0)
+    saved = time.time()
+    os.pwrite(fd, SAVED.pack(SAVED_MAGIC, saved), STATE_MEMFD_SIZE - SAVED.size)
+    return saved
+
+
+def read(fd: int) -> dict:
+    """The state in a state memfd, with ``phases["saved"]`` from its stamp."""
+    blob = os.pread(fd, STATE_MEMFD_SIZE, 0)
+    state = decode(blob)
+    if len(blob) == STATE_MEMFD_SIZE:
+        magic, saved = SAVED.unpack_from(blob, STATE_MEMFD_SIZE - SAVED.size)
+        phases = state.get("phases")
+        if magic == SAVED_MAGIC and isinstance(phases, dict) and saved >= phases.get("stopped", saved):
+            phases["saved"] = saved
+    return state
 
 
 def decode(blob: bytes) -> dict:

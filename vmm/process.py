@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     clock.mark("process_start", PROCESS_START)
     clock.mark("imported", IMPORTED)
     host = connect_host(args, state)
+    clock.mark("host_connected")
     agent, _ = wait_for_agent(state, 30)
+    clock.mark("agent_connected")
     incoming_fd = agent.retrieve_session(name) if os.environ.get("LUVMM_BOOT") == "kexec" else None
     clock.mark("connected")
     restored = None

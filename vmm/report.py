@@ -3,9 +3,10 @@
 Phases (DESIGN.md), from CLOCK_REALTIME marks taken by the old VMM, the host
 and the new VMM:
 
+    preserve         prepare received -> files in the LUO session (the guest
+                     still runs: LUO takes a file's contents at the reboot)
     pause            pause requested -> last vCPU stopped        (blackout starts)
     save             -> machine state written
-    preserve         -> files in the LUO session
     freeze           -> the host's freeze done (agent hand-off, LUO freeze, KHO image)
     kexec            -> the new kernel up
     spawn            -> the new VMM process running
@@ -21,17 +22,17 @@ from __future__ import annotations
 
 from vmm import guest
 
-PHASES = ("pause", "save", "preserve", "freeze", "kexec", "spawn", "start-up", "retrieve", "map",
+PHASES = ("preserve", "pause", "save", "freeze", "kexec", "spawn", "start-up", "retrieve", "map",
           "vcpu_restore", "device_reattach", "resume")
 
 
 def phase_marks(saved_phases: dict, kexec_marks: dict, marks: dict) -> list[tuple[str, float | None]]:
     """The mark that ends each phase, in order (None where it was not seen)."""
     return [
-        ("pause_start", saved_phases.get("pause_start")),
+        ("prepare", saved_phases.get("prepare")),
+        ("preserve", saved_phases.get("preserved")),
         ("pause", saved_phases.get("stopped")),
         ("save", saved_phases.get("saved")),
-        ("preserve", saved_phases.get("preserved")),
         ("freeze", kexec_marks.get("frozen")),
         ("kexec", kexec_marks.get("booted")),
         ("spawn", marks.get("process_start")),

@@ -19,7 +19,7 @@ import fcntl
 import mmap
 import os
 import struct
-import threading
+import _thread
 import time
 
 from luvmm.abi import ffi
@@ -110,6 +110,51 @@ def sealed_memfd(name: str, size: int) -> int:
     return fd
 
 
+class Monitor:
+    """A lock with threading.Condition's notify_all/wait_for, on _thread alone.
+
+    The vCPU threads park and resume through it.  `threading` (with functools
+    and collections) costs ~4 ms to import, and the restore path starts the
+    vCPUs before anything but the standard library's core is loaded.
+    """
+
+    def __init__(self):
+        self._lock = _thread.allocate_lock()
+        self._waiters: list = []
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def notify_all(self) -> None:
+        """Wake every waiter (the caller holds the lock)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
+
+    def wait_for(self, predicate, timeout: float | None = None) -> bool:
+        """Wait (holding the lock, released meanwhile) until ``predicate()``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not predicate():
+            left = -1 if deadline is None else deadline - time.monotonic()
+            if deadline is not None and left <= 0:
+                return False
+            waiter = _thread.allocate_lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+            self._lock.release()
+            try:
+                waiter.acquire(True, left)
+            finally:
+                self._lock.acquire()
+                if waiter in self._waiters:  # timed out: nobody will release it
+                    self._waiters.remove(waiter)
+        return True
+
+
 class GuestCrash:
     def __init__(self, vcpu: int, reason: str, rip: int = 0):
         self.vcpu, self.reason, self.rip = vcpu, reason, rip
@@ -148,11 +193,11 @@ class Vm:
         self.crash: GuestCrash | None = None
         self.mmio_unhandled = 0
         self.portal_writes = 0
-        self._cond = threading.Condition()
+        self._cond = Monitor()
         self._pause = False
         self._stop = False
         self._parked = 0
-        self._threads: list[threading.Thread] = []
+        self._threads: list = []  # one lock per vCPU thread, held until it ends
         self.last_stop = 0.0
         self.first_run = 0.0
         self._portal = {}
@@ -274,9 +319,16 @@ class Vm:
 
     def start_vcpus(self) -> None:
         for vcpu in self.vcpus:
-            t = threading.Thread(target=self._vcpu_loop, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True)
-            self._threads.append(t)
-            t.start()
+            done = _thread.allocate_lock()
+            done.acquire()
+            self._threads.append(done)
+            _thread.start_new_thread(self._vcpu_thread, (vcpu, done))
+
+    def _vcpu_thread(self, vcpu, done) -> None:
+        try:
+            self._vcpu_loop(vcpu)
+        finally:
+            done.release()
 
     def _vcpu_loop(self, vcpu) -> None:
         if _is_synthetic(vcpu):
@@ -428,8 +480,9 @@ class Vm:
             for vcpu in self.vcpus:
                 vcpu.kick()
             self._cond.notify_all()
-        for t in self._threads:
-            t.join(5)
+        for done in self._threads:
+            if done.acquire(True, 5):
+                done.release()
 
     # --- machine state ------------------------------------------------------------------------------
 
@@ -451,22 +504,17 @@ class Vm:
     # --- live update: prepare, cancel ----------------------------------------------------------------
 
     def prepare(self, session) -> dict:
-        """Pause, save the machine state into a preserved memfd, make sure the
-        RAM, the iommufd (HWPT marked), the device and the state are in the
-        session.  Returns the phase timestamps."""
+        """Make sure the RAM, the iommufd (HWPT marked), the device and the
+        state memfd are in the session, then pause and save the machine state
+        into the state memfd.  Returns the phase timestamps.
+
+        Preserving comes first, with the guest still running: LUO takes a
+        file's contents at the reboot, not at PRESERVE_FD, so only the pause
+        and the save are inside the blackout."""
         clock = Clock()
-        clock.mark("pause_start")
-        clock.mark("stopped", self.pause())
-        mailbox_at_pause = self.mailbox.snapshot()
-        inflight = guest.batches_in_flight(self.view)
-        self._disarm_msix()  # kernels of the reset-on-freeze kind refuse the reboot otherwise
-        state = self.machine_state(dict(clock.marks, mailbox_at_pause=mailbox_at_pause,
-                                        inflight_at_pause={str(k): v for k, v in inflight.items()}))
-        blob = machine_state.encode(state)
+        clock.mark("prepare")
         if self.state_memfd < 0:
             self.state_memfd = sealed_memfd(f"luvmm-{self.config.name}-state", machine_state.STATE_MEMFD_SIZE)
-        os.pwrite(self.state_memfd, blob + bytes(64), 0)
-        clock.mark("saved")
         preserved = getattr(self, "_preserved", set())
         for what, token, fd in (("device", DEVICE_TOKEN, self.dev.fd), ("iommufd", IOMMUFD_TOKEN, self.iommufd.fd),
                                 ("ram", RAM_TOKEN, self.memfd), ("state", STATE_TOKEN, self.state_memfd)):
@@ -478,6 +526,14 @@ class Vm:
             preserved.add(what)
         self._preserved = preserved
         clock.mark("preserved")
+        clock.mark("pause_start")
+        clock.mark("stopped", self.pause())
+        mailbox_at_pause = self.mailbox.snapshot()
+        inflight = guest.batches_in_flight(self.view)
+        self._disarm_msix()  # kernels of the reset-on-freeze kind refuse the reboot otherwise
+        state = self.machine_state(dict(clock.marks, mailbox_at_pause=mailbox_at_pause,
+                                        inflight_at_pause={str(k): v for k, v in inflight.items()}))
+        clock.mark("saved", machine_state.write(self.state_memfd, state))
         return clock.marks
 
     def cancel(self) -> float:
@@ -492,8 +548,7 @@ class Vm:
         """Rebuild a VM from its session after a kexec and resume it; returns
         (vm, the machine state it was saved with)."""
         state_fd = session.retrieve_fd(STATE_TOKEN)
-        blob = os.pread(state_fd, machine_state.STATE_MEMFD_SIZE, 0)
-        state = machine_state.decode(blob)
+        state = machine_state.read(state_fd)
         clock.mark("retrieved")
         vm = cls(host, VmConfig.from_dict(state["config"]))
         vm.state_memfd = state_fd
