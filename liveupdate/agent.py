@@ -40,6 +40,7 @@ from luvmm.wire import (
     encode_json,
     fds_from_ancillary,
     listen_seqpacket,
+    close_fds,
     recv_msg,
     send_msg,
 )
@@ -101,6 +102,8 @@ class Agent:
         self.incoming: dict[str, Session] = {}
         self.vmms: dict[str, Channel] = {}
         self.reports: dict[str, dict] = {}
+        #: VM name -> (meta, {token: fd}): what each VMM stored to be restarted on.
+        self.fdstore: dict[str, tuple[dict, dict[str, int]]] = {}
         self.reported = self.registered = None  # trio.Events, made when serve() starts
         self.update_file = os.path.join(state.path, "agent", "update.json")
         self.update = self._load_update()
@@ -152,12 +155,11 @@ class Agent:
                     continue
                 conn = conns[fd][0]
                 try:
-                    data, fds = recv_msg(conn)
+                    data, got = recv_msg(conn)
                 except OSError:
-                    data, fds = b"", []
-                for fd in fds:
-                    os.close(fd)
+                    data, got = b"", []
                 if not data:
+                    close_fds(got)
                     poll.unregister(fd)
                     del conns[fd]
                     conn.close()
@@ -165,14 +167,16 @@ class Agent:
                 try:
                     request = decode_json(data)
                 except ProtocolError as e:
+                    close_fds(got)
                     send_msg(conn, encode_json({"errno": errno.EINVAL, "error": str(e)}))
                     continue
                 if request.get("op") not in ("hello", "retrieve-session", "create-session"):
                     # The async server answers it (e.g. `luvmm update` asking for
                     # the result); restoring VMMs go first.
-                    conns[fd] = (conn, request)
+                    conns[fd] = (conn, (request, got))
                     poll.unregister(fd)
                     continue
+                close_fds(got)
                 try:
                     ok, out = self._sync_request(request)
                     reply = {"ok": ok}
@@ -201,13 +205,13 @@ class Agent:
                 conn, _ = await listener.accept()
                 nursery.start_soon(self._client, Channel(conn))
 
-    async def _client(self, ch: Channel, first: dict | None = None) -> None:
+    async def _client(self, ch: Channel, first: tuple[dict, list[int]] | None = None) -> None:
         registered = None
         with ch.conn:
             while True:
                 try:
                     if first is not None:
-                        request, fds, first = first, [], None
+                        (request, fds), first = first, None
                     else:
                         async with ch.lock:
                             request, fds = await ch.recv()
@@ -218,8 +222,10 @@ class Agent:
                     break
                 if request is None:
                     break
-                for fd in fds:
-                    os.close(fd)
+                if request.get("op") == "store-fds":
+                    await self._reply(ch, *self._store_fds(request, fds))
+                    continue
+                close_fds(fds)
                 if request.get("op") == "register":
                     registered = str(request.get("name"))
                     self.vmms[registered] = ch
@@ -253,11 +259,38 @@ class Agent:
             return {"pid": os.getpid(), "boot": self.boot, "generation": int(os.environ.get("LUVMM_GENERATION", 0)),
                     "update": self.update}, []
         if op == "create-session":
-            return True, [os.dup(self._outgoing(str(request["name"])).fd)]
+            name = str(request["name"])
+            if request.get("fresh") and name in self.outgoing:
+                self.outgoing.pop(name).close()  # the last reference: LUO unpreserves its files
+            return True, [os.dup(self._outgoing(name).fd)]
         if op == "retrieve-session":
             session = self._incoming(str(request["name"]))
             return True, [os.dup(session.fd)]
+        if op == "fetch-fds":
+            stored = self.fdstore.get(str(request["name"]))
+            if stored is None:
+                raise FileNotFoundError(errno.ENOENT, f"no files stored for {request['name']!r}")
+            meta, fds = stored
+            return {"meta": meta, "tokens": list(fds)}, [os.dup(fd) for fd in fds.values()]
+        if op == "drop-fds":
+            meta, fds = self.fdstore.pop(str(request["name"]), (None, {}))
+            close_fds(fds.values())
+            return meta is not None, []
         return None
+
+    def _store_fds(self, request: dict, fds: list[int]) -> tuple[dict, list[int]]:
+        """``store-fds``: keep a VMM's files (systemd's FDSTORE) so that a VMM
+        that dies is started again by init on the very same RAM, iommufd and
+        device -- DMA keeps running meanwhile.  Replaces what the VMM stored."""
+        name, tokens, meta = request.get("name"), request.get("tokens"), request.get("meta", {})
+        if not isinstance(name, str) or not isinstance(tokens, list) or len(tokens) != len(fds) \
+                or not all(isinstance(t, str) for t in tokens) or not isinstance(meta, dict):
+            close_fds(fds)
+            return {"errno": errno.EINVAL, "error": "store-fds: name, one token per fd, and a meta object"}, []
+        _, old = self.fdstore.pop(name, (None, {}))
+        close_fds(old.values())
+        self.fdstore[name] = (meta, dict(zip(tokens, fds)))
+        return {"ok": True}, []
 
     async def _request(self, request: dict):
         answered = self._sync_request(request)

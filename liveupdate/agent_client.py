@@ -30,16 +30,16 @@ class AgentClient:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, obj: dict) -> None:
-        send_msg(self.sock, encode_json(obj))
+    def send(self, obj: dict, fds: list[int] = ()) -> None:
+        send_msg(self.sock, encode_json(obj), fds)
 
     def recv(self) -> tuple[dict | None, list[int]]:
         data, fds = recv_msg(self.sock)
         return (decode_json(data) if data else None), fds
 
-    def call(self, request: dict) -> tuple[object, list[int]]:
+    def call(self, request: dict, fds: list[int] = ()) -> tuple[object, list[int]]:
         try:
-            self.send(request)
+            self.send(request, fds)
             reply, fds = self.recv()
         except (BrokenPipeError, ConnectionResetError):
             reply, fds = None, []
@@ -54,8 +54,9 @@ class AgentClient:
     def hello(self) -> dict:
         return self.call({"op": "hello"})[0]
 
-    def create_session(self, name: str) -> int:
-        return self.call({"op": "create-session", "name": name})[1][0]
+    def create_session(self, name: str, *, fresh: bool = False) -> int:
+        """This VM's outgoing session (``fresh``: a new one, replacing what an earlier VMM left)."""
+        return self.call({"op": "create-session", "name": name, "fresh": fresh})[1][0]
 
     def retrieve_session(self, name: str) -> int | None:
         """The incoming session of ``name``, or None when the previous kernel handed none over."""
@@ -65,6 +66,27 @@ class AgentClient:
             if e.errno == errno.ENOENT:
                 return None
             raise
+
+    def store_fds(self, name: str, meta: dict, fds: dict[str, int]) -> None:
+        """Give the agent ``{token: fd}`` (and ``meta``) to hand back to this VM's next VMM."""
+        self.call({"op": "store-fds", "name": name, "tokens": list(fds), "meta": meta}, list(fds.values()))
+
+    def fetch_fds(self, name: str) -> tuple[dict, dict[str, int]] | None:
+        """(meta, {token: fd}) that a previous VMM of ``name`` stored, or None."""
+        try:
+            reply, fds = self.call({"op": "fetch-fds", "name": name})
+        except AgentError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        if len(fds) != len(reply["tokens"]):
+            for fd in fds:
+                os.close(fd)
+            raise AgentError(errno.EPROTO, "the agent's fd store answered with the wrong number of fds")
+        return reply["meta"], dict(zip(reply["tokens"], fds))
+
+    def drop_fds(self, name: str) -> None:
+        self.call({"op": "drop-fds", "name": name})
 
     def restored(self, name: str, report: dict) -> None:
         self.call({"op": "restored", "name": name, "report": report})

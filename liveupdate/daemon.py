@@ -91,6 +91,7 @@ class HostDaemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.init.nursery = nursery
                 await self._boot(None)
                 nursery.start_soon(self._accept, listener)
                 nursery.start_soon(self.observer.run)
@@ -148,18 +149,19 @@ class HostDaemon:
                     break
                 if not data:
                     break
+                tag = REQUEST.unpack_from(data)[3] if len(data) >= REQUEST.size else 0
                 try:
                     fds = fds_from_ancillary(anc, flags)
                 except ProtocolError:
-                    await self._send(sock, REPLY.pack(-1, errno.EINVAL), [])
+                    await self._send(sock, REPLY.pack(-1, errno.EINVAL, tag), [])
                     continue
                 out_fds: list[int] = []
                 try:
-                    reply, out_fds = self._file_request(kernel, file, data, fds)
+                    result, err, payload, out_fds = self._file_request(kernel, file, data, fds)
                 finally:
                     close_fds(fds)
                 try:
-                    await self._send(sock, reply, out_fds)
+                    await self._send(sock, REPLY.pack(result, err, tag) + payload, out_fds)
                 finally:
                     close_fds(out_fds)
         finally:
@@ -173,10 +175,11 @@ class HostDaemon:
         except OSError:
             pass  # the caller is gone
 
-    def _file_request(self, kernel: Kernel, file, data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+    def _file_request(self, kernel: Kernel, file, data: bytes, fds: list[int]) -> tuple[int, int, bytes, list[int]]:
+        """(result, errno, payload, fds) of one request on an emulated file."""
         if len(data) < REQUEST.size:
-            return REPLY.pack(-1, errno.EINVAL), []
-        op, arg32, arg64 = REQUEST.unpack_from(data)
+            return -1, errno.EINVAL, b"", []
+        op, arg32, arg64, _ = REQUEST.unpack_from(data)
         payload = bytearray(data[REQUEST.size:])
         try:
             if op == OP_IOCTL:
@@ -191,23 +194,23 @@ class HostDaemon:
                 out_fds: list[int] = []
                 if isinstance(result, tuple):
                     result, out_fds = result
-                return REPLY.pack(result, 0) + bytes(payload), out_fds
+                return result, 0, bytes(payload), out_fds
             if op == OP_PREAD:
                 out = file.pread(arg32, arg64)
-                return REPLY.pack(len(out), 0) + out, []
+                return len(out), 0, out, []
             if op == OP_PWRITE:
                 if len(payload) != arg32:
                     raise KernelError(errno.EINVAL)
-                return REPLY.pack(file.pwrite(bytes(payload), arg64), 0), []
+                return file.pwrite(bytes(payload), arg64), 0, b"", []
             raise KernelError(errno.EINVAL, f"unknown operation {op}")
         except KernelError as e:
-            return REPLY.pack(-1, e.errno) + getattr(e, "payload", b""), []
+            return -1, e.errno, getattr(e, "payload", b""), []
         except (ValueError, struct.error) as e:
             log.info("bad request on %s: %s", file.describe(), e)
-            return REPLY.pack(-1, errno.EINVAL), []
+            return -1, errno.EINVAL, b"", []
         except Exception:
             log.exception("request on %s failed", file.describe())
-            return REPLY.pack(-1, errno.EIO), []
+            return -1, errno.EIO, b"", []
 
     # --- control socket ---------------------------------------------------------------------------
 

@@ -4,18 +4,31 @@ It starts every unit of the state dir's ``units/`` (the agent, one VMM per VM)
 at boot and again after every kexec, with the environment a unit needs to
 find its host (``LUVMM_HOST_SOCKET``, ``LUVMM_STATE_DIR``) and to know how it
 was started (``LUVMM_BOOT`` = ``cold`` or ``kexec``, ``LUVMM_GENERATION``).
-At kexec it SIGKILLs each unit's whole process group and waits for it: a
-process of the old kernel does not survive, and neither does anything it did
-not preserve.
+At kexec it SIGKILLs each unit's whole process group: a process of the old
+kernel does not survive, and neither does anything it did not preserve.
+
+A unit with ``"restart": "on-failure"`` (systemd's Restart=on-failure) that
+exits with a failure or is killed is started again with ``LUVMM_BOOT=restart``
+-- unless it exits with EX_CONFIG (78: what it was asked to run cannot run;
+systemd's RestartPreventExitStatus=)
+-- at most RESTART_BURST times in RESTART_INTERVAL seconds (StartLimitBurst,
+StartLimitIntervalSec).  A VMM started so picks its VM up from the agent's fd
+store.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 
 import trio
+
+log = logging.getLogger("luvmm.init")
+EX_CONFIG = 78  # sysexits.h: a unit that exits so is not restarted
+RESTART_BURST = 5
+RESTART_INTERVAL = 10.0
 
 
 class UnitProcess:
@@ -34,18 +47,32 @@ class UnitProcess:
         ])
         self.pidfd = os.pidfd_open(self.pid)
         self.returncode: int | None = None
+        self._waiting: trio.Event | None = None  # set when the task reading the pidfd is done
 
     def poll(self) -> int | None:
         if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid == self.pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
+                trio.lowlevel.notify_closing(self.pidfd)
                 os.close(self.pidfd)
         return self.returncode
 
     async def wait(self) -> int:
+        """Any number of tasks may wait (the restart watcher, a kexec's reaping):
+        one of them reads the pidfd, the others wait for it."""
         while self.poll() is None:
-            await trio.lowlevel.wait_readable(self.pidfd)
+            if self._waiting is not None:
+                await self._waiting.wait()
+                continue
+            self._waiting = waiting = trio.Event()
+            try:
+                await trio.lowlevel.wait_readable(self.pidfd)
+            except trio.ClosedResourceError:
+                pass  # poll() reaped it meanwhile
+            finally:
+                self._waiting = None
+                waiting.set()
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -60,6 +87,9 @@ class Init:
         self.procs: dict[str, UnitProcess] = {}
         self.started: dict[str, float] = {}
         self.starts: dict[str, int] = {}
+        self.restarts: dict[str, list[float]] = {}  # recent restarts, for the limit
+        self.restart_count: dict[str, int] = {}
+        self.nursery: trio.Nursery | None = None  # the daemon's: it watches units for the restart policy
 
     def _env(self, unit: dict, boot: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -85,7 +115,27 @@ class Init:
         self.procs[name] = proc
         self.started[name] = time.time()
         self.starts[name] = self.starts.get(name, 0) + 1
+        if unit.get("restart") == "on-failure" and self.nursery is not None:
+            self.nursery.start_soon(self._watch, name, proc)
         return proc.pid
+
+    async def _watch(self, name: str, proc: UnitProcess) -> None:
+        code = await proc.wait()
+        if self.procs.get(name) is not proc or code in (0, EX_CONFIG):
+            return  # stopped, killed by a kexec, done, or not worth another try
+        unit = next((u for u in self.state.read_units() if u["name"] == name), None)
+        if unit is None or unit.get("restart") != "on-failure":
+            return
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_INTERVAL]
+        if len(recent) >= RESTART_BURST:
+            log.error("unit %s failed %d times in %.0f s: not restarting it", name, len(recent), RESTART_INTERVAL)
+            return
+        self.restarts[name] = recent + [now]
+        self.restart_count[name] = self.restart_count.get(name, 0) + 1
+        log.warning("unit %s exited (%s): restarting it", name,
+                    f"signal {-code}" if code < 0 else f"status {code}")
+        self._start(unit, "restart")
 
     async def start_all(self, boot: str) -> None:
         for unit in self.state.read_units():
@@ -146,6 +196,7 @@ class Init:
             name = unit["name"]
             proc = self.procs.get(name)
             out.append({"name": name, "argv": unit["argv"], "pid": proc.pid if proc else None,
+                        "restarts": self.restart_count.get(name, 0),
                         "running": proc is not None and proc.poll() is None,
                         "returncode": proc.poll() if proc else None, "starts": self.starts.get(name, 0)})
         return out

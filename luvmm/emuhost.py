@@ -71,6 +71,7 @@ class EmulatedHost(Host):
             self._control.close()
             raise HostGone(e.errno or errno.ECONNREFUSED, f"no emulated host at {socket_path}: {e.strerror}") from None
         self._control_lock = _thread.allocate_lock()
+        self._tag = int.from_bytes(os.urandom(4), "little")  # not 0, nor another process's sequence
         self._locks: dict[int, _thread.LockType] = {}
         self._locks_lock = _thread.allocate_lock()
         self._peers: dict[tuple[int, int], bool] = {}
@@ -137,24 +138,31 @@ class EmulatedHost(Host):
                 lock = self._locks[fd] = _thread.allocate_lock()
             return lock
 
-    def _transact(self, fd: int, header: bytes, payload: bytes, fds: list[int],
+    def _transact(self, fd: int, op: int, arg: int, arg64: int, payload: bytes, fds: list[int],
                   on_error_payload=None) -> tuple[int, bytes, list[int]]:
         """One request on a file socket.  The fd *is* the socket.  A failing
         call may still carry the struct the kernel copied out before failing
-        (IOAS_IOVA_RANGES' EMSGSIZE): ``on_error_payload`` receives it."""
+        (IOAS_IOVA_RANGES' EMSGSIZE): ``on_error_payload`` receives it.
+        Replies with another tag answer a request of a process that held the
+        file before us and died waiting: they are dropped."""
         sock = _socket.socket(fileno=fd)
         try:
             with self._lock(fd):
+                self._tag = tag = (self._tag + 1) & 0xFFFFFFFF
                 try:
-                    send_msg(sock, header + payload, fds)
-                    data, got = recv_msg(sock)
+                    send_msg(sock, REQUEST.pack(op, arg, arg64, tag) + payload, fds)
+                    while True:
+                        data, got = recv_msg(sock)
+                        if len(data) < REPLY.size or REPLY.unpack_from(data)[2] == tag:
+                            break
+                        close_fds(got)
                 except (BrokenPipeError, ConnectionResetError):
                     data, got = b"", []
         finally:
             sock.detach()
         if len(data) < REPLY.size:
             raise OSError(errno.EIO, "the emulated kernel dropped this file (was there a kexec?)")
-        result, err = REPLY.unpack_from(data)
+        result, err, _ = REPLY.unpack_from(data)
         if err:
             close_fds(got)
             if on_error_payload is not None and len(data) > REPLY.size:
@@ -182,8 +190,7 @@ class EmulatedHost(Host):
         if not self.is_emulated(fd):
             return self.real._ioctl(fd, request, arg, definition)
         if isinstance(arg, int):
-            header = REQUEST.pack(OP_IOCTL, request, arg & 0xFFFFFFFFFFFFFFFF)
-            result, _, got = self._transact(fd, header, b"", [])
+            result, _, got = self._transact(fd, OP_IOCTL, request, arg & 0xFFFFFFFFFFFFFFFF, b"", [])
             close_fds(got)
             return result
         view = memoryview(arg).cast("B")
@@ -200,7 +207,7 @@ class EmulatedHost(Host):
             view[:size] = reply[:size]
 
         try:
-            result, reply, got = self._transact(fd, REQUEST.pack(OP_IOCTL, request, len(payload)), payload,
+            result, reply, got = self._transact(fd, OP_IOCTL, request, len(payload), payload,
                                                 send_fds, copy_back)
         except OSError as e:
             raise ioctl_error(e.errno, request) from None
@@ -233,7 +240,7 @@ class EmulatedHost(Host):
         out = bytearray()
         while len(out) < length:
             n = min(length - len(out), MAX_PAYLOAD)
-            _, data, got = self._transact(fd, REQUEST.pack(OP_PREAD, n, offset + len(out)), b"", [])
+            _, data, got = self._transact(fd, OP_PREAD, n, offset + len(out), b"", [])
             close_fds(got)
             out += data
             if len(data) < n:
@@ -247,7 +254,7 @@ class EmulatedHost(Host):
         done = 0
         while done < len(data) or not data:
             chunk = data[done:done + MAX_PAYLOAD]
-            written, _, got = self._transact(fd, REQUEST.pack(OP_PWRITE, len(chunk), offset + done), chunk, [])
+            written, _, got = self._transact(fd, OP_PWRITE, len(chunk), offset + done, chunk, [])
             close_fds(got)
             done += written
             if written < len(chunk) or not data:

@@ -9,12 +9,15 @@ Two kinds of SOCK_SEQPACKET sockets (message boundaries and SCM_RIGHTS):
   a request creates one (open);
 * one **file socket** per emulated file: the client holds one end of a
   socketpair made by the daemon -- that end *is* the file descriptor -- and
-  sends binary requests on it.  A request is a 16-byte header
-  ``<B op, 3 pad, I arg, Q arg64>`` followed by the payload (the ioctl's struct
-  bytes, or the data of a pwrite); the fds the struct names travel as
-  SCM_RIGHTS in the order of :func:`ioctl_fd_offsets`.  A reply is an 8-byte
-  header ``<i result, I errno>`` followed by the payload (the struct as the
-  kernel left it, read data) and the fds the kernel returns.
+  sends binary requests on it.  A request is a 20-byte header
+  ``<B op, 3 pad, I arg, Q arg64, I tag>`` followed by the payload (the ioctl's
+  struct bytes, or the data of a pwrite); the fds the struct names travel as
+  SCM_RIGHTS in the order of :func:`ioctl_fd_offsets`.  A reply is a 12-byte
+  header ``<i result, I errno, I tag>`` followed by the payload (the struct as
+  the kernel left it, read data) and the fds the kernel returns.  The tag is
+  the request's: a file outlives the process that made a request on it when
+  the file was passed on (an fd store, SCM_RIGHTS), and the next holder must
+  tell a reply meant for the dead one from its own.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ OP_IOCTL = 1
 OP_PREAD = 2
 OP_PWRITE = 3
 
-REQUEST = struct.Struct("<BxxxIQ")
-REPLY = struct.Struct("<iI")
+REQUEST = struct.Struct("<BxxxIQI")
+REPLY = struct.Struct("<iII")
 #: Largest message on any socket (header + payload); larger reads and writes are split.
 MAX_MESSAGE = 256 * 1024
 MAX_PAYLOAD = MAX_MESSAGE - REQUEST.size

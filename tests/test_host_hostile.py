@@ -37,7 +37,10 @@ def raw_file(fd: int, data: bytes, fds=()) -> tuple[int, int]:
         s.detach()
     for f in got:
         os.close(f)
-    return REPLY.unpack_from(reply)
+    result, err, tag = REPLY.unpack_from(reply)
+    if len(data) >= REQUEST.size:
+        assert tag == REQUEST.unpack_from(data)[3]  # each reply names the request it answers
+    return result, err
 
 
 def test_malformed_control_messages(emulated_host):
@@ -56,14 +59,14 @@ def test_malformed_file_messages(emulated_host):
     host = emulated_host.host
     luo = host.open("/dev/liveupdate")
     assert raw_file(luo, b"\x01\x02\x03") == (-1, errno.EINVAL)  # shorter than a header
-    assert raw_file(luo, REQUEST.pack(99, 0, 0)) == (-1, errno.EINVAL)  # unknown operation
+    assert raw_file(luo, REQUEST.pack(99, 0, 0, 7)) == (-1, errno.EINVAL)  # unknown operation
     # The header says 72 bytes of struct, the message carries 10.
-    assert raw_file(luo, REQUEST.pack(OP_IOCTL, LIVEUPDATE_IOCTL_CREATE_SESSION, 72) + bytes(10)) \
+    assert raw_file(luo, REQUEST.pack(OP_IOCTL, LIVEUPDATE_IOCTL_CREATE_SESSION, 72, 7) + bytes(10)) \
         == (-1, errno.EFAULT)
-    assert raw_file(luo, REQUEST.pack(OP_IOCTL, 0xBA07, 0)) == (-1, errno.EINVAL)  # not a LUO command
-    assert raw_file(luo, REQUEST.pack(OP_IOCTL, 0x12345678, 0)) == (-1, errno.EINVAL)
-    assert raw_file(luo, REQUEST.pack(OP_PREAD, 1 << 20, 0)) == (-1, errno.EINVAL)
-    assert raw_file(luo, REQUEST.pack(OP_PWRITE, 100, 0) + b"short") == (-1, errno.EINVAL)
+    assert raw_file(luo, REQUEST.pack(OP_IOCTL, 0xBA07, 0, 7)) == (-1, errno.EINVAL)  # not a LUO command
+    assert raw_file(luo, REQUEST.pack(OP_IOCTL, 0x12345678, 0, 7)) == (-1, errno.EINVAL)
+    assert raw_file(luo, REQUEST.pack(OP_PREAD, 1 << 20, 0, 7)) == (-1, errno.EINVAL)
+    assert raw_file(luo, REQUEST.pack(OP_PWRITE, 100, 0, 7) + b"short") == (-1, errno.EINVAL)
     # The same file still works.
     LiveUpdate(host, luo).create_session("still-serving")
 

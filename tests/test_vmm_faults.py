@@ -1,6 +1,9 @@
 """A live update that fails leaves the VM as it was: rollback with the guest intact."""
 
+import os
+import random
 import shutil
+import signal
 import tempfile
 import time
 
@@ -96,3 +99,70 @@ def test_a_vm_that_cannot_start_leaves_nothing_behind(host_with_agent):
     # The host can still update the VM that runs.
     record = update_once(state, timeout=60)
     assert record["vms"] == ["first"] and record["reports"]["first"]["guest_progressed"]
+
+
+def wait_for_restart(state, name, old_pid, timeout=60):
+    """The status of the VMM that init started after ``old_pid`` died, once its guest runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            st = manage.status(state, name)
+            if st["pid"] != old_pid and st["guest_state"] == "running":
+                return st
+        except (OSError, ValueError):
+            pass  # between the two VMMs
+        time.sleep(0.01)  # init restarts the VMM in another process
+    raise AssertionError(f"the VMM of {name} was not restarted")
+
+
+@pytest.mark.timeout(300)
+def test_vmm_killed_while_running_comes_back_on_its_ram_and_device(kvm_ok, host_with_agent):
+    """SIGKILL the VMM at random moments: init starts it again, it picks up the
+    RAM, iommufd and device from the agent's fd store, the firmware recovers
+    from what it keeps in RAM, and nothing is lost -- the device went on with
+    its DMA while no VMM existed."""
+    state, host = host_with_agent
+    manage.start(state, VmConfig("phoenix", memory=64 << 20), host)
+    rng = random.Random(5)
+    st = manage.status(state, "phoenix")
+    for kills in range(1, 4):
+        before = wait_for_progress(state, "phoenix", st["mailbox"])
+        time.sleep(rng.uniform(0.0, 0.3))  # where in its loop the guest is when its VMM dies
+        killed_at = time.time()
+        os.kill(st["pid"], signal.SIGKILL)
+        st = wait_for_restart(state, "phoenix", st["pid"])
+        assert st["boot"] == "restart" and st["crash"] is None
+        during = host.call({"op": "observe", "bdf": st["bdf"], "t0": killed_at, "t1": killed_at + 0.03})[0]
+        assert during["completions"] > 0  # DMA went on with no VMM at all
+        after = wait_for_progress(state, "phoenix", st["mailbox"])
+        assert after["recoveries"] == kills
+        for counter in ("heartbeat", "submitted", "completed", "descs_ok"):
+            assert after[counter] > before[counter]  # from where they were, not from zero
+        assert after["errors"] == 0 and after["verify_failures"] == 0
+        assert after["submitted"] - after["completed"] == after["inflight"]  # no batch lost
+    units = {u["name"]: u for u in host.call({"op": "units"})[0]}
+    assert units["vm-phoenix"]["restarts"] == 3
+    # And it still live-updates, with nothing lost.
+    report = update_once(state, timeout=60)["reports"]["phoenix"]
+    assert report["guest_progressed"] and (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)
+
+
+@pytest.mark.timeout(300)
+def test_vmm_killed_in_prepare_rolls_back_and_comes_back(kvm_ok, host_with_agent):
+    """The VMM dies with its vCPUs paused, before it saved anything: the update
+    is rolled back (no kexec), init restarts the VMM on the VM's files, and the
+    next update goes through."""
+    state, host = host_with_agent
+    manage.start(state, VmConfig("paused", memory=64 << 20), host, env={"LUVMM_VMM_FAULT": "die-in-prepare"})
+    st = manage.status(state, "paused")
+    before = wait_for_progress(state, "paused", st["mailbox"])
+    with pytest.raises(AgentError, match="prepare failed, update rolled back"):
+        update_once(state, timeout=60)
+    assert host.call({"op": "status"})[0]["kexec_count"] == 0
+    st = wait_for_restart(state, "paused", st["pid"])
+    after = wait_for_progress(state, "paused", st["mailbox"])
+    assert after["recoveries"] == 1 and after["completed"] > before["completed"]
+    assert after["errors"] == 0 and after["verify_failures"] == 0
+    assert after["submitted"] - after["completed"] == after["inflight"]
+    report = update_once(state, timeout=60)["reports"]["paused"]
+    assert report["guest_progressed"] and (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)

@@ -26,18 +26,20 @@ from vmm.report import update_report
 
 log = logging.getLogger("luvmm.vmm")
 VERIFY_TIMEOUT = 15.0
-#: LUVMM_VMM_FAULT=die-after-prepare: the VMM exits right after answering ready (tests).
-FAULT = os.environ.get("LUVMM_VMM_FAULT")
+#: LUVMM_VMM_FAULT (tests), in the VMM that init started cold (not in the one it restarts):
+#: die-after-prepare  the VMM exits right after answering ready;
+#: die-in-prepare     the VMM exits with its vCPUs paused, before the machine state is saved.
+FAULT = os.environ.get("LUVMM_VMM_FAULT") if os.environ.get("LUVMM_BOOT", "cold") == "cold" else None
 
 
 class Control:
-    def __init__(self, vm, host, state, name, agent, clock, restored):
+    def __init__(self, vm, host, state, name, agent, clock, restored, boot):
         self.vm, self.host, self.state, self.name = vm, host, state, name
         self.agent = agent
         self.clock = clock
         self.restored = restored
         self.session: Session | None = None
-        self.boot = "kexec" if restored else "cold"
+        self.boot = boot
         self.updates = 0
         self.last_report: dict | None = None
         self.done = trio.Event()
@@ -88,15 +90,22 @@ class Control:
                     os.close(fd)
                 request = decode_json(data)
                 reply = self._handle(request)
-                await sock.sendmsg([encode_json(reply)], ancillary([]))
-                if request.get("op") == "prepare" and "ok" in reply and FAULT == "die-after-prepare":
+                die = request.get("op") == "prepare" and "ok" in reply and FAULT == "die-after-prepare"
+                if die:  # said first: the kexec may kill us as soon as the agent has the reply
                     log.warning("fault injection: the VMM exits after preparing")
                     logging.shutdown()
+                await sock.sendmsg([encode_json(reply)], ancillary([]))
+                if die:
                     os._exit(137)  # fault injection: the VMM dies between "ready" and the kexec
 
     def _handle(self, request: dict) -> dict:
         op = request.get("op")
         if op == "prepare":
+            if FAULT == "die-in-prepare":
+                self.vm.pause()
+                log.warning("fault injection: the VMM exits with its vCPUs paused, in prepare")
+                logging.shutdown()
+                os._exit(137)
             try:
                 phases = self.vm.prepare(self.session)
             except OSError as e:
@@ -154,8 +163,8 @@ class Control:
                 await conn.send(encode_json(reply))
 
 
-def run_control_plane(vm, host, state, name, agent, clock, restored) -> int:
-    control = Control(vm, host, state, name, agent, clock, restored)
+def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> int:
+    control = Control(vm, host, state, name, agent, clock, restored, boot)
 
     async def main():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -163,7 +172,11 @@ def run_control_plane(vm, host, state, name, agent, clock, restored) -> int:
                 await nursery.start(control.serve_local)
                 if restored:
                     await control.verify()
-                control.session = Session(host, agent.create_session(name), name)
+                # A cold-booted VM has new files: a session an earlier VMM of
+                # this name left behind describes a VM that is gone.
+                control.session = Session(host, agent.create_session(name, fresh=boot == "cold"), name)
+                vm.preserve(control.session)
+                agent.store_fds(name, *vm.files())
                 if hasattr(host, "call"):  # an observer on the emulated machine's bus
                     host.call({"op": "watch", "bdf": vm.bdf, "iova": guest.offset("heartbeat")})
                 nursery.start_soon(control.agent_channel)
@@ -176,5 +189,9 @@ def run_control_plane(vm, host, state, name, agent, clock, restored) -> int:
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+    try:
+        agent.drop_fds(name)  # stopped: the VM is going away, and its files with it
+    except OSError:
+        pass
     vm.close()
     return 0

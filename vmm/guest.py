@@ -33,7 +33,7 @@ MIN_MEMORY = 32 << 20
 # struct mailbox, field by field (u64 each).
 MAILBOX_FIELDS = ("magic", "bar0", "bar2", "dma_base", "slots", "pairs", "xfer", "init_device",
                   "state", "heartbeat", "submitted", "completed", "descs_ok", "errors", "verify_failures",
-                  "last_error", "inflight", "init_error")
+                  "last_error", "inflight", "init_error", "recoveries")
 AUX_HEARTBEAT = len(MAILBOX_FIELDS) * 8
 GUEST_STATE = {0: "not started", 1: "initialising", 2: "running", 3: "device error"}
 

@@ -7,6 +7,7 @@ import shutil
 import socket
 import time
 
+from liveupdate.agent_client import AgentClient
 from liveupdate.state import StateDir, python_unit
 from luvmm.wire import MAX_MESSAGE, decode_json, encode_json
 from vmm.vm import VmConfig
@@ -45,7 +46,8 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
     vm_dir.mkdir(parents=True, exist_ok=True)
     (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name)
-    state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})))
+    # Restart=on-failure: a VMM that dies is started again, on the VM's files in the agent's fd store.
+    state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure")
     try:
         host.call({"op": "unit-start", "name": unit_name(config.name)})
         return _wait_running(state, config, host, wait)
@@ -71,7 +73,7 @@ def _wait_running(state: StateDir, config: VmConfig, host, wait: float) -> dict:
             if unit and unit["returncode"] is not None:
                 log = state.logs / f"{unit_name(config.name)}.log"
                 lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-                cause = next((ln for ln in reversed(lines) if ln and not ln.startswith(" ")), "")
+                cause = next((ln for ln in reversed(lines) if ln and not ln.startswith((" ", "---"))), "")
                 raise VmError(f"the VMM exited with {unit['returncode']}: {cause} (see {log})") from None
         time.sleep(0.02)  # the VMM is another process booting its guest
     raise VmError(f"VM {config.name!r} did not come up in {wait:.0f} s ({last})")
@@ -81,6 +83,14 @@ def stop(state: StateDir, name: str, host) -> bool:
     if not state.remove_unit(unit_name(name)):
         return False
     host.call({"op": "unit-stop", "name": unit_name(name)})
+    try:  # a VMM that had to be killed did not drop its stored files itself
+        client = AgentClient(state)
+        try:
+            client.drop_fds(name)
+        finally:
+            client.close()
+    except OSError:
+        pass
     shutil.rmtree(state.vm_dir(name), ignore_errors=True)
     return True
 

@@ -2,7 +2,11 @@
 
     python -m vmm --state-dir DIR --name NAME
 
-Cold boot builds the VM from ``DIR/vms/NAME/config.json``.  Restore mode --
+Cold boot builds the VM from ``DIR/vms/NAME/config.json``.  Restart
+(``LUVMM_BOOT=restart``: init starts the unit again after its VMM died) picks
+the VM up from the files the dead VMM left in the agent's fd store -- same
+RAM, same device, DMA never stopped -- and restarts the firmware on them
+(:meth:`Vm.recover`).  Restore mode --
 init starts the unit with ``LUVMM_BOOT=kexec`` and the agent holds an incoming
 session for the VM -- retrieves the session and its files, maps RAM, rebuilds
 KVM and the vCPUs, binds and attaches the device, re-arms interrupts and
@@ -26,6 +30,7 @@ from liveupdate.state import StateDir, parse_unit_args  # noqa: E402
 from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
 
 IMPORTED = time.time()
+EX_CONFIG = 78  # liveupdate.init.EX_CONFIG (not imported: the restore path does not import init)
 
 def connect_host(args: dict, state: StateDir):
     if args["host"] == "real":
@@ -54,16 +59,28 @@ def main(argv: list[str] | None = None) -> int:
     clock.mark("host_connected")
     agent, _ = wait_for_agent(state, 30)
     clock.mark("agent_connected")
-    incoming_fd = agent.retrieve_session(name) if os.environ.get("LUVMM_BOOT") == "kexec" else None
+    boot = os.environ.get("LUVMM_BOOT", "cold")
+    incoming_fd = agent.retrieve_session(name) if boot == "kexec" else None
+    stored = agent.fetch_fds(name) if boot == "restart" else None
     clock.mark("connected")
     restored = None
     if incoming_fd is not None:
         incoming = Session(host, incoming_fd, name)
         vm, saved = Vm.restore(host, incoming, clock)  # the guest runs again when this returns
         restored = (incoming, saved)
+    elif stored is not None:
+        vm = Vm.recover(host, *stored, clock)
     else:
-        vm = Vm(host, load_config(state, name))
-        vm.cold_boot()
+        if boot != "cold":
+            print(f"vmm[{name}]: nothing to {'restore' if boot == 'kexec' else 'restart on'}: "
+                  "booting the VM cold", file=sys.stderr)
+        boot = "cold"
+        try:
+            vm = Vm(host, load_config(state, name))
+            vm.cold_boot()
+        except (OSError, ValueError) as e:
+            print(f"vmm[{name}]: cannot start the VM: {e}", file=sys.stderr)
+            return EX_CONFIG  # init does not restart a VM that cannot start
         clock.mark("booted")
     # Only now the slow parts: logging, trio and the control plane.
     import logging
@@ -71,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vmm[{name}] %(levelname)s %(message)s")
     from vmm.control import run_control_plane
 
-    return run_control_plane(vm, host, state, name, agent, clock, restored)
+    return run_control_plane(vm, host, state, name, agent, clock, restored, boot)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ class Vm:
         self.first_run = 0.0
         self._portal = {}
         self.state_memfd = -1
+        self.preserved: set[str] = set()  # which of the VM's files are in its LUO session
 
     # --- memory -----------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ class Vm:
                 continue
             self.dev, self.bdf = dev, bdf
             return
-        if last is not None and last.errno == errno.EINVAL and self.config.device == "auto":
+        if last is not None and last.errno in (errno.EINVAL, errno.EBUSY) and self.config.device == "auto":
             raise OSError(errno.EBUSY, f"every DSA of the host is passed through to another VM "
                                        f"({', '.join(names)}): start the host with more --devices") from None
         raise last or OSError(errno.ENODEV, "no device to pass through")
@@ -503,28 +504,40 @@ class Vm:
 
     # --- live update: prepare, cancel ----------------------------------------------------------------
 
-    def prepare(self, session) -> dict:
+    def preserve(self, session) -> None:
         """Make sure the RAM, the iommufd (HWPT marked), the device and the
-        state memfd are in the session, then pause and save the machine state
-        into the state memfd.  Returns the phase timestamps.
+        state memfd are in the session (what is there already stays).
 
-        Preserving comes first, with the guest still running: LUO takes a
-        file's contents at the reboot, not at PRESERVE_FD, so only the pause
-        and the save are inside the blackout."""
-        clock = Clock()
-        clock.mark("prepare")
+        The control plane does this as soon as the VM runs, not at prepare:
+        LUO takes a file's contents at the reboot, not at PRESERVE_FD, so the
+        guest runs on meanwhile -- and the session then always describes the
+        VM, which is what a VMM restarted after a crash finds (:meth:`files`)."""
         if self.state_memfd < 0:
             self.state_memfd = sealed_memfd(f"luvmm-{self.config.name}-state", machine_state.STATE_MEMFD_SIZE)
-        preserved = getattr(self, "_preserved", set())
         for what, token, fd in (("device", DEVICE_TOKEN, self.dev.fd), ("iommufd", IOMMUFD_TOKEN, self.iommufd.fd),
                                 ("ram", RAM_TOKEN, self.memfd), ("state", STATE_TOKEN, self.state_memfd)):
-            if what in preserved:
+            if what in self.preserved:
                 continue
             if what == "iommufd":
                 self.iommufd.hwpt_liveupdate_mark_preserve(self.hwpt, HWPT_TOKEN)
             session.preserve_fd(fd, token)
-            preserved.add(what)
-        self._preserved = preserved
+            self.preserved.add(what)
+
+    def files(self) -> tuple[dict, dict[str, int]]:
+        """(meta, {token: fd}) for the agent's fd store: what a VMM started
+        after this one dies needs to pick the VM up (:meth:`recover`)."""
+        meta = {"config": self.config.to_dict(), "bdf": self.bdf, "ioas": self.ioas, "hwpt": self.hwpt,
+                "dev_id": self.dev_id, "preserved": sorted(self.preserved)}
+        return meta, {"ram": self.memfd, "iommufd": self.iommufd.fd, "device": self.dev.fd,
+                      "state": self.state_memfd}
+
+    def prepare(self, session) -> dict:
+        """Pause and save the machine state into the state memfd (after making
+        sure the files are in the session, which they normally already are).
+        Returns the phase timestamps."""
+        clock = Clock()
+        clock.mark("prepare")
+        self.preserve(session)
         clock.mark("preserved")
         clock.mark("pause_start")
         clock.mark("stopped", self.pause())
@@ -582,6 +595,37 @@ class Vm:
         vm.start_vcpus()
         clock.mark("resumed", vm.resume())
         return vm, state
+
+    @classmethod
+    def recover(cls, host, meta: dict, fds: dict[str, int], clock: Clock) -> Vm:
+        """Start a VM again on the RAM, iommufd and device that a VMM which
+        died left in the agent's fd store (:meth:`files`).
+
+        The device kept running, and its DMA with it.  The vCPUs' registers
+        died with that VMM, so vCPU 0 enters the firmware at _start again with
+        init_device = 0: the firmware keeps everything it knows in guest RAM
+        and recovers (vmm/firmware/fw.c), its counters going on from where
+        they were."""
+        config = VmConfig.from_dict(meta["config"])
+        if config.guest != "firmware":
+            for fd in fds.values():
+                os.close(fd)
+            raise OSError(errno.EOPNOTSUPP, "the synthetic guest keeps its state in the VMM: "
+                                            "it cannot be restarted on its RAM")
+        vm = cls(host, config)
+        vm.state_memfd = fds["state"]
+        vm._map_ram(fds["ram"])
+        vm.iommufd = IommuFd(host, fds["iommufd"])
+        vm.dev = VfioDevice(host, fds["device"])
+        vm.bdf, vm.ioas, vm.hwpt, vm.dev_id = meta["bdf"], meta["ioas"], meta["hwpt"], meta["dev_id"]
+        vm.preserved = set(meta["preserved"])
+        vm._arm_msix()
+        vm.mailbox["init_device"] = 0
+        vm._create_kvm()
+        vm._boot_vcpus()
+        vm.start_vcpus()
+        clock.mark("recovered")
+        return vm
 
     def close(self) -> None:
         self.stop()

@@ -12,6 +12,15 @@
  *
  * Portal submissions are eight 8-byte stores to the WQ's portal; the VMM
  * combines them into one 64-byte descriptor write.
+ *
+ * Restartable: everything the loop knows lives in guest RAM (the mailbox,
+ * slot_seq[], the journal), and the counters of a submit or a reap change
+ * together through a redo journal.  When a VMM dies and the next one starts
+ * vCPU 0 at _start again on the same RAM and device (init_device = 0, state
+ * still "running"), recover() finishes a committed journal entry, drains the
+ * WQ -- after which every descriptor the device took has written its record
+ * -- and takes back the slots whose batch never reached the device (the
+ * VMM died while combining its portal stores).
  */
 #include "mailbox.h"
 
@@ -32,6 +41,7 @@ typedef unsigned char u8;
 #define IDXD_CMD_RESET_DEVICE 5
 #define IDXD_CMD_ENABLE_WQ 6
 #define DSA_OPCODE_BATCH 0x01
+#define DSA_OPCODE_DRAIN 0x02
 #define DSA_OPCODE_MEMMOVE 0x03
 #define DSA_OPCODE_COMPVAL 0x06
 #define IDXD_OP_FLAG_FENCE 0x0001
@@ -80,8 +90,51 @@ static u64 buffer(u64 s, u64 p, u64 which)
 	return MB->dma_base + 0x100000 + ((s * MAX_PAIRS + p) * 2 + which) * MB->xfer;
 }
 
+static u64 drain_record(void) { return MB->dma_base + 0xc00; } /* between the batch and member records */
 static u64 slot_seq[MAX_SLOTS];
 static u64 next_seq = 1;
+
+/* The redo journal: a submit or a reap writes the new counters and slot here,
+ * commits, applies, and clears the commit.  Applying twice is harmless. */
+static struct {
+	u64 valid, slot, seq;
+	u64 submitted, completed, inflight, descs_ok, errors, verify_failures, last_error;
+} journal;
+
+static void begin(u64 slot, u64 seq)
+{
+	journal.slot = slot;
+	journal.seq = seq;
+	journal.submitted = MB->submitted;
+	journal.completed = MB->completed;
+	journal.inflight = MB->inflight;
+	journal.descs_ok = MB->descs_ok;
+	journal.errors = MB->errors;
+	journal.verify_failures = MB->verify_failures;
+	journal.last_error = MB->last_error;
+}
+
+static void apply(void)
+{
+	MB->submitted = journal.submitted;
+	MB->completed = journal.completed;
+	MB->inflight = journal.inflight;
+	MB->descs_ok = journal.descs_ok;
+	MB->errors = journal.errors;
+	MB->verify_failures = journal.verify_failures;
+	MB->last_error = journal.last_error;
+	slot_seq[journal.slot] = journal.seq;
+}
+
+static void commit(void)
+{
+	__asm__ volatile("" ::: "memory");
+	*(volatile u64 *)&journal.valid = 1;
+	__asm__ volatile("" ::: "memory");
+	apply();
+	__asm__ volatile("" ::: "memory");
+	*(volatile u64 *)&journal.valid = 0;
+}
 
 static u64 pattern(u64 seq) { return 0x9e3779b97f4a7c15ULL * seq ^ 0x4c55564d4dULL; }
 
@@ -167,12 +220,12 @@ static void submit(u64 s)
 	((struct record *)batch_record(s))->status = 0;
 	put_desc((u64)&batch, DSA_OPCODE_BATCH, IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_RCR, batch_record(s), list, 0,
 		 2 * pairs, 0);
-	slot_seq[s] = seq;
-	__asm__ volatile("" ::: "memory");
+	begin(s, seq);
+	journal.submitted++;
+	journal.inflight++;
+	commit();
 	for (i = 0; i < 8; i++)
 		portal[i] = words[i];
-	MB->submitted++;
-	MB->inflight++;
 }
 
 static void reap(u64 s)
@@ -181,24 +234,56 @@ static void reap(u64 s)
 	u64 pairs = MB->pairs, i;
 	u8 status = r->status;
 
+	begin(s, 0);
 	if (status == DSA_COMP_SUCCESS) {
-		MB->descs_ok += 2 * pairs;
+		journal.descs_ok += 2 * pairs;
 	} else {
-		MB->errors++;
-		MB->last_error = status;
+		journal.errors++;
+		journal.last_error = status;
 		for (i = 0; i < pairs; i++)
 			if (((struct record *)member_record(s, 2 * i + 1))->status == DSA_COMP_SUCCESS_PRED)
-				MB->verify_failures++;
+				journal.verify_failures++;
 	}
-	MB->completed++;
-	MB->inflight--;
-	slot_seq[s] = 0;
+	journal.completed++;
+	journal.inflight--;
+	commit();
+}
+
+static void recover(void)
+{
+	volatile struct record *drained = (volatile struct record *)drain_record();
+	volatile u64 *portal = (volatile u64 *)MB->bar2;
+	struct desc drain;
+	u64 *words = (u64 *)&drain, s, i;
+
+	if (journal.valid) {
+		apply();
+		journal.valid = 0;
+	}
+	drained->status = 0;
+	put_desc((u64)&drain, DSA_OPCODE_DRAIN, IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_RCR, drain_record(), 0, 0, 0, 0);
+	__asm__ volatile("" ::: "memory");
+	for (i = 0; i < 8; i++)
+		portal[i] = words[i];
+	while (!drained->status)
+		;
+	for (s = 0; s < MAX_SLOTS; s++) {
+		if (slot_seq[s] && !((volatile struct record *)batch_record(s))->status) {
+			begin(s, 0);
+			journal.submitted--;
+			journal.inflight--;
+			commit();
+		}
+	}
+	MB->recoveries++;
 }
 
 void main0(void)
 {
 	u64 s, slots;
 
+	if (MB->state == 2 && !MB->init_device)
+		recover(); /* a new VMM restarted us on the RAM and device we had */
 	MB->state = 1;
 	if (MB->init_device && init_device()) {
 		MB->state = 3;

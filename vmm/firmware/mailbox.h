@@ -30,6 +30,7 @@ struct mailbox {
 	unsigned long long last_error;	/* status of the last failed batch */
 	unsigned long long inflight;
 	unsigned long long init_error;	/* CMDSTS error of a failed init command */
+	unsigned long long recoveries;	/* restarts by a new VMM on the same RAM and device */
 	unsigned long long aux_heartbeat[16]; /* one per secondary vCPU */
 };
 
