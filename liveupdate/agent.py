@@ -16,8 +16,11 @@ agent coordinates updates.  An update, asked for by ``luvmm update``:
 
 The agent holds every session fd it hands out: a VMM that dies before the
 kexec does not take its preservation with it, and a restarted one gets its
-session back.  It speaks to the host only through the host interface, so it
-runs unchanged on a real host.
+session back.  It also keeps each VMM's files (``store-fds`` / ``fetch-fds``
+/ ``drop-fds``: RAM, iommufd, device, state memfd and what they are), so that
+the VMM init starts after one died picks the VM up on the same RAM and device
+(vmm/process.py).  It speaks to the host only through the host interface, so
+it runs unchanged on a real host.
 
 Protocol: SOCK_SEQPACKET at ``agent.sock`` in the state dir, one JSON object
 per message, fds by SCM_RIGHTS (the framing of :mod:`luvmm.wire`).
