@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = sub.add_parser("vm", help="VMs with a passed-through DSA: start, stop, status, list",
                         description="VMs are units of their host: init starts them again, in restore mode, "
-                                    "after every kexec.")
+                                    "after every kexec, and on the same RAM and device when their VMM dies.")
     vm_sub = vm.add_subparsers(dest="vm_command", metavar="ACTION")
     vm_sub.required = True
     vm_start = vm_sub.add_parser("start", help="start a VM (its guest drives a passed-through DSA)")
