@@ -21,6 +21,7 @@ import time
 
 PROCESS_START = time.time()  # first thing: the restore path measures from here
 
+import errno  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -69,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         vm, saved = Vm.restore(host, incoming, clock)  # the guest runs again when this returns
         restored = (incoming, saved)
     elif stored is not None:
-        vm = Vm.recover(host, *stored, clock)
+        try:
+            vm = Vm.recover(host, *stored, clock)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise  # init tries again
+            print(f"vmm[{name}]: cannot restart the VM: {e.strerror}", file=sys.stderr)
+            return EX_CONFIG
     else:
         if boot != "cold":
             print(f"vmm[{name}]: nothing to {'restore' if boot == 'kexec' else 'restart on'}: "
