@@ -51,6 +51,9 @@ from luvmm import leanjson
 from liveupdate.luo import LiveUpdate, Session
 from liveupdate.state import StateDir
 
+_IN_PROGRESS = ("kexec", "rolling-back", "restoring")
+
+
 class _LazyLog:
     """logging costs ~10 ms to import: only pay it when something is logged."""
 
@@ -122,6 +125,11 @@ class Agent:
         if update.get("phase") == "kexec" and self.boot == "kexec":
             update["phase"] = "restoring"
             update["reports"] = {}
+            self._save_update(update)
+        elif update.get("phase") in ("kexec", "rolling-back") and self.boot != "kexec":
+            # The agent died during the kexec call or the rollback, and no
+            # kexec happened: the update failed, and must not block the next.
+            update.update(phase="failed", error=update.get("error") or "the agent died during the update")
             self._save_update(update)
         return update
 
@@ -351,7 +359,7 @@ class Agent:
         return {"errno": errno.ETIMEDOUT, "error": f"{name} did not answer in {timeout:.0f} s"}
 
     async def _update(self, timeout: float) -> dict:
-        if self.update is not None and self.update.get("phase") in ("kexec", "restoring"):
+        if self.update is not None and self.update.get("phase") in _IN_PROGRESS:
             raise OSError(errno.EBUSY, f"update {self.update['id']} is still in progress")
         update_id = os.urandom(6).hex()
         # Every VM of the host takes part: wait for the VMMs that init has (re)started to register.
@@ -399,15 +407,19 @@ class Agent:
             self.host.kexec()
         except OSError as e:
             log.error("kexec failed: %s; resuming the VMs", e)
-            update.update(phase="failed", error=f"kexec failed: {e.strerror or e}", errno=e.errno)
+            # "rolling-back" until every VMM has resumed: whoever waits for
+            # the result sees the VMs running again, not a rollback under way.
+            update.update(phase="rolling-back", error=f"kexec failed: {e.strerror or e}", errno=e.errno)
             self._save_update(update)
             await self._cancel(vms, replies, update["id"])
+            update.update(phase="failed")
+            self._save_update(update)
             self.reported.set()
             self.reported = trio.Event()
 
     async def _result(self, timeout: float) -> dict:
         with trio.move_on_after(timeout):
-            while self.update is not None and self.update.get("phase") in ("kexec", "restoring"):
+            while self.update is not None and self.update.get("phase") in _IN_PROGRESS:
                 await self.reported.wait()
         return self.update
 
