@@ -313,6 +313,8 @@ class DsaDevice(PciFunction):
         #: When each top-level descriptor completed (CLOCK_REALTIME): what an
         #: observer on the bus sees, whatever the software above is doing.
         self.completion_times: collections.deque[float] = collections.deque(maxlen=1 << 20)
+        #: (completion time, bytes moved so far) at each of them: DMA throughput over time.
+        self.completion_bytes: collections.deque[tuple[float, int]] = collections.deque(maxlen=1 << 20)
         self._reset_registers()
 
     # --- life cycle -------------------------------------------------------------------
@@ -786,7 +788,9 @@ class DsaDevice(PciFunction):
         outcome, flags, opcode = self._process(wq, desc, gen, in_batch=False)
         if outcome is not None:
             self._complete(wq, desc, outcome, gen)
-        self.completion_times.append(time.time())
+        now = time.time()
+        self.completion_times.append(now)
+        self.completion_bytes.append((now, self.stats.bytes))
 
     def _process(self, wq: WorkQueue, desc: tuple, gen: int, in_batch: bool):
         """Validate and run one descriptor; returns (Outcome or None, flags, opcode).

@@ -60,7 +60,7 @@ PROFILES = ("continuous-dma", "reset-on-freeze")
 
 class HostDaemon:
     def __init__(self, state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
-                 dsa_bandwidth: float | None = None):
+                 dsa_bandwidth: float | None = None, metrics: str | None = None):
         if profile not in PROFILES:
             raise ValueError(f"unknown kernel profile {profile!r}")
         load_all()
@@ -73,6 +73,8 @@ class HostDaemon:
         self._kernel_scope: trio.CancelScope | None = None
         self.init = Init(state, self)
         self.kexec_count = 0
+        self.kexec_refused = 0
+        self.kho_refused = 0
         self.kexec_seconds: list[float] = []
         self.last_kho_error: str | None = None
         self.started = time.time()
@@ -82,6 +84,9 @@ class HostDaemon:
         self.faults = faults.Faults.from_env()
         self.observer = Observer(self.machine)
         self.last_kexec: dict = {}
+        #: Prometheus metrics: where to serve them ([ADDRESS:]PORT), and the port once bound.
+        self.metrics_listen = metrics
+        self.metrics_port: int | None = None
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -95,6 +100,13 @@ class HostDaemon:
                 await self._boot(None)
                 nursery.start_soon(self._accept, listener)
                 nursery.start_soon(self.observer.run)
+                if self.metrics_listen is not None:
+                    from metrics import http
+                    from metrics.core import registry_for
+                    from metrics.host import HostCollector
+
+                    self.metrics_port = await nursery.start(http.serve, registry_for(HostCollector(self)),
+                                                            self.metrics_listen)
                 await self.init.start_all(boot="cold")
                 task_status.started()
                 await self._stop.wait()
@@ -236,7 +248,7 @@ class HostDaemon:
                     request = decode_json(data)
                     ok, out_fds = await self._control_request(request, fds)
                     reply = {"ok": ok}
-                except (ProtocolError, KeyError, TypeError) as e:
+                except (ProtocolError, KeyError, TypeError, ValueError) as e:
                     reply = {"errno": errno.EINVAL, "error": f"malformed request: {e}"}
                 except OSError as e:
                     reply = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}
@@ -278,6 +290,10 @@ class HostDaemon:
             iova = request.get("iova")
             return self.observer.observe(str(request["bdf"]), float(request["t0"]), float(request["t1"]),
                                          None if iova is None else int(iova)), []
+        if op == "timeline":
+            iova = request.get("iova")
+            return self.observer.timeline(str(request["bdf"]), float(request["t0"]), float(request["t1"]),
+                                          float(request["bin_s"]), None if iova is None else int(iova)), []
         if op == "units":
             return self.init.status(), []
         if op == "unit-start":
@@ -294,7 +310,11 @@ class HostDaemon:
             started = time.monotonic()
             marks = {"reboot": time.time()}
             kernel = self.kernel
-            tree = kernel.freeze()  # a KernelError here: nothing happened, the caller gets the errno
+            try:
+                tree = kernel.freeze()  # a KernelError here: nothing happened, the caller gets the errno
+            except KernelError:
+                self.kexec_refused += 1
+                raise
             image = kho.encode_image(tree)
             bdfs, domains, memory = kernel.preserved_hardware()
             image = self.faults.kho_image(image)
@@ -313,6 +333,7 @@ class HostDaemon:
             except kho.KhoError as e:
                 log.error("the new kernel refused the KHO image: %s", e)
                 self.last_kho_error = str(e)
+                self.kho_refused += 1
                 new_tree = None
             await self._boot(new_tree)
             marks["booted"] = time.time()
@@ -332,6 +353,8 @@ class HostDaemon:
             "uptime_s": round(time.time() - self.started, 3),
             "kernel_profile": self.profile,
             "kexec_count": self.kexec_count,
+            "kexec_refused": self.kexec_refused,
+            "metrics_port": self.metrics_port,
             "kexec_seconds": [round(s, 4) for s in self.kexec_seconds],
             "last_kho_error": self.last_kho_error,
             "last_kexec": self.last_kexec,
@@ -351,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--kernel-profile", choices=PROFILES, default="continuous-dma")
     parser.add_argument("--dsa-bandwidth", type=float, default=None, help="bytes per second (default: unlimited)")
+    parser.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", default=None,
+                        help="serve Prometheus metrics over HTTP (loopback unless ADDRESS is given)")
     parser.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd when serving")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -358,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     state = StateDir(args.state_dir)
     state.ensure()
     daemon = HostDaemon(state, devices=args.devices, profile=args.kernel_profile,
-                        dsa_bandwidth=args.dsa_bandwidth)
+                        dsa_bandwidth=args.dsa_bandwidth, metrics=args.metrics_port)
 
     async def serve():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -29,7 +29,7 @@ def running(state: StateDir) -> bool:
 
 def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
           dsa_bandwidth: float | None = None, agent: bool = True, timeout: float = 30.0,
-          env: dict | None = None) -> int:
+          env: dict | None = None, metrics_port: str | int | None = None) -> int:
     """Start a daemon in the background; returns its pid once it serves."""
     if running(state):
         raise HostError(f"an emulated host is already running in {state.path}")
@@ -45,6 +45,8 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
             "--kernel-profile", profile, "--ready-fd", str(write_end)]
     if dsa_bandwidth:
         argv += ["--dsa-bandwidth", str(dsa_bandwidth)]
+    if metrics_port is not None:
+        argv += ["--metrics-port", str(metrics_port)]
     with open(state.log, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 pass_fds=(write_end,), start_new_session=True,

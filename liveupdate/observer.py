@@ -22,6 +22,7 @@ import trio
 from devices.iommu import DmaFault
 
 SAMPLE_PERIOD = 0.001
+MAX_BINS = 1 << 16
 
 
 def window_stats(times, t0: float, t1: float) -> tuple[int, float]:
@@ -64,6 +65,35 @@ class Observer:
                     self._last[key] = value
                     changes.append(now)
             await trio.sleep(SAMPLE_PERIOD)
+
+    def timeline(self, bdf: str, t0: float, t1: float, bin_s: float, iova: int | None = None) -> dict:
+        """DMA over [t0, t1) in bins of ``bin_s``: bytes moved and descriptors
+        completed per bin, and the heartbeat's changes per bin where watched
+        (what `luvmm demo` plots)."""
+        dev = self.machine.devices.get(bdf)
+        if dev is None:
+            raise FileNotFoundError(2, f"no device {bdf}")
+        if not (bin_s > 0 and t1 > t0) or (t1 - t0) / bin_s > MAX_BINS:
+            raise ValueError(f"need t1 > t0 and at most {MAX_BINS} bins of a positive width")
+        nbins = int(-(-(t1 - t0) // bin_s))
+        moved, completions = [0] * nbins, [0] * nbins
+        log = list(dev.completion_bytes)
+        before = bisect.bisect_left(log, (t0,))
+        last = log[before - 1][1] if before else None
+        for t, total in log[before:bisect.bisect_left(log, (t1,))]:
+            i = int((t - t0) // bin_s)
+            completions[i] += 1
+            if last is not None:
+                moved[i] += total - last
+            last = total
+        result = {"t0": t0, "bin_s": bin_s, "bytes": moved, "completions": completions}
+        if iova is not None and (bdf, iova) in self.watches:
+            beats = [0] * nbins
+            changes = list(self.watches[(bdf, iova)])
+            for t in changes[bisect.bisect_left(changes, t0):bisect.bisect_left(changes, t1)]:
+                beats[int((t - t0) // bin_s)] += 1
+            result["heartbeat_changes"] = beats
+        return result
 
     def observe(self, bdf: str, t0: float, t1: float, iova: int | None = None) -> dict:
         dev = self.machine.devices.get(bdf)

@@ -59,6 +59,29 @@ def _state_dir_arg(p: argparse.ArgumentParser) -> None:
                         "else /tmp/luvmm-UID; started there if none is running)")
 
 
+def _metrics_port_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=_listen,
+                   help=f"serve {what} Prometheus metrics over HTTP at /metrics (on loopback unless ADDRESS "
+                        "is given); README.md lists them")
+
+
+def _listen(text: str) -> str:
+    from metrics.http import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _metrics_url(listen: str) -> str:
+    from metrics.http import parse_listen
+
+    address, port = parse_listen(listen)
+    return f"{address}:{port}"
+
+
 def _host(args: argparse.Namespace):
     from liveupdate.hostctl import ensure
 
@@ -74,9 +97,12 @@ def _cmd_host_start(args: argparse.Namespace) -> int:
         print(f"an emulated host is already running in {state.path}", file=sys.stderr)
         return 1
     pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
-                        dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent)
+                        dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent,
+                        metrics_port=args.metrics_port)
     print(f"emulated host running in {state.path} (pid {pid}, {args.devices} DSA, kernel profile "
           f"{args.kernel_profile}); control socket {state.socket}")
+    if args.metrics_port is not None:
+        print(f"Prometheus metrics on http://{_metrics_url(args.metrics_port)}/metrics")
     return 0
 
 
@@ -141,7 +167,8 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
         guest = "firmware" if ok else "synthetic"
         if not ok:
             print(f"no usable KVM ({why}): running the synthetic guest", file=sys.stderr)
-    config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=guest)
+    config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=guest,
+                      metrics=args.metrics_port)
     try:
         config.check()
     except ValueError as e:
@@ -158,6 +185,10 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
         host.close_connection()
     print(f"VM {args.name} running (pid {st['pid']}, {args.memory >> 20} MiB, {args.vcpus} vCPU, DSA {st['bdf']}, "
           f"{guest} guest)")
+    if st.get("metrics_error"):
+        print(f"luvmm vm start: {st['metrics_error']}", file=sys.stderr)
+    elif st.get("metrics_port") is not None:
+        print(f"Prometheus metrics on http://{_metrics_url(args.metrics_port)}/metrics")
     return 0
 
 
@@ -292,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bytes per second each DSA moves, e.g. 1G, or 0 for as fast as memcpy (default 64M: "
                             "slow enough that work queued before a live update outlasts its blackout)")
     start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
+    _metrics_port_arg(start, "the host's (devices, kexecs, units)")
     start.set_defaults(func=_cmd_host_start)
     stop = host_sub.add_parser("stop", help="stop the emulated host (its units are killed)")
     _state_dir_arg(stop)
@@ -319,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="firmware: the guest firmware under KVM; synthetic: the same DMA workload "
                                "driven from the host side (no KVM needed); auto (default): firmware where "
                                "/dev/kvm is usable")
+    _metrics_port_arg(vm_start, "the VM's (blackout, phases, DMA continuity, guest counters)")
     vm_start.set_defaults(func=_cmd_vm_start)
     vm_stop = vm_sub.add_parser("stop", help="stop a VM and remove its unit")
     vm_stop.add_argument("name")

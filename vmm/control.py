@@ -6,6 +6,9 @@
 * The agent channel: ``prepare`` pauses the VM, saves and preserves it;
   ``cancel`` resumes it (rollback).  A failed prepare rolls back by itself.
 * ``vms/NAME/vmm.sock``: ``status`` and ``stop`` for `luvmm vm`.
+* Metrics: every update's figures go into ``vms/NAME/metrics.json`` (they
+  outlive this process, as counters must), served to Prometheus over HTTP
+  when the VM's config has a metrics address.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import socket
 
 import trio
 
+from metrics.vmm import UpdateStats
 from luvmm.wire import MAX_FDS, MAX_MESSAGE, ancillary, decode_json, encode_json, fds_from_ancillary, \
     listen_seqpacket
 from liveupdate.luo import Session
@@ -43,6 +47,41 @@ class Control:
         self.updates = 0
         self.last_report: dict | None = None
         self.done = trio.Event()
+        self.metrics_path = str(state.vm_dir(name) / "metrics.json")
+        self.stats = self._load_stats()
+        self.metrics_port: int | None = None
+        self.metrics_error: str | None = None
+        self.ready = False  # registered with the agent, files stored, metrics served
+
+    # --- metrics -------------------------------------------------------------------------------
+
+    def _load_stats(self) -> UpdateStats:
+        try:
+            return UpdateStats.load(self.metrics_path)
+        except ValueError as e:
+            # Kept for a post-mortem; the counters start again (Prometheus sees a reset).
+            log.error("%s; kept as %s.damaged, counting from zero", e, self.metrics_path)
+            os.replace(self.metrics_path, self.metrics_path + ".damaged")
+            return UpdateStats()
+
+    def _save_stats(self) -> None:
+        try:
+            self.stats.save(self.metrics_path)
+        except OSError as e:
+            log.error("cannot save the metrics: %s", e)
+
+    async def serve_metrics(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from metrics import http
+        from metrics.core import registry_for
+        from metrics.vmm import VmmCollector
+
+        registry = registry_for(VmmCollector(self.name, self.stats, self.vm.mailbox.snapshot, self.vm.config.memory))
+        try:
+            await http.serve(registry, self.vm.config.metrics, task_status=task_status)
+        except OSError as e:  # binding: the VM runs on without its endpoint, and says why
+            self.metrics_error = f"cannot serve metrics on {self.vm.config.metrics}: {e.strerror or e}"
+            log.error("%s", self.metrics_error)
+            task_status.started(None)
 
     # --- after a restore ------------------------------------------------------------------
 
@@ -67,6 +106,8 @@ class Control:
         self.clock.mark("finished")
         report = update_report(vm, self.host, self.clock.marks, saved, after)
         self.last_report = report
+        self.stats.record(report)
+        self._save_stats()
         await trio.to_thread.run_sync(self.agent.restored, self.name, report)
         log.info("restored: blackout %.1f ms, %d DMA completions during it", report["blackout_s"] * 1000,
                  report["dma_completed_during_blackout"])
@@ -74,12 +115,13 @@ class Control:
 
     # --- the agent channel -------------------------------------------------------------------
 
-    async def agent_channel(self) -> None:
+    async def agent_channel(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         await sock.connect(self.state.agent_socket)
         with sock:
             await sock.send(encode_json({"op": "register", "name": self.name}))
             await sock.recv(MAX_MESSAGE)
+            task_status.started()
             while True:
                 data, anc, flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
                                                          socket.MSG_CMSG_CLOEXEC)
@@ -111,13 +153,19 @@ class Control:
             except OSError as e:
                 log.error("prepare failed: %s; resuming", e)
                 self.vm.cancel()
+                self._rolled_back()
                 return {"errno": e.errno or errno.EIO, "error": f"{self.name}: prepare failed: {e}"}
             self.updates += 1
             return {"ok": {"phases": phases}}
         if op == "cancel":
             self.vm.cancel()
+            self._rolled_back()
             return {"ok": True}
         return {"errno": errno.EINVAL, "error": f"unknown request {op!r}"}
+
+    def _rolled_back(self) -> None:
+        self.stats.record_rollback()
+        self._save_stats()
 
     # --- vmm.sock ----------------------------------------------------------------------------------
 
@@ -128,6 +176,7 @@ class Control:
                 "bdf": vm.bdf, "guest_state": guest.GUEST_STATE.get(mb["state"], str(mb["state"])),
                 "mailbox": mb, "crash": vm.crash and vars(vm.crash), "interrupts": vm.count_interrupts(),
                 "portal_writes": vm.portal_writes, "updates_prepared": self.updates,
+                "ready": self.ready, "metrics_port": self.metrics_port, "metrics_error": self.metrics_error,
                 "last_update": self.last_report}
 
     async def serve_local(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -179,7 +228,10 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
                 agent.store_fds(name, *vm.files())
                 if hasattr(host, "call"):  # an observer on the emulated machine's bus
                     host.call({"op": "watch", "bdf": vm.bdf, "iova": guest.offset("heartbeat")})
-                nursery.start_soon(control.agent_channel)
+                await nursery.start(control.agent_channel)
+                if vm.config.metrics is not None:
+                    control.metrics_port = await nursery.start(control.serve_metrics)
+                control.ready = True
 
                 async def on_signal():
                     async for _ in signals:

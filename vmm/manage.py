@@ -62,7 +62,7 @@ def _wait_running(state: StateDir, config: VmConfig, host, wait: float) -> dict:
     while time.monotonic() < deadline:
         try:
             st = status(state, config.name)
-            if st["guest_state"] == "running" or st["crash"]:
+            if st["guest_state"] == "running" and st["ready"] or st["crash"]:
                 if st["crash"]:
                     raise VmError(f"the guest crashed: {st['crash']}")
                 return st

@@ -62,12 +62,15 @@ class VmConfig:
     """A VM's configuration (vms/NAME/config.json).  A plain class, not a
     dataclass: ``dataclasses`` costs tens of milliseconds on the restore path."""
 
-    FIELDS = ("name", "memory", "vcpus", "device", "guest", "slots", "pairs", "xfer")
+    FIELDS = ("name", "memory", "vcpus", "device", "guest", "slots", "pairs", "xfer", "metrics")
 
     def __init__(self, name: str, memory: int = 256 << 20, vcpus: int = 1, device: str = "auto",
-                 guest: str = "firmware", slots: int = 32, pairs: int = 4, xfer: int = 16 << 10):
+                 guest: str = "firmware", slots: int = 32, pairs: int = 4, xfer: int = 16 << 10,
+                 metrics: str | None = None):
         self.name, self.memory, self.vcpus, self.device, self.guest = name, memory, vcpus, device, guest
         self.slots, self.pairs, self.xfer = slots, pairs, xfer
+        #: where the VMM serves Prometheus metrics, "[ADDRESS:]PORT" (None: not served)
+        self.metrics = metrics
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.FIELDS}
