@@ -290,6 +290,38 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from luvmm.demo import DemoError, run_demo
+
+    guest = args.guest
+    if guest == "auto":
+        from vmm.kvm import kvm_available
+
+        ok, why = kvm_available()
+        guest = "firmware" if ok else "synthetic"
+        if not ok:
+            print(f"no usable KVM ({why}): running the synthetic guest", file=sys.stderr)
+    try:
+        result = run_demo(cycles=args.cycles, profile=args.kernel_profile, report_dir=args.report,
+                          memory=args.memory, guest_kind=guest, metrics_port=args.metrics_port, keep=args.keep,
+                          state_dir=args.state_dir)
+    except DemoError as e:
+        print(f"luvmm demo: {e}", file=sys.stderr)
+        return 1
+    from metrics.report import verdict
+
+    summary = result["summary"]
+    print()
+    print(verdict(summary, {"kernel_profile": args.kernel_profile})[1])
+    print(f"Report: file://{os.path.abspath(result['report'])}")
+    if args.keep:
+        print(f"The host and the VM still run: luvmm host stop --state-dir {result['state_dir']}")
+    bad = any(c.get(k) for c in summary["cycles"] for k in ("dma_errors", "dma_lost", "dma_corrupted"))
+    return 1 if bad or summary["failed_updates"] or not summary["cycles"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="luvmm",
@@ -308,6 +340,26 @@ def build_parser() -> argparse.ArgumentParser:
     uapi.add_argument("--json", action="store_true",
                       help='one JSON object: {"IOCTL_NAME": number, "sizeof(struct NAME)": bytes, ...}')
     uapi.set_defaults(func=_cmd_uapi)
+
+    demo = sub.add_parser(
+        "demo", help="start here: a VM with a passed-through DSA, live updates, a report",
+        description="On an emulated host of its own: start a VM whose guest drives a passed-through DSA, "
+                    "live-update the host while DMA runs (a live view shows throughput and each blackout "
+                    "with its phases), and write a report with plots (DIR/index.html, PNGs beside it).")
+    demo.add_argument("--cycles", type=int, default=5, help="live updates (default 5)")
+    demo.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma",
+                      help="continuous-dma (default): the preserved device DMAs through the kexec; "
+                           "reset-on-freeze: the upstream behaviour, the device is reset (the contrast)")
+    demo.add_argument("--report", metavar="DIR", default="luvmm-report", help="where to write the report "
+                                                                               "(default ./luvmm-report)")
+    demo.add_argument("--memory", type=_size, default=256 << 20, metavar="SIZE", help="guest RAM (default 256M)")
+    demo.add_argument("--guest", choices=("auto", "firmware", "synthetic"), default="auto",
+                      help="auto (default): the firmware under KVM where /dev/kvm is usable, else synthetic")
+    demo.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=_listen,
+                      help="serve Prometheus metrics: the host's on PORT, the VM's on PORT+1")
+    demo.add_argument("--keep", action="store_true", help="leave the host and the VM running afterwards")
+    demo.add_argument("--state-dir", metavar="DIR", help="the demo host's state dir (default: a new one in /tmp)")
+    demo.set_defaults(func=_cmd_demo)
 
     host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec",
                           description="The emulated host daemon: an emulated machine (Intel DSA devices, IOMMU), "

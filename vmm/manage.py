@@ -37,6 +37,22 @@ def status(state: StateDir, name: str) -> dict:
     return vmm_call(state, name, {"op": "status"})
 
 
+def wait_ready(state: StateDir, name: str, timeout: float = 30.0) -> dict:
+    """The VM's status once its control plane is up (after a start or a
+    restore: registered with the agent, files stored, metrics served)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            st = status(state, name)
+            if st["ready"]:
+                return st
+        except (OSError, ValueError):  # between two VMM processes
+            pass
+        if time.monotonic() > deadline:
+            raise VmError(f"VM {name!r} was not ready in {timeout:.0f} s")
+        time.sleep(0.01)  # polling another process
+
+
 def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: dict | None = None) -> dict:
     """Write the VM's config and unit, start it, wait until its guest runs."""
     config.check()

@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vmm[{name}]: cannot start the VM: {e}", file=sys.stderr)
             return EX_CONFIG  # init does not restart a VM that cannot start
         clock.mark("booted")
-    # Only now the slow parts: logging, trio and the control plane.
+    # Only now the slow parts: logging, trio and the control plane.  The
+    # vCPU threads need the GIL for every MMIO exit (8 per portal write):
+    # hand it over within 0.5 ms, not the default 5, or the imports below
+    # stall the guest for a hundred milliseconds after the resume.
+    sys.setswitchinterval(0.0005)
     import logging
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vmm[{name}] %(levelname)s %(message)s")

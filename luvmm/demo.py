@@ -1,0 +1,183 @@
+"""`luvmm demo`: the whole story in one command, on the embedded emulated host.
+
+It starts an emulated host of its own (a fresh state dir, so a host you
+already run is left alone), a VM whose guest firmware drives a passed-through
+DSA, lets DMA run, live-updates the host N times while a terminal view shows
+progress, DMA throughput and each blackout with its phases, and writes a
+report (metrics/report.py) whose plots show DMA going on while the VM was
+paused.  The DMA and heartbeat timelines come from the observer on the
+emulated machine's bus, not from the software being measured.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+
+import trio
+
+from liveupdate import hostctl
+from liveupdate.agent_client import AgentError
+from liveupdate.state import StateDir
+from liveupdate.update import summarize, update_once
+from luvmm.emuhost import connect
+from vmm import guest, manage
+from vmm.report import PHASES
+from vmm.vm import VmConfig
+
+DSA_BANDWIDTH = 64 << 20
+#: DMA before the first update and between updates: a baseline to compare the blackouts with.
+SETTLE_S = 0.6
+VIEW_PERIOD_S = 0.1
+OVERVIEW_BINS, OVERVIEW_MIN_BIN_S = 600, 0.02  # the whole run's timeline
+ZOOM_S, ZOOM_BIN_S = 0.15, 0.005  # around each blackout
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def _phase_line(phases: dict) -> str:
+    return " | ".join(f"{p} {phases[p] * 1000:.1f}" for p in PHASES if p in phases)
+
+
+class TerminalView:
+    """Progress, DMA throughput and the guest's counters, redrawn in place on
+    a terminal (one line per event elsewhere, e.g. in CI logs)."""
+
+    def __init__(self, host, bdf: str, vm: str, state: StateDir, cycles: int, out=sys.stdout):
+        self.host, self.bdf, self.vm, self.state, self.cycles, self.out = host, bdf, vm, state, cycles, out
+        self.tty = out.isatty()
+        self.cycle = 0
+        self.activity = "DMA running"
+        self._last: tuple[float, int] | None = None
+        self.throughput = 0.0
+
+    def _sample(self) -> tuple[float, dict]:
+        status = self.host.call({"op": "status"})[0]
+        dev = next(d for d in status["kernel"]["vfio"] if d["bdf"] == self.bdf)
+        now = time.monotonic()
+        if self._last is not None and now > self._last[0]:
+            self.throughput = (dev["bytes"] - self._last[1]) / (now - self._last[0])
+        self._last = (now, dev["bytes"])
+        return now, dev
+
+    async def run(self) -> None:
+        while True:
+            _, dev = await trio.to_thread.run_sync(self._sample)
+            if self.tty:
+                line = (f"  [{self.cycle}/{self.cycles}] {self.activity:<22} DMA {self.throughput / (1 << 20):6.1f} MiB/s"
+                        f"  descriptors {dev['descriptors']:>9}  errors {dev['errors']}")
+                self.out.write("\r\033[K" + line)
+                self.out.flush()
+            await trio.sleep(VIEW_PERIOD_S)
+
+    def say(self, text: str) -> None:
+        self.out.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.out.flush()
+
+    def cycle_done(self, n: int, entry: dict) -> None:
+        if "error" in entry:
+            self.say(f"  update {n}: {entry['error']}")
+            return
+        verdict = "DMA kept flowing" if entry["dma_completed_during_blackout"] else "DMA STOPPED"
+        self.say(f"  update {n}: blackout {entry['blackout_s'] * 1000:.1f} ms, {verdict} "
+                 f"({entry['dma_completed_during_blackout']} descriptors completed while the VM was paused, "
+                 f"longest DMA gap {entry['dma_max_gap_s'] * 1000:.1f} ms), errors/lost/corrupted "
+                 f"{entry['dma_errors']}/{entry['dma_lost']}/{entry['dma_corrupted']}")
+        self.say(f"           phases ms: {_phase_line(entry['phases_s'])}")
+
+
+def _ports(metrics_port: str | None) -> tuple[str | None, str | None]:
+    """The host's and the VM's metrics addresses: PORT and PORT+1."""
+    if metrics_port is None:
+        return None, None
+    from metrics.http import parse_listen
+
+    address, port = parse_listen(metrics_port)
+    return f"{address}:{port}", f"{address}:{port + 1}"
+
+
+def run_demo(*, cycles: int = 5, profile: str = "continuous-dma", report_dir: str = "luvmm-report",
+             memory: int = 256 << 20, guest_kind: str = "firmware", metrics_port: str | None = None,
+             keep: bool = False, state_dir: str | None = None, out=sys.stdout) -> dict:
+    """Run the demo; returns {"summary", "report", "state_dir", ...}."""
+    fresh = state_dir is None
+    state = StateDir(state_dir or tempfile.mkdtemp(prefix="luvmm-demo-"))
+    if hostctl.running(state):
+        raise DemoError(f"an emulated host already runs in {state.path}: the demo starts its own")
+    host_metrics, vm_metrics = _ports(metrics_port)
+    say = lambda text: (out.write(text + "\n"), out.flush())  # noqa: E731
+    say(f"Starting an emulated host in {state.path} (kernel profile {profile}, one Intel DSA at "
+        f"{DSA_BANDWIDTH >> 20} MiB/s)")
+    hostctl.start(state, profile=profile, dsa_bandwidth=DSA_BANDWIDTH, metrics_port=host_metrics)
+    host = connect(state.socket)
+    try:
+        st = manage.start(state, VmConfig("demo", memory=memory, guest=guest_kind, metrics=vm_metrics), host)
+        bdf = st["bdf"]
+        say(f"VM 'demo' runs the {guest_kind} guest ({memory >> 20} MiB) with DSA {bdf} passed through; "
+            f"the guest keeps {st['config']['slots']} DMA batches in flight")
+        if metrics_port is not None:
+            say(f"Prometheus metrics: http://{host_metrics}/metrics (host), http://{vm_metrics}/metrics (VM)")
+        t0 = time.time()
+        records = trio.run(_updates, host, bdf, state, cycles, out)
+        t1 = time.time()
+        summary = summarize([r for r in records if "error" not in r])
+        summary["failed_updates"] = [r["error"] for r in records if "error" in r]
+        timeline = _timelines(host, bdf, summary, t0, t1)
+    finally:
+        host.close_connection()
+        if not keep:
+            hostctl.stop(state)
+    from metrics.report import write_report
+
+    meta = {"kernel_profile": profile, "guest": guest_kind, "memory_bytes": memory, "device": bdf,
+            "dsa_bandwidth": DSA_BANDWIDTH, "cycles": cycles, "started": t0, "duration_s": t1 - t0}
+    index = write_report(report_dir, summary, timeline, meta)
+    if fresh and not keep:
+        shutil.rmtree(state.path, ignore_errors=True)
+    return {"summary": summary, "report": index, "state_dir": state.path}
+
+
+async def _updates(host, bdf: str, state: StateDir, cycles: int, out) -> list[dict]:
+    view = TerminalView(host, bdf, "demo", state, cycles, out)
+    records = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(view.run)
+        view.say(f"Live-updating the host {cycles} times (the VM's RAM, device and DMA are preserved by LUO/KHO):")
+        for n in range(1, cycles + 1):
+            view.activity = "DMA running"
+            await trio.sleep(SETTLE_S)  # pacing: DMA before each update, for the plots
+            view.cycle, view.activity = n, "live update..."
+            try:
+                record = await trio.to_thread.run_sync(update_once, state)
+            except AgentError as e:
+                records.append({"error": str(e)})
+                view.cycle_done(n, {"error": f"failed: {e} (the VM was rolled back)"})
+                continue
+            records.append(record)
+            view.cycle_done(n, summarize([record])["cycles"][0])
+        view.activity = "DMA running"
+        await trio.sleep(SETTLE_S)
+        nursery.cancel_scope.cancel()
+    return records
+
+
+def _timelines(host, bdf: str, summary: dict, t0: float, t1: float) -> dict:
+    """The bus observer's DMA and heartbeat timelines: the whole run, and a
+    zoom around each blackout."""
+    iova = guest.offset("heartbeat")
+    bin_s = max((t1 - t0) / OVERVIEW_BINS, OVERVIEW_MIN_BIN_S)
+    overview = host.call({"op": "timeline", "bdf": bdf, "t0": t0, "t1": t1, "bin_s": bin_s, "iova": iova})[0]
+    windows, zooms = [], []
+    for c in summary["cycles"]:
+        if "error" in c:
+            continue
+        report = summary["updates"][c["cycle"] - 1]["reports"][c["vm"]]
+        start = report["marks"]["old_stopped"]
+        windows.append({"cycle": c["cycle"], "start": start, "end": start + c["blackout_s"]})
+        zooms.append(host.call({"op": "timeline", "bdf": bdf, "t0": start - ZOOM_S,
+                                "t1": start + c["blackout_s"] + ZOOM_S, "bin_s": ZOOM_BIN_S, "iova": iova})[0])
+    return {"overview": overview, "blackouts": windows, "zooms": zooms, "sample_period_s": 0.001}

@@ -1,0 +1,279 @@
+"""The live-update report: one self-contained HTML page with its plots
+(`luvmm demo --report DIR`).
+
+``DIR/index.html`` embeds every plot (PNG data URIs: it can be mailed or
+attached to a ticket), and the same plots sit beside it as PNG files, with
+``summary.json`` holding the figures they were drawn from.  The page marks
+each plot it has decoded (``data-rendered`` on the image, and
+``data-plots-rendered="N/M"`` on the body) so that a headless browser can
+tell that it rendered.
+
+The plots:
+* dma_timeline.png: DMA throughput and guest activity over the whole run,
+  the blackouts shaded: DMA goes on while the guest is paused;
+* blackout_zoom.png: the same around each blackout, in 5 ms bins;
+* blackout_per_cycle.png: each update's blackout, split into its phases;
+* phases.png: the median time of each phase.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import statistics
+import time
+
+from vmm.report import PHASES
+
+#: the phases inside the blackout (pause and preserve come before it)
+BLACKOUT_PHASES = PHASES[2:]
+DMA_COLOR, GUEST_COLOR, BLACKOUT_COLOR = "#1f77b4", "#2ca02c", "#d62728"
+
+
+def _mib_per_s(timeline: dict) -> list[float]:
+    return [b / timeline["bin_s"] / (1 << 20) for b in timeline["bytes"]]
+
+
+def _guest_activity(timeline: dict, sample_period: float) -> list[float]:
+    """Share (%) of the observer's heartbeat samples in each bin that saw it move."""
+    per_bin = max(timeline["bin_s"] / sample_period, 1.0)
+    return [min(100.0, 100.0 * n / per_bin) for n in timeline.get("heartbeat_changes", [])]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_timeline(timeline: dict, t0: float):
+    import matplotlib.pyplot as plt
+
+    ov = timeline["overview"]
+    xs = [ov["t0"] - t0 + (i + 0.5) * ov["bin_s"] for i in range(len(ov["bytes"]))]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 4.8), sharex=True, height_ratios=(2, 1))
+    top.fill_between(xs, _mib_per_s(ov), step="mid", color=DMA_COLOR, alpha=0.8, label="DSA DMA throughput")
+    top.set_ylabel("DMA MiB/s")
+    activity = _guest_activity(ov, timeline["sample_period_s"])
+    if activity:
+        bottom.fill_between(xs, activity, step="mid", color=GUEST_COLOR, alpha=0.8, label="guest running")
+    bottom.set_ylabel("guest %")
+    bottom.set_ylim(0, 105)
+    bottom.set_xlabel("seconds")
+    for n, w in enumerate(timeline["blackouts"]):
+        for ax in (top, bottom):
+            ax.axvspan(w["start"] - t0, w["end"] - t0, color=BLACKOUT_COLOR, alpha=0.3,
+                       label="VM paused (blackout)" if n == 0 and ax is top else None)
+    top.legend(loc="lower right", fontsize=8)
+    top.set_title("DMA through the passed-through DSA, and the guest's heartbeat, across the live updates")
+    return fig
+
+
+def plot_zooms(timeline: dict, summary: dict):
+    import matplotlib.pyplot as plt
+
+    zooms, windows = timeline["zooms"][:8], timeline["blackouts"][:8]
+    cycles = {c["cycle"]: c for c in summary["cycles"] if "error" not in c}
+    cols = min(len(zooms), 4) or 1
+    rows = max(1, math.ceil(len(zooms) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(zooms):]:
+        ax.set_visible(False)
+    for ax, z, w in zip(axes.flat, zooms, windows):
+        xs = [(z["t0"] + (i + 0.5) * z["bin_s"] - w["start"]) * 1000 for i in range(len(z["bytes"]))]
+        ax.bar(xs, _mib_per_s(z), width=z["bin_s"] * 1000, color=DMA_COLOR, label="DMA MiB/s")
+        ax.axvspan(0, (w["end"] - w["start"]) * 1000, color=BLACKOUT_COLOR, alpha=0.3, label="VM paused")
+        ax2 = ax.twinx()
+        ax2.step(xs, _guest_activity(z, timeline["sample_period_s"]), where="mid", color=GUEST_COLOR, lw=1.2,
+                 label="guest running %")
+        ax2.set_ylim(0, 105)
+        ax2.set_yticks([])
+        c = cycles.get(w["cycle"], {})
+        ax.set_title(f"update {w['cycle']}: {c.get('blackout_s', 0) * 1000:.1f} ms, "
+                     f"{c.get('dma_completed_during_blackout', 0)} DMA done", fontsize=9)
+        ax.set_xlabel("ms from the pause", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].set_ylabel("DMA MiB/s")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    handles, labels = [], []
+    for a in (axes.flat[0], axes.flat[0].figure.axes[-1]):
+        h, lab = a.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    return fig
+
+
+def plot_blackouts(summary: dict):
+    import matplotlib.pyplot as plt
+
+    cycles = [c for c in summary["cycles"] if "error" not in c]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    xs = [c["cycle"] for c in cycles]
+    bottom = [0.0] * len(cycles)
+    cmap = plt.get_cmap("tab20")
+    for i, phase in enumerate(BLACKOUT_PHASES):
+        heights = [c["phases_s"].get(phase, 0.0) * 1000 for c in cycles]
+        ax.bar(xs, heights, bottom=bottom, color=cmap(i), label=phase)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.plot(xs, [c["blackout_s"] * 1000 for c in cycles], "k_", markersize=18, label="blackout")
+    b = summary["blackout_s"]
+    ax.axhline(b["p50"] * 1000, color="k", ls="--", lw=0.8, label=f"p50 {b['p50'] * 1000:.1f} ms")
+    ax.set_xlabel("live update")
+    ax.set_ylabel("ms")
+    ax.set_xticks(xs)
+    ax.set_title("Blackout per live update, by phase")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def phase_medians(summary: dict) -> dict[str, float]:
+    per: dict[str, list[float]] = {}
+    for c in summary["cycles"]:
+        for phase, v in (c.get("phases_s") or {}).items():
+            per.setdefault(phase, []).append(v)
+    return {p: statistics.median(per[p]) for p in PHASES if p in per}
+
+
+def plot_phases(summary: dict):
+    import matplotlib.pyplot as plt
+
+    medians = phase_medians(summary)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = list(medians)[::-1]
+    values = [medians[n] * 1000 for n in names]
+    ax.barh(names, values, color=["#999999" if n in ("preserve", "pause") else DMA_COLOR for n in names])
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("ms (median over the updates; grey: before the blackout)")
+    ax.set_title("Where the blackout goes")
+    fig.tight_layout()
+    return fig
+
+
+def verdict(summary: dict, meta: dict) -> tuple[str, str]:
+    """(css class, sentence): what a stakeholder should take away."""
+    cycles = [c for c in summary["cycles"] if "error" not in c]
+    failed = len(summary.get("failed_updates", [])) + len(summary["cycles"]) - len(cycles)
+    flowing = sum(1 for c in cycles if c["dma_completed_during_blackout"])
+    bad = {k: sum(c[k] for c in cycles) for k in ("dma_errors", "dma_lost", "dma_corrupted")}
+    b = summary["blackout_s"]
+    tail = (f"Blackout p50 {b['p50'] * 1000:.1f} ms, p99 {b['p99'] * 1000:.1f} ms, max {b['max'] * 1000:.1f} ms "
+            f"over {len(cycles)} live update(s).")
+    damage = f"{bad['dma_errors']} DMA errors, {bad['dma_lost']} lost, {bad['dma_corrupted']} corrupted."
+    if not cycles:
+        return "bad", f"No live update completed ({failed} failed)."
+    if any(bad.values()):
+        return "bad", f"DMA was damaged by the live updates: {damage} {tail}"
+    note = f" {failed} update(s) failed and were rolled back." if failed else ""
+    if flowing == len(cycles):
+        return "good", (f"DMA kept flowing while the VM was paused in every one of the {len(cycles)} live updates; "
+                        f"{damage} {tail}{note}")
+    reset = " The kernel reset the device at freeze (kernel profile reset-on-freeze): its DMA was aborted." \
+        if meta.get("kernel_profile") == "reset-on-freeze" else ""
+    return "warn", (f"DMA stopped during {len(cycles) - flowing} of {len(cycles)} blackouts.{reset} "
+                    f"{damage} {tail}{note}")
+
+
+def _table(summary: dict) -> str:
+    head = ("<tr><th>update</th><th>blackout ms</th><th>DMA during blackout</th><th>longest DMA gap ms</th>"
+            "<th>heartbeat gap ms</th><th>errors / lost / corrupted</th><th>guest progressed</th>"
+            + "".join(f"<th>{html.escape(p)}</th>" for p in PHASES) + "</tr>")
+    rows = []
+    for c in summary["cycles"]:
+        if "error" in c:
+            rows.append(f"<tr><td>{c['cycle']}</td><td colspan='{6 + len(PHASES)}'>{html.escape(c['error'])}</td></tr>")
+            continue
+
+        def ms(v):
+            return "-" if v is None else f"{v * 1000:.1f}"
+        rows.append(
+            f"<tr><td>{c['cycle']}</td><td>{ms(c['blackout_s'])}</td><td>{c['dma_completed_during_blackout']}</td>"
+            f"<td>{ms(c['dma_max_gap_s'])}</td><td>{ms(c['heartbeat_gap_s'])}</td>"
+            f"<td>{c['dma_errors']} / {c['dma_lost']} / {c['dma_corrupted']}</td><td>{c['guest_progressed']}</td>"
+            + "".join(f"<td>{ms(c['phases_s'].get(p))}</td>" for p in PHASES) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>luvmm live update report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+.verdict {{ padding: 0.8em 1em; border-radius: 6px; font-size: 1.1em; }}
+.good {{ background: #e3f5e1; border-left: 6px solid #2ca02c; }}
+.warn {{ background: #fff3d6; border-left: 6px solid #e6a100; }}
+.bad {{ background: #fde2e1; border-left: 6px solid #d62728; }}
+img.plot {{ max-width: 100%; display: block; margin: 1em 0; }}
+table {{ border-collapse: collapse; font-size: 0.85em; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
+dl {{ display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }}
+dt {{ font-weight: bold; }}
+</style></head>
+<body data-plots-rendered="0/{nplots}">
+<h1>Live update with a passed-through DSA</h1>
+<p class="verdict {vclass}" id="verdict">{vtext}</p>
+<dl>{meta}</dl>
+{plots}
+<h2>Every update</h2>
+{table}
+<p>Blackout: last vCPU stopped to first vCPU running again. DMA and heartbeat are seen by an observer on the
+emulated machine's bus, not by the software being measured. Figures in <a href="summary.json">summary.json</a>.</p>
+<script>
+window.addEventListener("load", function () {{
+  var plots = document.querySelectorAll("img.plot"), ok = 0;
+  plots.forEach(function (img) {{
+    if (img.complete && img.naturalWidth > 0) {{
+      img.dataset.rendered = img.naturalWidth + "x" + img.naturalHeight; ok++;
+    }}
+  }});
+  document.body.dataset.plotsRendered = ok + "/" + plots.length;
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(directory: str, summary: dict, timeline: dict, meta: dict) -> str:
+    """Write DIR/index.html, the PNGs and summary.json; returns the index's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    figures = [("dma_timeline.png", "DMA throughput and guest activity over the run, blackouts shaded",
+                lambda: plot_timeline(timeline, meta["started"])),
+               ("blackout_zoom.png", "Around each blackout (5 ms bins)", lambda: plot_zooms(timeline, summary)),
+               ("blackout_per_cycle.png", "Blackout per live update, by phase", lambda: plot_blackouts(summary)),
+               ("phases.png", "Median time of each phase", lambda: plot_phases(summary))]
+    if not timeline["blackouts"]:
+        figures = figures[:1]
+    plots = []
+    for filename, title, draw in figures:
+        fig = draw()
+        data = _png(fig)
+        plt.close(fig)
+        with open(os.path.join(directory, filename), "wb") as f:
+            f.write(data)
+        plots.append(f'<h2>{html.escape(title)}</h2>\n<img class="plot" id="{filename[:-4]}" alt="{html.escape(title)}" '
+                     f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+    vclass, vtext = verdict(summary, meta)
+    facts = {"kernel profile": meta["kernel_profile"], "guest": f"{meta['guest']}, {meta['memory_bytes'] >> 20} MiB",
+             "device": f"Intel DSA {meta['device']} at {meta['dsa_bandwidth'] >> 20} MiB/s (emulated)",
+             "live updates": meta["cycles"], "run": f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta['started']))}"
+             f", {meta['duration_s']:.1f} s"}
+    page = PAGE.format(nplots=len(plots), vclass=vclass, vtext=html.escape(vtext),
+                       meta="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items()),
+                       plots="\n".join(plots), table=_table(summary))
+    index = os.path.join(directory, "index.html")
+    with open(index, "w") as f:
+        f.write(page)
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump({"meta": meta, "verdict": {"class": vclass, "text": vtext}, "summary": summary,
+                   "blackouts": timeline["blackouts"]}, f, indent=1)
+    return index
