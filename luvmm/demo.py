@@ -82,7 +82,9 @@ class TerminalView:
         if "error" in entry:
             self.say(f"  update {n}: {entry['error']}")
             return
-        verdict = "DMA kept flowing" if entry["dma_completed_during_blackout"] else "DMA STOPPED"
+        from metrics.report import dma_flowing
+
+        verdict = "DMA kept flowing" if dma_flowing(entry) else "DMA STOPPED"
         self.say(f"  update {n}: blackout {entry['blackout_s'] * 1000:.1f} ms, {verdict} "
                  f"({entry['dma_completed_during_blackout']} descriptors completed while the VM was paused, "
                  f"longest DMA gap {entry['dma_max_gap_s'] * 1000:.1f} ms), errors/lost/corrupted "

@@ -156,11 +156,18 @@ def plot_phases(summary: dict):
     return fig
 
 
+def dma_flowing(cycle: dict) -> bool:
+    """DMA went on through the blackout: descriptors completed while the VM
+    was paused, and none of the work in flight at the pause was dropped (a
+    device reset at freeze completes a few, then aborts the rest)."""
+    return cycle["dma_completed_during_blackout"] > 0 and cycle["dma_lost"] == 0
+
+
 def verdict(summary: dict, meta: dict) -> tuple[str, str]:
     """(css class, sentence): what a stakeholder should take away."""
     cycles = [c for c in summary["cycles"] if "error" not in c]
     failed = len(summary.get("failed_updates", [])) + len(summary["cycles"]) - len(cycles)
-    flowing = sum(1 for c in cycles if c["dma_completed_during_blackout"])
+    flowing = sum(1 for c in cycles if dma_flowing(c))
     bad = {k: sum(c[k] for c in cycles) for k in ("dma_errors", "dma_lost", "dma_corrupted")}
     b = summary["blackout_s"]
     tail = (f"Blackout p50 {b['p50'] * 1000:.1f} ms, p99 {b['p99'] * 1000:.1f} ms, max {b['max'] * 1000:.1f} ms "
@@ -168,16 +175,17 @@ def verdict(summary: dict, meta: dict) -> tuple[str, str]:
     damage = f"{bad['dma_errors']} DMA errors, {bad['dma_lost']} lost, {bad['dma_corrupted']} corrupted."
     if not cycles:
         return "bad", f"No live update completed ({failed} failed)."
-    if any(bad.values()):
-        return "bad", f"DMA was damaged by the live updates: {damage} {tail}"
     note = f" {failed} update(s) failed and were rolled back." if failed else ""
+    if flowing < len(cycles) and meta.get("kernel_profile") == "reset-on-freeze":
+        return "warn", (f"DMA stopped during {len(cycles) - flowing} of {len(cycles)} blackouts: the kernel reset "
+                        f"the device at freeze (kernel profile reset-on-freeze) and the work in flight was "
+                        f"aborted: {damage} {tail}{note}")
+    if any(bad.values()):
+        return "bad", f"DMA was damaged by the live updates: {damage} {tail}{note}"
     if flowing == len(cycles):
         return "good", (f"DMA kept flowing while the VM was paused in every one of the {len(cycles)} live updates; "
                         f"{damage} {tail}{note}")
-    reset = " The kernel reset the device at freeze (kernel profile reset-on-freeze): its DMA was aborted." \
-        if meta.get("kernel_profile") == "reset-on-freeze" else ""
-    return "warn", (f"DMA stopped during {len(cycles) - flowing} of {len(cycles)} blackouts.{reset} "
-                    f"{damage} {tail}{note}")
+    return "warn", f"DMA stopped during {len(cycles) - flowing} of {len(cycles)} blackouts. {damage} {tail}{note}"
 
 
 def _table(summary: dict) -> str:
