@@ -457,8 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale = bench_sub.add_parser(
         "scale", help="blackout against guest RAM and against the number of VMs per kexec",
         description="Blackout p50/p99/max for each guest RAM size (one VM) and each VM count (the smallest RAM).")
-    scale.add_argument("--memory", default="256M,4G", help="comma-separated RAM sizes (default 256M,4G)")
-    scale.add_argument("--vms", default="", help="comma-separated VM counts, e.g. 1,2,4,8 (default none)")
+    scale.add_argument("--memory", default="256M,1G,4G,16G", help="comma-separated RAM sizes (default 256M,1G,4G,16G)")
+    scale.add_argument("--vms", default="1,2,4,8", help="comma-separated VM counts per kexec (default 1,2,4,8; \"\" for none)")
     scale.add_argument("--cycles", type=int, default=10, help="updates per point (default 10)")
     scale.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware")
     scale.add_argument("--dsa-bandwidth", type=_size, default=64 << 20, metavar="BYTES")

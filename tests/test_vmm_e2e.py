@@ -89,3 +89,18 @@ def test_synthetic_guest_five_updates(host_with_agent):
     summary, records = run_updates(state, host, "synthetic")
     assert summary["guest"] == "synthetic"
     check_continuity(summary, records)
+
+
+@pytest.mark.timeout(300)
+def test_firmware_guest_with_ram_above_4g(kvm_ok, host_with_agent):
+    """16 GiB: RAM continues above the MMIO hole at 4 GiB; the firmware's page
+    tables (low 4 GiB) stay clear of its mailbox, and all of the RAM is
+    mapped for the device."""
+    state, host = host_with_agent
+    st = manage.start(state, VmConfig("big", memory=16 << 30), host)
+    assert st["guest_state"] == "running" and st["crash"] is None
+    record = update_once(state, timeout=60)
+    cycle = summarize([record])["cycles"][0]
+    assert cycle["guest_progressed"] and (cycle["dma_errors"], cycle["dma_lost"], cycle["dma_corrupted"]) == (0, 0, 0)
+    mappings = host.call({"op": "status"})[0]["machine"]["memory"]
+    assert any(m["bytes"] == 16 << 30 for m in mappings)

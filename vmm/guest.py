@@ -2,7 +2,7 @@
 
 Guest-physical map (IOVA = GPA for the device):
 
-    0x0000_1000  page tables (identity map, 2 MiB pages, user-accessible)
+    0x0000_1000  page tables (identity map of the low 4 GiB, 2 MiB pages, user-accessible)
     0x0000_8000  mailbox page (vmm/firmware/mailbox.h)
     0x0001_0000  firmware image (vmm/firmware/fw.bin)
     0x0020_0000  top of the stack (grows down)

@@ -43,7 +43,7 @@ from vmm.kvm_uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 )
-from vmm.x86 import identity_page_tables, setup_long_mode, user_rflags
+from vmm.x86 import identity_page_tables, page_table_bytes, setup_long_mode, user_rflags
 
 # LUO tokens of the files a VM preserves (fixed: the restored VMM asks for them by number).
 RAM_TOKEN = 0x10
@@ -233,8 +233,12 @@ class Vm:
         self.vcpus = [self.vmfd.create_vcpu(i) for i in range(self.config.vcpus)]
 
     def _boot_vcpus(self) -> None:
-        gpa, _, length = guest.ram_ranges(self.config.memory)[-1]
-        top = max(gpa + length, guest.MMIO_END)
+        # The firmware touches only low RAM (its DMA area is below 3 GiB) and
+        # the MMIO hole: map [0, 4 GiB), which leaves the tables below the
+        # mailbox whatever the RAM size.  RAM above 4 GiB is the device's
+        # (through the IOMMU, IOVA = GPA), not the firmware's.
+        top = guest.MMIO_END
+        assert guest.PAGE_TABLES_GPA + page_table_bytes(top) <= guest.MAILBOX_GPA
         cr3 = identity_page_tables(self.view, guest.PAGE_TABLES_GPA, top,
                                    uncached=((guest.MMIO_START, guest.MMIO_END),))
         for vcpu in self.vcpus:
