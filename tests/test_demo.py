@@ -113,3 +113,30 @@ def test_report_renders_its_plots_in_headless_chromium(demo_report, tmp_path):
         blue += ((abs(pixels[..., 0] - rgb[0]) < 0.06) & (abs(pixels[..., 1] - rgb[1]) < 0.06)
                  & (abs(pixels[..., 2] - rgb[2]) < 0.06)).sum()
     assert blue > 2000, blue
+
+
+@pytest.mark.timeout(300)
+def test_demo_live_view_on_a_terminal(tmp_path):
+    """On a terminal the demo redraws a status line with the DMA throughput
+    the host sees, during the updates too."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "luvmm", "demo", "--cycles", "1", "--report", str(tmp_path)],
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the demo closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(60) == 0, out.decode(errors="replace")
+    text = out.decode(errors="replace")
+    rates = [float(m) for m in re.findall(r"\r\x1b\[K  \[\d/1\] .*?DMA +([\d.]+) MiB/s", text)]
+    assert len(rates) >= 3 and max(rates) > 1, text
+    assert "live update..." in text and "update 1: blackout" in text
