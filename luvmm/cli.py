@@ -53,6 +53,13 @@ def _size(text: str) -> int:
     return int(t)
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def _state_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR",
                    help="the emulated host to use (default: $LUVMM_STATE_DIR, else $XDG_RUNTIME_DIR/luvmm, "
@@ -347,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="On an emulated host of its own: start a VM whose guest drives a passed-through DSA, "
                     "live-update the host while DMA runs (a live view shows throughput and each blackout "
                     "with its phases), and write a report with plots (DIR/index.html, PNGs beside it).")
-    demo.add_argument("--cycles", type=int, default=5, help="live updates (default 5)")
+    demo.add_argument("--cycles", type=_positive, default=5, help="live updates (default 5)")
     demo.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma",
                       help="continuous-dma (default): the preserved device DMAs through the kexec; "
                            "reset-on-freeze: the upstream behaviour, the device is reset (the contrast)")
@@ -423,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Ask the LUO agent for live updates: every registered VMM prepares "
                                         "(pause, save, preserve), the host kexecs, the VMMs restore and report.")
     _state_dir_arg(update)
-    update.add_argument("--cycles", type=int, default=1, help="updates in a row (default 1)")
+    update.add_argument("--cycles", type=_positive, default=1, help="updates in a row (default 1)")
     update.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step (default 60)")
     update.add_argument("--json", metavar="FILE", help="write every cycle's record as JSON")
     update.set_defaults(func=_cmd_update)
@@ -446,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a fresh emulated host and VM(s), run N live updates through the agent, print each "
                     "cycle's blackout, phases and DMA continuity, and the p50/p99/max.")
     blackout.add_argument("--memory", type=_size, default=1 << 30, metavar="SIZE", help="guest RAM (default 1G)")
-    blackout.add_argument("--cycles", type=int, default=20, help="live updates (default 20)")
+    blackout.add_argument("--cycles", type=_positive, default=20, help="live updates (default 20)")
     blackout.add_argument("--vms", type=int, default=1, help="VMs updated in each kexec (default 1)")
     blackout.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware")
     blackout.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma")
@@ -459,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Blackout p50/p99/max for each guest RAM size (one VM) and each VM count (the smallest RAM).")
     scale.add_argument("--memory", default="256M,1G,4G,16G", help="comma-separated RAM sizes (default 256M,1G,4G,16G)")
     scale.add_argument("--vms", default="1,2,4,8", help="comma-separated VM counts per kexec (default 1,2,4,8; \"\" for none)")
-    scale.add_argument("--cycles", type=int, default=10, help="updates per point (default 10)")
+    scale.add_argument("--cycles", type=_positive, default=10, help="updates per point (default 10)")
     scale.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware")
     scale.add_argument("--dsa-bandwidth", type=_size, default=64 << 20, metavar="BYTES")
     scale.add_argument("--json", metavar="FILE", help="write {memory: {bytes: blackout}, vms: {n: blackout}}")
