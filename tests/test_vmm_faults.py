@@ -13,6 +13,7 @@ from liveupdate import hostctl
 from liveupdate.agent_client import AgentError
 from liveupdate.state import StateDir
 from liveupdate.update import update_once
+from metrics.vmm import UpdateStats
 from luvmm.emuhost import connect
 from vmm import manage
 from vmm.vm import VmConfig
@@ -59,6 +60,9 @@ def test_failed_freeze_rolls_back_with_the_guest_intact(faulty_host, guest, requ
     assert now["pid"] == st["pid"] and now["crash"] is None
     assert after["errors"] == 0 and after["verify_failures"] == 0
     assert status["kernel"]["vfio"][0]["msix_vectors"] == list(range(9))  # interrupts re-armed
+    # Counted for Prometheus as a rollback, not a success.
+    stats = UpdateStats.load(str(state.vm_dir("rb") / "metrics.json"))
+    assert stats.updates == {"success": 0, "rolled_back": 1} and stats.blackout.count == 0
 
 
 @pytest.fixture
