@@ -161,19 +161,24 @@ def _cmd_host_kexec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guest(choice: str) -> str:
+    """--guest auto: the firmware under KVM where /dev/kvm is usable, else the synthetic guest."""
+    if choice != "auto":
+        return choice
+    from vmm.kvm import kvm_available
+
+    ok, why = kvm_available()
+    if not ok:
+        print(f"no usable KVM ({why}): running the synthetic guest", file=sys.stderr)
+    return "firmware" if ok else "synthetic"
+
+
 def _cmd_vm_start(args: argparse.Namespace) -> int:
     from luvmm.emuhost import connect
     from vmm import manage
     from vmm.vm import VmConfig
 
-    guest = args.guest
-    if guest == "auto":
-        from vmm.kvm import kvm_available
-
-        ok, why = kvm_available()
-        guest = "firmware" if ok else "synthetic"
-        if not ok:
-            print(f"no usable KVM ({why}): running the synthetic guest", file=sys.stderr)
+    guest = _guest(args.guest)
     config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=guest,
                       metrics=args.metrics_port)
     try:
@@ -302,14 +307,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from luvmm.demo import DemoError, run_demo
 
-    guest = args.guest
-    if guest == "auto":
-        from vmm.kvm import kvm_available
-
-        ok, why = kvm_available()
-        guest = "firmware" if ok else "synthetic"
-        if not ok:
-            print(f"no usable KVM ({why}): running the synthetic guest", file=sys.stderr)
+    guest = _guest(args.guest)
     try:
         result = run_demo(cycles=args.cycles, profile=args.kernel_profile, report_dir=args.report,
                           memory=args.memory, guest_kind=guest, metrics_port=args.metrics_port, keep=args.keep,
