@@ -46,7 +46,7 @@ class Observer:
             raise FileNotFoundError(2, f"no device {bdf}")
         key = (bdf, iova)
         if key not in self.watches:
-            self.watches[key] = collections.deque(maxlen=1 << 20)
+            self.watches[key] = collections.deque(maxlen=1 << 18)
             self._last[key] = None
 
     async def run(self) -> None:

@@ -1,4 +1,4 @@
-"""`luvmm bench blackout|scale`: live-update blackout on a fresh emulated host.
+"""`luvmm bench blackout|scale|soak`: live updates on a fresh emulated host.
 
 Each run starts its own host (state dir under /tmp), starts the VMs, runs the
 updates through the agent, and stops the host: the figures come from the
@@ -7,19 +7,25 @@ same path `luvmm update` takes.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
 import tempfile
 
 from liveupdate import hostctl
 from liveupdate.state import StateDir
-from liveupdate.update import summarize, update_once
+from liveupdate.agent_client import AgentError
+from liveupdate.update import percentile, summarize, update_once
 from luvmm.emuhost import connect
 from vmm import manage
 from vmm.vm import VmConfig
 
 
-def run_blackout(*, memory: int, cycles: int, vms: int = 1, guest: str = "firmware",
-                 profile: str = "continuous-dma", dsa_bandwidth: int = 64 << 20) -> dict:
+@contextlib.contextmanager
+def bench_host(*, memory: int, vms: int = 1, guest: str = "firmware", profile: str = "continuous-dma",
+               dsa_bandwidth: int = 64 << 20):
+    """A fresh emulated host running ``vms`` VMs (bench0, bench1, ...); yields its state dir."""
     state = StateDir(tempfile.mkdtemp(prefix="luvmm-bench-"))
     try:
         hostctl.start(state, devices=vms, profile=profile, dsa_bandwidth=dsa_bandwidth)
@@ -29,10 +35,90 @@ def run_blackout(*, memory: int, cycles: int, vms: int = 1, guest: str = "firmwa
                 manage.start(state, VmConfig(f"bench{i}", memory=memory, guest=guest), host)
         finally:
             host.close_connection()
-        return summarize([update_once(state, timeout=120) for _ in range(cycles)])
+        yield state
     finally:
         hostctl.stop(state)
         shutil.rmtree(state.path, ignore_errors=True)
+
+
+def run_blackout(*, memory: int, cycles: int, vms: int = 1, guest: str = "firmware",
+                 profile: str = "continuous-dma", dsa_bandwidth: int = 64 << 20) -> dict:
+    with bench_host(memory=memory, vms=vms, guest=guest, profile=profile, dsa_bandwidth=dsa_bandwidth) as state:
+        return summarize([update_once(state, timeout=120) for _ in range(cycles)])
+
+
+def _daemon_usage(state: StateDir) -> dict:
+    """What the long-lived process (the daemon: the machine and its kernel)
+    holds: its fds, its resident memory, and the emulated kernel's open files."""
+    pid = state.pid()
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    host = connect(state.socket)
+    try:
+        status = host.call({"op": "status"})[0]
+    finally:
+        host.close_connection()
+    return {"fds": len(os.listdir(f"/proc/{pid}/fd")), "rss_bytes": rss,
+            "open_files": len(status["kernel"]["open_files"]), "sessions": len(status["kernel"]["sessions"])}
+
+
+def run_soak(*, cycles: int, memory: int = 256 << 20, guest: str = "firmware", dsa_bandwidth: int = 64 << 20,
+             progress=None) -> dict:
+    """``cycles`` live updates in a row with DMA running.  Leaks are measured
+    on the daemon, the one process that lives through them all (the agent
+    and the VMMs are new processes after every kexec), from after a first
+    warm-up update (caches, the bytecode of the restore path) to the end."""
+    with bench_host(memory=memory, guest=guest, dsa_bandwidth=dsa_bandwidth) as state:
+        update_once(state, timeout=120)
+        manage.wait_ready(state, "bench0")
+        before = _daemon_usage(state)
+        cycles_out, failed = [], []
+        for n in range(1, cycles + 1):
+            try:
+                cycles_out += summarize([update_once(state, timeout=120)])["cycles"]
+            except AgentError as e:
+                failed.append({"cycle": n, "error": str(e)})
+            if progress and (n % 50 == 0 or n == cycles):
+                progress(n, cycles_out, failed)
+        manage.wait_ready(state, "bench0")
+        after = _daemon_usage(state)
+    ok = [c for c in cycles_out if "error" not in c]
+    blackouts = [c["blackout_s"] for c in ok]
+    return {
+        "cycles": cycles,
+        "completed": len(ok),
+        "failed_updates": failed + [c for c in cycles_out if "error" in c],
+        "dma_errors": sum(c["dma_errors"] for c in ok),
+        "dma_lost": sum(c["dma_lost"] for c in ok),
+        "dma_corrupted": sum(c["dma_corrupted"] for c in ok),
+        "dma_completed_during_blackout_min": min((c["dma_completed_during_blackout"] for c in ok), default=0),
+        "guest_progressed_every_cycle": all(c["guest_progressed"] for c in ok) and bool(ok),
+        "fds_leaked": max(0, after["fds"] - before["fds"]) + max(0, after["open_files"] - before["open_files"]),
+        "rss_growth_bytes": after["rss_bytes"] - before["rss_bytes"],
+        "daemon": {"before": before, "after": after},
+        "blackout_s": {"p50": percentile(blackouts, 50), "p99": percentile(blackouts, 99),
+                       "max": max(blackouts, default=0.0)},
+    }
+
+
+def format_soak(result: dict) -> str:
+    b, d = result["blackout_s"], result["daemon"]
+    return "\n".join([
+        f"{result['completed']}/{result['cycles']} live updates, {len(result['failed_updates'])} failed",
+        f"DMA errors {result['dma_errors']}, lost {result['dma_lost']}, corrupted {result['dma_corrupted']}; "
+        f"fewest DMA completions in a blackout: {result['dma_completed_during_blackout_min']}",
+        f"blackout p50 {b['p50'] * 1e3:.1f} ms, p99 {b['p99'] * 1e3:.1f} ms, max {b['max'] * 1e3:.1f} ms",
+        f"daemon: fds {d['before']['fds']} -> {d['after']['fds']}, emulated open files "
+        f"{d['before']['open_files']} -> {d['after']['open_files']} (leaked {result['fds_leaked']}), "
+        f"RSS {d['before']['rss_bytes'] >> 20} -> {d['after']['rss_bytes'] >> 20} MiB "
+        f"({result['rss_growth_bytes'] / (1 << 20):+.1f} MiB)",
+    ])
+
+
+def print_progress(n: int, cycles: list, failed: list) -> None:
+    last = [c["blackout_s"] for c in cycles[-50:] if "blackout_s" in c]
+    print(f"  {n} updates, {len(failed)} failed, last 50 blackouts p50 {percentile(last, 50) * 1e3:.1f} ms",
+          file=sys.stderr, flush=True)
 
 
 def run_scale(*, memories: list[int], vm_counts: list[int], cycles: int, guest: str = "firmware",
