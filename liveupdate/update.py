@@ -39,6 +39,24 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[int(rank) - 1]
 
 
+def percentiles(values: list[float]) -> dict:
+    """{"p50", "p99", "max"}: how blackouts are reported everywhere."""
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "max": max(values, default=0.0)}
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def phase_values(summary: dict) -> dict[str, list[float]]:
+    """Each phase's times over the cycles, in the order they were first seen."""
+    phases: dict[str, list[float]] = {}
+    for c in summary["cycles"]:
+        for name, v in (c.get("phases_s") or {}).items():
+            phases.setdefault(name, []).append(v)
+    return phases
+
+
 def summarize(records: list[dict]) -> dict:
     """The `luvmm update --json` document: one entry per VM per cycle, and the blackout percentiles."""
     cycles = []
@@ -55,8 +73,7 @@ def summarize(records: list[dict]) -> dict:
     first = next((r["reports"][v] for r in records for v in r["vms"] if v in r["reports"]), {})
     return {
         "cycles": cycles,
-        "blackout_s": {"p50": percentile(blackouts, 50), "p99": percentile(blackouts, 99),
-                       "max": max(blackouts, default=0.0)},
+        "blackout_s": percentiles(blackouts),
         "guest": first.get("guest"),
         "memory_bytes": first.get("memory_bytes"),
         "kernel_profile": first.get("kernel_profile"),
@@ -71,9 +88,6 @@ def format_cycles(summary: dict) -> str:
         if "error" in c:
             lines.append(f"{c['cycle']:>5} {c['vm']:<10} {c['error']}")
             continue
-
-        def ms(v):
-            return "-" if v is None else f"{v * 1000:.1f}"
         lines.append(f"{c['cycle']:>5} {c['vm']:<10} {ms(c['blackout_s']):>11} "
                      f"{str(c['dma_completed_during_blackout']):>15} {ms(c['dma_max_gap_s']):>14} "
                      f"{ms(c['heartbeat_gap_s']):>16} "
@@ -83,10 +97,7 @@ def format_cycles(summary: dict) -> str:
     lines.append(f"blackout p50 {b['p50'] * 1000:.1f} ms, p99 {b['p99'] * 1000:.1f} ms, max {b['max'] * 1000:.1f} ms "
                  f"({summary['guest']} guest, {(summary['memory_bytes'] or 0) >> 20} MiB RAM, "
                  f"kernel profile {summary['kernel_profile']})")
-    phases: dict[str, list[float]] = {}
-    for c in summary["cycles"]:
-        for name, v in (c.get("phases_s") or {}).items():
-            phases.setdefault(name, []).append(v)
+    phases = phase_values(summary)
     if phases:
         lines.append("phases (p50 ms): " + ", ".join(f"{k} {percentile(v, 50) * 1000:.1f}" for k, v in phases.items()))
     return "\n".join(lines)

@@ -24,9 +24,9 @@ import io
 import json
 import math
 import os
-import statistics
 import time
 
+from liveupdate.update import ms, percentile, phase_values
 from vmm.report import PHASES
 
 #: the phases inside the blackout (pause and preserve come before it)
@@ -133,11 +133,8 @@ def plot_blackouts(summary: dict):
 
 
 def phase_medians(summary: dict) -> dict[str, float]:
-    per: dict[str, list[float]] = {}
-    for c in summary["cycles"]:
-        for phase, v in (c.get("phases_s") or {}).items():
-            per.setdefault(phase, []).append(v)
-    return {p: statistics.median(per[p]) for p in PHASES if p in per}
+    per = phase_values(summary)
+    return {p: percentile(per[p], 50) for p in PHASES if p in per}
 
 
 def plot_phases(summary: dict):
@@ -197,9 +194,6 @@ def _table(summary: dict) -> str:
         if "error" in c:
             rows.append(f"<tr><td>{c['cycle']}</td><td colspan='{6 + len(PHASES)}'>{html.escape(c['error'])}</td></tr>")
             continue
-
-        def ms(v):
-            return "-" if v is None else f"{v * 1000:.1f}"
         rows.append(
             f"<tr><td>{c['cycle']}</td><td>{ms(c['blackout_s'])}</td><td>{c['dma_completed_during_blackout']}</td>"
             f"<td>{ms(c['dma_max_gap_s'])}</td><td>{ms(c['heartbeat_gap_s'])}</td>"

@@ -17,7 +17,7 @@ import time
 from liveupdate import hostctl
 from liveupdate.state import StateDir
 from liveupdate.agent_client import AgentError
-from liveupdate.update import percentile, summarize, update_once
+from liveupdate.update import percentile, percentiles, summarize, update_once
 from luvmm.emuhost import connect
 from vmm import manage
 from vmm.vm import VmConfig
@@ -113,8 +113,7 @@ def run_soak(*, cycles: int, memory: int = 256 << 20, guest: str = "firmware", d
         "fds_leaked": max(0, after["fds"] - before["fds"]) + max(0, after["open_files"] - before["open_files"]),
         "rss_growth_bytes": after["rss_bytes"] - before["rss_bytes"],
         "daemon": {"before": before, "after": after},
-        "blackout_s": {"p50": percentile(blackouts, 50), "p99": percentile(blackouts, 99),
-                       "max": max(blackouts, default=0.0)},
+        "blackout_s": percentiles(blackouts),
     }
 
 
