@@ -67,6 +67,11 @@ class AgentClient:
                 return None
             raise
 
+    def resumed(self, name: str) -> None:
+        """Tell the agent that ``name``'s guest runs again: it holds its own
+        start-up work (``import trio``) until then, off the blackout."""
+        self.call({"op": "resumed", "name": name})
+
     def store_fds(self, name: str, meta: dict, fds: dict[str, int]) -> None:
         """Give the agent ``{token: fd}`` (and ``meta``) to hand back to this VM's next VMM."""
         self.call({"op": "store-fds", "name": name, "tokens": list(fds), "meta": meta}, list(fds.values()))

@@ -138,7 +138,11 @@ class Init:
         self._start(unit, "restart")
 
     async def start_all(self, boot: str) -> None:
-        for unit in self.state.read_units():
+        # VMMs first: after a kexec each has its interpreter to start before it
+        # needs the agent, and the agent starts faster than that.
+        units = self.state.read_units()
+        units.sort(key=lambda unit: unit["name"] == "agent")
+        for unit in units:
             if unit["name"] not in self.procs or self.procs[unit["name"]].returncode is not None:
                 self._start(unit, boot)
 

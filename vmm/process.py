@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if incoming_fd is not None:
         incoming = Session(host, incoming_fd, name)
         vm, saved = Vm.restore(host, incoming, clock)  # the guest runs again when this returns
+        agent.resumed(name)
         restored = (incoming, saved)
     elif stored is not None:
         try:
