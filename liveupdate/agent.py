@@ -192,13 +192,14 @@ class Agent:
                     # the result); restoring VMMs go first.
                     conns[fd] = (conn, (request, got))
                     poll.unregister(fd)
+                    expected.discard(retrieved.pop(fd, None))  # e.g. a VMM reporting it cannot restore
                     continue
                 close_fds(got)
                 try:
                     ok, out = self._sync_request(request)
                     reply = {"ok": ok}
                 except OSError as e:
-                    reply, out = {"errno": e.errno or errno.EIO, "error": str(e)}, []
+                    reply, out = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}, []
                 send_msg(conn, encode_json(reply), out)
                 close_fds(out)
                 if "ok" in reply and request["op"] == "retrieve-session":
@@ -260,7 +261,7 @@ class Agent:
                 except (KeyError, TypeError, ValueError) as e:
                     reply, out = {"errno": errno.EINVAL, "error": f"malformed request: {e}"}, []
                 except OSError as e:
-                    reply, out = {"errno": e.errno or errno.EIO, "error": str(e)}, []
+                    reply, out = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}, []
                 await self._reply(ch, reply, out)
                 for fd in out:
                     os.close(fd)
@@ -347,7 +348,11 @@ class Agent:
         if self.update is not None and self.update.get("phase") == "restoring":
             self.update["reports"][name] = self.reports[name]
             if set(self.update["reports"]) >= set(self.update["vms"]):
-                self.update["phase"] = "done"
+                errors = [r["error"] for r in self.update["reports"].values() if r.get("error")]
+                if errors:
+                    self.update.update(phase="failed", errno=errno.EIO, error="; ".join(errors))
+                else:
+                    self.update["phase"] = "done"
             self._save_update(self.update)
         if self.reported is not None:
             self.reported.set()
@@ -358,15 +363,23 @@ class Agent:
 
     async def _ask(self, name: str, ch: Channel, message: dict, timeout: float) -> dict:
         with trio.move_on_after(timeout) as scope:
-            async with ch.lock:
-                await ch.send(message)
-                reply, fds = await ch.recv()
-            for fd in fds:
-                os.close(fd)
+            try:
+                async with ch.lock:
+                    await ch.send(message)
+                    reply, fds = await ch.recv()
+            except (OSError, ProtocolError):
+                reply, fds = None, []
+            close_fds(fds)
             if reply is None:
                 return {"errno": errno.ECONNRESET, "error": f"{name} went away"}
             return reply
         assert scope.cancelled_caught
+        # Its answer may still come, and would be read as the answer to the
+        # next request: hang up instead.  A VMM whose agent hangs up resumes
+        # its VM if it had prepared it, and registers again.
+        if self.vmms.get(name) is ch:
+            del self.vmms[name]
+        ch.conn.close()
         return {"errno": errno.ETIMEDOUT, "error": f"{name} did not answer in {timeout:.0f} s"}
 
     async def _update(self, timeout: float) -> dict:

@@ -49,6 +49,7 @@ from liveupdate import faults
 from liveupdate.init import Init
 from liveupdate.kernel import kho
 from liveupdate.kernel.core import Kernel, KernelError
+from devices.pci import PCI_COMMAND_MASTER
 from liveupdate.machine import Machine
 from liveupdate.observer import Observer
 from liveupdate.state import StateDir
@@ -135,8 +136,23 @@ class HostDaemon:
         self.kernel = Kernel(self.machine, profile=self.profile, generation=self.generation, spawn=self._spawn,
                              closing=trio.lowlevel.notify_closing)
         self.kernel.faults = self.faults
+        self.kernel.kill_unit = self.init.kill_unit
         if tree is not None:
-            self.kernel.restore(tree)
+            try:
+                self.kernel.restore(tree)
+            except kho.KhoError as e:
+                log.error("the new kernel refused the KHO image: %s", e)
+                self.last_kho_error = str(e)
+                self.kho_refused += 1
+                await self._boot_kernel_again()
+
+    async def _boot_kernel_again(self) -> None:
+        """A kernel that took part of a refused tree trusts none of it: a clean one."""
+        self._kernel_scope.cancel()
+        self.kernel.dropping = True
+        self.kernel.drop()
+        self.generation -= 1
+        await self._boot(None)
 
     async def _kernel_tasks(self, *, task_status) -> None:
         with trio.CancelScope() as scope:
@@ -172,6 +188,9 @@ class HostDaemon:
                     result, err, payload, out_fds = self._file_request(kernel, file, data, fds)
                 finally:
                     close_fds(fds)
+                stall = kernel.take_stall()
+                if stall:
+                    await trio.sleep(stall)  # an injected stall: this caller waits, the machine runs on
                 try:
                     await self._send(sock, REPLY.pack(result, err, tag) + payload, out_fds)
                 finally:
@@ -296,6 +315,12 @@ class HostDaemon:
                                           float(request["bin_s"]), None if iova is None else int(iova)), []
         if op == "units":
             return self.init.status(), []
+        if op == "faults":
+            if request.get("clear"):
+                self.faults.clear()
+            if request.get("set"):
+                self.faults.set(str(request["set"]))
+            return self.faults.describe(), []
         if op == "unit-start":
             return await self.init.start_unit(str(request["name"])), []
         if op == "unit-stop":
@@ -311,10 +336,14 @@ class HostDaemon:
             marks = {"reboot": time.time()}
             kernel = self.kernel
             try:
+                clear_bus_master = await self._kexec_faults()
                 tree = kernel.freeze()  # a KernelError here: nothing happened, the caller gets the errno
             except KernelError:
                 self.kexec_refused += 1
                 raise
+            stall = kernel.take_stall()
+            if stall:
+                await trio.sleep(stall)  # an injected stall in a freeze callback
             image = kho.encode_image(tree)
             bdfs, domains, memory = kernel.preserved_hardware()
             image = self.faults.kho_image(image)
@@ -326,6 +355,10 @@ class HostDaemon:
             dying = self.init.kill_all()
             kernel.drop()
             self.machine.reset_for_kexec(bdfs, domains, memory)
+            if clear_bus_master:
+                for bdf in bdfs:
+                    log.warning("injected fault: the new kernel clears Bus Master Enable of %s", bdf)
+                    self.machine.devices[bdf].set_command_bits(PCI_COMMAND_MASTER, False)
             self.kexec_count += 1
             try:
                 new_tree = kho.decode_image(image)
@@ -346,6 +379,20 @@ class HostDaemon:
                                "kho_bytes": len(image), "kho_error": self.last_kho_error, "marks": marks}
             return self.last_kexec
 
+    async def _kexec_faults(self) -> bool:
+        """Injected faults at the reboot call (liveupdate.faults); True if the
+        new kernel is to clear Bus Master Enable of the preserved devices."""
+        clear_bus_master = False
+        for rule in self.faults.at("kexec"):
+            if rule.action == "stall":
+                await trio.sleep(rule.seconds)
+            elif rule.action == "kill":
+                self.init.kill_unit(rule.unit, "injected fault at kexec")
+                raise KernelError(errno.EINTR, f"injected fault: {rule.unit} killed before the reboot")
+            elif rule.action == "clear-bus-master":
+                clear_bus_master = True
+        return clear_bus_master
+
     def status(self) -> dict:
         return {
             "pid": os.getpid(),
@@ -357,6 +404,8 @@ class HostDaemon:
             "metrics_port": self.metrics_port,
             "kexec_seconds": [round(s, 4) for s in self.kexec_seconds],
             "last_kho_error": self.last_kho_error,
+            "faults": self.faults.describe(),
+            "fault_hits": self.faults.hits,
             "last_kexec": self.last_kexec,
             "kernel": self.kernel.status(),
             "machine": {

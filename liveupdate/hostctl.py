@@ -39,7 +39,8 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
     if not abi.PREBUILT:
         abi.build_cache()  # the restore path imports the parsed uAPI instead of parsing it
     if agent:
-        state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path))
+        # Restarted when it dies, as luod would be (Restart=on-failure): the VMMs register again.
+        state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path), restart="on-failure")
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "liveupdate.daemon", "--state-dir", state.path, "--devices", str(devices),
             "--kernel-profile", profile, "--ready-fd", str(write_end)]

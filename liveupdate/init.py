@@ -174,6 +174,17 @@ class Init:
         await self._kill(proc)
         return {"name": name, "returncode": proc.returncode}
 
+    def kill_unit(self, name: str, why: str) -> None:
+        """SIGKILL one unit's process group now (injected faults): the unit's
+        restart policy decides what follows, as for any crash."""
+        proc = self.procs.get(name)
+        if proc is not None and proc.returncode is None:
+            log.warning("%s: killing unit %s (pid %d)", why, name, proc.pid)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def kill_all(self) -> list[UnitProcess]:
         """SIGKILL every unit's process group.  Returns the processes to reap:
         the caller need not wait for their teardown (unmapping guest RAM takes

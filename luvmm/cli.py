@@ -141,6 +141,25 @@ def _cmd_host_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_host_faults(args: argparse.Namespace) -> int:
+    from luvmm.emuhost import connect
+
+    state = _host(args)
+    host = connect(state.socket)
+    try:
+        request = {"op": "faults", "clear": args.clear}
+        if args.spec:
+            request["set"] = ",".join(args.spec)
+        rules = host.call(request)[0]
+    except OSError as e:
+        print(f"luvmm host faults: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        host.close_connection()
+    print("\n".join(rules) if rules else "no faults injected")
+    return 0
+
+
 def _cmd_host_kexec(args: argparse.Namespace) -> int:
     from luvmm.emuhost import connect
 
@@ -402,6 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     _state_dir_arg(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=_cmd_host_status)
+    faults = host_sub.add_parser(
+        "faults", help="inject faults into the emulated kernel's live-update path, or clear them",
+        description="Fault injection (off unless asked for). A fault is POINT[:HANDLER][@SESSION]=ACTION. "
+                    "POINT: preserve, freeze, retrieve, finish (a LUO file handler's callback; HANDLER memfd-v1, "
+                    "vfio-pci-v1 or iommufd-v1; SESSION a VM's name), kexec (the reboot call), kho (the image). "
+                    "ACTION: fail (EIO), stall:SECONDS, kill:UNIT (init SIGKILLs agent or vm-NAME there), "
+                    "clear-bus-master (kexec: the new kernel clears Bus Master Enable of preserved devices), "
+                    "corrupt or truncate (kho). The same list in LUVMM_FAULTS sets them when the host starts. "
+                    "With no argument: the faults in force.")
+    _state_dir_arg(faults)
+    faults.add_argument("spec", nargs="*", metavar="FAULT", help="faults to add, e.g. freeze:memfd-v1=fail")
+    faults.add_argument("--clear", action="store_true", help="remove every fault first")
+    faults.set_defaults(func=_cmd_host_faults)
     kexec = host_sub.add_parser("kexec", help="reboot the emulated kernel with kexec (LUO preserves sessions)")
     _state_dir_arg(kexec)
     kexec.set_defaults(func=_cmd_host_kexec)

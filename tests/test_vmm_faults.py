@@ -23,7 +23,7 @@ from vmm.vm import VmConfig
 def faulty_host():
     state = StateDir(tempfile.mkdtemp(prefix="luvmm-fault-"))
     # The VM's device freezes fine; then the RAM memfd's freeze fails.
-    hostctl.start(state, dsa_bandwidth=48 << 20, env={"LUVMM_FAULTS": "freeze=memfd-v1"})
+    hostctl.start(state, dsa_bandwidth=48 << 20, env={"LUVMM_FAULTS": "freeze:memfd-v1=fail"})
     host = connect(state.socket)
     yield state, host
     host.close_connection()

@@ -52,6 +52,11 @@ class Control:
         self.metrics_port: int | None = None
         self.metrics_error: str | None = None
         self.ready = False  # registered with the agent, files stored, metrics served
+        self.prepared = False  # paused and saved for an update that has not happened (yet)
+        #: Why the VM's files are not all in its session yet (PRESERVE_FD failed); retried at prepare.
+        self.preserve_error: str | None = None
+        #: Why the incoming session is not finished yet (FINISH failed); retried until it is.
+        self.finish_error: str | None = None
 
     # --- metrics -------------------------------------------------------------------------------
 
@@ -102,43 +107,111 @@ class Control:
                 await trio.sleep(0.002)
         self.clock.mark("verified")
         after = vm.mailbox.snapshot()
-        await trio.to_thread.run_sync(incoming.finish)
+        if vm.bus_master_restored:
+            log.warning("the device came back with Bus Master Enable clear: set again, its DMA went on")
+        finished = await self._finish(incoming)
         self.clock.mark("finished")
         report = update_report(vm, self.host, self.clock.marks, saved, after)
+        report["finish_error"] = self.finish_error
         self.last_report = report
         self.stats.record(report)
         self._save_stats()
-        await trio.to_thread.run_sync(self.agent.restored, self.name, report)
+        await trio.to_thread.run_sync(self._call_agent, "restored", self.name, report)
         log.info("restored: blackout %.1f ms, %d DMA completions during it", report["blackout_s"] * 1000,
                  report["dma_completed_during_blackout"])
-        return report
+        return report, finished
+
+    async def _finish(self, incoming) -> bool:
+        """FINISH the incoming session.  If the kernel refuses, the VM runs on
+        and the session stays (LUO keeps its files): :meth:`finish_later`
+        tries again."""
+        try:
+            await trio.to_thread.run_sync(incoming.finish)
+        except OSError as e:
+            self.finish_error = f"FINISH failed: {e.strerror or e}"
+            log.error("%s; the incoming session stays, retrying", self.finish_error)
+            return False
+        self.finish_error = None
+        return True
+
+    async def finish_later(self, incoming, interval: float = 0.2) -> None:
+        while not await self._finish(incoming):
+            await trio.sleep(interval)  # a retry, not a wait for something: nothing tells us when it may work
+        log.info("incoming session finished")
+
+    def _call_agent(self, method: str, *args, **kwargs):
+        """A call to the agent on the VMM's synchronous connection; an agent that
+        init restarted meanwhile is connected to again (once)."""
+        from liveupdate.agent_client import AgentError, wait_for_agent
+
+        for attempt in (0, 1):
+            try:
+                return getattr(self.agent, method)(*args, **kwargs)
+            except AgentError as e:
+                if attempt or e.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                    raise
+            self.agent.close()
+            self.agent, _ = wait_for_agent(self.state, 30)
 
     # --- the agent channel -------------------------------------------------------------------
 
     async def agent_channel(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        await sock.connect(self.state.agent_socket)
-        with sock:
-            await sock.send(encode_json({"op": "register", "name": self.name}))
-            await sock.recv(MAX_MESSAGE)
-            task_status.started()
-            while True:
+        """Registered with the agent, serve its requests; when the agent goes
+        away (it died, or gave up waiting for us), an update it had us prepare
+        for cannot happen: resume the VM (rollback), and register with the
+        agent that init starts next."""
+        started = False
+        while True:
+            sock = await self._register()
+            if not started:
+                task_status.started()
+                started = True
+            with sock:
+                await self._serve_agent(sock)
+            if self.prepared:
+                log.warning("the agent went away with the VM prepared for an update: resuming it")
+                self.prepared = False
+                self.vm.cancel()
+                self._rolled_back()
+            else:
+                log.warning("the agent went away")
+
+    async def _register(self):
+        while True:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                await sock.connect(self.state.agent_socket)
+                await sock.send(encode_json({"op": "register", "name": self.name}))
+                if await sock.recv(MAX_MESSAGE):
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+            await trio.sleep(0.05)  # init is starting the agent again: try its socket anew
+
+    async def _serve_agent(self, sock) -> None:
+        while True:
+            try:
                 data, anc, flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
                                                          socket.MSG_CMSG_CLOEXEC)
-                if not data:
-                    log.warning("the agent went away")
-                    return
-                for fd in fds_from_ancillary(anc, flags):
-                    os.close(fd)
-                request = decode_json(data)
-                reply = self._handle(request)
-                die = request.get("op") == "prepare" and "ok" in reply and FAULT == "die-after-prepare"
-                if die:  # said first: the kexec may kill us as soon as the agent has the reply
-                    log.warning("fault injection: the VMM exits after preparing")
-                    logging.shutdown()
+            except OSError:
+                data = b""
+            if not data:
+                return
+            for fd in fds_from_ancillary(anc, flags):
+                os.close(fd)
+            request = decode_json(data)
+            reply = self._handle(request)
+            die = request.get("op") == "prepare" and "ok" in reply and FAULT == "die-after-prepare"
+            if die:  # said first: the kexec may kill us as soon as the agent has the reply
+                log.warning("fault injection: the VMM exits after preparing")
+                logging.shutdown()
+            try:
                 await sock.sendmsg([encode_json(reply)], ancillary([]))
-                if die:
-                    os._exit(137)  # fault injection: the VMM dies between "ready" and the kexec
+            except OSError:
+                return
+            if die:
+                os._exit(137)  # fault injection: the VMM dies between "ready" and the kexec
 
     def _handle(self, request: dict) -> dict:
         op = request.get("op")
@@ -148,6 +221,8 @@ class Control:
                 log.warning("fault injection: the VMM exits with its vCPUs paused, in prepare")
                 logging.shutdown()
                 os._exit(137)
+            if self.prepared:
+                return {"errno": errno.EBUSY, "error": f"{self.name}: already prepared"}
             try:
                 phases = self.vm.prepare(self.session)
             except OSError as e:
@@ -155,11 +230,15 @@ class Control:
                 self.vm.cancel()
                 self._rolled_back()
                 return {"errno": e.errno or errno.EIO, "error": f"{self.name}: prepare failed: {e}"}
+            self.preserve_error = None
+            self.prepared = True
             self.updates += 1
             return {"ok": {"phases": phases}}
         if op == "cancel":
-            self.vm.cancel()
-            self._rolled_back()
+            if self.prepared:
+                self.prepared = False
+                self.vm.cancel()
+                self._rolled_back()
             return {"ok": True}
         return {"errno": errno.EINVAL, "error": f"unknown request {op!r}"}
 
@@ -177,6 +256,7 @@ class Control:
                 "mailbox": mb, "crash": vm.crash and vars(vm.crash), "interrupts": vm.count_interrupts(),
                 "portal_writes": vm.portal_writes, "updates_prepared": self.updates,
                 "ready": self.ready, "metrics_port": self.metrics_port, "metrics_error": self.metrics_error,
+                "preserve_error": self.preserve_error, "finish_error": self.finish_error,
                 "last_update": self.last_report}
 
     async def serve_local(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -220,12 +300,18 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
             async with trio.open_nursery() as nursery:
                 await nursery.start(control.serve_local)
                 if restored:
-                    await control.verify()
+                    _, finished = await control.verify()
+                    if not finished:
+                        nursery.start_soon(control.finish_later, restored[0])
                 # A cold-booted VM has new files: a session an earlier VMM of
                 # this name left behind describes a VM that is gone.
-                control.session = Session(host, agent.create_session(name, fresh=boot == "cold"), name)
-                vm.preserve(control.session)
-                agent.store_fds(name, *vm.files())
+                control.session = Session(host, control._call_agent("create_session", name, fresh=boot == "cold"), name)
+                try:
+                    vm.preserve(control.session)
+                except OSError as e:  # the VM runs on; prepare tries again, and refuses the update if it fails
+                    control.preserve_error = f"PRESERVE_FD failed: {e.strerror or e}"
+                    log.error("%s; an update will try again", control.preserve_error)
+                control._call_agent("store_fds", name, *vm.files())
                 if hasattr(host, "call"):  # an observer on the emulated machine's bus
                     host.call({"op": "watch", "bdf": vm.bdf, "iova": guest.offset("heartbeat")})
                 await nursery.start(control.agent_channel)
@@ -242,7 +328,7 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
 
     trio.run(main)
     try:
-        agent.drop_fds(name)  # stopped: the VM is going away, and its files with it
+        control._call_agent("drop_fds", name)  # stopped: the VM is going away, and its files with it
     except OSError:
         pass
     vm.close()

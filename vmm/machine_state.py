@@ -27,6 +27,10 @@ import zlib
 from luvmm import leanjson
 
 MAGIC = b"LUVMMST\0"
+#: Written over MAGIC just before the restored guest runs: from then on the
+#: guest moves on from this state, and resuming it again would take the guest
+#: back in time (RAM and device ahead of the vCPUs).
+RESUMED_MAGIC = b"LUVMMSR\0"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQ")
 STATE_MEMFD_SIZE = 1 << 20  # fixed: a preserved memfd's size is frozen
@@ -56,6 +60,10 @@ def write(fd: int, state: dict) -> float:
     return saved
 
 
+def mark_resumed(fd: int) -> None:
+    os.pwrite(fd, RESUMED_MAGIC, 0)
+
+
 def read(fd: int) -> dict:
     """The state in a state memfd, with ``phases["saved"]`` from its stamp."""
     blob = os.pread(fd, STATE_MEMFD_SIZE, 0)
@@ -72,6 +80,9 @@ def decode(blob: bytes) -> dict:
     if len(blob) < HEADER.size:
         raise StateError(f"machine state of {len(blob)} bytes is shorter than its header")
     magic, version, crc, length = HEADER.unpack_from(blob)
+    if magic == RESUMED_MAGIC:
+        raise StateError("this machine state was resumed from already: the guest has run on since it was "
+                         "saved, and resuming it again would take the guest back in time")
     if magic != MAGIC:
         raise StateError("not a luvmm machine state (bad magic)")
     if version != VERSION:

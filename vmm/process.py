@@ -63,11 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     boot = os.environ.get("LUVMM_BOOT", "cold")
     incoming_fd = agent.retrieve_session(name) if boot == "kexec" else None
     stored = agent.fetch_fds(name) if boot == "restart" else None
+    if boot == "restart" and stored is None:
+        # The VMM before us died restoring the VM after a kexec, before it
+        # stored its files: the incoming session still holds them.
+        incoming_fd = agent.retrieve_session(name)
     clock.mark("connected")
     restored = None
     if incoming_fd is not None:
         incoming = Session(host, incoming_fd, name)
-        vm, saved = Vm.restore(host, incoming, clock)  # the guest runs again when this returns
+        try:
+            vm, saved = Vm.restore(host, incoming, clock)  # the guest runs again when this returns
+        except (OSError, ValueError) as e:
+            # Not booted cold over it: LUO keeps the VM's RAM and device in the
+            # session, for a look at what went wrong.
+            error = f"cannot restore the VM from its session: {e}"
+            print(f"vmm[{name}]: {error}", file=sys.stderr)
+            agent.restored(name, {"name": name, "error": error})
+            return EX_CONFIG
         agent.resumed(name)
         restored = (incoming, saved)
     elif stored is not None:

@@ -79,6 +79,7 @@ def update_report(vm, host, marks: dict, saved: dict, after: dict) -> dict:
         "mailbox_after": after,
         "crash": vm.crash and vars(vm.crash),
         "device_reset": not vm.device_enabled(),
+        "bus_master_restored": vm.bus_master_restored,
         "marks": dict(marks, **{f"host_{k}": v for k, v in kexec_marks.items()},
                       **{f"old_{k}": v for k, v in saved_phases.items() if isinstance(v, float)}),
     }

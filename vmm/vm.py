@@ -203,6 +203,8 @@ class Vm:
         self._threads: list = []  # one lock per vCPU thread, held until it ends
         self.last_stop = 0.0
         self.first_run = 0.0
+        #: After a restore: the device came back with Bus Master Enable clear, and the VMM set it again.
+        self.bus_master_restored = False
         self._portal = {}
         self.state_memfd = -1
         self.preserved: set[str] = set()  # which of the VM's files are in its LUO session
@@ -289,6 +291,16 @@ class Vm:
         if self.msix_armed:
             self.dev.disable_irqs()
             self.msix_armed = False
+
+    def _ensure_bus_master(self) -> bool:
+        """The guest's driver enabled Bus Master Enable before the update, and a
+        preserved device keeps it -- unless the new kernel cleared it, which
+        stops its DMA.  Put the guest's configuration back; True if it was needed."""
+        command = struct.unpack("<H", self.dev.config_read(PCI_COMMAND, 2))[0]
+        if command & PCI_COMMAND_MASTER:
+            return False
+        self.dev.config_write(PCI_COMMAND, struct.pack("<H", command | PCI_COMMAND_MASTER))
+        return True
 
     def device_enabled(self) -> bool:
         """GENSTS says enabled: a device reset by the kernel (reset-on-freeze) is not."""
@@ -597,7 +609,9 @@ class Vm:
         vm.dev_id = vm.dev.bind_iommufd(vm.iommufd)
         vm.dev.attach_pt(vm.hwpt)
         vm._arm_msix()
+        vm.bus_master_restored = vm._ensure_bus_master()
         clock.mark("device_reattached")
+        machine_state.mark_resumed(state_fd)
         vm._pause = True
         vm.start_vcpus()
         clock.mark("resumed", vm.resume())

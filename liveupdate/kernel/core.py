@@ -130,9 +130,33 @@ class Kernel:
         self.dropping = False
         #: Fault injection (liveupdate.faults.Faults), or None.
         self.faults = None
+        #: Seconds an injected stall adds to the request being served (the daemon waits them out).
+        self.stall = 0.0
+        #: Kills a unit of init by name (set by the daemon, for injected faults).
+        self.kill_unit: Callable[[str, str], None] = lambda unit, why: None
         self.iommufd = IommufdSubsystem(self)
         self.vfio = VfioSubsystem(self)
         self.luo = LuoSubsystem(self)
+
+    # --- fault injection --------------------------------------------------------------------
+
+    def inject(self, point: str, handler: str | None = None, session: str | None = None) -> None:
+        """Where liveupdate.faults may strike: fail here (EIO), stall the
+        caller, or have init kill a unit."""
+        if self.faults is None:
+            return
+        what = point + (f" of {handler}" if handler else "") + (f" in session {session!r}" if session else "")
+        for rule in self.faults.at(point, handler, session):
+            if rule.action == "stall":
+                self.stall += rule.seconds
+            elif rule.action == "kill":
+                self.kill_unit(rule.unit, f"injected fault at {what}")
+            elif rule.action == "fail":
+                raise KernelError(errno.EIO, f"injected fault: {what} failed")
+
+    def take_stall(self) -> float:
+        stall, self.stall = self.stall, 0.0
+        return stall
 
     # --- files ----------------------------------------------------------------------------
 
@@ -239,8 +263,15 @@ class Kernel:
         self.vfio.drop()
 
     def restore(self, tree: dict) -> None:
-        """Boot, second half: take over what the KHO tree describes."""
-        self.luo.restore(tree.get("luo", {}))
+        """Boot, second half: take over what the KHO tree describes.  A tree
+        whose checksum holds but whose shape does not (another kernel's, or a
+        bug's) is refused as a whole: KhoError, and the caller boots without it."""
+        from liveupdate.kernel.kho import KhoError
+
+        try:
+            self.luo.restore(tree.get("luo", {}))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise KhoError(f"KHO tree this kernel cannot take: {type(e).__name__}: {e}") from None
 
     def reap(self) -> None:
         """Release every file whose users have all closed it."""

@@ -281,6 +281,7 @@ class LuoSubsystem:
         if isinstance(target, File):
             lf.ref_fd = os.dup(fd)  # LUO's reference keeps the file alive
         try:
+            self.kernel.inject("preserve", handler.compatible, session.name)
             lf.state = handler.preserve(lf) or {}
         except BaseException:
             lf.drop_ref()
@@ -303,6 +304,7 @@ class LuoSubsystem:
             raise KernelError(-lf.retrieve_status)
         if lf.retrieve_status == 0:
             try:
+                self.kernel.inject("retrieve", lf.handler.compatible, session.name)
                 lf.target = lf.handler.retrieve(lf)
             except KernelError as e:
                 lf.retrieve_status = -e.errno
@@ -318,6 +320,7 @@ class LuoSubsystem:
 
     def finish(self, session: Session) -> None:
         for lf in session.files:
+            self.kernel.inject("finish", lf.handler.compatible, session.name)
             if not lf.handler.can_finish(lf):
                 raise KernelError(errno.EBUSY, f"{lf.handler.compatible} token {lf.token:#x} cannot finish yet")
         for lf in reversed(session.files):
@@ -344,8 +347,7 @@ class LuoSubsystem:
         try:
             for session in self.outgoing.values():
                 for lf in session.files:
-                    if self.kernel.faults is not None and self.kernel.faults.freeze == lf.handler.compatible:
-                        raise KernelError(errno.EIO, f"injected fault: {lf.handler.compatible} freeze failed")
+                    self.kernel.inject("freeze", lf.handler.compatible, session.name)
                     lf.state = lf.handler.freeze(lf) or lf.state
                     lf.frozen = True
                     frozen.append(lf)

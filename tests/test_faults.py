@@ -1,0 +1,251 @@
+"""Fault injection at each step of a live update (liveupdate.faults), and the
+outcome a user depends on for each: rollback with the VM intact, a clean
+refusal that keeps the session for a retry, or a detected fault repaired.
+
+Every test runs the real processes: host daemon, agent and VMM units."""
+
+import errno
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from liveupdate import faults, hostctl
+from liveupdate.agent_client import AgentError
+from liveupdate.state import StateDir
+from liveupdate.update import update_once
+from luvmm.emuhost import connect
+from metrics.vmm import UpdateStats
+from vmm import manage
+from vmm.vm import VmConfig
+
+from tests.test_vmm_faults import wait_for_progress
+
+
+@pytest.fixture
+def host():
+    state = StateDir(tempfile.mkdtemp(prefix="luvmm-faults-"))
+    hostctl.start(state, dsa_bandwidth=48 << 20)
+    conn = connect(state.socket)
+    yield state, conn
+    conn.close_connection()
+    hostctl.stop(state)
+    shutil.rmtree(state.path, ignore_errors=True)
+
+
+def inject(conn, spec: str | None = None, *, clear: bool = False) -> list[str]:
+    request = {"op": "faults", "clear": clear}
+    if spec:
+        request["set"] = spec
+    return conn.call(request)[0]
+
+
+def start_vm(state, conn, name="f", guest="synthetic"):
+    manage.start(state, VmConfig(name, memory=64 << 20, guest=guest), conn)
+    return manage.status(state, name)
+
+
+def assert_intact(state, name, st):
+    """The same VMM runs the guest on, its counters going on, nothing lost."""
+    after = wait_for_progress(state, name, manage.status(state, name)["mailbox"])
+    now = manage.status(state, name)
+    assert now["pid"] == st["pid"] and now["crash"] is None
+    assert after["completed"] > st["mailbox"]["completed"]
+    assert after["errors"] == 0 and after["verify_failures"] == 0
+
+
+def assert_clean(report):
+    assert report["guest_progressed"] and report["crash"] is None
+    assert (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)
+
+
+def host_status(conn):
+    return conn.call({"op": "status"})[0]
+
+
+def wait_until(predicate, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)  # another process does it
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- the specification ------------------------------------------------------------------------
+
+
+def test_fault_specs_parse_and_bad_ones_say_why():
+    rules = faults.parse("freeze:memfd-v1@a=fail, retrieve@b=kill:vm-b,kexec=stall:0.5,kho=truncate")
+    assert [str(r) for r in rules] == ["freeze:memfd-v1@a=fail", "retrieve@b=kill:vm-b", "kexec=stall:0.5",
+                                       "kho=truncate"]
+    assert rules[0].matches("freeze", "memfd-v1", "a") and not rules[0].matches("freeze", "iommufd-v1", "a")
+    for bad, why in (("freeze", "expected"), ("boot=fail", "unknown point"), ("freeze:nfs=fail", "handler"),
+                     ("kho=fail", "corrupt, truncate"), ("finish=stall:-1", "SECONDS"), ("freeze=kill", "UNIT"),
+                     ("kexec@a=stall:1", "session"), ("freeze=fail:now", "no argument")):
+        with pytest.raises(faults.FaultSpecError, match=why):
+            faults.parse(bad)
+
+
+def test_faults_are_set_and_cleared_at_run_time(host):
+    state, conn = host
+    assert inject(conn) == []
+    assert inject(conn, "finish=fail") == ["finish=fail"]
+    with pytest.raises(OSError) as e:
+        inject(conn, "finish=explode")
+    assert e.value.errno == errno.EINVAL and "finish=explode" in str(e.value)
+    assert host_status(conn)["faults"] == ["finish=fail"]  # a bad spec changed nothing
+    cli = [sys.executable, "-m", "luvmm", "host", "faults", "--state-dir", state.path]
+    out = subprocess.run(cli + ["--clear", "kexec=clear-bus-master"], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["kexec=clear-bus-master"]
+    bad = subprocess.run(cli + ["kexec=fail"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "at kexec the action is one of" in bad.stderr
+    assert subprocess.run(cli + ["--clear"], capture_output=True, text=True).stdout.strip() == "no faults injected"
+
+
+# --- preserve ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_preserve_refuses_the_update_and_a_retry_succeeds(host):
+    """PRESERVE_FD of the device fails: the VM runs on, an update is refused
+    before anything is paused, and once the fault is gone the same VMM
+    preserves what was missing and the update goes through."""
+    state, conn = host
+    inject(conn, "preserve:vfio-pci-v1=fail")
+    st = start_vm(state, conn)
+    assert "PRESERVE_FD failed" in st["preserve_error"]
+    with pytest.raises(AgentError, match="prepare failed, update rolled back") as e:
+        update_once(state, timeout=30)
+    assert e.value.errno == errno.EIO and "LIVEUPDATE_SESSION_PRESERVE_FD" in str(e.value)
+    assert host_status(conn)["kexec_count"] == 0
+    assert_intact(state, "f", st)
+    inject(conn, clear=True)
+    report = update_once(state, timeout=60)["reports"]["f"]
+    assert_clean(report)
+    assert manage.status(state, "f")["preserve_error"] is None
+
+
+# --- freeze -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("handler", ["vfio-pci-v1", "iommufd-v1"])
+def test_a_failing_freeze_rolls_back(host, handler):
+    """(memfd-v1: tests/test_vmm_faults.py.)  The reboot fails, the files frozen
+    before are unfrozen, the VM resumes with its interrupts re-armed."""
+    state, conn = host
+    st = start_vm(state, conn)
+    inject(conn, f"freeze:{handler}=fail")
+    with pytest.raises(AgentError, match=f"kexec failed.*injected fault: freeze of {handler}"):
+        update_once(state, timeout=30)
+    status = host_status(conn)
+    assert status["kexec_count"] == 0 and status["kexec_refused"] == 1
+    assert status["kernel"]["vfio"][0]["msix_vectors"] == list(range(9))
+    assert_intact(state, "f", st)
+    stats = UpdateStats.load(str(state.vm_dir("f") / "metrics.json"))
+    assert stats.updates == {"success": 0, "rolled_back": 1}
+    inject(conn, clear=True)
+    assert_clean(update_once(state, timeout=60)["reports"]["f"])
+
+
+@pytest.mark.timeout(300)
+def test_a_stalled_freeze_lengthens_the_blackout_and_dma_goes_on(host):
+    """The freeze of the VM's two memfds (RAM, machine state) stalls 0.2 s
+    each: the update still goes through, the stall is inside the blackout,
+    and the device keeps completing the guest's work meanwhile."""
+    state, conn = host
+    start_vm(state, conn)
+    inject(conn, "freeze:memfd-v1@f=stall:0.2")
+    report = update_once(state, timeout=60)["reports"]["f"]
+    assert_clean(report)
+    assert report["blackout_s"] >= 0.4 and report["phases_s"]["freeze"] >= 0.4
+    assert report["dma_completed_during_blackout"] > 0
+
+
+# --- kexec --------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_the_agent_killed_at_the_reboot_leaves_the_vm_running(host):
+    """The agent dies as it calls reboot: no kexec happens, the VMM sees its
+    agent go with the VM prepared and resumes it (rollback), init starts
+    the agent again, the VMM registers with it, and the next update works."""
+    state, conn = host
+    st = start_vm(state, conn)
+    agent_pid = next(u["pid"] for u in conn.call({"op": "units"})[0] if u["name"] == "agent")
+    inject(conn, "kexec=kill:agent")
+    with pytest.raises(AgentError, match="the agent died during the update"):
+        update_once(state, timeout=30)
+    status = host_status(conn)
+    assert status["kexec_count"] == 0 and status["kexec_refused"] == 1
+    units = {u["name"]: u for u in status["units"]}
+    assert units["agent"]["restarts"] == 1 and units["agent"]["pid"] != agent_pid
+    assert_intact(state, "f", st)
+    wait_until(lambda: UpdateStats.load(str(state.vm_dir("f") / "metrics.json")).updates["rolled_back"] == 1,
+               "the rollback to be counted")
+    inject(conn, clear=True)
+    assert_clean(update_once(state, timeout=60)["reports"]["f"])
+
+
+@pytest.mark.timeout(300)
+def test_bus_master_cleared_by_the_new_kernel_is_set_again(kvm_ok, host):
+    """A new kernel that clears Bus Master Enable of a preserved device stops
+    its DMA: the restored VMM sees it, puts the guest's configuration back,
+    and the work in flight completes -- nothing lost."""
+    state, conn = host
+    start_vm(state, conn, guest="firmware")
+    inject(conn, "kexec=clear-bus-master")
+    report = update_once(state, timeout=60)["reports"]["f"]
+    assert report["bus_master_restored"] is True
+    assert_clean(report)
+    log = (state.logs / "vm-f.log").read_text()
+    assert "Bus Master Enable clear: set again" in log
+
+
+# --- after the kexec ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_the_vmm_killed_while_restoring_is_restarted_on_its_session(kvm_ok, host):
+    """The restored VMM dies as it retrieves the device: init starts it again,
+    and the new VMM restores the VM from the same incoming session (what the
+    dead one retrieved is handed out again) -- nothing lost."""
+    state, conn = host
+    start_vm(state, conn, guest="firmware")
+    inject(conn, "retrieve:vfio-pci-v1@f=kill:vm-f")
+    record = update_once(state, timeout=60)
+    report = record["reports"]["f"]
+    assert_clean(report)
+    units = {u["name"]: u for u in conn.call({"op": "units"})[0]}
+    assert units["vm-f"]["restarts"] == 1
+    assert manage.status(state, "f")["boot"] == "restart"
+    log = (state.logs / "vm-f.log").read_text()
+    with open(state.log) as f:
+        assert "injected fault at retrieve of vfio-pci-v1 in session 'f': killing unit vm-f" in f.read()
+    assert "start (restart" in log
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_finish_keeps_the_session_until_it_succeeds(host):
+    """FINISH fails: the VM runs on, the update is reported with the error,
+    the incoming session stays in LUO, and the VMM finishes it once the
+    kernel lets it."""
+    state, conn = host
+    start_vm(state, conn)
+    inject(conn, "finish@f=fail")
+    report = update_once(state, timeout=60)["reports"]["f"]
+    assert_clean(report)
+    assert "FINISH failed" in report["finish_error"]
+    sessions = host_status(conn)["kernel"]["sessions"]
+    assert any(s["name"] == "f" and s["direction"] == "incoming" for s in sessions)
+    assert "FINISH failed" in manage.status(state, "f")["finish_error"]
+    inject(conn, clear=True)
+    wait_until(lambda: not any(s["direction"] == "incoming" for s in host_status(conn)["kernel"]["sessions"]),
+               "the incoming session to be finished")
+    assert manage.status(state, "f")["finish_error"] is None
+    assert_clean(update_once(state, timeout=60)["reports"]["f"])
