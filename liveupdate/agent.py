@@ -31,6 +31,7 @@ from __future__ import annotations
 import _socket
 import errno
 import os
+import struct
 import sys
 import time
 
@@ -79,12 +80,23 @@ def _import_trio():
     return _trio
 
 
+#: Requests about one VM (its ``name``): only that VM's VMM may make them.
+NAMED_OPS = frozenset({"create-session", "retrieve-session", "fetch-fds", "drop-fds", "store-fds", "register",
+                       "restored", "resumed"})
+_PEERCRED = struct.Struct("3i")
+
+
+def peer_pid(sock) -> int:
+    return _PEERCRED.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size))[0]
+
+
 class Channel:
     """A connection to the agent (agent side), with one request in flight at a time."""
 
     def __init__(self, conn):
         self.conn = conn
         self.lock = trio.Lock()
+        self.unit: str | None | bool = False  # the peer's unit, once asked (False: not yet)
 
     async def send(self, obj: dict, fds=()) -> None:
         await self.conn.sendmsg([encode_json(obj)], ancillary(list(fds)))
@@ -162,6 +174,7 @@ class Agent:
             poll.register(listener.fileno(), select.POLLIN)
             deadline = time.monotonic() + timeout
         retrieved: dict[int, str] = {}  # connection -> the VM whose session it took
+        units: dict[int, str | None] = {}  # connection -> its peer's unit
         while expected and time.monotonic() < deadline:
             for fd, _ in poll.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 if fd == listener.fileno():
@@ -196,6 +209,9 @@ class Agent:
                     continue
                 close_fds(got)
                 try:
+                    if request.get("op") in NAMED_OPS and fd not in units:
+                        units[fd] = self.unit_of(conn)
+                    self.authorize(request, units.get(fd))
                     ok, out = self._sync_request(request)
                     reply = {"ok": ok}
                 except OSError as e:
@@ -243,6 +259,14 @@ class Agent:
                     break
                 if request is None:
                     break
+                try:
+                    if request.get("op") in NAMED_OPS and ch.unit is False:
+                        ch.unit = self.unit_of(ch.conn)
+                    self.authorize(request, ch.unit or None)
+                except OSError as e:
+                    close_fds(fds)
+                    await self._reply(ch, {"errno": e.errno or errno.EPERM, "error": e.strerror or str(e)})
+                    continue
                 if request.get("op") == "store-fds":
                     await self._reply(ch, *self._store_fds(request, fds))
                     continue
@@ -273,6 +297,19 @@ class Agent:
             await ch.send(reply, fds)
         except OSError:
             pass
+
+    def authorize(self, request: dict, unit: str | None) -> None:
+        """A VMM acts on its own VM only: its session, its files, its reports.
+        A process of no unit is the operator's (the socket is the owner's
+        only); a unit's process naming another VM gets EPERM."""
+        if unit is None or request.get("op") not in NAMED_OPS:
+            return
+        if unit != f"vm-{request.get('name')}":
+            raise PermissionError(errno.EPERM, f"{request.get('op')} of VM {request.get('name')!r}: "
+                                               f"refused to a process of unit {unit}")
+
+    def unit_of(self, sock) -> str | None:
+        return self.host.unit_of(peer_pid(sock))
 
     def _sync_request(self, request: dict):
         op = request["op"]

@@ -315,6 +315,8 @@ class HostDaemon:
                                           float(request["bin_s"]), None if iova is None else int(iova)), []
         if op == "units":
             return self.init.status(), []
+        if op == "unit-of":
+            return self.init.unit_of(int(request["pid"])), []
         if op == "faults":
             if request.get("clear"):
                 self.faults.clear()

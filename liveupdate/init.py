@@ -174,6 +174,25 @@ class Init:
         await self._kill(proc)
         return {"name": name, "returncode": proc.returncode}
 
+    def unit_of(self, pid: int) -> str | None:
+        """The unit whose process ``pid`` is, or descends from (None: no unit's).
+
+        Membership by descent: what systemd's cgroups give a real host.  (A
+        process that double-forks out of its unit is orphaned to pid 1 and
+        becomes nobody's here; a cgroup it could not leave.)"""
+        units = {proc.pid: name for name, proc in self.procs.items() if proc.returncode is None}
+        for _ in range(64):
+            if pid in units:
+                return units[pid]
+            if pid <= 1:
+                return None
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent
+            except (OSError, ValueError, IndexError):
+                return None
+        return None
+
     def kill_unit(self, name: str, why: str) -> None:
         """SIGKILL one unit's process group now (injected faults): the unit's
         restart policy decides what follows, as for any crash."""

@@ -273,6 +273,9 @@ class EmulatedHost(Host):
             return self.real.listdir(path)
         return self.call({"op": "listdir", "path": path})[0]
 
+    def unit_of(self, pid: int) -> str | None:
+        return self.call({"op": "unit-of", "pid": pid})[0]
+
     def kexec(self) -> dict:
         """Returns what the host reports: the new generation, the KHO image
         size, how long it took, and whether the new kernel refused the image."""

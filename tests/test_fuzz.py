@@ -54,7 +54,7 @@ requests = st.builds(lambda op, extra: json.dumps({"op": op, **extra}).encode(),
 
 
 @FUZZ
-@given(message=st.one_of(requests, st.binary(max_size=300)))
+@given(message=st.one_of(requests, st.binary(min_size=1, max_size=300)))  # empty reads as EOF
 def test_control_protocol(emulated_host, message):
     try:
         reply = json.loads(raw_control(emulated_host.state, message))

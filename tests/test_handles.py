@@ -77,6 +77,9 @@ class ScriptedHost(Host):
     def listdir(self, path):
         return self.dirs[path]
 
+    def unit_of(self, pid):
+        return None
+
     def kexec(self):
         raise NotImplementedError
 

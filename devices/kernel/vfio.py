@@ -261,10 +261,11 @@ class VfioDeviceFile(File):
             raise KernelError(errno.EINVAL, "unsupported bind flags")
         if self.bound:
             raise KernelError(errno.EINVAL, "already bound")
-        self._busy_if_preserved()
         if self.dev.bound_file is not None and self.dev.bound_file is not self \
                 and self.kernel.alive(self.dev.bound_file):
+            # vfio_df_open(): a cdev device is opened by one bind only.
             raise KernelError(errno.EINVAL, f"{self.dev.hw.bdf} is bound through another fd")
+        self._busy_if_preserved()
         if iommufd < 0 or not fds:
             raise KernelError(errno.EBADF)
         ictx = self.kernel.lookup(fds[0])

@@ -1,0 +1,85 @@
+"""Isolation: a VMM acts on its own VM only.  It cannot retrieve, finish or
+take the files of another VM's session (the agent refuses a VM's requests to
+any unit but that VM's), open a device bound elsewhere, or reach another
+VM's memory through the IOMMU; and only the owner can reach the host at all."""
+
+import errno
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+
+import pytest
+
+from liveupdate import hostctl
+from liveupdate.agent_client import wait_for_agent
+from liveupdate.state import StateDir
+from liveupdate.update import update_once
+from luvmm.emuhost import connect
+from vmm import manage
+from vmm.vm import VmConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def two_devices():
+    state = StateDir(tempfile.mkdtemp(prefix="luvmm-iso-"))
+    hostctl.start(state, devices=2, dsa_bandwidth=48 << 20)
+    conn = connect(state.socket)
+    yield state, conn
+    conn.close_connection()
+    hostctl.stop(state)
+    shutil.rmtree(state.path, ignore_errors=True)
+
+
+def run_unit(state, conn, name, argv, env, timeout=60):
+    """Start a unit and wait for its process to exit; returns its status."""
+    state.write_unit(name, argv, env)
+    conn.call({"op": "unit-start", "name": name})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        unit = next(u for u in conn.call({"op": "units"})[0] if u["name"] == name)
+        if unit["returncode"] is not None:
+            state.remove_unit(name)  # not a VM the next update should wait for
+            return unit
+        time.sleep(0.02)  # the unit is another process
+    raise AssertionError(f"unit {name} did not finish")
+
+
+@pytest.mark.timeout(300)
+def test_a_vmm_cannot_reach_another_vms_session_files_device_or_memory(two_devices):
+    state, conn = two_devices
+    manage.start(state, VmConfig("a", memory=64 << 20, guest="synthetic"), conn)
+    a = manage.status(state, "a")
+    out = os.path.join(state.path, "evil.json")
+    unit = run_unit(state, conn, "vm-evil", [sys.executable, os.path.join(HERE, "evil_vmm.py"), "a", a["bdf"],
+                                             str(a["config"].get("ioas", 1))], {"EVIL_OUT": out})
+    assert unit["returncode"] == 0, (state.logs / "vm-evil.log").read_text()
+    with open(out) as f:
+        got = json.load(f)
+    for op in ("retrieve-session", "create-session", "fetch-fds", "drop-fds", "register", "resumed", "store-fds",
+               "restored"):
+        assert got[op] == errno.EPERM, (op, got[op])
+    assert got["own fetch-fds"] == errno.ENOENT  # its own VM's requests are served (nothing stored)
+    # VM a's device: bound through VM a's fd, so this one can do nothing with it.
+    assert got["bind device"] == errno.EINVAL
+    assert got["reset device"] == errno.EINVAL and got["read device BAR0"] == errno.EINVAL
+    assert got["open /dev/liveupdate"] == errno.EBUSY  # the agent holds it
+    assert got["destroy victim ioas"] == errno.ENOENT  # object ids are per iommufd
+    assert got["map victim ioas"] == errno.ENOENT
+    assert got["map a user VA"] == errno.EOPNOTSUPP
+    # VM a did not notice: its session, files and update are whole.
+    report = update_once(state, timeout=60)["reports"]["a"]
+    assert report["guest_progressed"] and (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)
+
+
+def test_only_the_owner_reaches_the_host(two_devices):
+    state, conn = two_devices
+    wait_for_agent(state, 30)[0].close()
+    for path in (state.socket, state.agent_socket):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    assert stat.S_IMODE(os.stat(state.path).st_mode) & 0o077 == 0
