@@ -200,22 +200,25 @@ class Agent:
                     close_fds(got)
                     send_msg(conn, encode_json({"errno": errno.EINVAL, "error": str(e)}))
                     continue
-                if request.get("op") not in ("hello", "retrieve-session", "create-session", "resumed"):
+                if request.get("op") not in ("hello", "retrieve-session", "create-session", "resumed", "store-fds"):
                     # The async server answers it (e.g. `luvmm update` asking for
                     # the result); restoring VMMs go first.
                     conns[fd] = (conn, (request, got))
                     poll.unregister(fd)
                     expected.discard(retrieved.pop(fd, None))  # e.g. a VMM reporting it cannot restore
                     continue
-                close_fds(got)
                 try:
                     if request.get("op") in NAMED_OPS and fd not in units:
                         units[fd] = self.unit_of(conn)
                     self.authorize(request, units.get(fd))
-                    ok, out = self._sync_request(request)
-                    reply = {"ok": ok}
+                    if request["op"] == "store-fds":
+                        (reply, out), got = self._store_fds(request, got), []  # it takes the fds
+                    else:
+                        ok, out = self._sync_request(request)
+                        reply = {"ok": ok}
                 except OSError as e:
                     reply, out = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}, []
+                close_fds(got)
                 send_msg(conn, encode_json(reply), out)
                 close_fds(out)
                 if "ok" in reply and request["op"] == "retrieve-session":

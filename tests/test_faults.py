@@ -5,6 +5,7 @@ refusal that keeps the session for a retry, or a detected fault repaired.
 Every test runs the real processes: host daemon, agent and VMM units."""
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -249,3 +250,38 @@ def test_a_failing_finish_keeps_the_session_until_it_succeeds(host):
                "the incoming session to be finished")
     assert manage.status(state, "f")["finish_error"] is None
     assert_clean(update_once(state, timeout=60)["reports"]["f"])
+
+
+@pytest.mark.timeout(300)
+def test_the_vmm_killed_after_the_restore_is_restarted_on_its_files(kvm_ok, host):
+    """The restored VMM dies at FINISH, its guest already running: init starts
+    it again on the files it left with the agent at once after the resume,
+    the firmware recovers on the same RAM and device, and the update is
+    reported as failed (its measurements died with that VMM) -- the VM is
+    whole, and the next update works."""
+    state, conn = host
+    start_vm(state, conn, guest="firmware")
+    inject(conn, "finish@f=kill:vm-f")
+    with pytest.raises(AgentError, match="its VMM died after the restore; restarted on its files"):
+        update_once(state, timeout=60)
+    inject(conn, clear=True)
+    st = manage.wait_ready(state, "f")
+    assert st["boot"] == "restart" and st["crash"] is None
+    after = wait_for_progress(state, "f", st["mailbox"])
+    assert after["recoveries"] == 1 and after["errors"] == 0 and after["verify_failures"] == 0
+    assert after["submitted"] - after["completed"] == after["inflight"]  # no batch lost
+    assert_clean(update_once(state, timeout=60)["reports"]["f"])
+
+
+def test_a_machine_state_resumed_from_is_not_resumed_again():
+    """Resuming twice from one saved state would take the guest back in time."""
+    from vmm import machine_state
+
+    fd = os.memfd_create("state")
+    os.ftruncate(fd, machine_state.STATE_MEMFD_SIZE)
+    machine_state.write(fd, {"config": {}, "vcpus": [], "phases": {}})
+    assert machine_state.read(fd)["vcpus"] == []
+    machine_state.mark_resumed(fd)
+    with pytest.raises(machine_state.StateError, match="back in time"):
+        machine_state.read(fd)
+    os.close(fd)

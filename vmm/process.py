@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     clock.mark("imported", IMPORTED)
     host = connect_host(args, state)
     clock.mark("host_connected")
-    agent, _ = wait_for_agent(state, 30)
+    agent, hello = wait_for_agent(state, 30)
     clock.mark("agent_connected")
     boot = os.environ.get("LUVMM_BOOT", "cold")
     incoming_fd = agent.retrieve_session(name) if boot == "kexec" else None
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             agent.restored(name, {"name": name, "error": error})
             return EX_CONFIG
         agent.resumed(name)
+        # At once, not when the control plane is up: a VMM that dies from
+        # here on is started again on these files (Vm.recover), the guest
+        # having run on since the state was saved.
+        agent.store_fds(name, *vm.files())
         restored = (incoming, saved)
     elif stored is not None:
         try:
@@ -90,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise  # init tries again
             print(f"vmm[{name}]: cannot restart the VM: {e.strerror}", file=sys.stderr)
             return EX_CONFIG
+        update = hello.get("update") or {}
+        if update.get("phase") == "restoring" and name in update.get("vms", ()) \
+                and name not in update.get("reports", {}):
+            # The VMM that restored this VM died before it reported: the VM
+            # runs on, but the update's measurements died with that VMM.
+            agent.restored(name, {"name": name, "recovered": True,
+                                  "error": f"{name}: its VMM died after the restore; restarted on its files"})
     else:
         if boot != "cold":
             print(f"vmm[{name}]: nothing to {'restore' if boot == 'kexec' else 'restart on'}: "
