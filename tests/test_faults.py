@@ -6,35 +6,20 @@ Every test runs the real processes: host daemon, agent and VMM units."""
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
-from liveupdate import faults, hostctl
+from liveupdate import faults
 from liveupdate.agent_client import AgentError
-from liveupdate.state import StateDir
 from liveupdate.update import update_once
-from luvmm.emuhost import connect
 from metrics.vmm import UpdateStats
 from vmm import manage
 from vmm.vm import VmConfig
 
 from tests.test_vmm_faults import wait_for_progress
-
-
-@pytest.fixture
-def host():
-    state = StateDir(tempfile.mkdtemp(prefix="luvmm-faults-"))
-    hostctl.start(state, dsa_bandwidth=48 << 20)
-    conn = connect(state.socket)
-    yield state, conn
-    conn.close_connection()
-    hostctl.stop(state)
-    shutil.rmtree(state.path, ignore_errors=True)
 
 
 def inject(conn, spec: str | None = None, *, clear: bool = False) -> list[str]:
@@ -92,8 +77,8 @@ def test_fault_specs_parse_and_bad_ones_say_why():
             faults.parse(bad)
 
 
-def test_faults_are_set_and_cleared_at_run_time(host):
-    state, conn = host
+def test_faults_are_set_and_cleared_at_run_time(vm_host):
+    state, conn = vm_host
     assert inject(conn) == []
     assert inject(conn, "finish=fail") == ["finish=fail"]
     with pytest.raises(OSError) as e:
@@ -112,11 +97,11 @@ def test_faults_are_set_and_cleared_at_run_time(host):
 
 
 @pytest.mark.timeout(300)
-def test_a_failing_preserve_refuses_the_update_and_a_retry_succeeds(host):
+def test_a_failing_preserve_refuses_the_update_and_a_retry_succeeds(vm_host):
     """PRESERVE_FD of the device fails: the VM runs on, an update is refused
     before anything is paused, and once the fault is gone the same VMM
     preserves what was missing and the update goes through."""
-    state, conn = host
+    state, conn = vm_host
     inject(conn, "preserve:vfio-pci-v1=fail")
     st = start_vm(state, conn)
     assert "PRESERVE_FD failed" in st["preserve_error"]
@@ -136,10 +121,10 @@ def test_a_failing_preserve_refuses_the_update_and_a_retry_succeeds(host):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("handler", ["vfio-pci-v1", "iommufd-v1"])
-def test_a_failing_freeze_rolls_back(host, handler):
+def test_a_failing_freeze_rolls_back(vm_host, handler):
     """(memfd-v1: tests/test_vmm_faults.py.)  The reboot fails, the files frozen
     before are unfrozen, the VM resumes with its interrupts re-armed."""
-    state, conn = host
+    state, conn = vm_host
     st = start_vm(state, conn)
     inject(conn, f"freeze:{handler}=fail")
     with pytest.raises(AgentError, match=f"kexec failed.*injected fault: freeze of {handler}"):
@@ -155,11 +140,11 @@ def test_a_failing_freeze_rolls_back(host, handler):
 
 
 @pytest.mark.timeout(300)
-def test_a_stalled_freeze_lengthens_the_blackout_and_dma_goes_on(host):
+def test_a_stalled_freeze_lengthens_the_blackout_and_dma_goes_on(vm_host):
     """The freeze of the VM's two memfds (RAM, machine state) stalls 0.2 s
     each: the update still goes through, the stall is inside the blackout,
     and the device keeps completing the guest's work meanwhile."""
-    state, conn = host
+    state, conn = vm_host
     start_vm(state, conn)
     inject(conn, "freeze:memfd-v1@f=stall:0.2")
     report = update_once(state, timeout=60)["reports"]["f"]
@@ -172,11 +157,11 @@ def test_a_stalled_freeze_lengthens_the_blackout_and_dma_goes_on(host):
 
 
 @pytest.mark.timeout(300)
-def test_the_agent_killed_at_the_reboot_leaves_the_vm_running(host):
+def test_the_agent_killed_at_the_reboot_leaves_the_vm_running(vm_host):
     """The agent dies as it calls reboot: no kexec happens, the VMM sees its
     agent go with the VM prepared and resumes it (rollback), init starts
     the agent again, the VMM registers with it, and the next update works."""
-    state, conn = host
+    state, conn = vm_host
     st = start_vm(state, conn)
     agent_pid = next(u["pid"] for u in conn.call({"op": "units"})[0] if u["name"] == "agent")
     inject(conn, "kexec=kill:agent")
@@ -194,11 +179,11 @@ def test_the_agent_killed_at_the_reboot_leaves_the_vm_running(host):
 
 
 @pytest.mark.timeout(300)
-def test_bus_master_cleared_by_the_new_kernel_is_set_again(kvm_ok, host):
+def test_bus_master_cleared_by_the_new_kernel_is_set_again(kvm_ok, vm_host):
     """A new kernel that clears Bus Master Enable of a preserved device stops
     its DMA: the restored VMM sees it, puts the guest's configuration back,
     and the work in flight completes -- nothing lost."""
-    state, conn = host
+    state, conn = vm_host
     start_vm(state, conn, guest="firmware")
     inject(conn, "kexec=clear-bus-master")
     report = update_once(state, timeout=60)["reports"]["f"]
@@ -212,11 +197,11 @@ def test_bus_master_cleared_by_the_new_kernel_is_set_again(kvm_ok, host):
 
 
 @pytest.mark.timeout(300)
-def test_the_vmm_killed_while_restoring_is_restarted_on_its_session(kvm_ok, host):
+def test_the_vmm_killed_while_restoring_is_restarted_on_its_session(kvm_ok, vm_host):
     """The restored VMM dies as it retrieves the device: init starts it again,
     and the new VMM restores the VM from the same incoming session (what the
     dead one retrieved is handed out again) -- nothing lost."""
-    state, conn = host
+    state, conn = vm_host
     start_vm(state, conn, guest="firmware")
     inject(conn, "retrieve:vfio-pci-v1@f=kill:vm-f")
     record = update_once(state, timeout=60)
@@ -232,11 +217,11 @@ def test_the_vmm_killed_while_restoring_is_restarted_on_its_session(kvm_ok, host
 
 
 @pytest.mark.timeout(300)
-def test_a_failing_finish_keeps_the_session_until_it_succeeds(host):
+def test_a_failing_finish_keeps_the_session_until_it_succeeds(vm_host):
     """FINISH fails: the VM runs on, the update is reported with the error,
     the incoming session stays in LUO, and the VMM finishes it once the
     kernel lets it."""
-    state, conn = host
+    state, conn = vm_host
     start_vm(state, conn)
     inject(conn, "finish@f=fail")
     report = update_once(state, timeout=60)["reports"]["f"]
@@ -253,13 +238,13 @@ def test_a_failing_finish_keeps_the_session_until_it_succeeds(host):
 
 
 @pytest.mark.timeout(300)
-def test_the_vmm_killed_after_the_restore_is_restarted_on_its_files(kvm_ok, host):
+def test_the_vmm_killed_after_the_restore_is_restarted_on_its_files(kvm_ok, vm_host):
     """The restored VMM dies at FINISH, its guest already running: init starts
     it again on the files it left with the agent at once after the resume,
     the firmware recovers on the same RAM and device, and the update is
     reported as failed (its measurements died with that VMM) -- the VM is
     whole, and the next update works."""
-    state, conn = host
+    state, conn = vm_host
     start_vm(state, conn, guest="firmware")
     inject(conn, "finish@f=kill:vm-f")
     with pytest.raises(AgentError, match="its VMM died after the restore; restarted on its files"):

@@ -6,34 +6,18 @@ VM's memory through the IOMMU; and only the owner can reach the host at all."""
 import errno
 import json
 import os
-import shutil
 import stat
 import sys
-import tempfile
 import time
 
 import pytest
 
-from liveupdate import hostctl
 from liveupdate.agent_client import wait_for_agent
-from liveupdate.state import StateDir
 from liveupdate.update import update_once
-from luvmm.emuhost import connect
 from vmm import manage
 from vmm.vm import VmConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture
-def two_devices():
-    state = StateDir(tempfile.mkdtemp(prefix="luvmm-iso-"))
-    hostctl.start(state, devices=2, dsa_bandwidth=48 << 20)
-    conn = connect(state.socket)
-    yield state, conn
-    conn.close_connection()
-    hostctl.stop(state)
-    shutil.rmtree(state.path, ignore_errors=True)
 
 
 def run_unit(state, conn, name, argv, env, timeout=60):
@@ -51,8 +35,9 @@ def run_unit(state, conn, name, argv, env, timeout=60):
 
 
 @pytest.mark.timeout(300)
-def test_a_vmm_cannot_reach_another_vms_session_files_device_or_memory(two_devices):
-    state, conn = two_devices
+@pytest.mark.parametrize("vm_host", [{"devices": 2}], indirect=True)
+def test_a_vmm_cannot_reach_another_vms_session_files_device_or_memory(vm_host):
+    state, conn = vm_host
     manage.start(state, VmConfig("a", memory=64 << 20, guest="synthetic"), conn)
     a = manage.status(state, "a")
     out = os.path.join(state.path, "evil.json")
@@ -77,8 +62,8 @@ def test_a_vmm_cannot_reach_another_vms_session_files_device_or_memory(two_devic
     assert report["guest_progressed"] and (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)
 
 
-def test_only_the_owner_reaches_the_host(two_devices):
-    state, conn = two_devices
+def test_only_the_owner_reaches_the_host(vm_host):
+    state, conn = vm_host
     wait_for_agent(state, 30)[0].close()
     for path in (state.socket, state.agent_socket):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path

@@ -3,32 +3,14 @@ running, five live updates; the guest carries on from where it was, with no
 DMA error, lost or corrupted, and DMA completing during every blackout under
 continuous-dma.  Under reset-on-freeze the report shows DMA stopping."""
 
-import shutil
-import tempfile
 
 import pytest
 
-from liveupdate import hostctl
-from liveupdate.state import StateDir
 from liveupdate.update import summarize, update_once
-from luvmm.emuhost import connect
 from vmm import manage
 from vmm.vm import VmConfig
 
 CYCLES = 5
-
-
-@pytest.fixture
-def host_with_agent(request):
-    profile = getattr(request, "param", "continuous-dma")
-    state = StateDir(tempfile.mkdtemp(prefix="luvmm-e2e-"))
-    # 48 MiB/s: the guest's 32 batches in flight (2 MiB) outlast a blackout.
-    hostctl.start(state, profile=profile, dsa_bandwidth=48 << 20)
-    host = connect(state.socket)
-    yield state, host
-    host.close_connection()
-    hostctl.stop(state)
-    shutil.rmtree(state.path, ignore_errors=True)
 
 
 def run_updates(state, host, guest):
@@ -56,8 +38,8 @@ def check_continuity(summary, records):
 
 
 @pytest.mark.timeout(600)
-def test_firmware_guest_five_updates(kvm_ok, host_with_agent):
-    state, host = host_with_agent
+def test_firmware_guest_five_updates(kvm_ok, vm_host):
+    state, host = vm_host
     summary, records = run_updates(state, host, "firmware")
     assert summary["guest"] == "firmware" and summary["kernel_profile"] == "continuous-dma"
     check_continuity(summary, records)
@@ -66,9 +48,9 @@ def test_firmware_guest_five_updates(kvm_ok, host_with_agent):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("host_with_agent", ["reset-on-freeze"], indirect=True)
-def test_reset_on_freeze_reports_dma_stopping(kvm_ok, host_with_agent):
-    state, host = host_with_agent
+@pytest.mark.parametrize("vm_host", ["reset-on-freeze"], indirect=True)
+def test_reset_on_freeze_reports_dma_stopping(kvm_ok, vm_host):
+    state, host = vm_host
     manage.start(state, VmConfig("e2e", memory=64 << 20), host)
     records = [update_once(state, timeout=60) for _ in range(2)]
     summary = summarize(records)
@@ -83,20 +65,20 @@ def test_reset_on_freeze_reports_dma_stopping(kvm_ok, host_with_agent):
 
 
 @pytest.mark.timeout(600)
-def test_synthetic_guest_five_updates(host_with_agent):
+def test_synthetic_guest_five_updates(vm_host):
     """The same workload driven from the host side (what runs where /dev/kvm is missing)."""
-    state, host = host_with_agent
+    state, host = vm_host
     summary, records = run_updates(state, host, "synthetic")
     assert summary["guest"] == "synthetic"
     check_continuity(summary, records)
 
 
 @pytest.mark.timeout(300)
-def test_firmware_guest_with_ram_above_4g(kvm_ok, host_with_agent):
+def test_firmware_guest_with_ram_above_4g(kvm_ok, vm_host):
     """16 GiB: RAM continues above the MMIO hole at 4 GiB; the firmware's page
     tables (low 4 GiB) stay clear of its mailbox, and all of the RAM is
     mapped for the device."""
-    state, host = host_with_agent
+    state, host = vm_host
     st = manage.start(state, VmConfig("big", memory=16 << 30), host)
     assert st["guest_state"] == "running" and st["crash"] is None
     record = update_once(state, timeout=60)

@@ -2,33 +2,16 @@
 
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
 
 import pytest
 
-from liveupdate import hostctl
 from liveupdate.agent_client import AgentError
-from liveupdate.state import StateDir
 from liveupdate.update import update_once
 from metrics.vmm import UpdateStats
-from luvmm.emuhost import connect
 from vmm import manage
 from vmm.vm import VmConfig
-
-
-@pytest.fixture
-def faulty_host():
-    state = StateDir(tempfile.mkdtemp(prefix="luvmm-fault-"))
-    # The VM's device freezes fine; then the RAM memfd's freeze fails.
-    hostctl.start(state, dsa_bandwidth=48 << 20, env={"LUVMM_FAULTS": "freeze:memfd-v1=fail"})
-    host = connect(state.socket)
-    yield state, host
-    host.close_connection()
-    hostctl.stop(state)
-    shutil.rmtree(state.path, ignore_errors=True)
 
 
 def wait_for_progress(state, name, before, timeout=30):
@@ -41,12 +24,14 @@ def wait_for_progress(state, name, before, timeout=30):
     raise AssertionError("the guest did not make progress after the rollback")
 
 
+# The VM's device freezes fine; then the RAM memfd's freeze fails.
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("vm_host", [{"env": {"LUVMM_FAULTS": "freeze:memfd-v1=fail"}}], indirect=True)
 @pytest.mark.parametrize("guest", ["firmware", "synthetic"])
-def test_failed_freeze_rolls_back_with_the_guest_intact(faulty_host, guest, request):
+def test_failed_freeze_rolls_back_with_the_guest_intact(vm_host, guest, request):
     if guest == "firmware":
         request.getfixturevalue("kvm_ok")
-    state, host = faulty_host
+    state, host = vm_host
     manage.start(state, VmConfig("rb", memory=64 << 20, guest=guest), host)
     st = manage.status(state, "rb")
     with pytest.raises(AgentError) as e:
@@ -65,23 +50,12 @@ def test_failed_freeze_rolls_back_with_the_guest_intact(faulty_host, guest, requ
     assert stats.updates == {"success": 0, "rolled_back": 1} and stats.blackout.count == 0
 
 
-@pytest.fixture
-def host_with_agent():
-    state = StateDir(tempfile.mkdtemp(prefix="luvmm-fault-"))
-    hostctl.start(state, dsa_bandwidth=48 << 20)
-    host = connect(state.socket)
-    yield state, host
-    host.close_connection()
-    hostctl.stop(state)
-    shutil.rmtree(state.path, ignore_errors=True)
-
-
 @pytest.mark.timeout(300)
-def test_vmm_killed_after_prepare_comes_back_from_its_session(host_with_agent):
+def test_vmm_killed_after_prepare_comes_back_from_its_session(vm_host):
     """The VMM dies between saying ready and the kexec: its files stay
     preserved (LUO holds them), and the VMM that init starts after the kexec
     restores the VM from its session with nothing lost."""
-    state, host = host_with_agent
+    state, host = vm_host
     manage.start(state, VmConfig("killed", memory=64 << 20, guest="synthetic"), host,
                  env={"LUVMM_VMM_FAULT": "die-after-prepare"})
     record = update_once(state, timeout=60)
@@ -93,8 +67,8 @@ def test_vmm_killed_after_prepare_comes_back_from_its_session(host_with_agent):
     assert report["mailbox_after"]["completed"] > report["mailbox_at_pause"]["completed"]
 
 
-def test_a_vm_that_cannot_start_leaves_nothing_behind(host_with_agent):
-    state, host = host_with_agent
+def test_a_vm_that_cannot_start_leaves_nothing_behind(vm_host):
+    state, host = vm_host
     manage.start(state, VmConfig("first", memory=64 << 20, guest="synthetic"), host)
     with pytest.raises(manage.VmError, match="every DSA of the host is passed through"):
         manage.start(state, VmConfig("second", memory=64 << 20, guest="synthetic"), host)
@@ -120,12 +94,12 @@ def wait_for_restart(state, name, old_pid, timeout=60):
 
 
 @pytest.mark.timeout(300)
-def test_vmm_killed_while_running_comes_back_on_its_ram_and_device(kvm_ok, host_with_agent):
+def test_vmm_killed_while_running_comes_back_on_its_ram_and_device(kvm_ok, vm_host):
     """SIGKILL the VMM at random moments: init starts it again, it picks up the
     RAM, iommufd and device from the agent's fd store, the firmware recovers
     from what it keeps in RAM, and nothing is lost -- the device went on with
     its DMA while no VMM existed."""
-    state, host = host_with_agent
+    state, host = vm_host
     manage.start(state, VmConfig("phoenix", memory=64 << 20), host)
     rng = random.Random(5)
     st = manage.status(state, "phoenix")
@@ -152,11 +126,11 @@ def test_vmm_killed_while_running_comes_back_on_its_ram_and_device(kvm_ok, host_
 
 
 @pytest.mark.timeout(300)
-def test_vmm_killed_in_prepare_rolls_back_and_comes_back(kvm_ok, host_with_agent):
+def test_vmm_killed_in_prepare_rolls_back_and_comes_back(kvm_ok, vm_host):
     """The VMM dies with its vCPUs paused, before it saved anything: the update
     is rolled back (no kexec), init restarts the VMM on the VM's files, and the
     next update goes through."""
-    state, host = host_with_agent
+    state, host = vm_host
     manage.start(state, VmConfig("paused", memory=64 << 20), host, env={"LUVMM_VMM_FAULT": "die-in-prepare"})
     st = manage.status(state, "paused")
     before = wait_for_progress(state, "paused", st["mailbox"])
