@@ -45,11 +45,11 @@ from luvmm.wire import (
     fds_from_ancillary,
     listen_seqpacket,
 )
+from devices.pci import PCI_COMMAND_MASTER
 from liveupdate import faults
 from liveupdate.init import Init
 from liveupdate.kernel import kho
 from liveupdate.kernel.core import Kernel, KernelError
-from devices.pci import PCI_COMMAND_MASTER
 from liveupdate.machine import Machine
 from liveupdate.observer import Observer
 from liveupdate.state import StateDir

@@ -137,6 +137,8 @@ def format_status(status: dict) -> str:
              f"kexec count {status['kexec_count']}"]
     if status.get("last_kho_error"):
         lines.append(f"last KHO image refused: {status['last_kho_error']}")
+    if status.get("faults"):
+        lines.append(f"faults injected ({status.get('fault_hits', 0)} hits): {', '.join(status['faults'])}")
     lines.append("devices:")
     for d in kernel["vfio"]:
         flags = [name for name in ("bound", "preserved", "incoming", "enabled", "bus_master") if d.get(name)]

@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--state-dir", metavar="DIR", help="the demo host's state dir (default: a new one in /tmp)")
     demo.set_defaults(func=_cmd_demo)
 
-    host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec",
+    host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec, faults",
                           description="The emulated host daemon: an emulated machine (Intel DSA devices, IOMMU), "
                                       "its kernel (VFIO cdev, iommufd, LUO, KHO, kexec) and init.")
     host_sub = host.add_subparsers(dest="host_command", metavar="ACTION")
