@@ -20,6 +20,9 @@ class AgentClient:
 
     def __init__(self, state: StateDir):
         self.state = state
+        #: Whether a call that finds the agent gone waits for the agent init
+        #: starts next and asks it again (a VMM's calls: each is one it may repeat).
+        self.retry = False
         self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(state.agent_socket)
@@ -38,6 +41,16 @@ class AgentClient:
         return (decode_json(data) if data else None), fds
 
     def call(self, request: dict, fds: list[int] = ()) -> tuple[object, list[int]]:
+        try:
+            return self._call(request, fds)
+        except AgentError as e:
+            if not self.retry or e.errno != errno.ECONNRESET:
+                raise
+        self.sock.close()
+        self.sock = wait_for_agent(self.state, 30)[0].sock
+        return self._call(request, fds)
+
+    def _call(self, request: dict, fds: list[int] = ()) -> tuple[object, list[int]]:
         try:
             self.send(request, fds)
             reply, fds = self.recv()

@@ -28,7 +28,10 @@ ACTION is what happens there:
 * ``clear-bus-master`` (``kexec`` only) -- the new kernel clears Bus Master
   Enable on the preserved devices too, as a PCI core that forgets them would;
 * ``corrupt``, ``truncate`` (``kho`` only) -- flip a byte of the image, or cut it
-  in half: the new kernel must refuse it with a message.
+  in half: the new kernel must refuse it with a message;
+* ``skew`` (``kho`` only) -- a well-formed image (its checksum holds) whose LUO
+  tree is not what this kernel reads, as from another kernel version: the new
+  kernel must refuse it whole and boot clean.
 
 A rule strikes every time its point is reached, until it is cleared.
 """
@@ -50,7 +53,7 @@ class FaultSpecError(ValueError):
 @dataclass(frozen=True)
 class Rule:
     point: str
-    action: str  # fail | stall | kill | clear-bus-master | corrupt | truncate
+    action: str  # fail | stall | kill | clear-bus-master | corrupt | truncate | skew
     handler: str | None = None
     session: str | None = None
     seconds: float = 0.0
@@ -79,7 +82,7 @@ def parse_rule(item: str) -> Rule:
     if session and point not in CALLBACKS:
         raise FaultSpecError(f"fault {item!r}: a session goes with a callback point")
     action, _, arg = what.partition(":")
-    allowed = {"kho": ("corrupt", "truncate"), "kexec": ("stall", "kill", "clear-bus-master")}.get(
+    allowed = {"kho": ("corrupt", "truncate", "skew"), "kexec": ("stall", "kill", "clear-bus-master")}.get(
         point, ("fail", "stall", "kill"))
     if action not in allowed:
         raise FaultSpecError(f"fault {item!r}: at {point} the action is one of {', '.join(allowed)}")
@@ -139,4 +142,11 @@ class Faults:
                 image = bytes(broken)
             elif rule.action == "truncate":
                 image = image[: len(image) // 2]
+            elif rule.action == "skew":
+                from liveupdate.kernel import kho
+
+                tree = kho.decode_image(image)
+                for session in tree.get("luo", {}).get("sessions", []):
+                    session["files"] = {"layout": "v2"}  # a list in this kernel's layout
+                image = kho.encode_image(tree)
         return image

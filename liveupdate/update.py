@@ -3,6 +3,9 @@ restored VMMs' reports."""
 
 from __future__ import annotations
 
+import errno
+import time
+
 from liveupdate.agent_client import AgentError, wait_for_agent
 from liveupdate.state import StateDir
 
@@ -14,11 +17,19 @@ def update_once(state: StateDir, *, timeout: float = 60.0) -> dict:
         started = client.call({"op": "update", "timeout": timeout})[0]
     finally:
         client.close()
-    client, hello = wait_for_agent(state, timeout, not_pid=hello["pid"])
-    try:
-        result = client.call({"op": "result", "timeout": timeout})[0]
-    finally:
-        client.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        # The agent of the new kernel; if it dies before it answers, the one
+        # init starts next (the update's record is on disk).
+        client, hello = wait_for_agent(state, timeout, not_pid=hello["pid"])
+        try:
+            result = client.call({"op": "result", "timeout": timeout})[0]
+            break
+        except AgentError as e:
+            if e.errno != errno.ECONNRESET or time.monotonic() > deadline:
+                raise
+        finally:
+            client.close()
     if not result or result.get("id") != started["update"]:
         raise AgentError(5, f"the agent lost update {started['update']}")
     if result.get("phase") == "failed":

@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "vfio-pci-v1 or iommufd-v1; SESSION a VM's name), kexec (the reboot call), kho (the image). "
                     "ACTION: fail (EIO), stall:SECONDS, kill:UNIT (init SIGKILLs agent or vm-NAME there), "
                     "clear-bus-master (kexec: the new kernel clears Bus Master Enable of preserved devices), "
-                    "corrupt or truncate (kho). The same list in LUVMM_FAULTS sets them when the host starts. "
+                    "corrupt, truncate or skew (kho: damaged, or well-formed but not this kernel's). The same list in LUVMM_FAULTS sets them when the host starts. "
                     "With no argument: the faults in force.")
     _state_dir_arg(faults)
     faults.add_argument("spec", nargs="*", metavar="FAULT", help="faults to add, e.g. freeze:memfd-v1=fail")

@@ -217,6 +217,24 @@ def test_the_vmm_killed_while_restoring_is_restarted_on_its_session(kvm_ok, vm_h
 
 
 @pytest.mark.timeout(300)
+def test_the_agent_killed_while_the_vms_restore_loses_nothing(kvm_ok, vm_host):
+    """The agent of the new kernel dies as the VMM retrieves its device: the VMM
+    goes on with the session it already holds, tells the agent that init
+    starts next that its guest runs, leaves its files and its report there;
+    the update completes with nothing lost."""
+    state, conn = vm_host
+    start_vm(state, conn, guest="firmware")
+    inject(conn, "retrieve:vfio-pci-v1@f=kill:agent")
+    record = update_once(state, timeout=60)
+    assert record["phase"] == "done"
+    assert_clean(record["reports"]["f"])
+    units = {u["name"]: u for u in conn.call({"op": "units"})[0]}
+    assert units["agent"]["restarts"] == 1 and units["vm-f"]["restarts"] == 0
+    inject(conn, clear=True)
+    assert_clean(update_once(state, timeout=60)["reports"]["f"])
+
+
+@pytest.mark.timeout(300)
 def test_a_failing_finish_keeps_the_session_until_it_succeeds(vm_host):
     """FINISH fails: the VM runs on, the update is reported with the error,
     the incoming session stays in LUO, and the VMM finishes it once the

@@ -119,18 +119,21 @@ def test_many_clients_one_misbehaving(emulated_host):
     assert b'"pid"' in raw_control(state, b'{"op": "hello"}')
 
 
-@pytest.mark.parametrize("emulated_host", [{"env": {"LUVMM_FAULTS": "kho=corrupt"}},
-                                           {"env": {"LUVMM_FAULTS": "kho=truncate"}}], indirect=True)
-def test_garbage_kho_image_is_refused(emulated_host):
+@pytest.mark.parametrize("emulated_host, why", [({"env": {"LUVMM_FAULTS": "kho=corrupt"}}, "checksum"),
+                                                ({"env": {"LUVMM_FAULTS": "kho=truncate"}}, "truncated"),
+                                                ({"env": {"LUVMM_FAULTS": "kho=skew"}}, "cannot take")],
+                         indirect=["emulated_host"])
+def test_garbage_kho_image_is_refused(emulated_host, why):
     host = emulated_host.host
     luo = LiveUpdate.open(host)
     mem = os.memfd_create("doomed")
     os.write(mem, b"x" * 100)
     luo.create_session("doomed").preserve_fd(mem, 1)
     info = host.kexec()
-    assert info["kho_error"] and ("checksum" in info["kho_error"] or "truncated" in info["kho_error"])
+    assert why in info["kho_error"]
     status = host.call({"op": "status"})[0]
     assert status["last_kho_error"] == info["kho_error"] and status["kexec_count"] == 1
+    assert status["kernel"]["generation"] == 2  # booted, clean
     with pytest.raises(OSError) as e:
         LiveUpdate.open(host).retrieve_session("doomed")
     assert e.value.errno == errno.ENOENT  # the new kernel trusted nothing of it

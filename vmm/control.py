@@ -116,7 +116,7 @@ class Control:
         self.last_report = report
         self.stats.record(report)
         self._save_stats()
-        await trio.to_thread.run_sync(self._call_agent, "restored", self.name, report)
+        await trio.to_thread.run_sync(self.agent.restored, self.name, report)
         log.info("restored: blackout %.1f ms, %d DMA completions during it", report["blackout_s"] * 1000,
                  report["dma_completed_during_blackout"])
         return report, finished
@@ -138,20 +138,6 @@ class Control:
         while not await self._finish(incoming):
             await trio.sleep(interval)  # a retry, not a wait for something: nothing tells us when it may work
         log.info("incoming session finished")
-
-    def _call_agent(self, method: str, *args, **kwargs):
-        """A call to the agent on the VMM's synchronous connection; an agent that
-        init restarted meanwhile is connected to again (once)."""
-        from liveupdate.agent_client import AgentError, wait_for_agent
-
-        for attempt in (0, 1):
-            try:
-                return getattr(self.agent, method)(*args, **kwargs)
-            except AgentError as e:
-                if attempt or e.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
-                    raise
-            self.agent.close()
-            self.agent, _ = wait_for_agent(self.state, 30)
 
     # --- the agent channel -------------------------------------------------------------------
 
@@ -305,13 +291,13 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
                         nursery.start_soon(control.finish_later, restored[0])
                 # A cold-booted VM has new files: a session an earlier VMM of
                 # this name left behind describes a VM that is gone.
-                control.session = Session(host, control._call_agent("create_session", name, fresh=boot == "cold"), name)
+                control.session = Session(host, agent.create_session(name, fresh=boot == "cold"), name)
                 try:
                     vm.preserve(control.session)
                 except OSError as e:  # the VM runs on; prepare tries again, and refuses the update if it fails
                     control.preserve_error = f"PRESERVE_FD failed: {e.strerror or e}"
                     log.error("%s; an update will try again", control.preserve_error)
-                control._call_agent("store_fds", name, *vm.files())
+                agent.store_fds(name, *vm.files())
                 if hasattr(host, "call"):  # an observer on the emulated machine's bus
                     host.call({"op": "watch", "bdf": vm.bdf, "iova": guest.offset("heartbeat")})
                 await nursery.start(control.agent_channel)
@@ -328,7 +314,7 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
 
     trio.run(main)
     try:
-        control._call_agent("drop_fds", name)  # stopped: the VM is going away, and its files with it
+        agent.drop_fds(name)  # stopped: the VM is going away, and its files with it
     except OSError:
         pass
     vm.close()

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     host = connect_host(args, state)
     clock.mark("host_connected")
     agent, hello = wait_for_agent(state, 30)
+    agent.retry = True  # an agent that dies while we restore is started again by init
     clock.mark("agent_connected")
     boot = os.environ.get("LUVMM_BOOT", "cold")
     incoming_fd = agent.retrieve_session(name) if boot == "kexec" else None
