@@ -235,6 +235,26 @@ def test_the_agent_killed_while_the_vms_restore_loses_nothing(kvm_ok, vm_host):
 
 
 @pytest.mark.timeout(300)
+def test_a_failing_retrieve_is_reported_and_the_session_kept(vm_host):
+    """RETRIEVE_FD of the machine state fails, and LUO keeps that error for the
+    file: the VM cannot be restored.  The VMM says so to the agent (the update
+    fails with the reason), exits without being restarted in a loop, and does
+    not boot a fresh VM over the old one: the session stays in LUO, its RAM
+    and device held, for a look at what went wrong."""
+    state, conn = vm_host
+    start_vm(state, conn)
+    inject(conn, "retrieve:memfd-v1@f=fail")
+    with pytest.raises(AgentError, match="cannot restore the VM from its session"):
+        update_once(state, timeout=60)
+    unit = wait_until(lambda: next((u for u in conn.call({"op": "units"})[0]
+                                    if u["name"] == "vm-f" and u["returncode"] is not None), None),
+                      "the VMM to exit")
+    assert unit["returncode"] == 78 and unit["restarts"] == 0  # EX_CONFIG: init does not retry it
+    sessions = host_status(conn)["kernel"]["sessions"]
+    assert [s["name"] for s in sessions if s["direction"] == "incoming"] == ["f"]
+
+
+@pytest.mark.timeout(300)
 def test_a_failing_finish_keeps_the_session_until_it_succeeds(vm_host):
     """FINISH fails: the VM runs on, the update is reported with the error,
     the incoming session stays in LUO, and the VMM finishes it once the
