@@ -50,7 +50,7 @@ from luvmm.wire import (
 )
 from luvmm import leanjson
 from liveupdate.luo import LiveUpdate, Session
-from liveupdate.state import StateDir
+from liveupdate.state import StateDir, check_vm_name
 
 _IN_PROGRESS = ("kexec", "rolling-back", "restoring")
 
@@ -82,7 +82,7 @@ def _import_trio():
 
 #: Requests about one VM (its ``name``): only that VM's VMM may make them.
 NAMED_OPS = frozenset({"create-session", "retrieve-session", "fetch-fds", "drop-fds", "store-fds", "register",
-                       "restored", "resumed"})
+                       "restored", "resumed", "release"})
 _PEERCRED = struct.Struct("3i")
 
 
@@ -91,12 +91,18 @@ def peer_pid(sock) -> int:
 
 
 class Channel:
-    """A connection to the agent (agent side), with one request in flight at a time."""
+    """A connection to the agent (agent side), with one request in flight at a time.
+
+    Once a VMM has registered on it, the agent speaks first and one task
+    (:meth:`Agent._watch`) is its only reader: the replies it reads go to
+    whoever asked (:meth:`ask`), and the end of the stream -- the VMM exited,
+    was stopped or died -- is noticed at once, not at the next update."""
 
     def __init__(self, conn):
         self.conn = conn
         self.lock = trio.Lock()
         self.unit: str | None | bool = False  # the peer's unit, once asked (False: not yet)
+        self.replies = None  # (send, receive) of a memory channel, once registered
 
     async def send(self, obj: dict, fds=()) -> None:
         await self.conn.sendmsg([encode_json(obj)], ancillary(list(fds)))
@@ -107,6 +113,18 @@ class Channel:
         if not data:
             return None, []
         return decode_json(data), fds_from_ancillary(anc, flags)
+
+    async def ask(self, message: dict) -> dict | None:
+        """Send a request to the registered VMM and wait for its reply (None: it went away)."""
+        async with self.lock:
+            try:
+                await self.send(message)
+            except (OSError, trio.ClosedResourceError):
+                return None
+            try:
+                return await self.replies[1].receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return None
 
 
 class Agent:
@@ -135,7 +153,7 @@ class Agent:
         except (OSError, ValueError):
             return None
         if update.get("phase") == "kexec" and self.boot == "kexec":
-            update["phase"] = "restoring"
+            update["phase"] = "restoring" if update.get("vms") else "done"
             update["reports"] = {}
             self._save_update(update)
         elif update.get("phase") in ("kexec", "rolling-back") and self.boot != "kexec":
@@ -275,13 +293,12 @@ class Agent:
                     continue
                 close_fds(fds)
                 if request.get("op") == "register":
-                    registered = str(request.get("name"))
-                    self.vmms[registered] = ch
-                    self.registered.set()
-                    self.registered = trio.Event()
+                    registered = request["name"]
+                    self._register(registered, ch)
                     await self._reply(ch, {"ok": True})
                     # From now on the agent speaks first on this channel.
-                    await trio.sleep_forever()
+                    await self._watch(ch)
+                    break
                 try:
                     ok, out = await self._request(request)
                     reply = {"ok": ok}
@@ -294,6 +311,37 @@ class Agent:
                     os.close(fd)
         if registered and self.vmms.get(registered) is ch:
             del self.vmms[registered]
+            log.info("the VMM of %s went away", registered)
+
+    def _register(self, name: str, ch: Channel) -> None:
+        ch.replies = trio.open_memory_channel(1)
+        self.vmms[name] = ch
+        self.registered.set()
+        self.registered = trio.Event()
+        update = self.update
+        if update is not None and update.get("phase") == "restoring" and name in update["vms"] \
+                and name not in update["reports"]:
+            # A VMM reports the update before it registers: one that registers
+            # without a report booted the VM anew (nothing to restore) and
+            # never will -- the update must not wait for it.
+            self._restored(name, {"name": name, "error": f"{name}: not restored (its VMM started the VM anew)"})
+
+    async def _watch(self, ch: Channel) -> None:
+        """Read a registered VMM's channel until it closes (see Channel)."""
+        send, _ = ch.replies
+        with send:
+            while True:
+                try:
+                    reply, fds = await ch.recv()
+                except (OSError, ProtocolError, trio.ClosedResourceError):
+                    reply, fds = None, []
+                close_fds(fds)
+                if reply is None:
+                    return
+                try:
+                    send.send_nowait(reply)
+                except trio.WouldBlock:
+                    log.warning("a VMM spoke out of turn: %.200s", reply)
 
     async def _reply(self, ch: Channel, reply: dict, fds=()) -> None:
         try:
@@ -305,7 +353,13 @@ class Agent:
         """A VMM acts on its own VM only: its session, its files, its reports.
         A process of no unit is the operator's (the socket is the owner's
         only); a unit's process naming another VM gets EPERM."""
-        if unit is None or request.get("op") not in NAMED_OPS:
+        if request.get("op") not in NAMED_OPS:
+            return
+        try:
+            check_vm_name(request.get("name"))
+        except ValueError as e:
+            raise OSError(errno.EINVAL, f"{request.get('op')}: {e}") from None
+        if unit is None:
             return
         if unit != f"vm-{request.get('name')}":
             raise PermissionError(errno.EPERM, f"{request.get('op')} of VM {request.get('name')!r}: "
@@ -339,7 +393,34 @@ class Agent:
             meta, fds = self.fdstore.pop(str(request["name"]), (None, {}))
             close_fds(fds.values())
             return meta is not None, []
+        if op == "release":
+            return self._release(request["name"]), []
         return None
+
+    def _release(self, name: str) -> dict:
+        """``release``: the VM was stopped for good (`luvmm vm stop`).  Let go
+        of everything held for it -- its outgoing session (closing the last
+        fd of a session unpreserves its files: LUO lets go of its RAM and its
+        device), its files in the fd store, its channel -- so that nothing of
+        it stays behind: no session in the next kexec, no device kept busy."""
+        released = []
+        session = self.outgoing.pop(name, None)
+        if session is not None:
+            session.close()
+            released.append("session")
+        _, fds = self.fdstore.pop(name, (None, {}))
+        if fds:
+            close_fds(fds.values())
+            released.append("files")
+        ch = self.vmms.pop(name, None)
+        if ch is not None:
+            ch.conn.close()
+            released.append("channel")
+        self._forget_awaited({name})
+        self.reports.pop(name, None)
+        if released:
+            log.info("released VM %s: %s", name, ", ".join(released))
+        return {"released": released}
 
     def _store_fds(self, request: dict, fds: list[int]) -> tuple[dict, list[int]]:
         """``store-fds``: keep a VMM's files (systemd's FDSTORE) so that a VMM
@@ -403,13 +484,7 @@ class Agent:
 
     async def _ask(self, name: str, ch: Channel, message: dict, timeout: float) -> dict:
         with trio.move_on_after(timeout) as scope:
-            try:
-                async with ch.lock:
-                    await ch.send(message)
-                    reply, fds = await ch.recv()
-            except (OSError, ProtocolError):
-                reply, fds = None, []
-            close_fds(fds)
+            reply = await ch.ask(message)
             if reply is None:
                 return {"errno": errno.ECONNRESET, "error": f"{name} went away"}
             return reply
@@ -422,19 +497,32 @@ class Agent:
         ch.conn.close()
         return {"errno": errno.ETIMEDOUT, "error": f"{name} did not answer in {timeout:.0f} s"}
 
+    def _forget_awaited(self, gone: set[str]) -> None:
+        """A restoring update waits for no report of a VM that was stopped."""
+        update = self.update
+        if update is not None and update.get("phase") == "restoring":
+            for name in sorted(gone & set(update["vms"]) - set(update["reports"])):
+                self._restored(name, {"name": name, "error": f"{name}: stopped during the update"})
+
     async def _update(self, timeout: float) -> dict:
+        self._forget_awaited(set((self.update or {}).get("vms", ())) - set(self.state.vm_names()))
+        # One at a time: an update under way (e.g. its `luvmm update` was
+        # interrupted, the host finishes it) is waited for, within the timeout.
+        await self._result(timeout)
         if self.update is not None and self.update.get("phase") in _IN_PROGRESS:
             raise OSError(errno.EBUSY, f"update {self.update['id']} is still in progress")
-        update_id = os.urandom(6).hex()
         # Every VM of the host takes part: wait for the VMMs that init has (re)started to register.
-        expected = {u["name"][3:] for u in self.state.read_units() if u["name"].startswith("vm-")}
+        expected = set(self.state.vm_names())
+        if not expected:
+            raise OSError(errno.ENOENT, "no VM runs on this host: nothing to update")
+        update_id = os.urandom(6).hex()
         with trio.move_on_after(timeout):
             while not expected <= set(self.vmms):
                 await self.registered.wait()
         missing = expected - set(self.vmms)
         if missing:
             raise OSError(errno.ETIMEDOUT, f"VMMs not registered with the agent: {', '.join(sorted(missing))}")
-        vms = dict(self.vmms)
+        vms = {name: self.vmms[name] for name in sorted(expected)}
         replies: dict[str, dict] = {}
 
         async def prepare(name, ch):

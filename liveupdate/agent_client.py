@@ -106,6 +106,10 @@ class AgentClient:
     def drop_fds(self, name: str) -> None:
         self.call({"op": "drop-fds", "name": name})
 
+    def release(self, name: str) -> list[str]:
+        """The VM is stopped for good: the agent lets go of its session, files and channel."""
+        return self.call({"op": "release", "name": name})[0]["released"]
+
     def restored(self, name: str, report: dict) -> None:
         self.call({"op": "restored", "name": name, "report": report})
 

@@ -52,11 +52,15 @@ from liveupdate.kernel import kho
 from liveupdate.kernel.core import Kernel, KernelError
 from liveupdate.machine import Machine
 from liveupdate.observer import Observer
-from liveupdate.state import StateDir
+from liveupdate.state import StateDir, StateError, check_unit_name
 
 log = logging.getLogger("luvmm.host")
 
 PROFILES = ("continuous-dma", "reset-on-freeze")
+
+
+class StartError(RuntimeError):
+    """The daemon cannot start (said on its ready fd, in one line)."""
 
 
 class HostDaemon:
@@ -106,8 +110,12 @@ class HostDaemon:
                     from metrics.core import registry_for
                     from metrics.host import HostCollector
 
-                    self.metrics_port = await nursery.start(http.serve, registry_for(HostCollector(self)),
-                                                            self.metrics_listen)
+                    try:
+                        self.metrics_port = await nursery.start(http.serve, registry_for(HostCollector(self)),
+                                                                self.metrics_listen)
+                    except OSError as e:
+                        raise StartError(f"cannot serve metrics on {self.metrics_listen}: "
+                                         f"{e.strerror or e}") from None
                 await self.init.start_all(boot="cold")
                 task_status.started()
                 await self._stop.wait()
@@ -324,9 +332,9 @@ class HostDaemon:
                 self.faults.set(str(request["set"]))
             return self.faults.describe(), []
         if op == "unit-start":
-            return await self.init.start_unit(str(request["name"])), []
+            return await self.init.start_unit(check_unit_name(request["name"])), []
         if op == "unit-stop":
-            return await self.init.stop_unit(str(request["name"])), []
+            return await self.init.stop_unit(check_unit_name(request["name"])), []
         raise KernelError(errno.EINVAL, f"unknown request {op!r}")
 
     # --- kexec --------------------------------------------------------------------------------------
@@ -432,9 +440,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.setswitchinterval(0.0005)  # keep serving while the DSA engines run Python
     state = StateDir(args.state_dir)
-    state.ensure()
-    daemon = HostDaemon(state, devices=args.devices, profile=args.kernel_profile,
-                        dsa_bandwidth=args.dsa_bandwidth, metrics=args.metrics_port)
+
+    def failed(why: str) -> int:
+        log.error("cannot start: %s", why)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"error {why}\n".encode())
+        return 1
+
+    try:
+        state.ensure()
+        daemon = HostDaemon(state, devices=args.devices, profile=args.kernel_profile,
+                            dsa_bandwidth=args.dsa_bandwidth, metrics=args.metrics_port)
+    except (StateError, ValueError) as e:
+        return failed(str(e))
 
     async def serve():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -451,8 +469,12 @@ def main(argv: list[str] | None = None) -> int:
                 await daemon.finished.wait()
                 nursery.cancel_scope.cancel()
 
-    trio.run(serve)
-    state.clear_pid()
+    try:
+        trio.run(serve)
+    except StartError as e:
+        return failed(str(e))
+    finally:
+        state.clear_pid()
     return 0
 
 

@@ -15,7 +15,7 @@ class HostError(RuntimeError):
 
 
 def running(state: StateDir) -> bool:
-    """Whether a daemon answers on the state dir's control socket."""
+    """Whether a daemon answers on the state dir's control socket (changes nothing)."""
     if not os.path.exists(state.socket):
         return False
     from luvmm.emuhost import HostGone, connect
@@ -30,10 +30,20 @@ def running(state: StateDir) -> bool:
 def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
           dsa_bandwidth: float | None = None, agent: bool = True, timeout: float = 30.0,
           env: dict | None = None, metrics_port: str | int | None = None) -> int:
-    """Start a daemon in the background; returns its pid once it serves."""
+    """Start a daemon in the background; returns its pid once it serves.
+    A daemon that cannot start leaves the state dir as it found it."""
     if running(state):
         raise HostError(f"an emulated host is already running in {state.path}")
-    state.ensure()
+    state.ensure()  # StateError: not a directory, read-only, writable by others
+    try:
+        return _start(state, devices=devices, profile=profile, dsa_bandwidth=dsa_bandwidth, agent=agent,
+                      timeout=timeout, env=env, metrics_port=metrics_port)
+    except BaseException:
+        state.clean()
+        raise
+
+
+def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, env, metrics_port) -> int:
     from luvmm import abi
 
     if not abi.PREBUILT:
@@ -55,12 +65,14 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
     os.close(write_end)
     try:
         ready, _, _ = select.select([read_end], [], [], timeout)
-        line = os.read(read_end, 64) if ready else b""
+        line = os.read(read_end, 4096) if ready else b""
     finally:
         os.close(read_end)
     if line.strip() != b"ready":
         proc.kill()
         proc.wait()
+        if line.startswith(b"error "):  # the daemon said why (e.g. its metrics port is taken)
+            raise HostError(line[6:].decode(errors="replace").strip())
         tail = ""
         try:
             with open(state.log, "rb") as f:
@@ -71,8 +83,13 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
     return proc.pid
 
 
-def stop(state: StateDir, timeout: float = 30.0) -> bool:
-    """Ask the daemon to stop and wait for its process to exit."""
+def stop(state: StateDir, timeout: float = 30.0) -> list[str] | None:
+    """Ask the daemon to stop, wait for its process to exit, and clean the
+    state dir up (:meth:`StateDir.clean`).  Returns the VMs whose definitions
+    stay (init boots them when a host starts there again), or None if no host
+    was running."""
+    if not state.exists():
+        return None
     pid = state.pid()
     if not running(state):
         if pid is not None and _is_daemon(pid, state):
@@ -81,8 +98,8 @@ def stop(state: StateDir, timeout: float = 30.0) -> bool:
 
             os.kill(pid, signal.SIGTERM)
             _wait_exit(pid, timeout)
-            return True
-        return False
+            return state.clean()
+        return None
     from luvmm.emuhost import connect
 
     host = connect(state.socket)
@@ -92,7 +109,7 @@ def stop(state: StateDir, timeout: float = 30.0) -> bool:
         host.close_connection()
     if pid is not None:
         _wait_exit(pid, timeout)
-    return True
+    return state.clean()
 
 
 def _is_daemon(pid: int, state: StateDir) -> bool:
@@ -118,12 +135,22 @@ def _wait_exit(pid: int, timeout: float) -> None:
         os.close(pidfd)
 
 
-def ensure(state_dir: str | None, *, say=print, **start_args) -> StateDir:
-    """The host of ``state_dir`` (default: the embedded one), started if needed."""
+def find(state_dir: str | None) -> StateDir:
+    """The running host of ``state_dir`` (default: the embedded one's), or
+    HostError.  Looks only: a command that reads or acts on a host never
+    starts one (and never creates a state dir)."""
     state = StateDir(state_dir or default_state_dir())
     if not running(state):
-        if state_dir is not None and not start_args.pop("autostart", True):
-            raise HostError(f"no emulated host is running in {state.path}")
+        raise HostError(f"no emulated host is running in {state.path} (`luvmm host start` starts one; "
+                        "so does `luvmm vm start`)")
+    return state
+
+
+def ensure(state_dir: str | None, *, say=print, **start_args) -> StateDir:
+    """The host of ``state_dir`` (default: the embedded one), started if needed
+    (and said so): what `luvmm vm start` does."""
+    state = StateDir(state_dir or default_state_dir())
+    if not running(state):
         start(state, **start_args)
         say(f"started an emulated host in {state.path}")
     return state

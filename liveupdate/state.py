@@ -2,13 +2,67 @@
 
 Layout: ``host.sock`` (the daemon's control socket, mode 0600), ``agent.sock``,
 ``host.pid``, ``host.log``, ``units/NAME.json`` (what init starts), ``logs/``
-(each unit's output), ``vms/NAME/`` (per-VM files of the VMM).  The directory
-itself is 0700: only its owner reaches the host.
+(each unit's output), ``vms/NAME/`` (per-VM files of the VMM), ``.luvmm-state``
+(whether luvmm created the directory).  A directory luvmm creates is 0700:
+only its owner reaches the host; one the user points at is used as it is,
+unless others may write into it.  A stopped host leaves only its VMs'
+definitions behind (:meth:`StateDir.clean`).
 """
 
 from __future__ import annotations
 
 import os
+
+#: What a VM name may hold: it names a LUO session (1..63 bytes: the uAPI's
+#: name[LIVEUPDATE_SESSION_NAME_LENGTH] holds a NUL), a unit (``vm-NAME``; on
+#: a real host the systemd instance ``luvmm-vm@NAME.service``, whose names
+#: take ASCII letters, digits and ``:-_.\\``), a directory ``vms/NAME`` and a
+#: Prometheus label value.  So: letters, digits, ``-``, ``_`` and ``.``, not
+#: starting with ``.`` or ``-`` (no ``.``/``..``, nothing read as an option).
+VM_NAME_MAX = 63
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def check_vm_name(name) -> str:
+    """``name`` if it is a valid VM name, else ValueError saying why (not
+    ``re``: the restore path imports this module)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("a VM name cannot be empty")
+    if len(name.encode()) > VM_NAME_MAX:
+        raise ValueError(f"VM name {name[:20]!r}... is {len(name.encode())} bytes: at most {VM_NAME_MAX} "
+                         "(it names the VM's LUO session)")
+    bad = sorted(set(name) - _NAME_CHARS)
+    if bad:
+        raise ValueError(f"VM name {name!r} holds {''.join(bad)!r}: use letters, digits, '-', '_' and '.'")
+    if name[0] in ".-":
+        raise ValueError(f"VM name {name!r} starts with {name[0]!r}: start it with a letter or a digit")
+    return name
+
+
+#: systemd's UNIT_NAME_MAX (256 with the NUL); its characters, less the
+#: backslash of its escapes (a file name here).
+UNIT_NAME_MAX = 255
+_UNIT_CHARS = _NAME_CHARS | frozenset(":@")
+
+
+def check_unit_name(name) -> str:
+    """A unit name init can run (``agent``, ``vm-NAME``, a test's own): what
+    a systemd unit name holds, and a safe file name (``units/NAME.json``)."""
+    if not isinstance(name, str) or not 1 <= len(name.encode()) <= UNIT_NAME_MAX \
+            or set(name) - _UNIT_CHARS or name[0] in ".-":
+        raise ValueError(f"bad unit name {str(name)[:80]!r}: 1-{UNIT_NAME_MAX} letters, digits and ':-_.@', "
+                         "starting with a letter or digit")
+    if name.startswith("vm-"):
+        check_vm_name(name[3:])  # a VM's unit
+    return name
+
+
+def _valid_unit(name: str) -> bool:
+    try:
+        check_unit_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
@@ -59,6 +113,15 @@ def default_state_dir() -> str:
     return f"/tmp/luvmm-{os.getuid()}"
 
 
+class StateError(RuntimeError):
+    """A state dir that cannot be used (not a directory, read-only, not safe)."""
+
+
+#: Marks a directory as a luvmm state dir, and says whether luvmm created it
+#: (removed when the host stops and nothing is left in it) or found it.
+MARKER = ".luvmm-state"
+
+
 class StateDir:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -95,13 +158,85 @@ class StateDir:
     def vm_dir(self, name: str):
         from pathlib import Path
 
-        return Path(self.path) / "vms" / name
+        return Path(self.path) / "vms" / check_vm_name(name)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
 
     def ensure(self) -> None:
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        os.chmod(self.path, 0o700)
-        self.units.mkdir(exist_ok=True)
-        self.logs.mkdir(exist_ok=True)
+        """Make the state dir usable, or StateError saying why not.
+
+        A directory luvmm creates is 0700 (only its owner reaches the host).
+        One the user pointed at is used as it is, never chmod'ed behind their
+        back -- unless others may write into it: they could plant a unit that
+        the host would run."""
+        created = False
+        try:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                os.mkdir(self.path, 0o700)
+                created = True
+                st = os.stat(self.path)
+            import stat
+
+            if not stat.S_ISDIR(st.st_mode):
+                raise StateError(f"{self.path} is not a directory")
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise StateError(f"{self.path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+                                 "use a directory only you can write to (chmod go-w, or another --state-dir)")
+            marker = os.path.join(self.path, MARKER)
+            if created or not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write("created\n" if created else "existing\n")
+            self.units.mkdir(exist_ok=True)
+            self.logs.mkdir(exist_ok=True)
+        except OSError as e:
+            raise StateError(f"cannot use {self.path} as a state dir: {e.strerror or e}") from None
+
+    def created_by_luvmm(self) -> bool:
+        try:
+            with open(os.path.join(self.path, MARKER)) as f:
+                return f.read().strip() == "created"
+        except OSError:
+            return False
+
+    def clean(self) -> list[str]:
+        """What a stopped host leaves: the VMs' definitions (units/vm-*.json
+        and vms/NAME/: config, metrics) and, while there are any, the logs.
+        Everything else the host made goes; so does the directory itself if
+        luvmm created it and nothing is left.  Returns the VMs kept."""
+        import shutil
+
+        vms = self.vm_names()
+        for name in ("host.sock", "agent.sock", "host.pid", "units/agent.json", "units/agent.tmp"):
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        for name in ("pycache", "agent"):
+            shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+        if vms:
+            for name in vms:  # a VMM's socket does not outlive it
+                try:
+                    os.unlink(os.path.join(self.path, "vms", name, "vmm.sock"))
+                except FileNotFoundError:
+                    pass
+            return vms
+        created = self.created_by_luvmm()
+        for name in ("units", "logs", "vms"):
+            shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+        for name in ("host.log", MARKER):
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass
+        if created:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass  # something of the user's is in it
+        return []
 
     def write_pid(self, pid: int) -> None:
         with open(self.pidfile, "w") as f:
@@ -123,6 +258,7 @@ class StateDir:
     # --- units ----------------------------------------------------------------------------
 
     def write_unit(self, name: str, argv: list[str], env: dict[str, str] | None = None, **extra):
+        check_unit_name(name)
         self.ensure()
         path = self.units / f"{name}.json"
         tmp = path.with_suffix(".tmp")
@@ -133,21 +269,29 @@ class StateDir:
         return path
 
     def remove_unit(self, name: str) -> bool:
+        check_unit_name(name)
         try:
             (self.units / f"{name}.json").unlink()
             return True
         except FileNotFoundError:
             return False
 
+    def vm_names(self) -> list[str]:
+        """The VMs defined here (units ``vm-NAME``: what init boots), running or not."""
+        return [u["name"][3:] for u in self.read_units() if u["name"].startswith("vm-")]
+
     def read_units(self) -> list[dict]:
         import json
 
         units = []
+        if not self.units.is_dir():
+            return units
         for path in sorted(self.units.glob("*.json")):
             try:
                 unit = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if isinstance(unit, dict) and isinstance(unit.get("argv"), list) and unit.get("name") == path.stem:
+            if isinstance(unit, dict) and isinstance(unit.get("argv"), list) and unit.get("name") == path.stem \
+                    and _valid_unit(path.stem):
                 units.append(unit)
         return units

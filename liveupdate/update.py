@@ -38,7 +38,7 @@ def update_once(state: StateDir, *, timeout: float = 60.0) -> dict:
 
 
 CYCLE_KEYS = ("blackout_s", "phases_s", "heartbeat_gap_s", "dma_completed_during_blackout", "dma_max_gap_s",
-              "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed")
+              "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed", "device_reset")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -48,6 +48,11 @@ def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), -(-len(ordered) * p // 100)))
     return ordered[int(rank) - 1]
+
+
+def p99_label(samples: int) -> str:
+    """"p99", said honestly: of fewer than 100 samples it is their maximum."""
+    return "p99" if samples >= 100 else f"p99 (of {samples})"
 
 
 def percentiles(values: list[float]) -> dict:
@@ -92,23 +97,70 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def outcome(summary: dict) -> tuple[int, str]:
+    """(exit status, why) of a run of live updates (luvmm.exitcodes): the
+    one verdict `luvmm update`, `luvmm demo` and the benchmarks give."""
+    from luvmm import exitcodes
+
+    failed = list(summary.get("failed_updates") or [])
+    done = [c for c in summary["cycles"] if "error" not in c]
+    failed += [f"{c['vm']}: {c['error']}" for c in summary["cycles"] if "error" in c]
+    if failed or not done:
+        return exitcodes.FAILED, f"{len(failed)} live update(s) failed" + (f": {failed[0]}" if failed else "")
+    total = {k: sum(c.get(k) or 0 for c in done) for k in ("dma_errors", "dma_lost", "dma_corrupted")}
+    damage = f"DMA errors/lost/corrupted {total['dma_errors']}/{total['dma_lost']}/{total['dma_corrupted']}"
+    stuck = [c for c in done if c.get("guest_progressed") is False]
+    if total["dma_corrupted"]:
+        return exitcodes.DAMAGED, f"DMA was corrupted by a live update ({damage})"
+    reset = [c for c in done if c.get("device_reset")]
+    if reset:
+        return exitcodes.DEVICE_RESET, (f"the kernel reset the device in {len(reset)} of {len(done)} live update(s): "
+                                        f"the VM survived, its DMA stopped ({damage})")
+    if total["dma_errors"] or total["dma_lost"]:
+        return exitcodes.DAMAGED, f"DMA was damaged by a live update ({damage})"
+    if stuck:
+        return exitcodes.DAMAGED, f"the guest did not go on after {len(stuck)} of {len(done)} live update(s)"
+    return exitcodes.OK, f"{len(done)} live update(s), DMA intact ({damage})"
+
+
+def cycle_line(n: int, total: int, record: dict) -> str:
+    """One line per update for progress output: what a user watching wants to see."""
+    parts = []
+    for c in summarize([record])["cycles"]:
+        if "error" in c:
+            parts.append(f"{c['vm']}: {c['error']}")
+            continue
+        parts.append(f"{c['vm']}: blackout {ms(c['blackout_s'])} ms, {c['dma_completed_during_blackout']} DMA "
+                     f"completions while paused, errors/lost/corrupted "
+                     f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']}"
+                     + (", device reset" if c.get("device_reset") else ""))
+    return f"update {n}/{total}: " + "; ".join(parts)
+
+
 def format_cycles(summary: dict) -> str:
-    lines = [f"{'cycle':>5} {'vm':<10} {'blackout ms':>11} {'DMA in blackout':>15} {'max DMA gap ms':>14} "
-             f"{'heartbeat gap ms':>16} {'err/lost/corrupt':>16}  progressed"]
+    """The update table, for people: it fits 80 columns (a VM name over 12
+    characters pushes its row), and so do the wrapped summary lines."""
+    row = "{:>5} {:<12} {:>8} {:>8} {:>7} {:>9} {:>11} {:>5}"
+    lines = [row.format("cycle", "vm", "blackout", "DMA in", "max DMA", "heartbeat", "DMA errors/", "guest"),
+             row.format("", "", "ms", "blackout", "gap ms", "gap ms", "lost/corrupt", "on")]
     for c in summary["cycles"]:
         if "error" in c:
-            lines.append(f"{c['cycle']:>5} {c['vm']:<10} {c['error']}")
+            lines.append(f"{c['cycle']:>5} {c['vm']:<12} {c['error']}")
             continue
-        lines.append(f"{c['cycle']:>5} {c['vm']:<10} {ms(c['blackout_s']):>11} "
-                     f"{str(c['dma_completed_during_blackout']):>15} {ms(c['dma_max_gap_s']):>14} "
-                     f"{ms(c['heartbeat_gap_s']):>16} "
-                     f"{str(c['dma_errors']) + '/' + str(c['dma_lost']) + '/' + str(c['dma_corrupted']):>16}  "
-                     f"{c['guest_progressed']}")
+        lines.append(row.format(c["cycle"], c["vm"], ms(c["blackout_s"]), str(c["dma_completed_during_blackout"]),
+                                ms(c["dma_max_gap_s"]), ms(c["heartbeat_gap_s"]),
+                                f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']}",
+                                {True: "yes", False: "NO"}.get(c["guest_progressed"], "-")))
     b = summary["blackout_s"]
-    lines.append(f"blackout p50 {b['p50'] * 1000:.1f} ms, p99 {b['p99'] * 1000:.1f} ms, max {b['max'] * 1000:.1f} ms "
-                 f"({summary['guest']} guest, {(summary['memory_bytes'] or 0) >> 20} MiB RAM, "
+    n = sum(1 for c in summary["cycles"] if c.get("blackout_s") is not None)
+    lines.append(f"blackout p50 {b['p50'] * 1000:.1f} ms, {p99_label(n)} {b['p99'] * 1000:.1f} ms, "
+                 f"max {b['max'] * 1000:.1f} ms")
+    lines.append(f"({summary['guest']} guest, {(summary['memory_bytes'] or 0) >> 20} MiB RAM, "
                  f"kernel profile {summary['kernel_profile']})")
     phases = phase_values(summary)
     if phases:
-        lines.append("phases (p50 ms): " + ", ".join(f"{k} {percentile(v, 50) * 1000:.1f}" for k, v in phases.items()))
+        import textwrap
+
+        text = "phases (p50 ms): " + ", ".join(f"{k} {percentile(v, 50) * 1000:.1f}" for k, v in phases.items())
+        lines += textwrap.wrap(text, 80, subsequent_indent="  ")
     return "\n".join(lines)

@@ -2,74 +2,125 @@
 
 Each subcommand imports what it needs when it runs, so `luvmm --help` and the
 restore path stay fast.
+
+Conventions, the same for every command (README.md):
+* a mistake on the command line is one line on stderr and exit status 2;
+  anything else that fails is one line ``luvmm CMD: why`` and a non-zero
+  status from :mod:`luvmm.exitcodes` -- never a traceback;
+* ``--json`` prints the command's result as one JSON document on stdout
+  instead of the text (messages stay on stderr);
+* sizes are ``N[K|M|G|T]`` (powers of two) everywhere;
+* only `luvmm vm start` starts an emulated host where none runs (and says
+  so); a command that reads or acts on a host never starts one;
+* long work prints a progress line per step on stderr when it is a
+  terminal, nothing extra otherwise;
+* Ctrl-C stops cleanly: what was done so far is printed, the host is left
+  as it was, exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from luvmm import __version__
-
-
-def _cmd_uapi(args: argparse.Namespace) -> int:
-    from luvmm.uapi import format_table, uapi_values
-
-    values = uapi_values()
-    if args.json:
-        json.dump(values, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(values))
-    return 0
-
-
-def _write_json(path: str | None, result: dict) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-
-
-def _cmd_bench_dsa(args: argparse.Namespace) -> int:
-    from devices.dsa_bench import format_table, run
-
-    result = run(total_bytes=args.bytes, batches=args.batches)
-    print(format_table(result))
-    _write_json(args.json, result)
-    return 0
-
+from luvmm import __version__, exitcodes
 
 DEFAULT_DSA_BANDWIDTH = 64 << 20
+#: Guest RAM when --memory is not given, for every command that starts VMs.
+DEFAULT_MEMORY = 256 << 20
+PROFILES = ("continuous-dma", "reset-on-freeze")
+
+
+class CliError(Exception):
+    """A command that cannot do what was asked: one line, and this exit status."""
+
+    def __init__(self, message: str, status: int = exitcodes.FAILED):
+        super().__init__(message)
+        self.status = status
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and status 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(exitcodes.USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+# --- argument types -------------------------------------------------------------------------
 
 
 def _size(text: str) -> int:
-    """A byte count with an optional K/M/G suffix (powers of two)."""
+    """A byte count: N, or N with a K/M/G/T suffix (powers of two; KiB, M, 1.5G...)."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 64K, 256M, 1G)") from None
+    if not 0 <= value < 1 << 62 or value != int(value):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a whole, non-negative number of bytes)")
+    return int(value)
+
+
+def _memory(text: str) -> int:
+    """Guest RAM: a size the VM can have (checked here: one line, not a failure inside the VMM)."""
+    from vmm.guest import MIN_MEMORY
+
+    size = _size(text)
+    if size < MIN_MEMORY or size % (2 << 20):
+        raise argparse.ArgumentTypeError(f"guest RAM {text!r}: a multiple of 2 MiB, at least {MIN_MEMORY >> 20}M")
+    return size
+
+
+def _sizes(text: str) -> list[int]:
+    """Comma-separated guest RAM sizes (at least one)."""
+    sizes = [_memory(part) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"no size in {text!r}")
+    return sizes
+
+
+def _counts(text: str) -> list[int]:
+    """Comma-separated counts ("" for none)."""
+    return [_positive(part) for part in text.split(",") if part.strip()]
 
 
 def _positive(text: str) -> int:
-    n = int(text)
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
     return n
 
 
-def _state_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="the emulated host to use (default: $LUVMM_STATE_DIR, else $XDG_RUNTIME_DIR/luvmm, "
-                        "else /tmp/luvmm-UID; started there if none is running)")
+def _vcpus(text: str) -> int:
+    n = _positive(text)
+    if n > 16:
+        raise argparse.ArgumentTypeError(f"at most 16 vCPUs, not {n}")
+    return n
 
 
-def _metrics_port_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=_listen,
-                   help=f"serve {what} Prometheus metrics over HTTP at /metrics (on loopback unless ADDRESS "
-                        "is given); README.md lists them")
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"seconds must be positive, not {text!r}")
+    return value
+
+
+def _vm_name(text: str) -> str:
+    from liveupdate.state import check_vm_name
+
+    try:
+        return check_vm_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _listen(text: str) -> str:
@@ -89,95 +140,97 @@ def _metrics_url(listen: str) -> str:
     return f"{address}:{port}"
 
 
-def _host(args: argparse.Namespace):
-    from liveupdate.hostctl import ensure
-
-    return ensure(args.state_dir, say=lambda m: print(m, file=sys.stderr), dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
+# --- shared options and output ----------------------------------------------------------------
 
 
-def _cmd_host_start(args: argparse.Namespace) -> int:
-    from liveupdate import hostctl
+def _state_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="the emulated host's state dir (default: $LUVMM_STATE_DIR, else $XDG_RUNTIME_DIR/luvmm, "
+                        "else /tmp/luvmm-UID)")
+
+
+def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON document on stdout instead of text")
+
+
+def _memory_args(p: argparse.ArgumentParser, what: str = "guest RAM") -> None:
+    p.add_argument("--memory", type=_memory, default=DEFAULT_MEMORY, metavar="SIZE",
+                   help=f"{what}, e.g. 256M or 4G (default {DEFAULT_MEMORY >> 20}M)")
+    p.add_argument("--overcommit", action="store_true",
+                   help="allow VMs whose RAM adds up to more than the machine has")
+
+
+def _guest_arg(p: argparse.ArgumentParser, auto: bool = True) -> None:
+    choices = ("auto", "firmware", "synthetic") if auto else ("firmware", "synthetic")
+    p.add_argument("--guest", choices=choices, default=choices[0],
+                   help="firmware: the guest firmware under KVM; synthetic: the same DMA workload driven from the "
+                        "host side (no KVM needed)" + ("; auto (default): firmware where /dev/kvm is usable"
+                                                        if auto else " (default firmware)"))
+
+
+def _profile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel-profile", choices=PROFILES, default=PROFILES[0],
+                   help="what the emulated kernel does to a preserved device: continuous-dma (default) keeps it "
+                        "DMAing through the kexec; reset-on-freeze (the upstream series) resets it at freeze")
+
+
+def _bandwidth_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dsa-bandwidth", type=_size, default=DEFAULT_DSA_BANDWIDTH, metavar="BYTES",
+                   help="bytes per second each emulated DSA moves, e.g. 1G, or 0 for as fast as memcpy (default 64M: "
+                        "slow enough that work queued before a live update outlasts its blackout)")
+
+
+def _metrics_port_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=_listen,
+                   help=f"serve {what} Prometheus metrics over HTTP at /metrics (on loopback unless ADDRESS "
+                        "is given); README.md lists them")
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _progress():
+    """A progress printer for long work: lines on stderr when it is a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _state(args: argparse.Namespace):
     from liveupdate.state import StateDir, default_state_dir
 
-    state = StateDir(args.state_dir or default_state_dir())
-    if hostctl.running(state):
-        print(f"an emulated host is already running in {state.path}", file=sys.stderr)
-        return 1
-    pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
-                        dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent,
-                        metrics_port=args.metrics_port)
-    print(f"emulated host running in {state.path} (pid {pid}, {args.devices} DSA, kernel profile "
-          f"{args.kernel_profile}); control socket {state.socket}")
-    if args.metrics_port is not None:
-        print(f"Prometheus metrics on http://{_metrics_url(args.metrics_port)}/metrics")
-    return 0
+    return StateDir(args.state_dir or default_state_dir())
 
 
-def _cmd_host_stop(args: argparse.Namespace) -> int:
-    from liveupdate import hostctl
-    from liveupdate.state import StateDir, default_state_dir
+def _running_host(args: argparse.Namespace):
+    """The state dir of the running host, or CliError: never starts one."""
+    from liveupdate.hostctl import HostError, find
 
-    state = StateDir(args.state_dir or default_state_dir())
-    if not hostctl.stop(state):
-        print(f"no emulated host is running in {state.path}", file=sys.stderr)
-        return 0
-    print(f"stopped the emulated host in {state.path}")
-    return 0
-
-
-def _cmd_host_status(args: argparse.Namespace) -> int:
-    from liveupdate.hostctl import format_status
-    from luvmm.emuhost import connect
-
-    state = _host(args)
-    host = connect(state.socket)
-    status = host.call({"op": "status"})[0]
-    host.close_connection()
-    if args.json:
-        json.dump(status, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_status(status))
-    return 0
-
-
-def _cmd_host_faults(args: argparse.Namespace) -> int:
-    from luvmm.emuhost import connect
-
-    state = _host(args)
-    host = connect(state.socket)
     try:
-        request = {"op": "faults", "clear": args.clear}
-        if args.spec:
-            request["set"] = ",".join(args.spec)
-        rules = host.call(request)[0]
-    except OSError as e:
-        print(f"luvmm host faults: {e.strerror or e}", file=sys.stderr)
-        return 2
-    finally:
-        host.close_connection()
-    print("\n".join(rules) if rules else "no faults injected")
-    return 0
+        return find(args.state_dir)
+    except HostError as e:
+        raise CliError(str(e)) from None
 
 
-def _cmd_host_kexec(args: argparse.Namespace) -> int:
-    from luvmm.emuhost import connect
+class _Connection:
+    """``with _connect(state) as host``: a connection to the daemon, always closed."""
 
-    state = _host(args)
-    host = connect(state.socket)
-    try:
-        info = host.kexec()
-    except OSError as e:
-        print(f"kexec failed: {e.strerror} (errno {e.errno}); the old kernel is still running", file=sys.stderr)
-        return 1
-    finally:
-        host.close_connection()
-    print(f"kexec done: generation {info['generation']}, {info['seconds'] * 1000:.1f} ms, KHO image "
-          f"{info['kho_bytes']} bytes")
-    if info.get("kho_error"):
-        print(f"the new kernel refused the KHO image: {info['kho_error']}", file=sys.stderr)
-        return 1
-    return 0
+    def __init__(self, state):
+        from luvmm.emuhost import connect
+
+        self.host = connect(state.socket)
+
+    def __enter__(self):
+        return self.host
+
+    def __exit__(self, *exc):
+        self.host.close_connection()
 
 
 def _guest(choice: str) -> str:
@@ -188,12 +241,125 @@ def _guest(choice: str) -> str:
 
     ok, why = kvm_available()
     if not ok:
-        print(f"no usable KVM ({why}): running the synthetic guest", file=sys.stderr)
+        _say(f"no usable KVM ({why}): running the synthetic guest")
     return "firmware" if ok else "synthetic"
 
 
+# --- uapi and bench dsa -----------------------------------------------------------------------
+
+
+def _cmd_uapi(args: argparse.Namespace) -> int:
+    from luvmm.uapi import format_table, uapi_values
+
+    values = uapi_values()
+    if args.json:
+        _print_json(values)
+    else:
+        print(format_table(values))
+    return exitcodes.OK
+
+
+def _cmd_bench_dsa(args: argparse.Namespace) -> int:
+    from devices.dsa_bench import format_table, run
+
+    result = run(total_bytes=args.bytes, batches=args.batches)
+    _print_json(result) if args.json else print(format_table(result))
+    return exitcodes.OK
+
+
+# --- luvmm host ---------------------------------------------------------------------------------
+
+
+def _cmd_host_start(args: argparse.Namespace) -> int:
+    from liveupdate import hostctl
+
+    state = _state(args)
+    if hostctl.running(state):
+        raise CliError(f"an emulated host is already running in {state.path}")
+    earlier = state.vm_names() if state.exists() else []
+    pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
+                        dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent,
+                        metrics_port=args.metrics_port)
+    print(f"emulated host running in {state.path} (pid {pid}, {args.devices} DSA, kernel profile "
+          f"{args.kernel_profile}); control socket {state.socket}")
+    if earlier:
+        print(f"booting {len(earlier)} VM(s) defined there by an earlier run, cold (their RAM did not outlive "
+              f"that host): {', '.join(earlier)}")
+    if args.metrics_port is not None:
+        print(f"Prometheus metrics on http://{_metrics_url(args.metrics_port)}/metrics")
+    return exitcodes.OK
+
+
+def _cmd_host_stop(args: argparse.Namespace) -> int:
+    from liveupdate import hostctl
+
+    state = _state(args)
+    kept = hostctl.stop(state)
+    if kept is None:
+        _say(f"no emulated host is running in {state.path}")
+        return exitcodes.OK  # already stopped: what was asked holds (as `systemctl stop`)
+    print(f"stopped the emulated host in {state.path}")
+    if kept:
+        print(f"kept the definitions of VM(s) {', '.join(kept)} there: `luvmm host start` boots them again, "
+              "`luvmm vm stop NAME` removes one")
+    return exitcodes.OK
+
+
+def _cmd_host_status(args: argparse.Namespace) -> int:
+    from liveupdate.hostctl import format_status
+
+    with _Connection(_running_host(args)) as host:
+        status = host.call({"op": "status"})[0]
+    _print_json(status) if args.json else print(format_status(status))
+    return exitcodes.OK
+
+
+def _cmd_host_faults(args: argparse.Namespace) -> int:
+    with _Connection(_running_host(args)) as host:
+        request = {"op": "faults", "clear": args.clear}
+        if args.spec:
+            request["set"] = ",".join(args.spec)
+        try:
+            rules = host.call(request)[0]
+        except OSError as e:
+            raise CliError(e.strerror or str(e), exitcodes.USAGE) from None
+    if args.json:
+        _print_json(rules)
+    else:
+        print("\n".join(rules) if rules else "no faults injected")
+    return exitcodes.OK
+
+
+def _cmd_host_kexec(args: argparse.Namespace) -> int:
+    state = _running_host(args)
+    with _Connection(state) as host:
+        running = [u["name"][3:] for u in host.call({"op": "units"})[0] if u["name"].startswith("vm-") and u["running"]]
+        if running and not args.force:
+            raise CliError(f"VM(s) {', '.join(running)} run on this host: a bare kexec saves no machine state, so "
+                           "they would be lost. Live-update them with `luvmm update`, or kexec anyway with --force")
+        if running:
+            _say(f"kexec --force: VM(s) {', '.join(running)} were not prepared; their VMMs find no saved machine "
+                 "state after the reboot and the VMs are lost")
+        try:
+            info = host.kexec()
+        except OSError as e:
+            raise CliError(f"kexec failed: {e.strerror} (errno {e.errno}); the old kernel is still running") from None
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"kexec done: generation {info['generation']}, {info['seconds'] * 1000:.1f} ms, KHO image "
+              f"{info['kho_bytes']} bytes")
+    if info.get("kho_error"):
+        raise CliError(f"the new kernel refused the KHO image: {info['kho_error']}")
+    return exitcodes.OK
+
+
+# --- luvmm vm -------------------------------------------------------------------------------------
+
+
 def _cmd_vm_start(args: argparse.Namespace) -> int:
-    from luvmm.emuhost import connect
+    from liveupdate import hostctl
+    from liveupdate.hostctl import ensure
     from vmm import manage
     from vmm.vm import VmConfig
 
@@ -203,170 +369,226 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
     try:
         config.check()
     except ValueError as e:
-        print(f"luvmm vm start: {e}", file=sys.stderr)
-        return 2
-    state = _host(args)
-    host = connect(state.socket)
+        raise CliError(str(e), exitcodes.USAGE) from None
+    state = _state(args)
+    if args.name in state.vm_names():
+        raise CliError(f"VM {args.name!r} exists in {state.path}")
+    if not args.overcommit:
+        manage.check_fits(state, config)  # before a host is started for it
+    started = not hostctl.running(state)
+    ensure(args.state_dir, say=_say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
     try:
-        st = manage.start(state, config, host)
-    except manage.VmError as e:
-        print(f"luvmm vm start: {e}", file=sys.stderr)
-        return 1
-    finally:
-        host.close_connection()
+        with _Connection(state) as host:
+            st = manage.start(state, config, host, overcommit=args.overcommit)
+    except BaseException:
+        if started and not state.vm_names():  # a host started for a VM that did not start goes too
+            hostctl.stop(state)
+        raise
     print(f"VM {args.name} running (pid {st['pid']}, {args.memory >> 20} MiB, {args.vcpus} vCPU, DSA {st['bdf']}, "
           f"{guest} guest)")
-    if st.get("metrics_error"):
-        print(f"luvmm vm start: {st['metrics_error']}", file=sys.stderr)
-    elif st.get("metrics_port") is not None:
+    if st.get("metrics_port") is not None:
         print(f"Prometheus metrics on http://{_metrics_url(args.metrics_port)}/metrics")
-    return 0
+    return exitcodes.OK
 
 
 def _cmd_vm_stop(args: argparse.Namespace) -> int:
-    from luvmm.emuhost import connect
+    from liveupdate import hostctl
     from vmm import manage
 
-    state = _host(args)
-    host = connect(state.socket)
-    try:
-        if not manage.stop(state, args.name, host):
-            print(f"no VM {args.name!r}", file=sys.stderr)
-            return 1
-    finally:
-        host.close_connection()
+    state = _state(args)
+    if not state.exists() or args.name not in state.vm_names():
+        raise CliError(f"no VM {args.name!r} in {state.path}")
+    if not hostctl.running(state):
+        manage.stop(state, args.name, None)
+        state.clean()  # what the stopped host kept for it
+        print(f"VM {args.name} removed (no host was running it)")
+        return exitcodes.OK
+    with _Connection(state) as host:
+        manage.stop(state, args.name, host)
     print(f"VM {args.name} stopped")
-    return 0
+    return exitcodes.OK
 
 
-def _cmd_vm_status(args: argparse.Namespace) -> int:
+def _vm_states(state, names: list[str]) -> dict[str, dict]:
     from vmm import manage
 
-    state = _host(args)
-    names = [args.name] if args.name else manage.names(state)
     out = {}
     for name in names:
         try:
             out[name] = manage.status(state, name)
-        except (OSError, manage.VmError) as e:
-            out[name] = {"error": str(e)}
+        except (OSError, ValueError, manage.VmError) as e:
+            out[name] = {"error": getattr(e, "strerror", None) or str(e)}
+    return out
+
+
+def _vm_ok(st: dict) -> bool:
+    return "error" not in st and not st["crash"]
+
+
+def _cmd_vm_status(args: argparse.Namespace) -> int:
+    state = _running_host(args)
+    names = state.vm_names()
+    if args.name:
+        if args.name not in names:
+            raise CliError(f"no VM {args.name!r} in {state.path}")
+        names = [args.name]
+    out = _vm_states(state, names)
     if args.json:
-        json.dump(out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
+        _print_json(out)
+    else:
+        print(_format_vm_status(out))
+    return exitcodes.OK if all(_vm_ok(st) for st in out.values()) else exitcodes.FAILED
+
+
+def _format_vm_status(out: dict[str, dict]) -> str:
+    lines = []
     for name, st in out.items():
         if "error" in st:
-            print(f"{name}: not answering ({st['error']})")
+            lines.append(f"{name}: not running (its VMM does not answer: {st['error']})")
             continue
         mb = st["mailbox"]
-        print(f"{name}: pid {st['pid']} ({st['boot']} boot), guest {st['guest_state']}, DSA {st['bdf']}, "
-              f"heartbeat {mb['heartbeat']}, batches {mb['completed']}/{mb['submitted']} "
-              f"({mb['descs_ok']} descriptors ok, {mb['errors']} errors, {mb['verify_failures']} corrupted), "
-              f"interrupts {st['interrupts']}" + (f", CRASHED: {st['crash']}" if st["crash"] else ""))
-    return 0
+        paused = " (paused for an update)" if st.get("prepared") else ""
+        lines.append(f"{name}: pid {st['pid']} ({st['boot']} boot), guest {st['guest_state']}{paused}, "
+                     f"DSA {st['bdf']}, heartbeat {mb['heartbeat']}, batches {mb['completed']}/{mb['submitted']} "
+                     f"({mb['descs_ok']} descriptors ok, {mb['errors']} errors, {mb['verify_failures']} corrupted), "
+                     f"interrupts {st['interrupts']}" + (f", CRASHED: {st['crash']}" if st["crash"] else ""))
+    return "\n".join(lines)
 
 
 def _cmd_vm_list(args: argparse.Namespace) -> int:
-    from vmm import manage
+    from liveupdate import hostctl
 
-    state = _host(args)
-    for name in manage.names(state):
-        print(name)
-    return 0
+    state = _state(args)
+    names = state.vm_names() if state.exists() else []
+    up = hostctl.running(state)
+    states = _vm_states(state, names) if up else {}
+    rows = [{"name": n, "state": ("running" if _vm_ok(states[n]) else "not running") if up else "host stopped"}
+            for n in names]
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            print(f"{row['name']}\t{row['state']}")
+    return exitcodes.OK
+
+
+# --- luvmm update and the benchmarks ---------------------------------------------------------
+
+
+def _report_updates(summary: dict, as_json: bool, interrupted: str | None = None) -> int:
+    """Print a run of live updates (table or JSON) and return its exit status."""
+    from liveupdate.update import format_cycles, outcome
+
+    status, why = outcome(summary)
+    if interrupted:
+        summary["interrupted"] = interrupted
+    if as_json:
+        _print_json(summary)
+    elif summary["cycles"]:
+        print(format_cycles(summary))
+    if interrupted:
+        _say(interrupted)
+        return exitcodes.INTERRUPTED
+    if status != exitcodes.OK:
+        _say(f"luvmm: {why}")
+    return status
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
     from liveupdate.agent_client import AgentError
-    from liveupdate.update import format_cycles, summarize, update_once
+    from liveupdate.update import cycle_line, summarize, update_once
 
-    state = _host(args)
-    records = []
-    failed = None
-    for n in range(args.cycles):
-        try:
-            records.append(update_once(state, timeout=args.timeout))
-        except AgentError as e:
-            failed = f"update {n + 1}/{args.cycles} failed: {e.strerror or e}"
-            break
+    state = _running_host(args)
+    if not state.vm_names():
+        raise CliError(f"no VM runs on the host in {state.path}: nothing to update (`luvmm vm start NAME`)")
+    progress = _progress()
+    records, failed, interrupted = [], [], None
+    try:
+        for n in range(1, args.cycles + 1):
+            try:
+                records.append(update_once(state, timeout=args.timeout))
+            except AgentError as e:
+                failed.append(f"update {n}/{args.cycles} failed: {e.strerror or e}")
+                break
+            if progress:
+                progress(cycle_line(n, args.cycles, records[-1]))
+    except KeyboardInterrupt:
+        interrupted = (f"interrupted after {len(records)} of {args.cycles} update(s); one under way is finished or "
+                       "rolled back by the host (`luvmm vm status` shows the VMs)")
     summary = summarize(records)
-    if failed:
-        summary["failed"] = failed
-    if records:
-        print(format_cycles(summary))
-    if failed:
-        print(failed, file=sys.stderr)
-    _write_json(args.json, summary)
-    return 1 if failed else 0
+    summary["failed_updates"] = failed
+    return _report_updates(summary, args.json, interrupted)
 
 
 def _cmd_bench_blackout(args: argparse.Namespace) -> int:
-    from liveupdate.update import format_cycles
     from vmm.bench import run_blackout
 
     summary = run_blackout(memory=args.memory, cycles=args.cycles, vms=args.vms, guest=args.guest,
-                           profile=args.kernel_profile, dsa_bandwidth=args.dsa_bandwidth)
-    print(format_cycles(summary))
-    _write_json(args.json, summary)
-    return 0
+                           profile=args.kernel_profile, dsa_bandwidth=args.dsa_bandwidth,
+                           overcommit=args.overcommit, progress=_progress())
+    return _report_updates(summary, args.json)
 
 
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
-    from vmm.bench import format_soak, print_progress, run_soak
+    from vmm.bench import format_soak, run_soak
 
     result = run_soak(cycles=args.cycles, memory=args.memory, guest=_guest(args.guest),
-                      dsa_bandwidth=args.dsa_bandwidth, progress=print_progress)
-    print(format_soak(result))
-    _write_json(args.json, result)
-    bad = result["failed_updates"] or result["fds_leaked"] or any(
-        result[k] for k in ("dma_errors", "dma_lost", "dma_corrupted"))
-    return 1 if bad else 0
+                      dsa_bandwidth=args.dsa_bandwidth, overcommit=args.overcommit, progress=_progress())
+    _print_json(result) if args.json else print(format_soak(result))
+    if result["failed_updates"]:
+        return exitcodes.FAILED
+    damaged = result["fds_leaked"] or any(result[k] for k in ("dma_errors", "dma_lost", "dma_corrupted"))
+    return exitcodes.DAMAGED if damaged else exitcodes.OK
 
 
 def _cmd_bench_scale(args: argparse.Namespace) -> int:
     from vmm.bench import format_scale, run_scale
 
-    result = run_scale(memories=[_size(m) for m in args.memory.split(",")],
-                       vm_counts=[int(v) for v in args.vms.split(",") if v], cycles=args.cycles, guest=args.guest,
-                       dsa_bandwidth=args.dsa_bandwidth)
-    print(format_scale(result))
-    _write_json(args.json, result)
-    return 0
+    result = run_scale(memories=args.memory, vm_counts=args.vms, cycles=args.cycles, guest=args.guest,
+                       dsa_bandwidth=args.dsa_bandwidth, overcommit=args.overcommit, progress=_progress())
+    _print_json(result) if args.json else print(format_scale(result))
+    return exitcodes.OK
+
+
+# --- luvmm demo ---------------------------------------------------------------------------------
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import os
-
-    from luvmm.demo import DemoError, run_demo
-
-    guest = _guest(args.guest)
-    try:
-        result = run_demo(cycles=args.cycles, profile=args.kernel_profile, report_dir=args.report,
-                          memory=args.memory, guest_kind=guest, metrics_port=args.metrics_port, keep=args.keep,
-                          state_dir=args.state_dir)
-    except DemoError as e:
-        print(f"luvmm demo: {e}", file=sys.stderr)
-        return 1
+    from luvmm.demo import run_demo
+    from liveupdate.update import outcome
     from metrics.report import verdict
 
+    guest = _guest(args.guest)
+    result = run_demo(cycles=args.cycles, profile=args.kernel_profile, report_dir=args.report,
+                      memory=args.memory, guest_kind=guest, metrics_port=args.metrics_port, keep=args.keep,
+                      state_dir=args.state_dir, overcommit=args.overcommit)
     summary = result["summary"]
-    vclass, vtext = verdict(summary, {"kernel_profile": args.kernel_profile})
+    _, vtext = verdict(summary, {"kernel_profile": args.kernel_profile})
     print()
     print(vtext)
-    print(f"Report: file://{os.path.abspath(result['report'])}")
+    if result.get("report"):
+        print(f"Report: file://{os.path.abspath(result['report'])}")
     if args.keep:
         print(f"The host and the VM still run: luvmm host stop --state-dir {result['state_dir']}")
-    # Exit 1 when an update failed or damaged DMA it should have kept (not for reset-on-freeze's finding).
-    return 1 if vclass == "bad" or summary["failed_updates"] else 0
+    if result.get("interrupted"):
+        _say(f"interrupted after {len(summary['updates'])} of {args.cycles} update(s)")
+        return exitcodes.INTERRUPTED
+    return outcome(summary)[0]
+
+
+# --- the parser -----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="luvmm",
         description="A userspace VMM whose VM, passed-through PCI device and DMA survive a host "
                     "live update (LUO/KHO + kexec).",
-    )
+        epilog="Exit status: 0 all good; 1 failed (nothing changed, or put back); 2 bad command line; "
+               "3 live updates done but DMA damaged or the guest stuck; 4 live updates done, the VM kept, its "
+               "device reset by the kernel (DMA stopped); 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"luvmm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
     uapi = sub.add_parser(
@@ -374,52 +596,52 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print every ioctl number and uAPI struct size luvmm uses (KVM, VFIO cdev, "
                     "iommufd, LUO), computed with the kernel's _IOC macros and cffi layouts, "
                     "to compare with a kernel's headers.")
-    uapi.add_argument("--json", action="store_true",
-                      help='one JSON object: {"IOCTL_NAME": number, "sizeof(struct NAME)": bytes, ...}')
+    _json_arg(uapi, '{"IOCTL_NAME": number, "sizeof(struct NAME)": bytes, ...}')
     uapi.set_defaults(func=_cmd_uapi)
 
     demo = sub.add_parser(
         "demo", help="start here: a VM with a passed-through DSA, live updates, a report",
         description="On an emulated host of its own: start a VM whose guest drives a passed-through DSA, "
                     "live-update the host while DMA runs (a live view shows throughput and each blackout "
-                    "with its phases), and write a report with plots (DIR/index.html, PNGs beside it).")
+                    "with its phases), and write a report with plots (DIR/index.html, PNGs beside it). "
+                    "Exit status 0 when DMA went on through every update, 4 when the kernel profile reset "
+                    "the device (the reset-on-freeze finding), 3 when DMA was damaged, 1 when an update failed.")
     demo.add_argument("--cycles", type=_positive, default=5, help="live updates (default 5)")
-    demo.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma",
-                      help="continuous-dma (default): the preserved device DMAs through the kexec; "
-                           "reset-on-freeze: the upstream behaviour, the device is reset (the contrast)")
+    _profile_arg(demo)
     demo.add_argument("--report", metavar="DIR", default="luvmm-report", help="where to write the report "
                                                                                "(default ./luvmm-report)")
-    demo.add_argument("--memory", type=_size, default=256 << 20, metavar="SIZE", help="guest RAM (default 256M)")
-    demo.add_argument("--guest", choices=("auto", "firmware", "synthetic"), default="auto",
-                      help="auto (default): the firmware under KVM where /dev/kvm is usable, else synthetic")
+    _memory_args(demo)
+    _guest_arg(demo)
     demo.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=_listen,
                       help="serve Prometheus metrics: the host's on PORT, the VM's on PORT+1")
     demo.add_argument("--keep", action="store_true", help="leave the host and the VM running afterwards")
-    demo.add_argument("--state-dir", metavar="DIR", help="the demo host's state dir (default: a new one in /tmp)")
+    demo.add_argument("--state-dir", metavar="DIR", help="the demo host's state dir (default: a new one in /tmp, "
+                                                         "removed afterwards)")
     demo.set_defaults(func=_cmd_demo)
 
     host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec, faults",
                           description="The emulated host daemon: an emulated machine (Intel DSA devices, IOMMU), "
                                       "its kernel (VFIO cdev, iommufd, LUO, KHO, kexec) and init.")
-    host_sub = host.add_subparsers(dest="host_command", metavar="ACTION")
+    host_sub = host.add_subparsers(dest="host_command", metavar="ACTION", parser_class=Parser)
     host_sub.required = True
-    start = host_sub.add_parser("start", help="start an emulated host daemon in the background")
+    start = host_sub.add_parser("start", help="start an emulated host daemon in the background",
+                                description="Start an emulated host daemon in the background. VMs defined in the "
+                                            "state dir by an earlier run boot again, cold.")
     _state_dir_arg(start)
-    start.add_argument("--devices", type=int, default=1, help="number of DSA functions (default 1)")
-    start.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma",
-                       help="what the kernel does to a preserved device (default continuous-dma)")
-    start.add_argument("--dsa-bandwidth", type=_size, default=DEFAULT_DSA_BANDWIDTH, metavar="BYTES",
-                       help="bytes per second each DSA moves, e.g. 1G, or 0 for as fast as memcpy (default 64M: "
-                            "slow enough that work queued before a live update outlasts its blackout)")
+    start.add_argument("--devices", type=_positive, default=1, help="number of DSA functions (default 1)")
+    _profile_arg(start)
+    _bandwidth_arg(start)
     start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
     _metrics_port_arg(start, "the host's (devices, kexecs, units)")
     start.set_defaults(func=_cmd_host_start)
-    stop = host_sub.add_parser("stop", help="stop the emulated host (its units are killed)")
+    stop = host_sub.add_parser("stop", help="stop the emulated host (its units are killed)",
+                               description="Stop the emulated host: its units are killed and its files removed; "
+                                           "the definitions of its VMs stay (a host started there boots them).")
     _state_dir_arg(stop)
     stop.set_defaults(func=_cmd_host_stop)
     status = host_sub.add_parser("status", help="devices, open files, sessions, units, kexec count")
     _state_dir_arg(status)
-    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    _json_arg(status, "the status")
     status.set_defaults(func=_cmd_host_status)
     faults = host_sub.add_parser(
         "faults", help="inject faults into the emulated kernel's live-update path, or clear them",
@@ -428,110 +650,153 @@ def build_parser() -> argparse.ArgumentParser:
                     "vfio-pci-v1 or iommufd-v1; SESSION a VM's name), kexec (the reboot call), kho (the image). "
                     "ACTION: fail (EIO), stall:SECONDS, kill:UNIT (init SIGKILLs agent or vm-NAME there), "
                     "clear-bus-master (kexec: the new kernel clears Bus Master Enable of preserved devices), "
-                    "corrupt, truncate or skew (kho: damaged, or well-formed but not this kernel's). The same list in LUVMM_FAULTS sets them when the host starts. "
-                    "With no argument: the faults in force.")
+                    "corrupt, truncate or skew (kho: damaged, or well-formed but not this kernel's). The same list "
+                    "in LUVMM_FAULTS sets them when the host starts. With no argument: the faults in force.")
     _state_dir_arg(faults)
     faults.add_argument("spec", nargs="*", metavar="FAULT", help="faults to add, e.g. freeze:memfd-v1=fail")
     faults.add_argument("--clear", action="store_true", help="remove every fault first")
+    _json_arg(faults, "the faults in force")
     faults.set_defaults(func=_cmd_host_faults)
-    kexec = host_sub.add_parser("kexec", help="reboot the emulated kernel with kexec (LUO preserves sessions)")
+    kexec = host_sub.add_parser(
+        "kexec", help="reboot the emulated kernel with kexec (LUO preserves sessions)",
+        description="reboot(LINUX_REBOOT_CMD_KEXEC) on the emulated host: LUO freezes and hands over its "
+                    "sessions, a new kernel boots, init starts the units again. Refused while VMs run (a bare "
+                    "kexec saves no machine state: use `luvmm update`), unless --force.")
     _state_dir_arg(kexec)
+    kexec.add_argument("--force", action="store_true", help="kexec even though VMs run (they are lost)")
+    _json_arg(kexec, "what the kexec did")
     kexec.set_defaults(func=_cmd_host_kexec)
 
     vm = sub.add_parser("vm", help="VMs with a passed-through DSA: start, stop, status, list",
                         description="VMs are units of their host: init starts them again, in restore mode, "
                                     "after every kexec, and on the same RAM and device when their VMM dies.")
-    vm_sub = vm.add_subparsers(dest="vm_command", metavar="ACTION")
+    vm_sub = vm.add_subparsers(dest="vm_command", metavar="ACTION", parser_class=Parser)
     vm_sub.required = True
-    vm_start = vm_sub.add_parser("start", help="start a VM (its guest drives a passed-through DSA)")
-    vm_start.add_argument("name")
+    name_help = "the VM's name: 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+    vm_start = vm_sub.add_parser("start", help="start a VM (its guest drives a passed-through DSA)",
+                                 description="Start a VM on the host (an emulated host is started there if none "
+                                             "runs). Returns once its guest runs.")
+    vm_start.add_argument("name", type=_vm_name, help=name_help)
     _state_dir_arg(vm_start)
-    vm_start.add_argument("--memory", type=_size, default=256 << 20, metavar="SIZE", help="guest RAM (default 256M)")
-    vm_start.add_argument("--vcpus", type=int, default=1, help="vCPUs (default 1)")
-    vm_start.add_argument("--device", default="auto", metavar="BDF|auto", help="the DSA to pass through")
-    vm_start.add_argument("--guest", choices=("auto", "firmware", "synthetic"), default="auto",
-                          help="firmware: the guest firmware under KVM; synthetic: the same DMA workload "
-                               "driven from the host side (no KVM needed); auto (default): firmware where "
-                               "/dev/kvm is usable")
+    _memory_args(vm_start)
+    vm_start.add_argument("--vcpus", type=_vcpus, default=1, help="vCPUs, 1-16 (default 1)")
+    vm_start.add_argument("--device", default="auto", metavar="BDF|auto",
+                          help="the DSA to pass through (default auto: the first free one)")
+    _guest_arg(vm_start)
     _metrics_port_arg(vm_start, "the VM's (blackout, phases, DMA continuity, guest counters)")
     vm_start.set_defaults(func=_cmd_vm_start)
-    vm_stop = vm_sub.add_parser("stop", help="stop a VM and remove its unit")
-    vm_stop.add_argument("name")
+    vm_stop = vm_sub.add_parser("stop", help="stop a VM and remove it",
+                                description="Stop a VM and remove it: its VMM, its unit, its LUO session and what "
+                                            "the agent keeps for it, its device (free for another VM).")
+    vm_stop.add_argument("name", type=_vm_name, help=name_help)
     _state_dir_arg(vm_stop)
     vm_stop.set_defaults(func=_cmd_vm_stop)
-    vm_status = vm_sub.add_parser("status", help="guest counters, device, interrupts, last update")
-    vm_status.add_argument("name", nargs="?")
+    vm_status = vm_sub.add_parser("status", help="guest counters, device, interrupts, last update",
+                                  description="Each VM's guest counters, device, interrupts and last update. Exit "
+                                              "status 1 if a VM named does not exist, or one is not running.")
+    vm_status.add_argument("name", nargs="?", type=_vm_name, help="one VM (default: every VM of the host)")
     _state_dir_arg(vm_status)
-    vm_status.add_argument("--json", action="store_true")
+    _json_arg(vm_status, "{NAME: status}")
     vm_status.set_defaults(func=_cmd_vm_status)
-    vm_list = vm_sub.add_parser("list", help="the VMs of the host")
+    vm_list = vm_sub.add_parser("list", help="the VMs defined on the host, and whether they run")
     _state_dir_arg(vm_list)
+    _json_arg(vm_list, '[{"name", "state"}]')
     vm_list.set_defaults(func=_cmd_vm_list)
 
     update = sub.add_parser("update", help="live-update the host: prepare every VM, kexec, collect reports",
-                            description="Ask the LUO agent for live updates: every registered VMM prepares "
-                                        "(pause, save, preserve), the host kexecs, the VMMs restore and report.")
+                            description="Ask the LUO agent for live updates: every VM's VMM prepares (pause, "
+                                        "save, preserve), the host kexecs, the VMMs restore and report. Exit "
+                                        "status: 0 DMA intact, 1 an update failed (rolled back), 3 DMA damaged, "
+                                        "4 the device was reset.")
     _state_dir_arg(update)
     update.add_argument("--cycles", type=_positive, default=1, help="updates in a row (default 1)")
-    update.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step (default 60)")
-    update.add_argument("--json", metavar="FILE", help="write every cycle's record as JSON")
+    update.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for each step (default 60)")
+    _json_arg(update, '{"cycles": [...], "blackout_s": {"p50", "p99", "max"}, ...}')
     update.set_defaults(func=_cmd_update)
 
-    bench = sub.add_parser("bench", help="benchmarks that print figures (and write them as JSON)",
-                           description="Benchmarks. Each prints a table and, with --json FILE, writes its figures.")
-    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
+    bench = sub.add_parser("bench", help="benchmarks that print figures",
+                           description="Benchmarks. Each prints a table, or with --json its figures as JSON.")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=Parser)
     bench_sub.required = True
     dsa = bench_sub.add_parser(
         "dsa", help="the emulated DSA's MEMMOVE path against this machine's memcpy",
         description="MEMMOVE of 4 KiB, 64 KiB and 1 MiB through the full path (portal submit -> IOMMU "
                     "translate -> copy -> completion record), against memcpy of the same sizes in the same "
                     "run; and 64-byte MEMMOVEs per second submitted in batches of 1024.")
-    dsa.add_argument("--json", metavar="FILE", help="write memmove_gbps, memcpy_gbps, ratio, descriptors_per_s")
-    dsa.add_argument("--bytes", type=int, default=256 << 20, help="bytes copied per size (default 256 MiB)")
-    dsa.add_argument("--batches", type=int, default=32, help="batches of 1024 for descriptors/s (default 32)")
+    _json_arg(dsa, "memmove_gbps, memcpy_gbps, ratio, descriptors_per_s")
+    dsa.add_argument("--bytes", type=_size, default=256 << 20, metavar="SIZE",
+                     help="bytes copied per size (default 256M)")
+    dsa.add_argument("--batches", type=_positive, default=32, help="batches of 1024 for descriptors/s (default 32)")
     dsa.set_defaults(func=_cmd_bench_dsa)
     blackout = bench_sub.add_parser(
         "blackout", help="live-update blackout over N cycles on a fresh emulated host",
         description="Start a fresh emulated host and VM(s), run N live updates through the agent, print each "
                     "cycle's blackout, phases and DMA continuity, and the p50/p99/max.")
-    blackout.add_argument("--memory", type=_size, default=1 << 30, metavar="SIZE", help="guest RAM (default 1G)")
+    _memory_args(blackout)
     blackout.add_argument("--cycles", type=_positive, default=20, help="live updates (default 20)")
-    blackout.add_argument("--vms", type=int, default=1, help="VMs updated in each kexec (default 1)")
-    blackout.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware")
-    blackout.add_argument("--kernel-profile", choices=("continuous-dma", "reset-on-freeze"), default="continuous-dma")
-    blackout.add_argument("--dsa-bandwidth", type=_size, default=64 << 20, metavar="BYTES",
-                          help="DSA bytes per second (default 64M: work queued before the pause outlasts it)")
-    blackout.add_argument("--json", metavar="FILE", help="write the luvmm update document")
+    blackout.add_argument("--vms", type=_positive, default=1, help="VMs updated in each kexec (default 1)")
+    _guest_arg(blackout, auto=False)
+    _profile_arg(blackout)
+    _bandwidth_arg(blackout)
+    _json_arg(blackout, "the `luvmm update --json` document")
     blackout.set_defaults(func=_cmd_bench_blackout)
     scale = bench_sub.add_parser(
         "scale", help="blackout against guest RAM and against the number of VMs per kexec",
         description="Blackout p50/p99/max for each guest RAM size (one VM) and each VM count (the smallest RAM).")
-    scale.add_argument("--memory", default="256M,1G,4G,16G", help="comma-separated RAM sizes (default 256M,1G,4G,16G)")
-    scale.add_argument("--vms", default="1,2,4,8", help="comma-separated VM counts per kexec (default 1,2,4,8; \"\" for none)")
+    scale.add_argument("--memory", type=_sizes, default=[256 << 20, 1 << 30, 4 << 30, 16 << 30], metavar="SIZES",
+                       help="comma-separated guest RAM sizes (default 256M,1G,4G,16G)")
+    scale.add_argument("--overcommit", action="store_true",
+                       help="allow VMs whose RAM adds up to more than the machine has")
+    scale.add_argument("--vms", type=_counts, default=[1, 2, 4, 8], metavar="COUNTS",
+                       help='comma-separated VM counts per kexec (default 1,2,4,8; "" for none)')
     scale.add_argument("--cycles", type=_positive, default=10, help="updates per point (default 10)")
-    scale.add_argument("--guest", choices=("firmware", "synthetic"), default="firmware")
-    scale.add_argument("--dsa-bandwidth", type=_size, default=64 << 20, metavar="BYTES")
-    scale.add_argument("--json", metavar="FILE", help="write {memory: {bytes: blackout}, vms: {n: blackout}}")
+    _guest_arg(scale, auto=False)
+    _bandwidth_arg(scale)
+    _json_arg(scale, "{memory: {bytes: blackout}, vms: {n: blackout}}")
     scale.set_defaults(func=_cmd_bench_scale)
     soak = bench_sub.add_parser(
         "soak", help="N live updates in a row: DMA damage, fd leaks, memory growth",
         description="Start a fresh emulated host and a VM, run N live updates in a row with DMA running, and "
                     "check that nothing was damaged or leaked: DMA errors, lost and corrupted, the daemon's fds "
-                    "and emulated open files, and its RSS (after a warm-up update). Exits 1 on damage or a leak.")
+                    "and emulated open files, and its RSS (after a warm-up update). Exit status 3 on damage or "
+                    "a leak, 1 if an update failed.")
     soak.add_argument("--cycles", type=_positive, default=100, help="live updates (default 100)")
-    soak.add_argument("--memory", type=_size, default=256 << 20, metavar="SIZE", help="guest RAM (default 256M)")
-    soak.add_argument("--guest", choices=("auto", "firmware", "synthetic"), default="auto")
-    soak.add_argument("--dsa-bandwidth", type=_size, default=64 << 20, metavar="BYTES")
-    soak.add_argument("--json", metavar="FILE", help="write {cycles, dma_errors, dma_lost, dma_corrupted, "
-                                                      "fds_leaked, rss_growth_bytes, blackout_s, ...}")
+    _memory_args(soak)
+    _guest_arg(soak)
+    _bandwidth_arg(soak)
+    _json_arg(soak, "{cycles, dma_errors, dma_lost, dma_corrupted, fds_leaked, rss_growth_bytes, blackout_s, ...}")
     soak.set_defaults(func=_cmd_bench_soak)
     return parser
 
 
+def _expected_errors() -> tuple[type, ...]:
+    """The errors that are a refusal, said in one line -- not bugs."""
+    from liveupdate.agent_client import AgentError
+    from liveupdate.hostctl import HostError
+    from liveupdate.state import StateError
+    from vmm.manage import VmError
+
+    return CliError, HostError, StateError, VmError, AgentError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    what = " ".join(x for x in (args.command, getattr(args, "host_command", None), getattr(args, "vm_command", None),
+                                getattr(args, "bench", None)) if x)
     try:
         return args.func(args)
     except BrokenPipeError:  # `luvmm uapi | head`
         sys.stderr.close()
-        return 0
+        return exitcodes.OK
+    except KeyboardInterrupt:
+        _say(f"luvmm {what}: interrupted")
+        return exitcodes.INTERRUPTED
+    except Exception as e:
+        if isinstance(e, _expected_errors()):
+            _say(f"luvmm {what}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+            return getattr(e, "status", exitcodes.FAILED)
+        if isinstance(e, OSError):  # the system said no (a file, a socket): say what
+            where = f" ({e.filename})" if e.filename else ""
+            _say(f"luvmm {what}: {e.strerror or e}{where}")
+            return exitcodes.FAILED
+        raise

@@ -104,51 +104,116 @@ def _ports(metrics_port: str | None) -> tuple[str | None, str | None]:
 
 def run_demo(*, cycles: int = 5, profile: str = "continuous-dma", report_dir: str = "luvmm-report",
              memory: int = 256 << 20, guest_kind: str = "firmware", metrics_port: str | None = None,
-             keep: bool = False, state_dir: str | None = None, out=sys.stdout) -> dict:
-    """Run the demo; returns {"summary", "report", "state_dir", ...}."""
+             keep: bool = False, state_dir: str | None = None, overcommit: bool = False, out=sys.stdout) -> dict:
+    """Run the demo; returns {"summary", "report", "state_dir", "interrupted"}.
+
+    Ctrl-C stops it between (or at the end of) updates: the report holds
+    the updates done.  Whatever happens, the demo's host is stopped and a
+    state dir it made is removed (unless ``keep``)."""
     fresh = state_dir is None
+    if not fresh and hostctl.running(StateDir(state_dir)):
+        raise DemoError(f"an emulated host already runs in {StateDir(state_dir).path}: the demo starts its own")
     state = StateDir(state_dir or tempfile.mkdtemp(prefix="luvmm-demo-"))
-    if hostctl.running(state):
-        raise DemoError(f"an emulated host already runs in {state.path}: the demo starts its own")
     host_metrics, vm_metrics = _ports(metrics_port)
     say = lambda text: (out.write(text + "\n"), out.flush())  # noqa: E731
-    say(f"Starting an emulated host in {state.path} (kernel profile {profile}, one Intel DSA at "
-        f"{DSA_BANDWIDTH >> 20} MiB/s)")
-    hostctl.start(state, profile=profile, dsa_bandwidth=DSA_BANDWIDTH, metrics_port=host_metrics)
-    host = connect(state.socket)
+    records: list[dict] = []
+    interrupted = False
+    host = None
+    t0 = t1 = time.time()
     try:
-        st = manage.start(state, VmConfig("demo", memory=memory, guest=guest_kind, metrics=vm_metrics), host)
+        say(f"Starting an emulated host in {state.path} (kernel profile {profile}, one Intel DSA at "
+            f"{DSA_BANDWIDTH >> 20} MiB/s)")
+        hostctl.start(state, profile=profile, dsa_bandwidth=DSA_BANDWIDTH, metrics_port=host_metrics)
+        host = connect(state.socket)
+        st = manage.start(state, VmConfig("demo", memory=memory, guest=guest_kind, metrics=vm_metrics), host,
+                          overcommit=overcommit)
         bdf = st["bdf"]
         say(f"VM 'demo' runs the {guest_kind} guest ({memory >> 20} MiB) with DSA {bdf} passed through; "
             f"the guest keeps {st['config']['slots']} DMA batches in flight")
         if metrics_port is not None:
             say(f"Prometheus metrics: http://{host_metrics}/metrics (host), http://{vm_metrics}/metrics (VM)")
         t0 = time.time()
-        records = trio.run(_updates, host, bdf, state, cycles, out)
+        try:
+            trio.run(_updates, host, bdf, state, cycles, out, records, profile)
+        except KeyboardInterrupt:
+            interrupted = True
+            say(f"\nInterrupted: writing the report of the {len(records)} update(s) done")
         t1 = time.time()
-        summary = summarize([r for r in records if "error" not in r])
-        summary["failed_updates"] = [r["error"] for r in records if "error" in r]
-        timeline = _timelines(host, bdf, summary, t0, t1)
+        with _no_interrupts():
+            summary = summarize([r for r in records if "error" not in r])
+            summary["failed_updates"] = [r["error"] for r in records if "error" in r]
+            timeline = _timelines(host, bdf, summary, t0, t1)
     finally:
-        host.close_connection()
-        if not keep:
-            hostctl.stop(state)
+        with _no_interrupts():
+            if host is not None:
+                host.close_connection()
+            if not keep:
+                hostctl.stop(state)
+                if fresh:
+                    shutil.rmtree(state.path, ignore_errors=True)
     from metrics.report import write_report
 
     meta = {"kernel_profile": profile, "guest": guest_kind, "memory_bytes": memory, "device": bdf,
-            "dsa_bandwidth": DSA_BANDWIDTH, "cycles": cycles, "started": t0, "duration_s": t1 - t0}
-    index = write_report(report_dir, summary, timeline, meta)
-    if fresh and not keep:
-        shutil.rmtree(state.path, ignore_errors=True)
-    return {"summary": summary, "report": index, "state_dir": state.path}
+            "dsa_bandwidth": DSA_BANDWIDTH, "cycles": cycles, "started": t0, "duration_s": t1 - t0,
+            "host": "emulated", **run_metadata()}
+    with _no_interrupts():
+        index = write_report(report_dir, summary, timeline, meta)
+    return {"summary": summary, "report": index, "state_dir": state.path, "interrupted": interrupted}
 
 
-async def _updates(host, bdf: str, state: StateDir, cycles: int, out) -> list[dict]:
+class _no_interrupts:
+    """Clean-up that a second Ctrl-C must not cut short (the host's stop, the report)."""
+
+    def __enter__(self):
+        import signal
+
+        self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def run_metadata() -> dict:
+    """What a report needs to be compared with another: who ran what, where."""
+    import os
+    import platform
+    import subprocess
+
+    from luvmm import __version__
+
+    commit = None
+    try:
+        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        git = ["git", "-C", top]
+        commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        if commit and subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                     text=True, timeout=5).stdout.strip():
+            commit += "-dirty"  # the figures are of a changed tree
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"luvmm_version": __version__, "luvmm_commit": commit, "cpu": cpu, "cpus": os.cpu_count(),
+            "host_kernel": platform.release()}
+
+
+async def _updates(host, bdf: str, state: StateDir, cycles: int, out, records: list, profile: str) -> None:
+    """The updates, appended to ``records`` as each one ends (so that an
+    interrupted demo keeps those done)."""
     view = TerminalView(host, bdf, cycles, out)
-    records = []
+    kept = ("the VM's RAM, device and DMA are preserved by LUO/KHO" if profile == "continuous-dma" else
+            "the VM's RAM and device are preserved by LUO/KHO, but this kernel profile resets the device at "
+            "freeze: its DMA stops")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(view.run)
-        view.say(f"Live-updating the host {cycles} times (the VM's RAM, device and DMA are preserved by LUO/KHO):")
+        view.say(f"Live-updating the host {cycles} times ({kept}):")
         for n in range(1, cycles + 1):
             view.activity = "DMA running"
             await trio.sleep(SETTLE_S)  # pacing: DMA before each update, for the plots
@@ -164,7 +229,6 @@ async def _updates(host, bdf: str, state: StateDir, cycles: int, out) -> list[di
         view.activity = "DMA running"
         await trio.sleep(SETTLE_S)
         nursery.cancel_scope.cancel()
-    return records
 
 
 def _timelines(host, bdf: str, summary: dict, t0: float, t1: float) -> dict:

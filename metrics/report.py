@@ -6,7 +6,8 @@ attached to a ticket), and the same plots sit beside it as PNG files, with
 ``summary.json`` holding the figures they were drawn from.  The page marks
 each plot it has decoded (``data-rendered`` on the image, and
 ``data-plots-rendered="N/M"`` on the body) so that a headless browser can
-tell that it rendered.
+tell that it rendered, and whether it fits the window's width
+(``data-fits``): its tables are cut to fit 1024 pixels.
 
 The plots:
 * dma_timeline.png: DMA throughput and guest activity over the whole run,
@@ -26,9 +27,11 @@ import math
 import os
 import time
 
-from liveupdate.update import ms, percentile, phase_values
+from liveupdate.update import ms, p99_label, percentile, phase_values
 from vmm.report import PHASES
 
+EMULATED_NOTE = ("the emulated host (luvmm's emulated DSA, IOMMU, VFIO, iommufd, LUO/KHO and kexec): its kexec takes "
+                 "milliseconds where a real one takes seconds, so these blackouts are the VMM's share of a real one")
 #: the phases inside the blackout (pause and preserve come before it)
 BLACKOUT_PHASES = PHASES[2:]
 DMA_COLOR, GUEST_COLOR, BLACKOUT_COLOR = "#1f77b4", "#2ca02c", "#d62728"
@@ -167,8 +170,8 @@ def verdict(summary: dict, meta: dict) -> tuple[str, str]:
     flowing = sum(1 for c in cycles if dma_flowing(c))
     bad = {k: sum(c[k] for c in cycles) for k in ("dma_errors", "dma_lost", "dma_corrupted")}
     b = summary["blackout_s"]
-    tail = (f"Blackout p50 {b['p50'] * 1000:.1f} ms, p99 {b['p99'] * 1000:.1f} ms, max {b['max'] * 1000:.1f} ms "
-            f"over {len(cycles)} live update(s).")
+    tail = (f"Blackout p50 {b['p50'] * 1000:.1f} ms, {p99_label(len(cycles))} {b['p99'] * 1000:.1f} ms, "
+            f"max {b['max'] * 1000:.1f} ms over {len(cycles)} live update(s).")
     damage = f"{bad['dma_errors']} DMA errors, {bad['dma_lost']} lost, {bad['dma_corrupted']} corrupted."
     if not cycles:
         return "bad", f"No live update completed ({failed} failed)."
@@ -186,20 +189,28 @@ def verdict(summary: dict, meta: dict) -> tuple[str, str]:
 
 
 def _table(summary: dict) -> str:
-    head = ("<tr><th>update</th><th>blackout ms</th><th>DMA during blackout</th><th>longest DMA gap ms</th>"
-            "<th>heartbeat gap ms</th><th>errors / lost / corrupted</th><th>guest progressed</th>"
-            + "".join(f"<th>{html.escape(p)}</th>" for p in PHASES) + "</tr>")
-    rows = []
+    """Two tables that fit the page (no scrolling at 1024 px and up): each
+    update's DMA continuity, and each update's phases."""
+    head = ("<tr><th>update</th><th>VM</th><th>blackout ms</th><th>DMA during blackout</th>"
+            "<th>longest DMA gap ms</th><th>heartbeat gap ms</th><th>errors / lost / corrupted</th>"
+            "<th>guest went on</th></tr>")
+    phase_head = "<tr><th>update</th><th>VM</th>" + "".join(
+        f"<th>{html.escape(p.replace('_', ' '))}</th>" for p in PHASES) + "</tr>"
+    rows, phase_rows = [], []
     for c in summary["cycles"]:
+        first = f"<td>{c['cycle']}</td><td>{html.escape(str(c['vm']))}</td>"
         if "error" in c:
-            rows.append(f"<tr><td>{c['cycle']}</td><td colspan='{6 + len(PHASES)}'>{html.escape(c['error'])}</td></tr>")
+            rows.append(f"<tr>{first}<td colspan='6'>{html.escape(c['error'])}</td></tr>")
             continue
         rows.append(
-            f"<tr><td>{c['cycle']}</td><td>{ms(c['blackout_s'])}</td><td>{c['dma_completed_during_blackout']}</td>"
+            f"<tr>{first}<td>{ms(c['blackout_s'])}</td><td>{c['dma_completed_during_blackout']}</td>"
             f"<td>{ms(c['dma_max_gap_s'])}</td><td>{ms(c['heartbeat_gap_s'])}</td>"
-            f"<td>{c['dma_errors']} / {c['dma_lost']} / {c['dma_corrupted']}</td><td>{c['guest_progressed']}</td>"
-            + "".join(f"<td>{ms(c['phases_s'].get(p))}</td>" for p in PHASES) + "</tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+            f"<td>{c['dma_errors']} / {c['dma_lost']} / {c['dma_corrupted']}</td>"
+            f"<td>{'yes' if c['guest_progressed'] else 'NO'}</td></tr>")
+        phase_rows.append(f"<tr>{first}" + "".join(f"<td>{ms(c['phases_s'].get(p))}</td>" for p in PHASES)
+                          + "</tr>")
+    return (f"<table>{head}{''.join(rows)}</table>\n<h2>The phases of each update (ms)</h2>\n"
+            f"<table class='phases'>{phase_head}{''.join(phase_rows)}</table>")
 
 
 PAGE = """<!doctype html>
@@ -211,7 +222,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
 .warn {{ background: #fff3d6; border-left: 6px solid #e6a100; }}
 .bad {{ background: #fde2e1; border-left: 6px solid #d62728; }}
 img.plot {{ max-width: 100%; display: block; margin: 1em 0; }}
-table {{ border-collapse: collapse; font-size: 0.85em; }}
+table {{ border-collapse: collapse; font-size: 0.85em; max-width: 100%; }}
+table.phases th {{ width: 5.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 dl {{ display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }}
 dt {{ font-weight: bold; }}
@@ -234,6 +246,8 @@ window.addEventListener("load", function () {{
     }}
   }});
   document.body.dataset.plotsRendered = ok + "/" + plots.length;
+  // Whether the page fits the window's width (nothing cut off, no sideways scrolling).
+  document.body.dataset.fits = String(document.documentElement.scrollWidth <= window.innerWidth);
 }});
 </script>
 </body></html>
@@ -265,9 +279,17 @@ def write_report(directory: str, summary: dict, timeline: dict, meta: dict) -> s
         plots.append(f'<h2>{html.escape(title)}</h2>\n<img class="plot" id="{filename[:-4]}" alt="{html.escape(title)}" '
                      f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
     vclass, vtext = verdict(summary, meta)
-    facts = {"kernel profile": meta["kernel_profile"], "guest": f"{meta['guest']}, {meta['memory_bytes'] >> 20} MiB",
+    done = sum(1 for c in summary["cycles"] if "error" not in c)
+    facts = {"host": EMULATED_NOTE if meta.get("host", "emulated") == "emulated" else meta["host"],
+             "kernel profile": meta["kernel_profile"], "guest": f"{meta['guest']}, {meta['memory_bytes'] >> 20} MiB",
              "device": f"Intel DSA {meta['device']} at {meta['dsa_bandwidth'] >> 20} MiB/s (emulated)",
-             "live updates": meta["cycles"], "run": f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta['started']))}"
+             "live updates": f"{done} done of {meta['cycles']} asked" + (
+                 f"; blackout figures over {done} sample(s): {p99_label(done)} is their maximum" if done < 100
+                 else ""),
+             "luvmm": f"{meta.get('luvmm_version', '?')}, commit {meta.get('luvmm_commit') or 'unknown'}",
+             "machine": f"{meta.get('cpu', '?')}, {meta.get('cpus', '?')} CPUs, host kernel "
+                        f"{meta.get('host_kernel', '?')}",
+             "run": f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta['started']))}"
              f", {meta['duration_s']:.1f} s"}
     page = PAGE.format(nplots=len(plots), vclass=vclass, vtext=html.escape(vtext),
                        meta="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items()),

@@ -73,3 +73,22 @@ def vm_host(request):
         host.close_connection()
         hostctl.stop(state)
         shutil.rmtree(state.path, ignore_errors=True)
+
+
+@pytest.fixture
+def cli():
+    """`luvmm` as a user runs it (tests/cli.py), in a directory of its own that
+    is its TMPDIR and holds its default state dir.  Afterwards: no output was
+    a traceback, and nothing is left -- no process, socket, state or temp dir
+    -- that the test did not keep on purpose."""
+    from tests.cli import Cli
+
+    c = Cli()
+    try:
+        yield c
+        tracebacks = [" ".join(args) for args, out in c.outputs if "Traceback (most recent call last)" in out]
+        assert not tracebacks, f"tracebacks from: {tracebacks}"
+        procs, files = c.leftovers()
+        assert not procs and not files, f"left behind: processes {procs}, files {files}"
+    finally:
+        c.cleanup()

@@ -41,11 +41,16 @@ def test_host_start_status_kexec_stop(state_dir):
     assert not os.path.exists(os.path.join(state_dir, "host.sock"))
 
 
-def test_commands_start_the_embedded_host_and_say_so(state_dir):
+def test_vm_start_starts_the_embedded_host_and_says_so_and_nothing_else_does(state_dir):
     env = {"LUVMM_STATE_DIR": state_dir}
-    result = luvmm("host", "status", env=env)
+    os.rmdir(state_dir)
+    for args in (("host", "status"), ("vm", "status"), ("update",), ("host", "kexec"), ("host", "faults")):
+        result = luvmm(*args, env=env, check=False)
+        assert result.returncode == 1 and f"no emulated host is running in {state_dir}" in result.stderr, args
+    assert luvmm("vm", "list", env=env).stdout == ""
+    assert not os.path.exists(state_dir)  # looking changed nothing
+    result = luvmm("vm", "start", "a", "--guest", "synthetic", "--memory", "64M", env=env)
     assert f"started an emulated host in {state_dir}" in result.stderr
-    assert "kexec count 0" in result.stdout
     assert "started an emulated host" not in luvmm("host", "status", env=env).stderr  # running now
     # The embedded host runs the LUO agent unit.
     assert "agent: running" in luvmm("host", "status", env=env).stdout
@@ -67,8 +72,6 @@ def test_update_through_the_agent(state_dir):
     from tests.test_agent import registered
 
     registered(state, ["x"])
-    out_json = os.path.join(state_dir, "update.json")
-    luvmm("update", "--state-dir", state_dir, "--cycles", "2", "--json", out_json)
-    summary = json.load(open(out_json))
+    summary = json.loads(luvmm("update", "--state-dir", state_dir, "--cycles", "2", "--json").stdout)
     assert [(c["cycle"], c["vm"]) for c in summary["cycles"]] == [(1, "x"), (2, "x")]
     assert all(u["reports"]["x"]["data_ok"] for u in summary["updates"])

@@ -50,6 +50,16 @@ def test_demo_shows_dma_flowing_through_every_blackout(demo_report):
         png = (report / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
         assert f'id="{name}"' in page
+    # Where and how it ran, said on the page: a reader can compare it with another run.
+    import platform
+
+    from luvmm import __version__
+
+    meta = summary["meta"]
+    assert meta["host"] == "emulated" and "the emulated host" in page and "takes milliseconds" in page
+    assert meta["luvmm_version"] == __version__ and re.fullmatch(r"[0-9a-f]{12}(-dirty)?", meta["luvmm_commit"])
+    assert meta["host_kernel"] == platform.release() and meta["host_kernel"] in page and meta["cpu"] in page
+    assert "3 done of 3 asked" in page and "p99 (of 3)" in page
     # Self-contained: the plots are in the page, nothing is fetched.
     assert page.count('src="data:image/png;base64,') == len(PLOTS)
     assert not re.search(r'(src|href)="https?://', page)
@@ -61,8 +71,10 @@ def test_demo_shows_dma_flowing_through_every_blackout(demo_report):
 @pytest.mark.timeout(300)
 def test_demo_under_reset_on_freeze_reports_dma_stopping(tmp_path):
     proc = run_demo(tmp_path, "--cycles", "1", "--kernel-profile", "reset-on-freeze")
-    assert proc.returncode == 0, proc.stdout + proc.stderr  # a finding, not a failure
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # the documented finding: the device was reset
     assert "DMA STOPPED" in proc.stdout and "reset the device at freeze" in proc.stdout
+    # The words are true: this profile does not preserve DMA.
+    assert "DMA are preserved" not in proc.stdout and "resets the device at freeze: its DMA stops" in proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["verdict"]["class"] == "warn"
     cycle = summary["summary"]["cycles"][0]
@@ -92,8 +104,9 @@ def chromium(*args, timeout=120):
 def test_report_renders_its_plots_in_headless_chromium(demo_report, tmp_path):
     report, _ = demo_report
     url = f"file://{report}/index.html"
-    dom = chromium("--virtual-time-budget=10000", "--dump-dom", url)
+    dom = chromium("--virtual-time-budget=10000", "--window-size=1024,768", "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-fits="true"' in dom.stdout  # nothing cut off at 1024 pixels (its tables fit)
     # The page's own script marks each image the browser decoded, with its size.
     assert f'data-plots-rendered="{len(PLOTS)}/{len(PLOTS)}"' in dom.stdout, dom.stdout[:500]
     for name in PLOTS:

@@ -271,7 +271,8 @@ def test_a_failing_finish_keeps_the_session_until_it_succeeds(vm_host):
     inject(conn, clear=True)
     wait_until(lambda: not any(s["direction"] == "incoming" for s in host_status(conn)["kernel"]["sessions"]),
                "the incoming session to be finished")
-    assert manage.status(state, "f")["finish_error"] is None
+    # The VMM learns of its FINISH's success once the call returns to it.
+    wait_until(lambda: manage.status(state, "f")["finish_error"] is None, "the VMM to see its FINISH succeed")
     assert_clean(update_once(state, timeout=60)["reports"]["f"])
 
 

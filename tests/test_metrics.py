@@ -161,6 +161,28 @@ def test_grafana_dashboard_queries_only_exported_metrics():
     assert len(ids) == len(set(ids))
 
 
+def test_grafana_dashboard_imports_by_file_provisioning():
+    """Provisioning does not fill in the UI's __inputs: the data source is a
+    template variable, and every panel and query names it; quantiles are over
+    a window of the buckets (their increase over the range, or a rate), not
+    over the counters since the VMM's first update."""
+    text = (ROOT / "metrics" / "grafana" / "luvmm.json").read_text()
+    dashboard = json.loads(text)
+    assert "__inputs" not in dashboard and "${DS_" not in text
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["vm"]["datasource"]["uid"] == "${datasource}"
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            for bucket in re.findall(r"histogram_quantile\(.*", target["expr"]):
+                assert re.search(r"(increase|rate)\(luvmm_[a-z_]+_bucket(\{[^}]*\})?\[\$__(range|rate_interval)\]\)",
+                                 bucket), target["expr"]
+    provider = (ROOT / "metrics" / "grafana" / "provisioning" / "dashboards" / "luvmm.yaml").read_text()
+    assert "providers:" in provider and "type: file" in provider
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

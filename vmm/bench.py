@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 from liveupdate import hostctl
 from liveupdate.state import StateDir
 from liveupdate.agent_client import AgentError
-from liveupdate.update import percentile, percentiles, summarize, update_once
+from liveupdate.update import cycle_line, percentile, percentiles, summarize, update_once
 from luvmm.emuhost import connect
 from vmm import manage
 from vmm.vm import VmConfig
@@ -25,7 +24,7 @@ from vmm.vm import VmConfig
 
 @contextlib.contextmanager
 def bench_host(*, memory: int, vms: int = 1, guest: str = "firmware", profile: str = "continuous-dma",
-               dsa_bandwidth: int = 64 << 20):
+               dsa_bandwidth: int = 64 << 20, overcommit: bool = False):
     """A fresh emulated host running ``vms`` VMs (bench0, bench1, ...); yields its state dir."""
     state = StateDir(tempfile.mkdtemp(prefix="luvmm-bench-"))
     try:
@@ -33,7 +32,7 @@ def bench_host(*, memory: int, vms: int = 1, guest: str = "firmware", profile: s
         host = connect(state.socket)
         try:
             for i in range(vms):
-                manage.start(state, VmConfig(f"bench{i}", memory=memory, guest=guest), host)
+                manage.start(state, VmConfig(f"bench{i}", memory=memory, guest=guest), host, overcommit=overcommit)
         finally:
             host.close_connection()
         yield state
@@ -43,9 +42,17 @@ def bench_host(*, memory: int, vms: int = 1, guest: str = "firmware", profile: s
 
 
 def run_blackout(*, memory: int, cycles: int, vms: int = 1, guest: str = "firmware",
-                 profile: str = "continuous-dma", dsa_bandwidth: int = 64 << 20) -> dict:
-    with bench_host(memory=memory, vms=vms, guest=guest, profile=profile, dsa_bandwidth=dsa_bandwidth) as state:
-        return summarize([update_once(state, timeout=120) for _ in range(cycles)])
+                 profile: str = "continuous-dma", dsa_bandwidth: int = 64 << 20, overcommit: bool = False,
+                 progress=None) -> dict:
+    """``cycles`` live updates; ``progress(line)``, if given, after each."""
+    with bench_host(memory=memory, vms=vms, guest=guest, profile=profile, dsa_bandwidth=dsa_bandwidth,
+                    overcommit=overcommit) as state:
+        records = []
+        for n in range(1, cycles + 1):
+            records.append(update_once(state, timeout=120))
+            if progress:
+                progress(cycle_line(n, cycles, records[-1]))
+        return summarize(records)
 
 
 def _daemon_usage(state: StateDir) -> dict:
@@ -80,12 +87,13 @@ def _daemon_usage(state: StateDir) -> dict:
 
 
 def run_soak(*, cycles: int, memory: int = 256 << 20, guest: str = "firmware", dsa_bandwidth: int = 64 << 20,
-             progress=None) -> dict:
+             overcommit: bool = False, progress=None) -> dict:
     """``cycles`` live updates in a row with DMA running.  Leaks are measured
     on the daemon, the one process that lives through them all (the agent
     and the VMMs are new processes after every kexec), from after a first
-    warm-up update (caches, the bytecode of the restore path) to the end."""
-    with bench_host(memory=memory, guest=guest, dsa_bandwidth=dsa_bandwidth) as state:
+    warm-up update (caches, the bytecode of the restore path) to the end.
+    ``progress(line)``, if given, every 50 updates and at the end."""
+    with bench_host(memory=memory, guest=guest, dsa_bandwidth=dsa_bandwidth, overcommit=overcommit) as state:
         update_once(state, timeout=120)
         manage.wait_ready(state, "bench0")
         before = _daemon_usage(state)
@@ -96,7 +104,7 @@ def run_soak(*, cycles: int, memory: int = 256 << 20, guest: str = "firmware", d
             except AgentError as e:
                 failed.append({"cycle": n, "error": str(e)})
             if progress and (n % 50 == 0 or n == cycles):
-                progress(n, cycles_out, failed)
+                progress(soak_progress(n, cycles_out, failed))
         manage.wait_ready(state, "bench0")
         after = _daemon_usage(state)
     ok = [c for c in cycles_out if "error" not in c]
@@ -131,22 +139,25 @@ def format_soak(result: dict) -> str:
     ])
 
 
-def print_progress(n: int, cycles: list, failed: list) -> None:
+def soak_progress(n: int, cycles: list, failed: list) -> str:
     last = [c["blackout_s"] for c in cycles[-50:] if "blackout_s" in c]
-    print(f"  {n} updates, {len(failed)} failed, last 50 blackouts p50 {percentile(last, 50) * 1e3:.1f} ms",
-          file=sys.stderr, flush=True)
+    return f"{n} updates, {len(failed)} failed, last 50 blackouts p50 {percentile(last, 50) * 1e3:.1f} ms"
 
 
 def run_scale(*, memories: list[int], vm_counts: list[int], cycles: int, guest: str = "firmware",
-              dsa_bandwidth: int = 64 << 20) -> dict:
+              dsa_bandwidth: int = 64 << 20, overcommit: bool = False, progress=None) -> dict:
     """Blackout against guest RAM (one VM) and against the number of VMs updated in one kexec."""
     out = {"memory": {}, "vms": {}}
-    for memory in memories:
-        s = run_blackout(memory=memory, cycles=cycles, guest=guest, dsa_bandwidth=dsa_bandwidth)
-        out["memory"][str(memory)] = s["blackout_s"]
-    for count in vm_counts:
-        s = run_blackout(memory=min(memories), cycles=cycles, vms=count, guest=guest, dsa_bandwidth=dsa_bandwidth)
-        out["vms"][str(count)] = s["blackout_s"]
+    points = [("memory", str(m), {"memory": m}) for m in memories]
+    points += [("vms", str(n), {"memory": min(memories), "vms": n}) for n in vm_counts]
+    for i, (axis, key, point) in enumerate(points, 1):
+        s = run_blackout(cycles=cycles, guest=guest, dsa_bandwidth=dsa_bandwidth, overcommit=overcommit, **point)
+        out[axis][key] = s["blackout_s"]
+        if progress:
+            b = s["blackout_s"]
+            what = f"{int(key) >> 20} MiB" if axis == "memory" else f"{key} VM(s)"
+            progress(f"point {i}/{len(points)}, {what}: blackout p50 {b['p50'] * 1e3:.1f} ms, "
+                     f"max {b['max'] * 1e3:.1f} ms")
     return out
 
 

@@ -241,7 +241,7 @@ class Control:
                 "bdf": vm.bdf, "guest_state": guest.GUEST_STATE.get(mb["state"], str(mb["state"])),
                 "mailbox": mb, "crash": vm.crash and vars(vm.crash), "interrupts": vm.count_interrupts(),
                 "portal_writes": vm.portal_writes, "updates_prepared": self.updates,
-                "ready": self.ready, "metrics_port": self.metrics_port, "metrics_error": self.metrics_error,
+                "ready": self.ready, "prepared": self.prepared, "metrics_port": self.metrics_port, "metrics_error": self.metrics_error,
                 "preserve_error": self.preserve_error, "finish_error": self.finish_error,
                 "last_update": self.last_report}
 
@@ -313,8 +313,9 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+    agent.retry = False  # going away: no waiting for an agent that is gone
     try:
-        agent.drop_fds(name)  # stopped: the VM is going away, and its files with it
+        agent.release(name)  # stopped: the VM is going away, its session and files with it
     except OSError:
         pass
     vm.close()

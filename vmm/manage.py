@@ -8,7 +8,7 @@ import socket
 import time
 
 from liveupdate.agent_client import AgentClient
-from liveupdate.state import StateDir, python_unit
+from liveupdate.state import StateDir, check_vm_name, python_unit
 from luvmm.wire import MAX_MESSAGE, decode_json, encode_json
 from vmm.vm import VmConfig
 
@@ -53,11 +53,49 @@ def wait_ready(state: StateDir, name: str, timeout: float = 30.0) -> dict:
         time.sleep(0.01)  # polling another process
 
 
-def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: dict | None = None) -> dict:
-    """Write the VM's config and unit, start it, wait until its guest runs."""
-    config.check()
+def machine_memory() -> int:
+    """The host's RAM (MemTotal)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+def check_fits(state: StateDir, config: VmConfig) -> None:
+    """Refuse a VM whose RAM, with that of the host's other VMs, is more than
+    the machine has: its guest would be killed by the OOM killer, or kill
+    others, once it touches it (a memfd is allocated as it is used)."""
+    total = machine_memory()
+    others = 0
+    for name in state.vm_names():
+        try:
+            others += int(json.loads((state.vm_dir(name) / "config.json").read_text())["memory"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if config.memory + others > total:
+        with_others = f" with the {others / GIB:.1f} GiB of the host's other VMs" if others else ""
+        raise VmError(f"VM {config.name!r} needs {config.memory / GIB:.1f} GiB of RAM{with_others}, and the machine "
+                      f"has {total / GIB:.1f} GiB: give it less (--memory) or allow it (--overcommit)")
+
+
+GIB = float(1 << 30)
+
+
+def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: dict | None = None,
+          overcommit: bool = False) -> dict:
+    """Write the VM's config and unit, start it, wait until its guest runs
+    and its control plane is up.  A VM that does not come up whole (its
+    guest crashed, its metrics endpoint could not be served) is stopped and
+    removed: VmError says why."""
+    try:
+        config.check()
+    except ValueError as e:
+        raise VmError(str(e)) from None
     if any(u["name"] == unit_name(config.name) for u in state.read_units()):
         raise VmError(f"VM {config.name!r} exists")
+    if not overcommit:
+        check_fits(state, config)
     vm_dir = state.vm_dir(config.name)
     vm_dir.mkdir(parents=True, exist_ok=True)
     (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -66,7 +104,10 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
     state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure")
     try:
         host.call({"op": "unit-start", "name": unit_name(config.name)})
-        return _wait_running(state, config, host, wait)
+        st = _wait_running(state, config, host, wait)
+        if st.get("metrics_error"):
+            raise VmError(f"{st['metrics_error']}: the VM was not started")
+        return st
     except BaseException:
         stop(state, config.name, host)  # a VM that did not start leaves no unit behind
         raise
@@ -96,20 +137,26 @@ def _wait_running(state: StateDir, config: VmConfig, host, wait: float) -> dict:
 
 
 def stop(state: StateDir, name: str, host) -> bool:
+    """Stop a VM for good and remove it: its unit (init no longer starts it),
+    its VMM, what the agent holds for it (its LUO session -- and with it the
+    preservation of its RAM and device --, its stored files, its channel) and
+    its directory.  ``host`` None: no host runs, only the definition goes."""
+    check_vm_name(name)
     if not state.remove_unit(unit_name(name)):
         return False
-    host.call({"op": "unit-stop", "name": unit_name(name)})
-    try:  # a VMM that had to be killed did not drop its stored files itself
-        client = AgentClient(state)
-        try:
-            client.drop_fds(name)
-        finally:
-            client.close()
-    except OSError:
-        pass
+    if host is not None:
+        host.call({"op": "unit-stop", "name": unit_name(name)})
+        try:  # a VMM that had to be killed did not release its VM itself
+            client = AgentClient(state)
+            try:
+                client.release(name)
+            finally:
+                client.close()
+        except OSError:
+            pass  # no agent (a host started without one): it holds nothing
     shutil.rmtree(state.vm_dir(name), ignore_errors=True)
     return True
 
 
 def names(state: StateDir) -> list[str]:
-    return [u["name"][3:] for u in state.read_units() if u["name"].startswith("vm-")]
+    return state.vm_names()

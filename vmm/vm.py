@@ -22,6 +22,7 @@ import struct
 import _thread
 import time
 
+from liveupdate.state import check_vm_name
 from luvmm.abi import ffi
 from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
 from devices.iommufd import IommuFd
@@ -83,7 +84,8 @@ class VmConfig:
         return f"VmConfig({self.to_dict()})"
 
     def check(self) -> None:
-        if self.memory < guest.MIN_MEMORY or self.memory % (2 << 20):
+        check_vm_name(self.name)
+        if not isinstance(self.memory, int) or self.memory < guest.MIN_MEMORY or self.memory % (2 << 20):
             raise ValueError(f"memory must be a multiple of 2 MiB and at least {guest.MIN_MEMORY >> 20} MiB")
         if not 1 <= self.vcpus <= 16:
             raise ValueError("vcpus must be 1..16")
