@@ -53,6 +53,10 @@ from liveupdate.luo import LiveUpdate, Session
 from liveupdate.state import StateDir, check_vm_name
 
 _IN_PROGRESS = ("kexec", "rolling-back", "restoring")
+#: A restoring update whose VMs have not all reported this long after its
+#: kexec never will (a VMM that keeps dying, say): it is failed, so that it
+#: blocks no later update.
+RESTORE_DEADLINE_S = 300.0
 
 
 class _LazyLog:
@@ -498,11 +502,17 @@ class Agent:
         return {"errno": errno.ETIMEDOUT, "error": f"{name} did not answer in {timeout:.0f} s"}
 
     def _forget_awaited(self, gone: set[str]) -> None:
-        """A restoring update waits for no report of a VM that was stopped."""
+        """A restoring update waits for no report of a VM that was stopped,
+        nor for any past RESTORE_DEADLINE_S."""
         update = self.update
         if update is not None and update.get("phase") == "restoring":
-            for name in sorted(gone & set(update["vms"]) - set(update["reports"])):
-                self._restored(name, {"name": name, "error": f"{name}: stopped during the update"})
+            late = time.time() - update.get("kexec_started", 0) > RESTORE_DEADLINE_S
+            for name in sorted(set(update["vms"]) - set(update["reports"])):
+                if name in gone:
+                    self._restored(name, {"name": name, "error": f"{name}: stopped during the update"})
+                elif late:
+                    self._restored(name, {"name": name, "error": f"{name}: no report {RESTORE_DEADLINE_S:.0f} s "
+                                                                 "after the kexec: its VMM never restored it"})
 
     async def _update(self, timeout: float) -> dict:
         self._forget_awaited(set((self.update or {}).get("vms", ())) - set(self.state.vm_names()))

@@ -106,3 +106,36 @@ def test_fd_store_keeps_files_for_the_next_vmm_and_refuses_bad_requests(agent_ho
         assert client.hello()["pid"] > 0  # still serving
     finally:
         client.close()
+
+
+def test_an_update_left_restoring_blocks_no_later_update(agent_host):
+    """An update record left "restoring" (its VMs never all reported: one
+    registered without a report, one never came back) is finished -- failed
+    -- by the next update rather than blocking it."""
+    import json
+    import time
+
+    from liveupdate.agent import RESTORE_DEADLINE_S
+
+    state = agent_host
+    add_fake_vm(state, "x")
+    state.write_unit("vm-y", [sys.executable, "-c", "raise SystemExit(78)"])  # never runs a VMM
+    os.makedirs(os.path.join(state.path, "agent"), exist_ok=True)
+    with open(os.path.join(state.path, "agent", "update.json"), "w") as f:
+        json.dump({"id": "old", "vms": ["x", "y"], "phase": "restoring", "reports": {},
+                   "kexec_started": time.time() - RESTORE_DEADLINE_S - 1}, f)
+    hostctl.start(state)
+    registered(state, ["x"])
+    client, _ = wait_for_agent(state)
+    try:
+        old = client.call({"op": "status"})[0]["update"]
+        assert old["reports"]["x"]["error"] == "x: not restored (its VMM started the VM anew)"
+        with pytest.raises(AgentError) as e:  # y does not run: it cannot be prepared, but nothing is blocked
+            client.call({"op": "update", "timeout": 2})
+        assert e.value.errno == errno.ETIMEDOUT and "not registered with the agent: y" in str(e.value)
+        old = client.call({"op": "status"})[0]["update"]
+        assert old["id"] == "old" and old["phase"] == "failed" and "never restored it" in old["reports"]["y"]["error"]
+        state.remove_unit("vm-y")
+        assert update_once(state, timeout=30)["phase"] == "done"
+    finally:
+        client.close()
