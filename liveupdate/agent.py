@@ -16,14 +16,18 @@ agent coordinates updates.  An update, asked for by ``luvmm update``:
 
 The agent holds every session fd it hands out: a VMM that dies before the
 kexec does not take its preservation with it, and a restarted one gets its
-session back.  It also keeps each VMM's files (``store-fds`` / ``fetch-fds``
-/ ``drop-fds``: RAM, iommufd, device, state memfd and what they are), so that
-the VMM init starts after one died picks the VM up on the same RAM and device
-(vmm/process.py).  It speaks to the host only through the host interface, so
-it runs unchanged on a real host.
+session back.  (A VMM's own files -- RAM, iommufd, device -- it leaves with
+init, in its unit's fd store: liveupdate.fdstore.)  It speaks to the host
+only through the host interface, so it runs unchanged on a real host.
+
+Who may ask what (the peer is identified by SO_PEERCRED and SO_PEERPIDFD:
+luvmm.peer): a VM's requests (its sessions, its registration, its reports)
+only from that VM's unit; the operator's (update, result, status, release,
+abandon) only from a process of no unit; ``hello`` from anyone.  A peer that
+cannot be identified, or a process that left its unit, gets EPERM.
 
 Protocol: SOCK_SEQPACKET at ``agent.sock`` in the state dir, one JSON object
-per message, fds by SCM_RIGHTS (the framing of :mod:`luvmm.wire`).
+per message, fds by SCM_RIGHTS (luvmm.rpc).
 """
 
 from __future__ import annotations
@@ -31,24 +35,12 @@ from __future__ import annotations
 import _socket
 import errno
 import os
-import struct
 import sys
 import time
 
-from luvmm.wire import (
-    MAX_FDS,
-    MAX_MESSAGE,
-    ProtocolError,
-    ancillary,
-    decode_json,
-    encode_json,
-    fds_from_ancillary,
-    listen_seqpacket,
-    close_fds,
-    recv_msg,
-    send_msg,
-)
-from luvmm import leanjson
+from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
+from luvmm import leanjson, rpc
+from luvmm.peer import identify
 from liveupdate.luo import LiveUpdate, Session
 from liveupdate.state import StateDir, check_vm_name
 
@@ -57,6 +49,9 @@ _IN_PROGRESS = ("kexec", "rolling-back", "restoring")
 #: kexec never will (a VMM that keeps dying, say): it is failed, so that it
 #: blocks no later update.
 RESTORE_DEADLINE_S = 300.0
+#: How long the VMMs have to pause and save once all are ready: milliseconds
+#: normally; a VMM that takes longer holds the others paused this long at most.
+PAUSE_TIMEOUT_S = 5.0
 
 
 class _LazyLog:
@@ -84,14 +79,14 @@ def _import_trio():
     return _trio
 
 
-#: Requests about one VM (its ``name``): only that VM's VMM may make them.
-NAMED_OPS = frozenset({"create-session", "retrieve-session", "fetch-fds", "drop-fds", "store-fds", "register",
-                       "restored", "resumed", "release"})
-_PEERCRED = struct.Struct("3i")
-
-
-def peer_pid(sock) -> int:
-    return _PEERCRED.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size))[0]
+#: Requests about one VM (its ``name``): only that VM's unit may make them.
+VM_OPS = frozenset({"create-session", "retrieve-session", "register", "restored", "resumed"})
+#: The operator's requests: only a process of no unit may make them (``release``: its VM's unit too).
+OPERATOR_OPS = frozenset({"update", "result", "status", "release", "abandon"})
+NAMED_OPS = VM_OPS | {"release"}
+#: unit_of's answer for a process that left its unit (liveupdate.init.ORPHAN).
+ORPHAN = "?orphan"
+_UNKNOWN = object()  # a connection whose peer was not looked up yet
 
 
 class Channel:
@@ -105,18 +100,15 @@ class Channel:
     def __init__(self, conn):
         self.conn = conn
         self.lock = trio.Lock()
-        self.unit: str | None | bool = False  # the peer's unit, once asked (False: not yet)
+        self.peer = _UNKNOWN  # the peer's Peer once looked up (None: it could not be identified)
         self.replies = None  # (send, receive) of a memory channel, once registered
 
     async def send(self, obj: dict, fds=()) -> None:
-        await self.conn.sendmsg([encode_json(obj)], ancillary(list(fds)))
+        if not await rpc.trio_send(self.conn, obj, fds):
+            raise ConnectionResetError("the peer went away")
 
     async def recv(self) -> tuple[dict | None, list[int]]:
-        data, anc, flags, _ = await self.conn.recvmsg(MAX_MESSAGE, _socket.CMSG_SPACE(MAX_FDS * 4),
-                                                      _socket.MSG_CMSG_CLOEXEC)
-        if not data:
-            return None, []
-        return decode_json(data), fds_from_ancillary(anc, flags)
+        return await rpc.trio_recv(self.conn)
 
     async def ask(self, message: dict) -> dict | None:
         """Send a request to the registered VMM and wait for its reply (None: it went away)."""
@@ -142,10 +134,9 @@ class Agent:
         self.incoming: dict[str, Session] = {}
         self.vmms: dict[str, Channel] = {}
         self.reports: dict[str, dict] = {}
-        #: VM name -> (meta, {token: fd}): what each VMM stored to be restarted on.
-        self.fdstore: dict[str, tuple[dict, dict[str, int]]] = {}
         self.reported = self.registered = None  # trio.Events, made when serve() starts
         self.update_file = os.path.join(state.path, "agent", "update.json")
+        self.disk_error: str | None = None
         self.update = self._load_update()
 
     # --- the update on disk --------------------------------------------------------------------
@@ -167,12 +158,27 @@ class Agent:
             self._save_update(update)
         return update
 
-    def _save_update(self, update: dict) -> None:
-        os.makedirs(os.path.dirname(self.update_file), mode=0o700, exist_ok=True)
+    def _save_update(self, update: dict, *, required: bool = False) -> None:
+        """Write the update's record (the next kernel's agent reads it).
+        Failing soft (logged) unless ``required``: before the kexec, an
+        update whose record cannot be written must not happen."""
         tmp = self.update_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(leanjson.dumps(update))
-        os.replace(tmp, self.update_file)
+        try:
+            os.makedirs(os.path.dirname(self.update_file), mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                data = leanjson.dumps(update).encode()
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.update_file)
+            self.disk_error = None
+        except OSError as e:
+            self.disk_error = f"cannot write {self.update_file}: {e.strerror or e}"
+            log.error("%s", self.disk_error)
+            if required:
+                raise OSError(e.errno or errno.EIO, self.disk_error) from None
 
     # --- serving -------------------------------------------------------------------------------------
 
@@ -196,7 +202,7 @@ class Agent:
             poll.register(listener.fileno(), select.POLLIN)
             deadline = time.monotonic() + timeout
         retrieved: dict[int, str] = {}  # connection -> the VM whose session it took
-        units: dict[int, str | None] = {}  # connection -> its peer's unit
+        peers: dict[int, object] = {}  # connection -> its peer
         while expected and time.monotonic() < deadline:
             for fd, _ in poll.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 if fd == listener.fileno():
@@ -206,42 +212,35 @@ class Agent:
                     continue
                 conn = conns[fd][0]
                 try:
-                    data, got = recv_msg(conn)
+                    request, got = rpc.recv(conn)
+                except ProtocolError as e:
+                    rpc.send(conn, rpc.error_reply(e))
+                    continue
                 except OSError:
-                    data, got = b"", []
-                if not data:
-                    close_fds(got)
+                    request, got = None, []
+                if request is None:
                     poll.unregister(fd)
                     del conns[fd]
                     conn.close()
                     expected.discard(retrieved.pop(fd, None))  # that VMM died: init restarts it
                     continue
-                try:
-                    request = decode_json(data)
-                except ProtocolError as e:
-                    close_fds(got)
-                    send_msg(conn, encode_json({"errno": errno.EINVAL, "error": str(e)}))
-                    continue
-                if request.get("op") not in ("hello", "retrieve-session", "create-session", "resumed", "store-fds"):
+                close_fds(got)  # no request to the agent takes fds
+                if request.get("op") not in ("hello", "retrieve-session", "create-session", "resumed"):
                     # The async server answers it (e.g. `luvmm update` asking for
                     # the result); restoring VMMs go first.
-                    conns[fd] = (conn, (request, got))
+                    conns[fd] = (conn, (request, []))
                     poll.unregister(fd)
                     expected.discard(retrieved.pop(fd, None))  # e.g. a VMM reporting it cannot restore
                     continue
                 try:
-                    if request.get("op") in NAMED_OPS and fd not in units:
-                        units[fd] = self.unit_of(conn)
-                    self.authorize(request, units.get(fd))
-                    if request["op"] == "store-fds":
-                        (reply, out), got = self._store_fds(request, got), []  # it takes the fds
-                    else:
-                        ok, out = self._sync_request(request)
-                        reply = {"ok": ok}
-                except OSError as e:
-                    reply, out = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}, []
-                close_fds(got)
-                send_msg(conn, encode_json(reply), out)
+                    if fd not in peers and request.get("op") != "hello":
+                        peers[fd] = self.identify(conn)
+                    self.authorize(request, peers.get(fd, _UNKNOWN))
+                    ok, out = self._sync_request(request)
+                    reply = {"ok": ok}
+                except Exception as e:  # noqa: BLE001 -- every request gets a reply
+                    reply, out = rpc.error_reply(e, log), []
+                rpc.send(conn, reply, out)
                 close_fds(out)
                 if "ok" in reply and request["op"] == "retrieve-session":
                     retrieved[fd] = str(request["name"])
@@ -271,48 +270,38 @@ class Agent:
         registered = None
         with ch.conn:
             while True:
-                try:
-                    if first is not None:
-                        (request, fds), first = first, None
-                    else:
+                if first is not None:
+                    (request, fds), first = first, None
+                else:
+                    try:
                         async with ch.lock:
                             request, fds = await ch.recv()
-                except (OSError, ProtocolError) as e:
-                    if isinstance(e, ProtocolError):
-                        await self._reply(ch, {"errno": errno.EINVAL, "error": str(e)})
+                    except ProtocolError as e:
+                        await self._reply(ch, rpc.error_reply(e))
                         continue
-                    break
+                    except (OSError, trio.ClosedResourceError):
+                        break
                 if request is None:
                     break
+                close_fds(fds)  # no request to the agent takes fds
+                out: list[int] = []
                 try:
-                    if request.get("op") in NAMED_OPS and ch.unit is False:
-                        ch.unit = self.unit_of(ch.conn)
-                    self.authorize(request, ch.unit or None)
-                except OSError as e:
-                    close_fds(fds)
-                    await self._reply(ch, {"errno": e.errno or errno.EPERM, "error": e.strerror or str(e)})
-                    continue
-                if request.get("op") == "store-fds":
-                    await self._reply(ch, *self._store_fds(request, fds))
-                    continue
-                close_fds(fds)
-                if request.get("op") == "register":
-                    registered = request["name"]
-                    self._register(registered, ch)
-                    await self._reply(ch, {"ok": True})
-                    # From now on the agent speaks first on this channel.
-                    await self._watch(ch)
-                    break
-                try:
+                    if ch.peer is _UNKNOWN and request.get("op") != "hello":
+                        ch.peer = self.identify(ch.conn)
+                    self.authorize(request, ch.peer)
+                    if request["op"] == "register":
+                        registered = request["name"]
+                        self._register(registered, ch)
+                        await self._reply(ch, {"ok": True})
+                        # From now on the agent speaks first on this channel.
+                        await self._watch(ch)
+                        break
                     ok, out = await self._request(request)
                     reply = {"ok": ok}
-                except (KeyError, TypeError, ValueError) as e:
-                    reply, out = {"errno": errno.EINVAL, "error": f"malformed request: {e}"}, []
-                except OSError as e:
-                    reply, out = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}, []
+                except Exception as e:  # noqa: BLE001 -- the one place a request's failure becomes its reply
+                    reply = rpc.error_reply(e, log)
                 await self._reply(ch, reply, out)
-                for fd in out:
-                    os.close(fd)
+                close_fds(out)
         if registered and self.vmms.get(registered) is ch:
             del self.vmms[registered]
             log.info("the VMM of %s went away", registered)
@@ -348,29 +337,39 @@ class Agent:
                     log.warning("a VMM spoke out of turn: %.200s", reply)
 
     async def _reply(self, ch: Channel, reply: dict, fds=()) -> None:
-        try:
-            await ch.send(reply, fds)
-        except OSError:
-            pass
+        await rpc.trio_send(ch.conn, reply, fds)
 
-    def authorize(self, request: dict, unit: str | None) -> None:
-        """A VMM acts on its own VM only: its session, its files, its reports.
-        A process of no unit is the operator's (the socket is the owner's
-        only); a unit's process naming another VM gets EPERM."""
-        if request.get("op") not in NAMED_OPS:
-            return
+    def identify(self, sock):
+        """The connection's peer (luvmm.peer.Peer), or None if it cannot be identified."""
         try:
-            check_vm_name(request.get("name"))
-        except ValueError as e:
-            raise OSError(errno.EINVAL, f"{request.get('op')}: {e}") from None
-        if unit is None:
-            return
-        if unit != f"vm-{request.get('name')}":
-            raise PermissionError(errno.EPERM, f"{request.get('op')} of VM {request.get('name')!r}: "
-                                               f"refused to a process of unit {unit}")
+            return identify(sock, self.host.unit_of)
+        except PermissionError as e:
+            log.warning("%s", e.strerror)
+            return None
 
-    def unit_of(self, sock) -> str | None:
-        return self.host.unit_of(peer_pid(sock))
+    def authorize(self, request: dict, peer) -> None:
+        """Who may ask what (see the module's docstring); EPERM otherwise,
+        EINVAL for a request that is not one, or names no valid VM."""
+        op = request.get("op")
+        if op == "hello":
+            return
+        if op not in VM_OPS and op not in OPERATOR_OPS:
+            raise OSError(errno.EINVAL, f"unknown request {str(op)[:40]!r}")
+        if op in NAMED_OPS:
+            try:
+                check_vm_name(request.get("name"))
+            except ValueError as e:
+                raise OSError(errno.EINVAL, f"{op}: {e}") from None
+        if peer is None or peer is _UNKNOWN:
+            raise PermissionError(errno.EPERM, f"{op}: refused to a peer that cannot be identified")
+        unit = peer.unit
+        own = unit == f"vm-{request.get('name')}"
+        if op in VM_OPS and not own:
+            raise PermissionError(errno.EPERM, f"{op} of VM {request.get('name')!r}: only its own unit may ask"
+                                               + (f" (asked by a process of unit {unit})" if unit else ""))
+        if op in OPERATOR_OPS and unit is not None and not (op == "release" and own):
+            raise PermissionError(errno.EPERM, f"{op}: refused to a process of unit {unit} "
+                                               "(it is the operator's)")
 
     def _sync_request(self, request: dict):
         op = request["op"]
@@ -387,16 +386,6 @@ class Agent:
             return True, [os.dup(session.fd)]
         if op == "resumed":
             return True, []  # a restored VMM's guest runs again (see fast_restore)
-        if op == "fetch-fds":
-            stored = self.fdstore.get(str(request["name"]))
-            if stored is None:
-                raise FileNotFoundError(errno.ENOENT, f"no files stored for {request['name']!r}")
-            meta, fds = stored
-            return {"meta": meta, "tokens": list(fds)}, [os.dup(fd) for fd in fds.values()]
-        if op == "drop-fds":
-            meta, fds = self.fdstore.pop(str(request["name"]), (None, {}))
-            close_fds(fds.values())
-            return meta is not None, []
         if op == "release":
             return self._release(request["name"]), []
         return None
@@ -405,17 +394,14 @@ class Agent:
         """``release``: the VM was stopped for good (`luvmm vm stop`).  Let go
         of everything held for it -- its outgoing session (closing the last
         fd of a session unpreserves its files: LUO lets go of its RAM and its
-        device), its files in the fd store, its channel -- so that nothing of
-        it stays behind: no session in the next kexec, no device kept busy."""
+        device), its channel -- so that nothing of it stays behind: no
+        session in the next kexec, no device kept busy.  (Init flushes the
+        unit's fd store when it stops the unit.)"""
         released = []
         session = self.outgoing.pop(name, None)
         if session is not None:
             session.close()
             released.append("session")
-        _, fds = self.fdstore.pop(name, (None, {}))
-        if fds:
-            close_fds(fds.values())
-            released.append("files")
         ch = self.vmms.pop(name, None)
         if ch is not None:
             ch.conn.close()
@@ -425,20 +411,6 @@ class Agent:
         if released:
             log.info("released VM %s: %s", name, ", ".join(released))
         return {"released": released}
-
-    def _store_fds(self, request: dict, fds: list[int]) -> tuple[dict, list[int]]:
-        """``store-fds``: keep a VMM's files (systemd's FDSTORE) so that a VMM
-        that dies is started again by init on the very same RAM, iommufd and
-        device -- DMA keeps running meanwhile.  Replaces what the VMM stored."""
-        name, tokens, meta = request.get("name"), request.get("tokens"), request.get("meta", {})
-        if not isinstance(name, str) or not isinstance(tokens, list) or len(tokens) != len(fds) \
-                or not all(isinstance(t, str) for t in tokens) or not isinstance(meta, dict):
-            close_fds(fds)
-            return {"errno": errno.EINVAL, "error": "store-fds: name, one token per fd, and a meta object"}, []
-        _, old = self.fdstore.pop(name, (None, {}))
-        close_fds(old.values())
-        self.fdstore[name] = (meta, dict(zip(tokens, fds)))
-        return {"ok": True}, []
 
     async def _request(self, request: dict):
         answered = self._sync_request(request)
@@ -454,7 +426,25 @@ class Agent:
         if op == "status":
             return {"vmms": sorted(self.vmms), "outgoing": sorted(self.outgoing), "incoming": sorted(self.incoming),
                     "update": self.update}, []
+        if op == "abandon":
+            return self._abandon(), []
         raise ValueError(f"unknown request {op!r}")
+
+    def _abandon(self) -> dict | None:
+        """``abandon`` (`luvmm update --abandon`): an update that will not
+        finish by itself -- its restored VMMs never all reported -- is
+        failed, so that the next one can start.  The VMs are as they are
+        (each VMM that restored its VM runs it).  Returns the update."""
+        update = self.update
+        if update is None or update.get("phase") not in _IN_PROGRESS:
+            return update
+        if update["phase"] == "restoring":
+            for name in sorted(set(update["vms"]) - set(update["reports"])):
+                self._restored(name, {"name": name, "error": f"{name}: no report (the update was abandoned)"})
+        else:  # kexec or rolling-back, left by an agent that died: the VMs resumed on their own
+            update.update(phase="failed", error=update.get("error") or "abandoned")
+            self._save_update(update)
+        return self.update
 
     def _outgoing(self, name: str) -> Session:
         session = self.outgoing.get(name)
@@ -533,25 +523,42 @@ class Agent:
         if missing:
             raise OSError(errno.ETIMEDOUT, f"VMMs not registered with the agent: {', '.join(sorted(missing))}")
         vms = {name: self.vmms[name] for name in sorted(expected)}
-        replies: dict[str, dict] = {}
-
-        async def prepare(name, ch):
-            replies[name] = await self._ask(name, ch, {"op": "prepare", "update": update_id}, timeout)
-
-        async with trio.open_nursery() as nursery:
-            for name, ch in vms.items():
-                nursery.start_soon(prepare, name, ch)
-        failed = {n: r for n, r in replies.items() if "errno" in r}
+        # Two steps, so that one slow VMM (stopped, swapping) cannot hold the
+        # others paused: every VMM says it is ready (its files are in its
+        # session) while its guest runs on; only then do they all pause and
+        # save, each within a short bound.
+        ready = await self._ask_all(vms, {"op": "ready", "update": update_id}, timeout)
+        failed = {n: r for n, r in ready.items() if "errno" in r}
         if failed:
-            await self._cancel(vms, replies, update_id)
             detail = "; ".join(f"{n}: {r.get('error')}" for n, r in failed.items())
-            raise OSError(next(iter(failed.values()))["errno"], f"prepare failed, update rolled back: {detail}")
+            raise OSError(next(iter(failed.values()))["errno"], f"not ready, nothing paused: {detail}")
+        replies = await self._ask_all(vms, {"op": "prepare", "update": update_id}, min(timeout, PAUSE_TIMEOUT_S))
+        failed = {n: r for n, r in replies.items() if "errno" in r}
         update = {"id": update_id, "vms": sorted(vms), "phase": "kexec", "kexec_started": time.time(),
                   "prepared": {n: r.get("ok") for n, r in replies.items()}, "reports": {}}
-        self._save_update(update)
+        try:
+            if failed:
+                detail = "; ".join(f"{n}: {r.get('error')}" for n, r in failed.items())
+                raise OSError(next(iter(failed.values()))["errno"], f"prepare failed, update rolled back: {detail}")
+            self._save_update(update, required=True)
+        except OSError as e:
+            # Anything that fails once a VM is paused: every VM resumes.
+            await self._cancel(vms, replies, update_id)
+            raise OSError(e.errno, e.strerror if failed else f"{e.strerror}; update rolled back") from None
         self.update = update
         self.nursery.start_soon(self._kexec, update, vms, replies)
         return {"update": update_id, "vms": update["vms"]}
+
+    async def _ask_all(self, vms: dict, message: dict, timeout: float) -> dict[str, dict]:
+        replies: dict[str, dict] = {}
+
+        async def ask(name, ch):
+            replies[name] = await self._ask(name, ch, message, timeout)
+
+        async with trio.open_nursery() as nursery:
+            for name, ch in vms.items():
+                nursery.start_soon(ask, name, ch)
+        return replies
 
     async def _cancel(self, vms, replies, update_id) -> None:
         async with trio.open_nursery() as nursery:

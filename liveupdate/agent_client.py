@@ -7,7 +7,7 @@ import os
 import _socket
 import time
 
-from luvmm.wire import decode_json, encode_json, recv_msg, send_msg
+from luvmm import rpc
 from liveupdate.state import StateDir
 
 
@@ -34,11 +34,10 @@ class AgentClient:
         self.sock.close()
 
     def send(self, obj: dict, fds: list[int] = ()) -> None:
-        send_msg(self.sock, encode_json(obj), fds)
+        rpc.send(self.sock, obj, fds)
 
     def recv(self) -> tuple[dict | None, list[int]]:
-        data, fds = recv_msg(self.sock)
-        return (decode_json(data) if data else None), fds
+        return rpc.recv(self.sock)
 
     def call(self, request: dict, fds: list[int] = ()) -> tuple[object, list[int]]:
         try:
@@ -51,18 +50,14 @@ class AgentClient:
         return self._call(request, fds)
 
     def _call(self, request: dict, fds: list[int] = ()) -> tuple[object, list[int]]:
+        # A request that waits ("timeout": T) may take up to three such waits
+        # at the agent (the update under way, the registrations, the VMMs).
+        wait = request.get("timeout")
+        timeout = 3 * float(wait) + 30 if isinstance(wait, (int, float)) else rpc.DEFAULT_TIMEOUT
         try:
-            self.send(request, fds)
-            reply, fds = self.recv()
-        except (BrokenPipeError, ConnectionResetError):
-            reply, fds = None, []
-        if reply is None:
-            raise AgentError(errno.ECONNRESET, "the LUO agent went away")
-        if "errno" in reply:
-            for fd in fds:
-                os.close(fd)
-            raise AgentError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
-        return reply.get("ok"), fds
+            return rpc.call(self.sock, request, fds, timeout=timeout, who="the LUO agent")
+        except rpc.RpcError as e:
+            raise AgentError(e.errno, e.strerror) from None
 
     def hello(self) -> dict:
         return self.call({"op": "hello"})[0]
@@ -84,27 +79,6 @@ class AgentClient:
         """Tell the agent that ``name``'s guest runs again: it holds its own
         start-up work (``import trio``) until then, off the blackout."""
         self.call({"op": "resumed", "name": name})
-
-    def store_fds(self, name: str, meta: dict, fds: dict[str, int]) -> None:
-        """Give the agent ``{token: fd}`` (and ``meta``) to hand back to this VM's next VMM."""
-        self.call({"op": "store-fds", "name": name, "tokens": list(fds), "meta": meta}, list(fds.values()))
-
-    def fetch_fds(self, name: str) -> tuple[dict, dict[str, int]] | None:
-        """(meta, {token: fd}) that a previous VMM of ``name`` stored, or None."""
-        try:
-            reply, fds = self.call({"op": "fetch-fds", "name": name})
-        except AgentError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise
-        if len(fds) != len(reply["tokens"]):
-            for fd in fds:
-                os.close(fd)
-            raise AgentError(errno.EPROTO, "the agent's fd store answered with the wrong number of fds")
-        return reply["meta"], dict(zip(reply["tokens"], fds))
-
-    def drop_fds(self, name: str) -> None:
-        self.call({"op": "drop-fds", "name": name})
 
     def release(self, name: str) -> list[str]:
         """The VM is stopped for good: the agent lets go of its session, files and channel."""

@@ -28,7 +28,9 @@ import time
 
 import trio
 
+from luvmm import rpc
 from luvmm.abi import IOCTLS, load_all
+from luvmm.peer import identify
 from luvmm.wire import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -57,6 +59,29 @@ from liveupdate.state import StateDir, StateError, check_unit_name
 log = logging.getLogger("luvmm.host")
 
 PROFILES = ("continuous-dma", "reset-on-freeze")
+
+
+#: Who may ask what on host.sock (HostDaemon.authorize).
+ANYONE_OPS = frozenset({"open", "listdir", "status", "units", "watch", "observe", "timeline"})
+AGENT_OPS = frozenset({"kexec", "unit-of"})
+OPERATOR_OPS = frozenset({"stop", "faults", "unit-start", "unit-stop"})
+UNKNOWN = object()
+
+
+def _time(value) -> float:
+    """A time in a request: a finite number (NaN or infinity is EINVAL, not a reply that cannot be encoded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"not a number: {value!r}")
+    t = float(value)
+    if t != t or t in (float("inf"), float("-inf")):
+        raise ValueError(f"not a finite number: {value!r}")
+    return t
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not an integer: {value!r}")
+    return value
 
 
 class StartError(RuntimeError):
@@ -102,6 +127,9 @@ class HostDaemon:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.init.nursery = nursery
+                self.init.listen_notify()
+                nursery.start_soon(self.init.serve_notify)
+                nursery.start_soon(self.init.reap_orphans)
                 await self._boot(None)
                 nursery.start_soon(self._accept, listener)
                 nursery.start_soon(self.observer.run)
@@ -123,6 +151,8 @@ class HostDaemon:
                 nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            if self.init.notify_sock is not None:
+                self.init.notify_sock.close()
             if self.kernel is not None:
                 self.kernel.drop()
             self.machine.shutdown()
@@ -259,41 +289,53 @@ class HostDaemon:
             self._nursery.start_soon(self._control, conn)
 
     async def _control(self, conn) -> None:
-        with conn:
-            while True:
-                try:
-                    data, anc, flags, _ = await conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
-                                                             socket.MSG_CMSG_CLOEXEC)
-                except OSError:
-                    return
-                if not data:
-                    return
-                fds: list[int] = []
-                out_fds: list[int] = []
-                try:
-                    fds = fds_from_ancillary(anc, flags)
-                    request = decode_json(data)
-                    ok, out_fds = await self._control_request(request, fds)
-                    reply = {"ok": ok}
-                except (ProtocolError, KeyError, TypeError, ValueError) as e:
-                    reply = {"errno": errno.EINVAL, "error": f"malformed request: {e}"}
-                except OSError as e:
-                    reply = {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}
-                except Exception as e:
-                    log.exception("control request failed")
-                    reply = {"errno": errno.EIO, "error": f"internal error: {e}"}
-                finally:
-                    close_fds(fds)
-                try:
-                    await conn.sendmsg([encode_json(reply)], ancillary(out_fds))
-                except OSError:
-                    pass
-                finally:
-                    close_fds(out_fds)
-                if reply.get("ok") == "stopping":
-                    self.stop()
+        peer = [UNKNOWN]  # looked up at the first request that needs it (luvmm.peer: fixed at connect)
 
-    async def _control_request(self, request: dict, fds: list[int]):
+        async def handle(request: dict, fds: list[int]):
+            try:
+                op = request["op"]
+                if op != "hello" and peer[0] is UNKNOWN:
+                    try:
+                        peer[0] = identify(conn, self.init.unit_of)
+                    except PermissionError as e:
+                        peer[0] = None
+                        log.warning("%s", e.strerror)
+                self.authorize(op, peer[0])
+                return await self._control_request(request, fds, conn)
+            finally:
+                close_fds(fds)
+
+        with conn:
+            try:
+                await rpc.serve_connection(conn, handle, log=log, after=self._after_reply)
+            finally:
+                self.observer.release(conn)
+
+    def authorize(self, op: str, peer) -> None:
+        """Who may ask what of the machine (README: the trust model).  The
+        emulated syscalls (open, listdir) and what reads the machine
+        (status, units, the bus observer) are anyone's; the reboot and
+        unit-of, the agent's and the operator's; init, fault injection and
+        stopping the machine, the operator's (a process of no unit) only."""
+        if op == "hello":
+            return
+        if peer is None or peer is UNKNOWN:
+            raise PermissionError(errno.EPERM, f"{op}: refused to a peer that cannot be identified")
+        if op in ANYONE_OPS:
+            return
+        if op in AGENT_OPS and peer.unit in (None, "agent"):
+            return
+        if op in OPERATOR_OPS and peer.unit is None:
+            return
+        if op not in ANYONE_OPS | AGENT_OPS | OPERATOR_OPS:
+            raise KernelError(errno.EINVAL, f"unknown request {op[:40]!r}")
+        raise PermissionError(errno.EPERM, f"{op}: refused to a process of unit {peer.unit} (it is the operator's)")
+
+    def _after_reply(self, request: dict, reply: dict) -> None:
+        if reply.get("ok") == "stopping":
+            self.stop()
+
+    async def _control_request(self, request: dict, fds: list[int], conn=None):
         op = request["op"]
         if op == "hello":
             return {"pid": os.getpid(), "generation": self.generation}, []
@@ -311,16 +353,16 @@ class HostDaemon:
         if op == "stop":
             return "stopping", []
         if op == "watch":
-            self.observer.watch(str(request["bdf"]), int(request["iova"]))
+            self.observer.watch(str(request["bdf"]), _int(request["iova"]), owner=conn)
             return True, []
         if op == "observe":
             iova = request.get("iova")
-            return self.observer.observe(str(request["bdf"]), float(request["t0"]), float(request["t1"]),
-                                         None if iova is None else int(iova)), []
+            return self.observer.observe(str(request["bdf"]), _time(request["t0"]), _time(request["t1"]),
+                                         None if iova is None else _int(iova)), []
         if op == "timeline":
             iova = request.get("iova")
-            return self.observer.timeline(str(request["bdf"]), float(request["t0"]), float(request["t1"]),
-                                          float(request["bin_s"]), None if iova is None else int(iova)), []
+            return self.observer.timeline(str(request["bdf"]), _time(request["t0"]), _time(request["t1"]),
+                                          _time(request["bin_s"]), None if iova is None else _int(iova)), []
         if op == "units":
             return self.init.status(), []
         if op == "unit-of":

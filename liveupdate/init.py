@@ -12,15 +12,31 @@ exits with a failure or is killed is started again with ``LUVMM_BOOT=restart``
 -- unless it exits with EX_CONFIG (78: what it was asked to run cannot run;
 systemd's RestartPreventExitStatus=)
 -- at most RESTART_BURST times in RESTART_INTERVAL seconds (StartLimitBurst,
-StartLimitIntervalSec).  A VMM started so picks its VM up from the agent's fd
-store.
+StartLimitIntervalSec).  A VMM started so picks its VM up from its unit's file descriptor store.
+
+The **file descriptor store** is systemd's (FileDescriptorStoreMax=): a unit
+with ``"fdstore_max": N`` may leave up to N fds with init by ``sd_notify``
+-- ``FDSTORE=1``/``FDNAME=``, ``FDSTOREREMOVE=1`` -- on the datagram socket
+``$NOTIFY_SOCKET`` (``DIR/notify.sock``); when init starts the unit again
+after a failure it passes them from fd 3 on, with ``LISTEN_FDS``,
+``LISTEN_FDNAMES`` and ``LISTEN_PID``.  Stopping the unit flushes its
+store, and so does a kexec (init itself is gone then).  The sender of a
+notification is the process the kernel names in its SCM_CREDENTIALS; a
+process of no unit stores nothing.
+
+Init is a **child subreaper** (PR_SET_CHILD_SUBREAPER): a process that forks
+out of its unit is re-parented to init, not to pid 1, so it still belongs to
+no operator (:meth:`Init.unit_of`), and init reaps it when it exits.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
+import socket
+import struct
 import time
 
 import trio
@@ -29,6 +45,12 @@ log = logging.getLogger("luvmm.init")
 EX_CONFIG = 78  # sysexits.h: a unit that exits so is not restarted
 RESTART_BURST = 5
 RESTART_INTERVAL = 10.0
+#: What unit_of says of a process re-parented to init after it left its
+#: unit (a double fork): some unit's, but which one is not known.
+ORPHAN = "?orphan"
+PR_SET_CHILD_SUBREAPER = 36  # include/uapi/linux/prctl.h
+SD_LISTEN_FDS_START = 3
+_FDSTORE_TMP_BASE = 1000  # stored fds are moved above this before a spawn dup2()s them to 3, 4, ...
 
 
 class UnitProcess:
@@ -39,12 +61,16 @@ class UnitProcess:
     posix_spawn (vfork + exec) starts one in about a millisecond.
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_fd: int):
-        self.pid = os.posix_spawnp(argv[0], argv, env, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, log_fd, 1),
-            (os.POSIX_SPAWN_DUP2, log_fd, 2),
-        ])
+    #: pids of unit processes not reaped yet (not orphans: their pidfds reap them).
+    live: set[int] = set()
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_fd: int, pass_fds: list[int] = ()):
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                   (os.POSIX_SPAWN_DUP2, log_fd, 2)]
+        actions += [(os.POSIX_SPAWN_DUP2, fd, SD_LISTEN_FDS_START + i) for i, fd in enumerate(pass_fds)]
+        self.pid = os.posix_spawnp(argv[0], argv, env, setsid=True, file_actions=actions)
+        UnitProcess.live.add(self.pid)
         self.pidfd = os.pidfd_open(self.pid)
         self.returncode: int | None = None
         self._waiting: trio.Event | None = None  # set when the task reading the pidfd is done
@@ -53,6 +79,7 @@ class UnitProcess:
         if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid == self.pid:
+                UnitProcess.live.discard(pid)
                 self.returncode = os.waitstatus_to_exitcode(status)
                 trio.lowlevel.notify_closing(self.pidfd)
                 os.close(self.pidfd)
@@ -90,6 +117,19 @@ class Init:
         self.restarts: dict[str, list[float]] = {}  # recent restarts, for the limit
         self.restart_count: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None  # the daemon's: it watches units for the restart policy
+        #: unit name -> {fd name: fd}: each unit's file descriptor store.
+        self.fdstores: dict[str, dict[str, int]] = {}
+        #: main pids of units that exited lately -> unit: a notification sent just before dying counts.
+        self._exited: dict[int, str] = {}
+        self.notify_sock: socket.socket | None = None
+        #: Why the last write of a unit's log failed (a full disk), or None.
+        self.log_error: str | None = None
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
 
     def _env(self, unit: dict, boot: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -101,17 +141,57 @@ class Init:
         env.update({str(k): str(v) for k, v in unit.get("env", {}).items()})
         env.update(LUVMM_HOST_SOCKET=self.state.socket, LUVMM_STATE_DIR=self.state.path, LUVMM_BOOT=boot,
                    LUVMM_GENERATION=str(self.daemon.generation), LUVMM_UNIT=unit["name"])
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
+            env.pop(name, None)
+        if unit.get("fdstore_max"):
+            env["NOTIFY_SOCKET"] = self.notify_path
         return env
+
+    @property
+    def notify_path(self) -> str:
+        return os.path.join(self.state.path, "notify.sock")
+
+    def _open_log(self, name: str) -> int:
+        """The unit's log, or /dev/null when it cannot be written (a full or
+        read-only disk): a unit starts whatever its log can take, and
+        `luvmm host status` says why its output is lost."""
+        try:
+            fd = os.open(self.state.logs / f"{name}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            self._log_failed(name, e)
+            return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        return fd
+
+    def _log_failed(self, name: str, e: OSError) -> None:
+        self.log_error = f"unit {name}'s log: {e.strerror or e}"
+        log.error("cannot write %s", self.log_error)
 
     def _start(self, unit: dict, boot: str) -> int:
         name = unit["name"]
-        log = os.open(self.state.logs / f"{name}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        log_fd = self._open_log(name)
+        stored = self.fdstores.get(name, {}) if boot == "restart" else {}
+        env = self._env(unit, boot)
+        moved = []
         try:
-            os.write(log, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} start ({boot}, generation "
-                          f"{self.daemon.generation}) ---\n".encode())
-            proc = UnitProcess([str(a) for a in unit["argv"]], self._env(unit, boot), log)
+            try:
+                os.write(log_fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} start ({boot}, generation "
+                                 f"{self.daemon.generation}) ---\n".encode())
+            except OSError as e:
+                self._log_failed(name, e)
+            if stored:
+                # Above any number the spawn dup2()s to, so that none is overwritten first.
+                moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FDSTORE_TMP_BASE) for fd in stored.values()]
+                env.update(LISTEN_FDS=str(len(moved)), LISTEN_FDNAMES=":".join(stored))
+            argv = [str(a) for a in unit["argv"]]
+            if moved:
+                # LISTEN_PID must be the new process's own pid: known only once it exists, so a shim sets it.
+                argv = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"] + argv
+            proc = UnitProcess(argv, env, log_fd, moved)
         finally:
-            os.close(log)
+            os.close(log_fd)
+            for fd in moved:
+                os.close(fd)
         self.procs[name] = proc
         self.started[name] = time.time()
         self.starts[name] = self.starts.get(name, 0) + 1
@@ -119,9 +199,97 @@ class Init:
             self.nursery.start_soon(self._watch, name, proc)
         return proc.pid
 
+    # --- the file descriptor store (sd_notify) ------------------------------------------------
+
+    def listen_notify(self) -> None:
+        path = self.notify_path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        self.notify_sock = sock
+
+    async def serve_notify(self) -> None:
+        sock = trio.socket.from_stdlib_socket(self.notify_sock)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            self.drain_notify()
+
+    def drain_notify(self) -> None:
+        """Take every notification queued (also before a dead unit is
+        restarted: what it stored just before dying is passed on)."""
+        while True:
+            try:
+                data, anc, flags, _ = self.notify_sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4)
+                                                               + socket.CMSG_SPACE(12), socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.error("notify socket: %s", e)
+                return
+            fds, pid = [], None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4])
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+                    pid = struct.unpack_from("i", payload)[0]
+            try:
+                self._notified(data, fds, pid, flags)
+            except Exception:  # noqa: BLE001 -- a unit's datagram must never take init down
+                log.exception("notification from pid %s", pid)
+                for fd in fds:
+                    os.close(fd)
+
+    def _notified(self, data: bytes, fds: list[int], pid: int | None, flags: int) -> None:
+        unit = self._exited.get(pid) or (self.unit_of(pid) if pid else None)
+        fields = dict(line.split("=", 1) for line in data.decode(errors="replace").split("\n") if "=" in line)
+        if unit in (None, ORPHAN) or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            log.warning("notification from pid %s (unit %s) ignored", pid, unit)
+            for fd in fds:
+                os.close(fd)
+            return
+        name = fields.get("FDNAME", "stored")
+        store = self.fdstores.setdefault(unit, {})
+        if fields.get("FDSTOREREMOVE") == "1":
+            old = store.pop(name, None)
+            if old is not None:
+                os.close(old)
+        if fields.get("FDSTORE") == "1" and fds:
+            limit = next((u.get("fdstore_max", 0) for u in self.state.read_units() if u["name"] == unit), 0)
+            old = store.pop(name, None)
+            if old is not None:
+                os.close(old)
+            if len(store) >= limit or len(fds) != 1 or not name.isprintable() or ":" in name:
+                log.warning("unit %s: fd store refused %r (FileDescriptorStoreMax=%d)", unit, name, limit)
+                for fd in fds:
+                    os.close(fd)
+                return
+            store[name] = fds[0]
+            return
+        for fd in fds:
+            os.close(fd)
+
+    def flush_fdstore(self, name: str) -> None:
+        for fd in self.fdstores.pop(name, {}).values():
+            os.close(fd)
+
     async def _watch(self, name: str, proc: UnitProcess) -> None:
         code = await proc.wait()
+        self._exited[proc.pid] = name
+        while len(self._exited) > 256:
+            del self._exited[next(iter(self._exited))]
+        if self.notify_sock is not None:
+            self.drain_notify()  # what it stored before it died
         if self.procs.get(name) is not proc or code in (0, EX_CONFIG):
+            if self.procs.get(name) is proc:
+                self.flush_fdstore(name)  # done for good: nobody will take the files
             return  # stopped, killed by a kexec, done, or not worth another try
         unit = next((u for u in self.state.read_units() if u["name"] == name), None)
         if unit is None or unit.get("restart") != "on-failure":
@@ -130,6 +298,7 @@ class Init:
         recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_INTERVAL]
         if len(recent) >= RESTART_BURST:
             log.error("unit %s failed %d times in %.0f s: not restarting it", name, len(recent), RESTART_INTERVAL)
+            self.flush_fdstore(name)
             return
         self.restarts[name] = recent + [now]
         self.restart_count[name] = self.restart_count.get(name, 0) + 1
@@ -166,32 +335,72 @@ class Init:
     async def stop_unit(self, name: str) -> dict:
         proc = self.procs.pop(name, None)
         if proc is None:
+            self.flush_fdstore(name)
             return {"name": name, "running": False}
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             with trio.move_on_after(5):
                 await proc.wait()
         await self._kill(proc)
+        self.flush_fdstore(name)  # stopped: its stored files go (systemd flushes the store at stop)
         return {"name": name, "returncode": proc.returncode}
 
     def unit_of(self, pid: int) -> str | None:
-        """The unit whose process ``pid`` is, or descends from (None: no unit's).
+        """The unit whose process ``pid`` is (None: no unit's -- the operator's).
 
-        Membership by descent: what systemd's cgroups give a real host.  (A
-        process that double-forks out of its unit is orphaned to pid 1 and
-        becomes nobody's here; a cgroup it could not leave.)"""
+        Membership is what systemd's cgroups give a real host: a unit's
+        process and everything it starts.  Here: the unit's main process, or
+        a process of its session (units start with setsid(): a child that
+        forks away keeps the session), or a descendant of either.  A process
+        re-parented to init -- it forked out of its unit and changed its
+        session -- is ORPHAN: some unit's, never the operator's."""
         units = {proc.pid: name for name, proc in self.procs.items() if proc.returncode is None}
+        me = os.getpid()
         for _ in range(64):
             if pid in units:
                 return units[pid]
+            if pid == me:
+                return ORPHAN
             if pid <= 1:
                 return None
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent
+                    fields = f.read().rsplit(")", 1)[1].split()
+                parent, session = int(fields[1]), int(fields[3])
             except (OSError, ValueError, IndexError):
                 return None
+            if session in units:
+                return units[session]
+            pid = parent
         return None
+
+    async def reap_orphans(self) -> None:
+        """Reap the processes re-parented to init (the subreaper's duty);
+        units' own processes are reaped through their pidfds."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            async for _ in signals:
+                self._reap_orphans()
+
+    @staticmethod
+    def _reap_orphans() -> None:
+        me = os.getpid()
+        try:
+            tasks = os.listdir(f"/proc/{me}/task")
+        except OSError:
+            return
+        for tid in tasks:
+            try:
+                with open(f"/proc/{me}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for pid in children:
+                if pid in UnitProcess.live:
+                    continue
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
 
     def kill_unit(self, name: str, why: str) -> None:
         """SIGKILL one unit's process group now (injected faults): the unit's
@@ -217,6 +426,8 @@ class Init:
                 except ProcessLookupError:
                     pass
         self.procs.clear()
+        for name in list(self.fdstores):  # init itself does not outlive a kexec
+            self.flush_fdstore(name)
         return procs
 
     @staticmethod
@@ -232,5 +443,6 @@ class Init:
             out.append({"name": name, "argv": unit["argv"], "pid": proc.pid if proc else None,
                         "restarts": self.restart_count.get(name, 0),
                         "running": proc is not None and proc.poll() is None,
-                        "returncode": proc.poll() if proc else None, "starts": self.starts.get(name, 0)})
+                        "returncode": proc.poll() if proc else None, "starts": self.starts.get(name, 0),
+                        "fdstore": sorted(self.fdstores.get(name, {}))})
         return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import errno
 import struct
 import time
 
@@ -23,6 +24,9 @@ from devices.iommu import DmaFault
 
 SAMPLE_PERIOD = 0.001
 MAX_BINS = 1 << 16
+#: Watches are sampled every millisecond: bounded, per connection and in all.
+MAX_WATCHES_PER_OWNER = 8
+MAX_WATCHES = 64
 
 
 def window_stats(times, t0: float, t1: float) -> tuple[int, float]:
@@ -36,22 +40,51 @@ def window_stats(times, t0: float, t1: float) -> tuple[int, float]:
 
 
 class Observer:
+    """Watches belong to the connections that asked for them and go with
+    them -- except while their device is in use (its DMA domain attached):
+    a VM's heartbeat is watched straight through the kexec that kills the
+    VMM which asked, and the next VMM's watch takes it over."""
+
     def __init__(self, machine):
         self.machine = machine
         self.watches: dict[tuple[str, int], collections.deque] = {}
         self._last: dict[tuple[str, int], int | None] = {}
+        self._owners: dict[tuple[str, int], set] = {}
 
-    def watch(self, bdf: str, iova: int) -> None:
+    def watch(self, bdf: str, iova: int, owner=None) -> None:
         if bdf not in self.machine.devices:
             raise FileNotFoundError(2, f"no device {bdf}")
+        if not isinstance(iova, int) or not 0 <= iova < 1 << 64:
+            raise ValueError(f"bad IOVA {iova!r}")
         key = (bdf, iova)
+        mine = sum(1 for owners in self._owners.values() if owner in owners)
+        if owner not in self._owners.get(key, ()) and mine >= MAX_WATCHES_PER_OWNER:
+            raise OSError(errno.ENOSPC, f"at most {MAX_WATCHES_PER_OWNER} watches per connection")
         if key not in self.watches:
+            if len(self.watches) >= MAX_WATCHES:
+                self._forget_unused()
+            if len(self.watches) >= MAX_WATCHES:
+                raise OSError(errno.ENOSPC, f"at most {MAX_WATCHES} watches")
             self.watches[key] = collections.deque(maxlen=1 << 18)
             self._last[key] = None
+        self._owners.setdefault(key, set()).add(owner)
+
+    def release(self, owner) -> None:
+        """The connection ``owner`` closed: its watches go, unless their device is in use."""
+        for key, owners in self._owners.items():
+            owners.discard(owner)
+        self._forget_unused()
+
+    def _forget_unused(self) -> None:
+        for key in [k for k, owners in self._owners.items() if not owners]:
+            if self.machine.devices[key[0]].domain is None:
+                del self.watches[key], self._last[key], self._owners[key]
 
     async def run(self) -> None:
         while True:
             now = time.time()
+            if any(not owners for owners in self._owners.values()):
+                self._forget_unused()  # a device no longer in use: its ownerless watches go
             for key, changes in self.watches.items():
                 dev = self.machine.devices[key[0]]
                 domain = dev.domain

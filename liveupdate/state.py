@@ -1,6 +1,6 @@
 """The state dir: the emulated host's "disk".
 
-Layout: ``host.sock`` (the daemon's control socket, mode 0600), ``agent.sock``,
+Layout: ``host.sock`` (the daemon's control socket, mode 0600), ``agent.sock``, ``notify.sock`` (init's sd_notify socket),
 ``host.pid``, ``host.log``, ``units/NAME.json`` (what init starts), ``logs/``
 (each unit's output), ``vms/NAME/`` (per-VM files of the VMM), ``.luvmm-state``
 (whether luvmm created the directory).  A directory luvmm creates is 0700:
@@ -209,7 +209,7 @@ class StateDir:
         import shutil
 
         vms = self.vm_names()
-        for name in ("host.sock", "agent.sock", "host.pid", "units/agent.json", "units/agent.tmp"):
+        for name in ("host.sock", "agent.sock", "notify.sock", "host.pid", "units/agent.json", "units/agent.tmp"):
             try:
                 os.unlink(os.path.join(self.path, name))
             except (FileNotFoundError, NotADirectoryError):

@@ -23,6 +23,7 @@ import stat
 import struct
 import _thread  # not `threading` (4 ms of imports on the restore path)
 
+from luvmm import rpc
 from luvmm.abi import IoctlDef, ffi
 from luvmm.host import Host, RealHost, ioctl_error
 from luvmm.wire import (
@@ -33,8 +34,6 @@ from luvmm.wire import (
     OP_PWRITE,
     REPLY,
     REQUEST,
-    decode_json,
-    encode_json,
     ioctl_fd_offsets,
     out_fd_offsets,
     recv_msg,
@@ -42,6 +41,8 @@ from luvmm.wire import (
 )
 
 EMULATED_PATHS = ("/dev/vfio/", "/dev/iommu", "/dev/liveupdate", "/sys/bus/pci/")
+#: How long a control request may take (a kexec: freeze, KHO, a new kernel, units started; stalls injected).
+CONTROL_TIMEOUT = 120.0
 _SO_PEERCRED = struct.Struct("3i")
 
 
@@ -80,21 +81,16 @@ class EmulatedHost(Host):
 
     # --- control socket --------------------------------------------------------------
 
-    def call(self, request: dict, fds: list[int] = ()) -> tuple[object, list[int]]:
-        """One control request; returns (the reply's "ok" value, fds) or raises OSError."""
+    def call(self, request: dict, fds: list[int] = (), *, timeout: float = CONTROL_TIMEOUT) -> tuple[object, list[int]]:
+        """One control request; returns (the reply's "ok" value, fds) or
+        raises OSError (HostGone: the daemon went away or did not answer)."""
         with self._control_lock:
             try:
-                send_msg(self._control, encode_json(request), list(fds))
-                data, got = recv_msg(self._control)
-            except (BrokenPipeError, ConnectionResetError) as e:
-                raise HostGone(errno.ECONNRESET, f"the emulated host closed the connection: {e}") from None
-        if not data:
-            raise HostGone(errno.ECONNRESET, "the emulated host closed the connection")
-        reply = decode_json(data)
-        if "errno" in reply:
-            close_fds(got)
-            raise OSError(reply["errno"], reply.get("error") or os.strerror(reply["errno"]))
-        return reply.get("ok"), got
+                return rpc.call(self._control, request, fds, timeout=timeout, who="the emulated host")
+            except rpc.RpcError as e:
+                if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT):
+                    raise HostGone(e.errno, e.strerror) from None
+                raise OSError(e.errno, e.strerror) from None
 
     def close_connection(self) -> None:
         self._control.close()

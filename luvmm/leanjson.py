@@ -34,18 +34,58 @@ _scan = _json.make_scanner(_Context())
 _WS = " \t\n\r"
 
 
+#: Deepest nesting accepted: luvmm's messages nest a few levels; the C
+#: scanner recurses once per level.
+MAX_DEPTH = 64
+
+
 def loads(data: bytes | str):
-    text = data.decode() if isinstance(data, (bytes, bytearray, memoryview)) else data
+    """JSON -> Python, or JSONError for any input that is not JSON luvmm
+    speaks (bad UTF-8, nesting deeper than MAX_DEPTH, and what the C scanner
+    gets wrong: an unterminated object raises SystemError from it)."""
+    try:
+        text = bytes(data).decode() if isinstance(data, (bytes, bytearray, memoryview)) else data
+    except UnicodeDecodeError as e:
+        raise JSONError(f"not UTF-8: {e}") from None
+    if not isinstance(text, str):
+        raise JSONError("JSON is text")
+    _check_depth(text)
     start = len(text) - len(text.lstrip(_WS))
     try:
         obj, end = _scan(text, start)
     except StopIteration as e:
         raise JSONError(f"expecting a value at {e.value}") from None
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
-        raise JSONError(str(e)) from None
+    except (ValueError, SystemError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
+        raise JSONError(str(e)[:200] or "malformed JSON") from None
     if text[end:].strip(_WS):
         raise JSONError(f"extra data at {end}")
     return obj
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before the recursive scanner
+    sees it.  Cheap where it matters: a text with few brackets is not
+    scanned at all (brackets inside strings only ever over-count)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise JSONError(f"nested deeper than {MAX_DEPTH}")
+        elif ch in "]}":
+            depth -= 1
 
 
 def dumps(obj, *, sort_keys: bool = False) -> str:

@@ -119,6 +119,10 @@ def fds_from_ancillary(ancdata, flags: int) -> list[int]:
         # Too many fds: the kernel closed the rest; refuse the message.
         close_fds(fds)
         raise ProtocolError("too many file descriptors in one message")
+    if flags & _socket.MSG_TRUNC:
+        # Longer than any message of this protocol: what was read is a part of it.
+        close_fds(fds)
+        raise ProtocolError(f"a message longer than {MAX_MESSAGE} bytes")
     return fds
 
 
@@ -138,10 +142,12 @@ def encode_json(obj: dict) -> bytes:
 
 
 def decode_json(data: bytes) -> dict:
+    """A JSON object, or ProtocolError -- for any input at all (the C scanner
+    underneath raises more than ValueError on some: see leanjson)."""
     try:
         obj = leanjson.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"not JSON: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- a peer's bytes must never crash a server
+        raise ProtocolError(f"not JSON: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("a message must be a JSON object")
     return obj

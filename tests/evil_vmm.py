@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from devices.iommufd import IommuFd  # noqa: E402
 from devices.vfio import VfioDevice, cdev_path_for_bdf  # noqa: E402
+from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import AgentClient  # noqa: E402
 from liveupdate.state import StateDir  # noqa: E402
 from luvmm.emuhost import connect  # noqa: E402
@@ -23,6 +24,48 @@ def attempt(fn):
         return e.errno
 
 
+def escapes(state) -> dict:
+    """What a process that tries to pass for the operator gets: a child that
+    connects and exits, leaving its socket to its parent; and a grandchild
+    that left the unit (new session, double fork)."""
+    import socket
+
+    got = {}
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child: connects, hands the connection up, exits
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(state.agent_socket)
+        socket.send_fds(child, [b"x"], [s.fileno()])
+        os._exit(0)
+    _, fds, _, _ = socket.recv_fds(parent, 16, 1)
+    os.waitpid(pid, 0)
+    inherited = socket.socket(fileno=fds[0])
+    from luvmm import rpc
+
+    got["dead child's socket"] = attempt(lambda: rpc.call(inherited, {"op": "status"}))
+    inherited.close()
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.close(out_r)  # the grandchild: out of the unit's session, re-parented
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            pass
+        result = attempt(lambda: AgentClient(state).call({"op": "status"}))
+        os.write(out_w, str(result).encode())
+        os._exit(0)
+    os.close(out_w)
+    os.waitpid(pid, 0)
+    got["double-forked grandchild"] = int(os.read(out_r, 64) or b"0")
+    os.close(out_r)
+    return got
+
+
 def main() -> None:
     state = StateDir(os.environ["LUVMM_STATE_DIR"])
     host = connect(os.environ["LUVMM_HOST_SOCKET"])
@@ -30,11 +73,21 @@ def main() -> None:
     agent = AgentClient(state)
     memfd = os.memfd_create("evil")
     got = {}
-    for op in ("retrieve-session", "create-session", "fetch-fds", "drop-fds", "register", "resumed"):
+    for op in ("retrieve-session", "create-session", "register", "resumed"):
         got[op] = attempt(lambda: agent.call({"op": op, "name": victim}))
-    got["store-fds"] = attempt(lambda: agent.call({"op": "store-fds", "name": victim, "tokens": ["ram"]}, [memfd]))
     got["restored"] = attempt(lambda: agent.call({"op": "restored", "name": victim, "report": {"error": "x"}}))
-    got["own fetch-fds"] = attempt(lambda: agent.call({"op": "fetch-fds", "name": "evil"}))
+    for op in ("update", "status", "abandon", "result"):  # the operator's
+        got[f"agent {op}"] = attempt(lambda: agent.call({"op": op}))
+    got["agent release"] = attempt(lambda: agent.call({"op": "release", "name": victim}))
+    for op in ("unit-stop", "unit-start"):  # init's, the operator's
+        got[f"host {op}"] = attempt(lambda: host.call({"op": op, "name": f"vm-{victim}"}))
+    got["host faults"] = attempt(lambda: host.call({"op": "faults", "set": "freeze=fail"}))
+    got["host kexec"] = attempt(lambda: host.call({"op": "kexec"}))
+    got["host stop"] = attempt(lambda: host.call({"op": "stop"}))
+    # Its own store (it has none: no FileDescriptorStoreMax), never VM a's.
+    os.environ["NOTIFY_SOCKET"] = os.path.join(state.path, "notify.sock")
+    got["fdstore"] = attempt(lambda: fdstore.store({"ram": memfd}, {"planted": True}))
+    got.update(escapes(state))
     got["open /dev/liveupdate"] = attempt(lambda: host.open("/dev/liveupdate"))
     iommufd = IommuFd.open(host)
     # A cdev opens more than once (as on the kernel); binding it a second time does not.

@@ -38,7 +38,9 @@ def main() -> None:
         request, fds = channel.recv()
         if request is None:
             return
-        if request["op"] == "prepare":
+        if request["op"] == "ready":
+            channel.send({"ok": True})
+        elif request["op"] == "prepare":
             if FAIL_PREPARE:
                 channel.send({"errno": 5, "error": "refusing to prepare (test)"})
                 continue

@@ -76,38 +76,6 @@ def test_a_failed_prepare_rolls_back(agent_host):
     client.close()
 
 
-def test_fd_store_keeps_files_for_the_next_vmm_and_refuses_bad_requests(agent_host):
-    """store-fds / fetch-fds / drop-fds: the files come back as the same open
-    files (what one process wrote, the next reads), and malformed requests get
-    EINVAL or ENOENT while the agent keeps serving."""
-    hostctl.start(agent_host)
-    client, _ = wait_for_agent(agent_host, 30)
-    try:
-        assert client.fetch_fds("vm1") is None
-        memfd = os.memfd_create("ram")
-        os.write(memfd, b"guest RAM")
-        client.store_fds("vm1", {"bdf": "0000:6a:01.0"}, {"ram": memfd})
-        os.close(memfd)  # the VMM dies: the agent's reference keeps the file
-        meta, fds = client.fetch_fds("vm1")
-        assert meta == {"bdf": "0000:6a:01.0"} and list(fds) == ["ram"]
-        assert os.pread(fds["ram"], 9, 0) == b"guest RAM"
-        os.close(fds["ram"])
-        for bad in ({"op": "store-fds", "name": "vm2", "tokens": ["ram", "state"]},  # two tokens, one fd
-                    {"op": "store-fds", "tokens": ["ram"]},
-                    {"op": "store-fds", "name": "vm2", "tokens": [1]}):
-            fd = os.memfd_create("x")
-            with pytest.raises(AgentError) as e:
-                client.call(bad, [fd])
-            os.close(fd)
-            assert e.value.errno == errno.EINVAL
-        assert client.fetch_fds("vm2") is None
-        client.drop_fds("vm1")
-        assert client.fetch_fds("vm1") is None
-        assert client.hello()["pid"] > 0  # still serving
-    finally:
-        client.close()
-
-
 def test_an_update_left_restoring_blocks_no_later_update(agent_host):
     """An update record left "restoring" (its VMs never all reported: one
     registered without a report, one never came back) is finished -- failed

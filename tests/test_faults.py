@@ -105,11 +105,12 @@ def test_a_failing_preserve_refuses_the_update_and_a_retry_succeeds(vm_host):
     inject(conn, "preserve:vfio-pci-v1=fail")
     st = start_vm(state, conn)
     assert "PRESERVE_FD failed" in st["preserve_error"]
-    with pytest.raises(AgentError, match="prepare failed, update rolled back") as e:
+    with pytest.raises(AgentError, match="not ready, nothing paused: f: PRESERVE_FD failed") as e:
         update_once(state, timeout=30)
     assert e.value.errno == errno.EIO and "LIVEUPDATE_SESSION_PRESERVE_FD" in str(e.value)
     assert host_status(conn)["kexec_count"] == 0
     assert_intact(state, "f", st)
+    assert manage.status(state, "f")["updates_prepared"] == 0  # never paused
     inject(conn, clear=True)
     report = update_once(state, timeout=60)["reports"]["f"]
     assert_clean(report)

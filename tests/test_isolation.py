@@ -1,7 +1,10 @@
 """Isolation: a VMM acts on its own VM only.  It cannot retrieve, finish or
 take the files of another VM's session (the agent refuses a VM's requests to
-any unit but that VM's), open a device bound elsewhere, or reach another
-VM's memory through the IOMMU; and only the owner can reach the host at all."""
+any unit but that VM's), ask what is the operator's (updates, init, faults,
+the machine's stop) -- not even through a socket a dead child left it, nor
+from a process that left its unit --, plant files in another unit's fd
+store, open a device bound elsewhere, or reach another VM's memory through
+the IOMMU; and only the owner can reach the host at all."""
 
 import errno
 import json
@@ -40,16 +43,22 @@ def test_a_vmm_cannot_reach_another_vms_session_files_device_or_memory(vm_host):
     state, conn = vm_host
     manage.start(state, VmConfig("a", memory=64 << 20, guest="synthetic"), conn)
     a = manage.status(state, "a")
+    fdstore_before = next(u for u in conn.call({"op": "units"})[0] if u["name"] == "vm-a")["fdstore"]
+    assert fdstore_before == ["device", "iommufd", "meta", "ram", "state"]
     out = os.path.join(state.path, "evil.json")
     unit = run_unit(state, conn, "vm-evil", [sys.executable, os.path.join(HERE, "evil_vmm.py"), "a", a["bdf"],
                                              str(a["config"].get("ioas", 1))], {"EVIL_OUT": out})
     assert unit["returncode"] == 0, (state.logs / "vm-evil.log").read_text()
     with open(out) as f:
         got = json.load(f)
-    for op in ("retrieve-session", "create-session", "fetch-fds", "drop-fds", "register", "resumed", "store-fds",
-               "restored"):
-        assert got[op] == errno.EPERM, (op, got[op])
-    assert got["own fetch-fds"] == errno.ENOENT  # its own VM's requests are served (nothing stored)
+    refused = ["retrieve-session", "create-session", "register", "resumed", "restored", "agent update",
+               "agent status", "agent abandon", "agent result", "agent release", "host unit-stop", "host unit-start",
+               "host faults", "host kexec", "host stop", "dead child's socket", "double-forked grandchild"]
+    assert {op: got[op] for op in refused} == {op: errno.EPERM for op in refused}
+    assert got["fdstore"] == "ok"  # sent; but it went to its own unit's store, which holds nothing
+    units = {u["name"]: u for u in conn.call({"op": "units"})[0]}
+    assert units["vm-a"]["fdstore"] == fdstore_before and units["vm-a"]["running"]
+    assert conn.call({"op": "faults"})[0] == []
     # VM a's device: bound through VM a's fd, so this one can do nothing with it.
     assert got["bind device"] == errno.EINVAL
     assert got["reset device"] == errno.EINVAL and got["read device BAR0"] == errno.EINVAL

@@ -22,8 +22,8 @@ import socket
 import trio
 
 from metrics.vmm import UpdateStats
-from luvmm.wire import MAX_FDS, MAX_MESSAGE, ancillary, decode_json, encode_json, fds_from_ancillary, \
-    listen_seqpacket
+from luvmm import rpc
+from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
 from liveupdate.luo import Session
 from vmm import guest
 from vmm.report import update_report
@@ -165,42 +165,58 @@ class Control:
     async def _register(self):
         while True:
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            retry = 0.05  # init is starting the agent again: try its socket anew
             try:
                 await sock.connect(self.state.agent_socket)
-                await sock.send(encode_json({"op": "register", "name": self.name}))
-                if await sock.recv(MAX_MESSAGE):
+                await rpc.trio_send(sock, {"op": "register", "name": self.name})
+                reply, fds = await rpc.trio_recv(sock)
+                close_fds(fds)
+                if reply is not None and "ok" in reply:
                     return sock
-            except OSError:
+                if reply is not None:
+                    log.error("the agent refused the registration: %s", reply.get("error"))
+                    retry = 1.0  # it may be an agent that is not ours to speak to yet; not a busy loop
+            except (OSError, ProtocolError):
                 pass
             sock.close()
-            await trio.sleep(0.05)  # init is starting the agent again: try its socket anew
+            await trio.sleep(retry)
 
     async def _serve_agent(self, sock) -> None:
         while True:
             try:
-                data, anc, flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
-                                                         socket.MSG_CMSG_CLOEXEC)
+                request, fds = await rpc.trio_recv(sock)
+            except ProtocolError as e:
+                log.error("the agent sent a malformed message: %s", e)
+                request, fds = {"op": None}, []
             except OSError:
-                data = b""
-            if not data:
+                request, fds = None, []
+            if request is None:
                 return
-            for fd in fds_from_ancillary(anc, flags):
-                os.close(fd)
-            request = decode_json(data)
+            close_fds(fds)
             reply = self._handle(request)
             die = request.get("op") == "prepare" and "ok" in reply and FAULT == "die-after-prepare"
             if die:  # said first: the kexec may kill us as soon as the agent has the reply
                 log.warning("fault injection: the VMM exits after preparing")
                 logging.shutdown()
-            try:
-                await sock.sendmsg([encode_json(reply)], ancillary([]))
-            except OSError:
+            if not await rpc.trio_send(sock, reply):
                 return
             if die:
                 os._exit(137)  # fault injection: the VMM dies between "ready" and the kexec
 
     def _handle(self, request: dict) -> dict:
         op = request.get("op")
+        if op == "ready":
+            # An update is coming: make sure the files are in the session,
+            # the guest running on; refusing now pauses nothing anywhere.
+            if self.prepared:
+                return {"errno": errno.EBUSY, "error": f"{self.name}: already prepared"}
+            try:
+                self.vm.preserve(self.session)
+            except OSError as e:
+                self.preserve_error = f"PRESERVE_FD failed: {e.strerror or e}"
+                return {"errno": e.errno or errno.EIO, "error": self.preserve_error}
+            self.preserve_error = None
+            return {"ok": True}
         if op == "prepare":
             if FAULT == "die-in-prepare":
                 self.vm.pause()
@@ -257,25 +273,16 @@ class Control:
 
     async def _local_client(self, conn) -> None:
         with conn:
-            while True:
-                try:
-                    data = await conn.recv(MAX_MESSAGE)
-                except OSError:
-                    return
-                if not data:
-                    return
-                try:
-                    request = decode_json(data)
-                    if request.get("op") == "status":
-                        reply = {"ok": self.status()}
-                    elif request.get("op") == "stop":
-                        reply = {"ok": True}
-                        self.done.set()
-                    else:
-                        reply = {"errno": errno.EINVAL, "error": "unknown request"}
-                except ValueError as e:
-                    reply = {"errno": errno.EINVAL, "error": str(e)}
-                await conn.send(encode_json(reply))
+            await rpc.serve_connection(conn, self._local_request, log=log)
+
+    async def _local_request(self, request: dict, fds: list[int]):
+        close_fds(fds)
+        if request["op"] == "status":
+            return self.status(), []
+        if request["op"] == "stop":
+            self.done.set()
+            return True, []
+        raise OSError(errno.EINVAL, f"unknown request {request['op'][:40]!r}")
 
 
 def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> int:
@@ -297,7 +304,7 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
                 except OSError as e:  # the VM runs on; prepare tries again, and refuses the update if it fails
                     control.preserve_error = f"PRESERVE_FD failed: {e.strerror or e}"
                     log.error("%s; an update will try again", control.preserve_error)
-                agent.store_fds(name, *vm.files())
+                vm.leave_files()
                 if hasattr(host, "call"):  # an observer on the emulated machine's bus
                     host.call({"op": "watch", "bdf": vm.bdf, "iova": guest.offset("heartbeat")})
                 await nursery.start(control.agent_channel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import socket
@@ -9,7 +10,8 @@ import time
 
 from liveupdate.agent_client import AgentClient
 from liveupdate.state import StateDir, check_vm_name, python_unit
-from luvmm.wire import MAX_MESSAGE, decode_json, encode_json
+from luvmm import rpc
+from luvmm.wire import close_fds
 from vmm.vm import VmConfig
 
 
@@ -17,20 +19,28 @@ class VmError(RuntimeError):
     pass
 
 
+#: A VM unit's FileDescriptorStoreMax: its files (vmm.vm.Vm.files) and their meta, with room to spare.
+FDSTORE_MAX = 8
+
+
 def unit_name(name: str) -> str:
     return f"vm-{name}"
 
 
 def vmm_call(state: StateDir, name: str, request: dict, timeout: float = 10.0) -> dict:
+    """A request to a VMM's vmm.sock (OSError if it does not answer, VmError if it refuses)."""
     path = str(state.vm_dir(name) / "vmm.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.send(encode_json(request))
-        reply = decode_json(s.recv(MAX_MESSAGE))
-    if "errno" in reply:
-        raise VmError(reply.get("error", "error"))
-    return reply["ok"]
+        try:
+            ok, fds = rpc.call(s, request, timeout=timeout, who=f"the VMM of {name}")
+        except rpc.RpcError as e:
+            if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT):
+                raise
+            raise VmError(e.strerror) from None
+    close_fds(fds)
+    return ok
 
 
 def status(state: StateDir, name: str) -> dict:
@@ -100,8 +110,9 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
     vm_dir.mkdir(parents=True, exist_ok=True)
     (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name)
-    # Restart=on-failure: a VMM that dies is started again, on the VM's files in the agent's fd store.
-    state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure")
+    # Restart=on-failure: a VMM that dies is started again, on the VM's files in its unit's fd store.
+    state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
+                     fdstore_max=FDSTORE_MAX)
     try:
         host.call({"op": "unit-start", "name": unit_name(config.name)})
         st = _wait_running(state, config, host, wait)

@@ -4,9 +4,9 @@
 
 Cold boot builds the VM from ``DIR/vms/NAME/config.json``.  Restart
 (``LUVMM_BOOT=restart``: init starts the unit again after its VMM died) picks
-the VM up from the files the dead VMM left in the agent's fd store -- same
-RAM, same device, DMA never stopped -- and restarts the firmware on them
-(:meth:`Vm.recover`).  Restore mode --
+the VM up from the files the dead VMM left in its unit's file descriptor
+store (liveupdate.fdstore: init passes them back) -- same RAM, same device,
+DMA never stopped -- and restarts the firmware on them (:meth:`Vm.recover`).  Restore mode --
 init starts the unit with ``LUVMM_BOOT=kexec`` and the agent holds an incoming
 session for the VM -- retrieves the session and its files, maps RAM, rebuilds
 KVM and the vCPUs, binds and attaches the device, re-arms interrupts and
@@ -25,6 +25,7 @@ import errno  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
+from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
 from liveupdate.state import StateDir, parse_unit_args  # noqa: E402
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     clock.mark("agent_connected")
     boot = os.environ.get("LUVMM_BOOT", "cold")
     incoming_fd = agent.retrieve_session(name) if boot == "kexec" else None
-    stored = agent.fetch_fds(name) if boot == "restart" else None
+    stored = fdstore.take() if boot == "restart" else None
     if boot == "restart" and stored is None:
         # The VMM before us died restoring the VM after a kexec, before it
         # stored its files: the incoming session still holds them.
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         # At once, not when the control plane is up: a VMM that dies from
         # here on is started again on these files (Vm.recover), the guest
         # having run on since the state was saved.
-        agent.store_fds(name, *vm.files())
+        vm.leave_files()
         restored = (incoming, saved)
     elif stored is not None:
         try:

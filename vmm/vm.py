@@ -22,6 +22,7 @@ import struct
 import _thread
 import time
 
+from liveupdate import fdstore
 from liveupdate.state import check_vm_name
 from luvmm.abi import ffi
 from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
@@ -545,12 +546,26 @@ class Vm:
             self.preserved.add(what)
 
     def files(self) -> tuple[dict, dict[str, int]]:
-        """(meta, {token: fd}) for the agent's fd store: what a VMM started
+        """(meta, {name: fd}) for the unit's fd store: what a VMM started
         after this one dies needs to pick the VM up (:meth:`recover`)."""
         meta = {"config": self.config.to_dict(), "bdf": self.bdf, "ioas": self.ioas, "hwpt": self.hwpt,
                 "dev_id": self.dev_id, "preserved": sorted(self.preserved)}
         return meta, {"ram": self.memfd, "iommufd": self.iommufd.fd, "device": self.dev.fd,
                       "state": self.state_memfd}
+
+    def leave_files(self) -> None:
+        """Leave :meth:`files` in the unit's fd store: if this VMM dies, init
+        starts the next one on them (liveupdate.fdstore).  Where there is no
+        store (not started by such an init), a VMM that dies loses its VM:
+        said, not fatal."""
+        meta, files = self.files()
+        try:
+            fdstore.store(files, meta)
+        except OSError as e:
+            import sys
+
+            print(f"vmm[{self.config.name}]: cannot leave the VM's files with init: {e.strerror or e}",
+                  file=sys.stderr)
 
     def prepare(self, session) -> dict:
         """Pause and save the machine state into the state memfd (after making
@@ -622,7 +637,7 @@ class Vm:
     @classmethod
     def recover(cls, host, meta: dict, fds: dict[str, int], clock: Clock) -> Vm:
         """Start a VM again on the RAM, iommufd and device that a VMM which
-        died left in the agent's fd store (:meth:`files`).
+        died left in its unit's fd store (:meth:`files`).
 
         The device kept running, and its DMA with it.  The vCPUs' registers
         died with that VMM, so vCPU 0 enters the firmware at _start again with
