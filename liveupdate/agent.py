@@ -164,7 +164,7 @@ class Agent:
         update whose record cannot be written must not happen."""
         tmp = self.update_file + ".tmp"
         try:
-            os.makedirs(os.path.dirname(self.update_file), mode=0o700, exist_ok=True)
+            self.state.make_dir("agent")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 data = leanjson.dumps(update).encode()
@@ -175,6 +175,10 @@ class Agent:
             os.replace(tmp, self.update_file)
             self.disk_error = None
         except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             self.disk_error = f"cannot write {self.update_file}: {e.strerror or e}"
             log.error("%s", self.disk_error)
             if required:
@@ -380,7 +384,10 @@ class Agent:
             name = str(request["name"])
             if request.get("fresh") and name in self.outgoing:
                 self.outgoing.pop(name).close()  # the last reference: LUO unpreserves its files
-            return True, [os.dup(self._outgoing(name).fd)]
+            created = name not in self.outgoing
+            # "created": a session with nothing in it (this agent never had one for the VM: it was
+            # fresh, or an earlier agent's died with it) -- the VMM preserves its files anew.
+            return {"created": created}, [os.dup(self._outgoing(name).fd)]
         if op == "retrieve-session":
             session = self._incoming(str(request["name"]))
             return True, [os.dup(session.fd)]

@@ -62,9 +62,12 @@ class AgentClient:
     def hello(self) -> dict:
         return self.call({"op": "hello"})[0]
 
-    def create_session(self, name: str, *, fresh: bool = False) -> int:
-        """This VM's outgoing session (``fresh``: a new one, replacing what an earlier VMM left)."""
-        return self.call({"op": "create-session", "name": name, "fresh": fresh})[1][0]
+    def create_session(self, name: str, *, fresh: bool = False) -> tuple[int, bool]:
+        """This VM's outgoing session (``fresh``: a new one, replacing what an
+        earlier VMM left), and whether it was created now (empty: nothing of
+        the VM is preserved in it yet)."""
+        reply, fds = self.call({"op": "create-session", "name": name, "fresh": fresh})
+        return fds[0], bool(reply.get("created")) if isinstance(reply, dict) else True
 
     def retrieve_session(self, name: str) -> int | None:
         """The incoming session of ``name``, or None when the previous kernel handed none over."""

@@ -30,7 +30,7 @@ import trio
 
 from luvmm import rpc
 from luvmm.abi import IOCTLS, load_all
-from luvmm.peer import identify
+from luvmm.peer import credentials, identify
 from luvmm.wire import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -66,6 +66,33 @@ ANYONE_OPS = frozenset({"open", "listdir", "status", "units", "watch", "observe"
 AGENT_OPS = frozenset({"kexec", "unit-of"})
 OPERATOR_OPS = frozenset({"stop", "faults", "unit-start", "unit-stop"})
 UNKNOWN = object()
+MAX_CONNECTIONS_PER_PEER = 64
+MAX_CONNECTIONS = 1024
+#: fds the daemon keeps for itself (logs, units' spawns, the reserve) beyond connections and emulated files.
+FD_RESERVE = 256
+
+
+async def _refuse(conn, err: int, why: str) -> None:
+    """Answer a connection that is not served with why, and close it -- after
+    taking what it already sent, or the kernel would reset the connection and
+    the peer read ECONNRESET instead of the answer."""
+    with conn:
+        await rpc.trio_send(conn, {"errno": err, "error": why})
+        raw = socket.socket(fileno=conn.fileno())
+        try:
+            while True:
+                try:
+                    data, anc, flags, _ = raw.recvmsg(1, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                      socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+                except OSError:
+                    break
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        close_fds(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
+                if not data:
+                    break
+        finally:
+            raw.detach()
 
 
 def _time(value) -> float:
@@ -117,6 +144,8 @@ class HostDaemon:
         #: Prometheus metrics: where to serve them ([ADDRESS:]PORT), and the port once bound.
         self.metrics_listen = metrics
         self.metrics_port: int | None = None
+        #: pid -> control connections open (bounded per peer and in all).
+        self._connections: dict[int, int] = {}
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -147,7 +176,7 @@ class HostDaemon:
                 await self.init.start_all(boot="cold")
                 task_status.started()
                 await self._stop.wait()
-                await self.init.reap(self.init.kill_all())
+                await self.init.reap(self.init.kill_all(), everything=True)
                 nursery.cancel_scope.cancel()
         finally:
             listener.close()
@@ -175,6 +204,7 @@ class HostDaemon:
                              closing=trio.lowlevel.notify_closing)
         self.kernel.faults = self.faults
         self.kernel.kill_unit = self.init.kill_unit
+        self.kernel.max_files = max(64, fd_limit() - MAX_CONNECTIONS - FD_RESERVE)
         if tree is not None:
             try:
                 self.kernel.restore(tree)
@@ -274,6 +304,8 @@ class HostDaemon:
             raise KernelError(errno.EINVAL, f"unknown operation {op}")
         except KernelError as e:
             return -1, e.errno, getattr(e, "payload", b""), []
+        except OSError as e:  # a resource ran out (EMFILE, ENFILE, ENOMEM): the kernel's own errno
+            return -1, e.errno or errno.EIO, b"", []
         except (ValueError, struct.error) as e:
             log.info("bad request on %s: %s", file.describe(), e)
             return -1, errno.EINVAL, b"", []
@@ -284,11 +316,41 @@ class HostDaemon:
     # --- control socket ---------------------------------------------------------------------------
 
     async def _accept(self, listener) -> None:
-        while True:
-            conn, _ = await listener.accept()
-            self._nursery.start_soon(self._control, conn)
+        """Accept control connections, within bounds: MAX_CONNECTIONS_PER_PEER
+        per process (EMFILE past it) and MAX_CONNECTIONS in all (ENFILE).
+        When the daemon's own fd table is full, a reserved fd is let go to
+        accept the connection waiting and tell it why: the control socket
+        always answers, and never takes the machine down."""
+        reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as e:
+                    if e.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    os.close(reserve)
+                    try:
+                        conn, _ = await listener.accept()
+                        await _refuse(conn, e.errno, "the emulated host has run out of file descriptors")
+                    finally:
+                        reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    continue
+                pid = credentials(conn)[0]
+                refused = None
+                if self._connections.get(pid, 0) >= MAX_CONNECTIONS_PER_PEER:
+                    refused = (errno.EMFILE, f"at most {MAX_CONNECTIONS_PER_PEER} connections per process")
+                elif sum(self._connections.values()) >= MAX_CONNECTIONS:
+                    refused = (errno.ENFILE, f"at most {MAX_CONNECTIONS} connections")
+                if refused:
+                    await _refuse(conn, *refused)
+                    continue
+                self._connections[pid] = self._connections.get(pid, 0) + 1
+                self._nursery.start_soon(self._control, conn, pid)
+        finally:
+            os.close(reserve)
 
-    async def _control(self, conn) -> None:
+    async def _control(self, conn, pid: int = 0) -> None:
         peer = [UNKNOWN]  # looked up at the first request that needs it (luvmm.peer: fixed at connect)
 
         async def handle(request: dict, fds: list[int]):
@@ -310,6 +372,9 @@ class HostDaemon:
                 await rpc.serve_connection(conn, handle, log=log, after=self._after_reply)
             finally:
                 self.observer.release(conn)
+                left = self._connections.pop(pid, 1) - 1
+                if left > 0:
+                    self._connections[pid] = left
 
     def authorize(self, op: str, peer) -> None:
         """Who may ask what of the machine (README: the trust model).  The
@@ -456,6 +521,7 @@ class HostDaemon:
             "metrics_port": self.metrics_port,
             "kexec_seconds": [round(s, 4) for s in self.kexec_seconds],
             "last_kho_error": self.last_kho_error,
+            "disk_error": self.init.log_error,
             "faults": self.faults.describe(),
             "fault_hits": self.faults.hits,
             "last_kexec": self.last_kexec,
@@ -467,6 +533,28 @@ class HostDaemon:
             },
             "units": self.init.status(),
         }
+
+
+def fd_limit() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_fd_limit() -> int:
+    """The machine's files are the daemon's fds: its soft limit goes up to
+    the hard one (a real kernel holds thousands of sessions; 1024 would
+    not).  Returns the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.setswitchinterval(0.0005)  # keep serving while the DSA engines run Python
     state = StateDir(args.state_dir)
+    raise_fd_limit()
 
     def failed(why: str) -> int:
         log.error("cannot start: %s", why)

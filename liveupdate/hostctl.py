@@ -14,6 +14,54 @@ class HostError(RuntimeError):
     pass
 
 
+def dead(state: StateDir) -> int | None:
+    """The pid of a daemon that ran here and died (its pid file or socket
+    left behind, nothing answering), else None."""
+    if not state.exists() or running(state):
+        return None
+    pid = state.pid()
+    if pid is not None and _is_daemon(pid, state):
+        return None  # alive, not answering (yet): not dead
+    if pid is not None or os.path.exists(state.socket):
+        return pid or -1
+    return None
+
+
+def orphans(state: StateDir) -> list[int]:
+    """Processes of a dead host's machine: its daemon, and its units and
+    what they started (init gave them ``LUVMM_UNIT`` and this state dir in
+    their environment).  Nothing else -- not a shell that merely has
+    LUVMM_STATE_DIR set."""
+    needle = f"LUVMM_STATE_DIR={state.path}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if needle in env and any(v.startswith(b"LUVMM_UNIT=") for v in env) or _is_daemon(int(entry), state):
+            found.append(int(entry))
+    return found
+
+
+def bury(state: StateDir) -> list[int]:
+    """After a daemon died: stop what is left of its machine (SIGKILL) and
+    its stale files.  Returns the pids stopped."""
+    import signal
+
+    pids = orphans(state)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    state.clean()
+    return pids
+
+
 def running(state: StateDir) -> bool:
     """Whether a daemon answers on the state dir's control socket (changes nothing)."""
     if not os.path.exists(state.socket):
@@ -51,6 +99,8 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
     if agent:
         # Restarted when it dies, as luod would be (Restart=on-failure): the VMMs register again.
         state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path), restart="on-failure")
+    else:
+        state.remove_unit("agent")  # --no-agent means none, whatever an earlier host left
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "liveupdate.daemon", "--state-dir", state.path, "--devices", str(devices),
             "--kernel-profile", profile, "--ready-fd", str(write_end)]
@@ -58,10 +108,13 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
         argv += ["--dsa-bandwidth", str(dsa_bandwidth)]
     if metrics_port is not None:
         argv += ["--metrics-port", str(metrics_port)]
-    with open(state.log, "ab") as log:
+    log = os.open(state.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 pass_fds=(write_end,), start_new_session=True,
                                 env=dict(os.environ, **(env or {})))
+    finally:
+        os.close(log)
     os.close(write_end)
     try:
         ready, _, _ = select.select([read_end], [], [], timeout)
@@ -140,10 +193,21 @@ def find(state_dir: str | None) -> StateDir:
     HostError.  Looks only: a command that reads or acts on a host never
     starts one (and never creates a state dir)."""
     state = StateDir(state_dir or default_state_dir())
+    if state.exists():
+        state.check_safe()  # not a host someone else set up for us to talk to
     if not running(state):
+        gone = dead(state)
+        if gone is not None:
+            raise HostError(died(state, gone))
         raise HostError(f"no emulated host is running in {state.path} (`luvmm host start` starts one; "
                         "so does `luvmm vm start`)")
     return state
+
+
+def died(state: StateDir, pid: int) -> str:
+    return (f"the emulated host in {state.path} died{f' (pid {pid})' if pid > 0 else ''}: its machine and "
+            f"its VMs' RAM are gone. `luvmm host start --state-dir {state.path}` starts a new one there "
+            "(its VMs boot cold)")
 
 
 def ensure(state_dir: str | None, *, say=print, **start_args) -> StateDir:
@@ -151,6 +215,9 @@ def ensure(state_dir: str | None, *, say=print, **start_args) -> StateDir:
     (and said so): what `luvmm vm start` does."""
     state = StateDir(state_dir or default_state_dir())
     if not running(state):
+        gone = dead(state)
+        if gone is not None:  # a new machine over a dead one's state is an explicit act
+            raise HostError(died(state, gone))
         start(state, **start_args)
         say(f"started an emulated host in {state.path}")
     return state
@@ -164,6 +231,8 @@ def format_status(status: dict) -> str:
              f"kexec count {status['kexec_count']}"]
     if status.get("last_kho_error"):
         lines.append(f"last KHO image refused: {status['last_kho_error']}")
+    if status.get("disk_error"):
+        lines.append(f"disk: {status['disk_error']}")
     if status.get("faults"):
         lines.append(f"faults injected ({status.get('fault_hits', 0)} hits): {', '.join(status['faults'])}")
     lines.append("devices:")

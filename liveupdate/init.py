@@ -26,7 +26,10 @@ process of no unit stores nothing.
 
 Init is a **child subreaper** (PR_SET_CHILD_SUBREAPER): a process that forks
 out of its unit is re-parented to init, not to pid 1, so it still belongs to
-no operator (:meth:`Init.unit_of`), and init reaps it when it exits.
+no operator (:meth:`Init.unit_of`), and init reaps it when it exits.  And a
+unit does not outlive the machine: its process gets SIGKILL when the daemon
+dies (PR_SET_PDEATHSIG, through util-linux's setpriv), as every process of a
+real machine stops with it.
 """
 
 from __future__ import annotations
@@ -130,6 +133,11 @@ class Init:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         except (OSError, AttributeError):
             pass
+        import shutil
+
+        setpriv = shutil.which("setpriv")
+        #: What every unit's argv starts with: SIGKILL when init dies.
+        self.wrapper = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
     def _env(self, unit: dict, boot: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -187,7 +195,7 @@ class Init:
             if moved:
                 # LISTEN_PID must be the new process's own pid: known only once it exists, so a shim sets it.
                 argv = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"] + argv
-            proc = UnitProcess(argv, env, log_fd, moved)
+            proc = UnitProcess(self.wrapper + argv, env, log_fd, moved)
         finally:
             os.close(log_fd)
             for fd in moved:
@@ -342,8 +350,45 @@ class Init:
             with trio.move_on_after(5):
                 await proc.wait()
         await self._kill(proc)
+        self.kill_members(unit=name)  # KillMode=control-group: whatever left the unit's process group too
         self.flush_fdstore(name)  # stopped: its stored files go (systemd flushes the store at stop)
         return {"name": name, "returncode": proc.returncode}
+
+    def members(self, *, unit: str | None = None, before_generation: int | None = None) -> list[int]:
+        """Processes of this machine's units found by the environment init
+        gave them (a fork keeps it, whatever its session or parent): of
+        ``unit``, or of units started before ``before_generation``."""
+        found = []
+        mine = f"LUVMM_STATE_DIR={self.state.path}".encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+            except OSError:
+                continue
+            if env.get(b"LUVMM_STATE_DIR") != mine.split(b"=", 1)[1] or b"LUVMM_UNIT" not in env:
+                continue
+            if unit is not None and env[b"LUVMM_UNIT"] != unit.encode():
+                continue
+            if before_generation is not None:
+                try:
+                    if int(env.get(b"LUVMM_GENERATION", b"0")) >= before_generation:
+                        continue
+                except ValueError:
+                    pass
+            found.append(int(entry))
+        return found
+
+    def kill_members(self, **which) -> int:
+        pids = self.members(**which)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(pids)
 
     def unit_of(self, pid: int) -> str | None:
         """The unit whose process ``pid`` is (None: no unit's -- the operator's).
@@ -355,12 +400,12 @@ class Init:
         re-parented to init -- it forked out of its unit and changed its
         session -- is ORPHAN: some unit's, never the operator's."""
         units = {proc.pid: name for name, proc in self.procs.items() if proc.returncode is None}
-        me = os.getpid()
+        me, first = os.getpid(), pid
         for _ in range(64):
             if pid in units:
                 return units[pid]
             if pid == me:
-                return ORPHAN
+                return self._unit_by_environ(first) or ORPHAN
             if pid <= 1:
                 return None
             try:
@@ -373,6 +418,18 @@ class Init:
                 return units[session]
             pid = parent
         return None
+
+    def _unit_by_environ(self, pid: int) -> str | None:
+        """The unit an escaped process came from, by the environment init gave that unit."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:
+            return None
+        if env.get(b"LUVMM_STATE_DIR") != self.state.path.encode():
+            return None
+        unit = env.get(b"LUVMM_UNIT", b"").decode(errors="replace")
+        return unit if unit in self.procs else None
 
     async def reap_orphans(self) -> None:
         """Reap the processes re-parented to init (the subreaper's duty);
@@ -430,10 +487,15 @@ class Init:
             self.flush_fdstore(name)
         return procs
 
-    @staticmethod
-    async def reap(procs: list[UnitProcess]) -> None:
+    async def reap(self, procs: list[UnitProcess], *, everything: bool = False) -> None:
+        """Wait for the old kernel's unit processes, then stop what escaped
+        their process groups (off the blackout's path: scanning /proc takes
+        milliseconds): the old kernel's, or with ``everything`` (the machine
+        stops) all of them."""
         for proc in procs:
             await proc.wait()
+        self.kill_members(before_generation=self.daemon.generation + (1 if everything else 0))
+
 
     def status(self) -> list[dict]:
         out = []

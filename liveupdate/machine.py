@@ -19,11 +19,24 @@ from devices.memory import PhysMem
 from devices.pci import PCI_COMMAND_MASTER
 
 
+#: DSA functions a machine may have (each is its own PCI function; a bus holds 32 devices).
+MAX_DEVICES = 64
+
+
+def bdf_of(i: int) -> str:
+    """The i-th DSA's address: 0000:6a:01.0, 0000:6b:01.0, ... (as Sapphire Rapids
+    puts one per bus), then further devices on each bus."""
+    bus, dev = 0x6a + i % 0x80, 1 + i // 0x80
+    return f"0000:{bus:02x}:{dev:02x}.0"
+
+
 class Machine:
     def __init__(self, devices: int = 1, *, dsa_bandwidth: float | None = None):
+        if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
+            raise ValueError(f"a machine has 1 to {MAX_DEVICES} devices, not {devices!r}")
         self.devices: dict[str, DsaDevice] = {}
         for i in range(devices):
-            bdf = f"0000:{0x6a + i:02x}:01.0"
+            bdf = bdf_of(i)
             self.devices[bdf] = DsaDevice(bdf, bandwidth=dsa_bandwidth)
         self.domains: dict[int, IommuDomain] = {}
         self._domain_ids = itertools.count(1)

@@ -120,6 +120,9 @@ class StateError(RuntimeError):
 #: Marks a directory as a luvmm state dir, and says whether luvmm created it
 #: (removed when the host stops and nothing is left in it) or found it.
 MARKER = ".luvmm-state"
+#: The state's own directories and files (check_safe refuses a symlink in their place).
+STATE_DIRS = ("units", "logs", "vms", "agent", "pycache")
+STATE_FILES = (MARKER, "host.log", "host.pid", "host.sock", "agent.sock", "notify.sock", "agent/update.json")
 
 
 class StateDir:
@@ -166,33 +169,128 @@ class StateDir:
     def ensure(self) -> None:
         """Make the state dir usable, or StateError saying why not.
 
-        A directory luvmm creates is 0700 (only its owner reaches the host).
-        One the user pointed at is used as it is, never chmod'ed behind their
-        back -- unless others may write into it: they could plant a unit that
-        the host would run."""
+        A directory luvmm creates is 0700 (only its owner reaches the host),
+        made with one exclusive mkdir.  One the user pointed at is used as it
+        is, never chmod'ed behind their back.  Refused: a state dir that is
+        not the user's, or that others may write into, or under a parent
+        that others may write into (without the sticky bit, as /tmp has) --
+        whoever can write there can plant a unit the host would run, or swap
+        the directory itself; and any of the state's own files or
+        directories that is a symlink (they are never followed)."""
         created = False
         try:
             try:
-                st = os.stat(self.path)
+                st = os.lstat(self.path)
             except FileNotFoundError:
-                os.mkdir(self.path, 0o700)
+                self._check_parents()
+                os.mkdir(self.path, 0o700)  # exclusive: if someone made it meanwhile, this fails
                 created = True
-                st = os.stat(self.path)
-            import stat
-
-            if not stat.S_ISDIR(st.st_mode):
-                raise StateError(f"{self.path} is not a directory")
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise StateError(f"{self.path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
-                                 "use a directory only you can write to (chmod go-w, or another --state-dir)")
+                st = os.lstat(self.path)
+            self.check_safe(st)
             marker = os.path.join(self.path, MARKER)
-            if created or not os.path.exists(marker):
-                with open(marker, "w") as f:
-                    f.write("created\n" if created else "existing\n")
-            self.units.mkdir(exist_ok=True)
-            self.logs.mkdir(exist_ok=True)
+            if created or not os.path.lexists(marker):
+                self.write_file(MARKER, b"created\n" if created else b"existing\n", mode=0o644)
+            for sub in ("units", "logs"):
+                self.make_dir(sub)
         except OSError as e:
             raise StateError(f"cannot use {self.path} as a state dir: {e.strerror or e}") from None
+
+    def check_safe(self, st=None) -> None:
+        """StateError unless the state dir is a directory of this user's that
+        nobody else may write into (nor into its parents), and none of the
+        state's entries is a symlink.  Changes nothing."""
+        import stat
+
+        st = st or os.lstat(self.path)
+        if stat.S_ISLNK(st.st_mode):
+            raise StateError(f"{self.path} is a symlink: give the directory itself")
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateError(f"{self.path} is not a directory")
+        if st.st_uid != os.geteuid():
+            raise StateError(f"{self.path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
+                             "a host there would run what its owner puts in it")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise StateError(f"{self.path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+                             "use a directory only you can write to (chmod go-w, or another --state-dir)")
+        self._check_parents()
+        for rel in STATE_DIRS:
+            self._check_entry(rel, directory=True)
+        for rel in STATE_FILES:
+            self._check_entry(rel, directory=False)
+        vms = os.path.join(self.path, "vms")
+        if os.path.isdir(vms) and not os.path.islink(vms):
+            for name in os.listdir(vms):
+                self._check_entry(f"vms/{name}", directory=True)
+                for leaf in ("config.json", "metrics.json"):
+                    self._check_entry(f"vms/{name}/{leaf}", directory=False)
+
+    def _check_parents(self) -> None:
+        import stat
+
+        path = os.path.dirname(self.path)
+        while True:
+            st = os.stat(path)
+            if st.st_uid not in (0, os.geteuid()) or (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+                                                       and not st.st_mode & stat.S_ISVTX):
+                raise StateError(f"{path}, above the state dir {self.path}, may be changed by other users "
+                                 f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): they could swap "
+                                 "the state dir; use a directory under one only you (or root) can change")
+            if path == "/":
+                return
+            path = os.path.dirname(path)
+
+    def _check_entry(self, rel: str, *, directory: bool) -> None:
+        import stat
+
+        path = os.path.join(self.path, rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise StateError(f"{path} is a symlink: refusing it (the state dir's files are never followed)")
+        if directory and not stat.S_ISDIR(st.st_mode):
+            raise StateError(f"{path} is not a directory")
+        if not directory and not (stat.S_ISREG(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+            raise StateError(f"{path} is not a regular file")
+
+    def make_dir(self, rel: str, mode: int = 0o700) -> str:
+        """``rel`` inside the state dir, made if missing; StateError if it is a symlink or not a directory."""
+        path = os.path.join(self.path, rel)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            self._check_entry(rel, directory=True)
+        return path
+
+    def write_file(self, rel: str, data: bytes, mode: int = 0o600) -> None:
+        """Write ``rel`` (in a directory of the state dir) whole or not at
+        all: a new file beside it, renamed over it.  A symlink in its place
+        is refused, not followed."""
+        path = os.path.join(self.path, rel)
+        if os.path.dirname(rel):
+            self._check_entry(os.path.dirname(rel), directory=True)
+        self._check_entry(rel, directory=False)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+
+    def read_file(self, rel: str) -> bytes:
+        """``rel``, never through a symlink (ELOOP)."""
+        fd = os.open(os.path.join(self.path, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return os.read(fd, max(os.fstat(fd).st_size, 1) + 4096)
+        finally:
+            os.close(fd)
 
     def created_by_luvmm(self) -> bool:
         try:
@@ -239,8 +337,7 @@ class StateDir:
         return []
 
     def write_pid(self, pid: int) -> None:
-        with open(self.pidfile, "w") as f:
-            f.write(f"{pid}\n")
+        self.write_file("host.pid", f"{pid}\n".encode(), mode=0o644)
 
     def clear_pid(self) -> None:
         try:
@@ -250,9 +347,8 @@ class StateDir:
 
     def pid(self) -> int | None:
         try:
-            with open(self.pidfile) as f:
-                return int(f.read())
-        except (FileNotFoundError, ValueError):
+            return int(self.read_file("host.pid"))
+        except (OSError, ValueError):
             return None
 
     # --- units ----------------------------------------------------------------------------
@@ -260,13 +356,11 @@ class StateDir:
     def write_unit(self, name: str, argv: list[str], env: dict[str, str] | None = None, **extra):
         check_unit_name(name)
         self.ensure()
-        path = self.units / f"{name}.json"
-        tmp = path.with_suffix(".tmp")
         import json
 
-        tmp.write_text(json.dumps({"name": name, "argv": argv, "env": env or {}, **extra}, indent=2))
-        os.replace(tmp, path)
-        return path
+        self.write_file(f"units/{name}.json", json.dumps({"name": name, "argv": argv, "env": env or {}, **extra},
+                                                         indent=2).encode())
+        return self.units / f"{name}.json"
 
     def remove_unit(self, name: str) -> bool:
         check_unit_name(name)
@@ -284,12 +378,12 @@ class StateDir:
         import json
 
         units = []
-        if not self.units.is_dir():
+        if not self.units.is_dir() or self.units.is_symlink():
             return units
         for path in sorted(self.units.glob("*.json")):
             try:
-                unit = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                unit = json.loads(self.read_file(f"units/{path.name}"))  # not through a symlink
+            except (OSError, ValueError):
                 continue
             if isinstance(unit, dict) and isinstance(unit.get("argv"), list) and unit.get("name") == path.stem \
                     and _valid_unit(path.stem):

@@ -97,6 +97,15 @@ def _positive(text: str) -> int:
     return n
 
 
+def _devices(text: str) -> int:
+    from liveupdate.machine import MAX_DEVICES
+
+    n = _positive(text)
+    if n > MAX_DEVICES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_DEVICES} devices, not {n}")
+    return n
+
+
 def _vcpus(text: str) -> int:
     n = _positive(text)
     if n > 16:
@@ -276,6 +285,11 @@ def _cmd_host_start(args: argparse.Namespace) -> int:
     state = _state(args)
     if hostctl.running(state):
         raise CliError(f"an emulated host is already running in {state.path}")
+    gone = hostctl.dead(state)
+    if gone is not None:
+        stopped = hostctl.bury(state)
+        _say(f"the emulated host that ran in {state.path} had died{f' (pid {gone})' if gone > 0 else ''}: "
+             f"stopped what was left of it ({len(stopped)} process(es)); starting a new one")
     earlier = state.vm_names() if state.exists() else []
     pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
                         dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent,
@@ -499,6 +513,8 @@ def _cmd_update(args: argparse.Namespace) -> int:
     from liveupdate.update import cycle_line, summarize, update_once
 
     state = _running_host(args)
+    if args.abandon:
+        return _abandon(state, args.json)
     if not state.vm_names():
         raise CliError(f"no VM runs on the host in {state.path}: nothing to update (`luvmm vm start NAME`)")
     progress = _progress()
@@ -518,6 +534,25 @@ def _cmd_update(args: argparse.Namespace) -> int:
     summary = summarize(records)
     summary["failed_updates"] = failed
     return _report_updates(summary, args.json, interrupted)
+
+
+def _abandon(state, as_json: bool) -> int:
+    """`luvmm update --abandon`: fail the update under way that will not end by itself."""
+    from liveupdate.agent_client import wait_for_agent
+
+    client, _ = wait_for_agent(state, 30)
+    try:
+        update = client.call({"op": "abandon"})[0]
+    finally:
+        client.close()
+    if as_json:
+        _print_json(update)
+    elif update is None:
+        print("no update was ever made on this host")
+    else:
+        errors = [r["error"] for r in update.get("reports", {}).values() if r.get("error")]
+        print(f"update {update['id']}: {update['phase']}" + (f" ({'; '.join(errors)})" if errors else ""))
+    return exitcodes.OK
 
 
 def _cmd_bench_blackout(args: argparse.Namespace) -> int:
@@ -628,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Start an emulated host daemon in the background. VMs defined in the "
                                             "state dir by an earlier run boot again, cold.")
     _state_dir_arg(start)
-    start.add_argument("--devices", type=_positive, default=1, help="number of DSA functions (default 1)")
+    start.add_argument("--devices", type=_devices, default=1, help="number of DSA functions, 1-64 (default 1)")
     _profile_arg(start)
     _bandwidth_arg(start)
     start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
@@ -711,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     _state_dir_arg(update)
     update.add_argument("--cycles", type=_positive, default=1, help="updates in a row (default 1)")
     update.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for each step (default 60)")
+    update.add_argument("--abandon", action="store_true",
+                        help="fail the update under way instead (one whose restored VMs never all reported): "
+                             "the VMs are left as they are, the next update can start")
     _json_arg(update, '{"cycles": [...], "blackout_s": {"p50", "p99", "max"}, ...}')
     update.set_defaults(func=_cmd_update)
 

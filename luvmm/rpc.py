@@ -123,7 +123,10 @@ def call(sock, request: dict, fds: list[int] = (), *, timeout: float | None = DE
     ETIMEDOUT: it did not answer within ``timeout`` seconds)."""
     sock.settimeout(timeout)
     try:
-        send(sock, request, fds)
+        try:
+            send(sock, request, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a server that refused the connection said why first: read it
         reply, got = recv(sock)
     except (BrokenPipeError, ConnectionResetError):
         reply, got = None, []

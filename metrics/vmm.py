@@ -13,6 +13,7 @@ Every series has the label ``vm``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -129,8 +130,12 @@ class UpdateStats:
             raise ValueError(f"{path}: damaged metrics state: {e}") from None
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        """Whole or not at all (a new file renamed over the old), never through a symlink."""
+        if os.path.islink(path):
+            raise OSError(errno.ELOOP, f"{path} is a symlink: not written through")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump(self.to_dict(), f)
         os.replace(tmp, path)
 

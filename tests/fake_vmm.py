@@ -30,7 +30,7 @@ def main() -> None:
         report["data_ok"] = os.pread(fd, len(PATTERN), 0) == PATTERN
         session.finish()
         agent.restored(NAME, report)
-    session = Session(host, agent.create_session(NAME), NAME)
+    session = Session(host, agent.create_session(NAME)[0], NAME)
     channel = AgentClient(state)
     channel.call({"op": "register", "name": NAME})
     resumed = 0

@@ -254,7 +254,8 @@ class Control:
         vm = self.vm
         mb = vm.mailbox.snapshot()
         return {"name": self.name, "pid": os.getpid(), "boot": self.boot, "config": vm.config.to_dict(),
-                "bdf": vm.bdf, "guest_state": guest.GUEST_STATE.get(mb["state"], str(mb["state"])),
+                "bdf": vm.bdf,
+                "guest_state": "paused" if self.prepared else guest.GUEST_STATE.get(mb["state"], str(mb["state"])),
                 "mailbox": mb, "crash": vm.crash and vars(vm.crash), "interrupts": vm.count_interrupts(),
                 "portal_writes": vm.portal_writes, "updates_prepared": self.updates,
                 "ready": self.ready, "prepared": self.prepared, "metrics_port": self.metrics_port, "metrics_error": self.metrics_error,
@@ -262,9 +263,9 @@ class Control:
                 "last_update": self.last_report}
 
     async def serve_local(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        vm_dir = self.state.vm_dir(self.name)
-        vm_dir.mkdir(parents=True, exist_ok=True)
-        listener = trio.socket.from_stdlib_socket(listen_seqpacket(str(vm_dir / "vmm.sock")))
+        self.state.make_dir("vms")
+        vm_dir = self.state.make_dir(f"vms/{self.name}")
+        listener = trio.socket.from_stdlib_socket(listen_seqpacket(os.path.join(vm_dir, "vmm.sock")))
         task_status.started()
         async with trio.open_nursery() as nursery:
             while True:
@@ -298,7 +299,10 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
                         nursery.start_soon(control.finish_later, restored[0])
                 # A cold-booted VM has new files: a session an earlier VMM of
                 # this name left behind describes a VM that is gone.
-                control.session = Session(host, agent.create_session(name, fresh=boot == "cold"), name)
+                session_fd, created = agent.create_session(name, fresh=boot == "cold")
+                control.session = Session(host, session_fd, name)
+                if created:
+                    vm.preserved = set()  # a new session holds none of the files an earlier one did
                 try:
                     vm.preserve(control.session)
                 except OSError as e:  # the VM runs on; prepare tries again, and refuses the update if it fails

@@ -106,13 +106,18 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
         raise VmError(f"VM {config.name!r} exists")
     if not overcommit:
         check_fits(state, config)
-    vm_dir = state.vm_dir(config.name)
-    vm_dir.mkdir(parents=True, exist_ok=True)
-    (vm_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name)
-    # Restart=on-failure: a VMM that dies is started again, on the VM's files in its unit's fd store.
-    state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
-                     fdstore_max=FDSTORE_MAX)
+    try:
+        state.make_dir("vms")
+        state.make_dir(f"vms/{config.name}")
+        state.write_file(f"vms/{config.name}/config.json", json.dumps(config.to_dict(), indent=2).encode())
+        # Restart=on-failure: a VMM that dies is started again, on the VM's files in its unit's fd store.
+        state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
+                         fdstore_max=FDSTORE_MAX)
+    except OSError as e:  # a full or read-only disk: nothing of the VM is left
+        shutil.rmtree(state.vm_dir(config.name), ignore_errors=True)
+        state.remove_unit(unit_name(config.name))
+        raise VmError(f"cannot write the VM's definition in {state.path}: {e.strerror or e}") from None
     try:
         host.call({"op": "unit-start", "name": unit_name(config.name)})
         st = _wait_running(state, config, host, wait)

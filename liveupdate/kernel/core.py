@@ -125,6 +125,8 @@ class Kernel:
         #: Told before a file's socket is closed (the daemon's event loop may be waiting on it).
         self.closing = closing
         self.files: dict[int, File] = {}
+        #: How many files may be open at once (set by the daemon from its fd limit).
+        self.max_files = 1 << 20
         #: True while the old kernel is being discarded at kexec: release
         #: paths must not touch the hardware then.
         self.dropping = False
@@ -162,7 +164,10 @@ class Kernel:
 
     def install(self, file: File) -> int:
         """Create the socketpair of a new file; returns the client's end (an fd
-        the caller hands over and then closes)."""
+        the caller hands over and then closes).  ENFILE past max_files (the
+        kernel's file-max): each file costs the daemon an fd."""
+        if len(self.files) >= self.max_files:
+            raise KernelError(errno.ENFILE, f"{len(self.files)} emulated files are open: the most there can be")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         file.sock = ours
         file.inode = os.fstat(theirs.fileno()).st_ino
