@@ -576,6 +576,17 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
     return exitcodes.DAMAGED if damaged else exitcodes.OK
 
 
+def _cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from vmm.chaos import damaged, format_chaos, run_chaos
+
+    if _guest("auto") != "firmware":
+        raise CliError("the chaos benchmark needs the firmware guest (a usable /dev/kvm): a synthetic guest's VMM "
+                       "cannot be restarted on its VM")
+    result = run_chaos(cycles=args.cycles, seed=args.seed, memory=args.memory, progress=_progress())
+    _print_json(result) if args.json else print(format_chaos(result))
+    return exitcodes.DAMAGED if damaged(result) else exitcodes.OK
+
+
 def _cmd_bench_scale(args: argparse.Namespace) -> int:
     from vmm.bench import format_scale, run_scale
 
@@ -804,6 +815,19 @@ def build_parser() -> argparse.ArgumentParser:
     _bandwidth_arg(soak)
     _json_arg(soak, "{cycles, dma_errors, dma_lost, dma_corrupted, fds_leaked, rss_growth_bytes, blackout_s, ...}")
     soak.set_defaults(func=_cmd_bench_soak)
+    chaos = bench_sub.add_parser(
+        "chaos", help="live updates of two VMs with random kills, stalls and a full disk",
+        description="Start a fresh emulated host and two VMs, and run N live updates; at a random moment of "
+                    "each, kill the agent, a VMM or both, stall a step, or fill the disk (as root: the state dir "
+                    "is then a tmpfs). Checks that every VM survives (its guest's counters go on, never a cold "
+                    "boot), no update is left stuck and no DMA is damaged; an update may fail (rolled back). "
+                    "Exit status 3 if any of that did not hold.")
+    chaos.add_argument("--cycles", type=_positive, default=50, help="live updates (default 50)")
+    chaos.add_argument("--seed", type=int, help="the random seed (default: a new one, printed)")
+    chaos.add_argument("--memory", type=_memory, default=64 << 20, metavar="SIZE",
+                       help="each VM's RAM (default 64M)")
+    _json_arg(chaos, "{cycles, seed, actions, updates_ok, updates_failed, vms_lost, stuck_updates, dma_*, ...}")
+    chaos.set_defaults(func=_cmd_bench_chaos)
     return parser
 
 
