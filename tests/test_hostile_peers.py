@@ -502,3 +502,35 @@ def test_symlinks_in_the_state_dir_are_refused_not_followed(cli):
     cli("host", "start")
     cli("vm", "stop", "a")
     cli("host", "stop")
+
+
+def test_a_unit_whose_log_cannot_be_written_starts_anyway_and_status_says_why(emulated_host):
+    state, conn = emulated_host.state, emulated_host.host
+    os.mkdir(state.logs / "vm-nolog.log")  # not a file: the log cannot be opened, as on a full or broken disk
+    state.write_unit("vm-nolog", [sys.executable, "-c", "import time; time.sleep(60)"])
+    conn.call({"op": "unit-start", "name": "vm-nolog"})
+    unit = next(u for u in conn.call({"op": "units"})[0] if u["name"] == "vm-nolog")
+    assert unit["running"]
+    status = conn.call({"op": "status"})[0]
+    assert "vm-nolog's log" in status["disk_error"]
+    from liveupdate.hostctl import format_status
+
+    assert "disk: unit vm-nolog's log" in format_status(status)
+    conn.call({"op": "unit-stop", "name": "vm-nolog"})
+
+
+def test_no_agent_means_none_and_a_stopped_host_leaves_no_update_behind(cli):
+    cli("host", "start")
+    cli("host", "stop")
+    from liveupdate.state import StateDir
+
+    state = StateDir(cli.state)
+    state.ensure()
+    state.write_unit("agent", [sys.executable, "-c", "import time; time.sleep(60)"])  # left by an earlier host
+    state.make_dir("agent")
+    state.write_file("agent/update.json", json.dumps({"id": "old", "vms": ["x"], "phase": "restoring",
+                                                      "reports": {}}).encode())
+    cli("host", "start", "--no-agent")
+    assert [u["name"] for u in json.loads(cli("host", "status", "--json").stdout)["units"]] == []
+    cli("host", "stop")
+    assert not os.path.exists(cli.state)  # the old update record went with the host that stopped
