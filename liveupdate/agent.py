@@ -266,9 +266,7 @@ class Agent:
                 nursery.start_soon(self._client, Channel(trio.socket.from_stdlib_socket(conn)), first)
             if task_status is not None:
                 task_status.started()
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(self._client, Channel(conn))
+            await rpc.Listener(who="the LUO agent").run(listener, lambda conn: self._client(Channel(conn)), nursery)
 
     async def _client(self, ch: Channel, first: tuple[dict, list[int]] | None = None) -> None:
         registered = None

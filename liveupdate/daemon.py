@@ -30,7 +30,7 @@ import trio
 
 from luvmm import rpc
 from luvmm.abi import IOCTLS, load_all
-from luvmm.peer import credentials, identify
+from luvmm.peer import identify
 from luvmm.wire import (
     MAX_FDS,
     MAX_MESSAGE,
@@ -70,29 +70,6 @@ MAX_CONNECTIONS_PER_PEER = 64
 MAX_CONNECTIONS = 1024
 #: fds the daemon keeps for itself (logs, units' spawns, the reserve) beyond connections and emulated files.
 FD_RESERVE = 256
-
-
-async def _refuse(conn, err: int, why: str) -> None:
-    """Answer a connection that is not served with why, and close it -- after
-    taking what it already sent, or the kernel would reset the connection and
-    the peer read ECONNRESET instead of the answer."""
-    with conn:
-        await rpc.trio_send(conn, {"errno": err, "error": why})
-        raw = socket.socket(fileno=conn.fileno())
-        try:
-            while True:
-                try:
-                    data, anc, flags, _ = raw.recvmsg(1, socket.CMSG_SPACE(MAX_FDS * 4),
-                                                      socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-                except OSError:
-                    break
-                for level, kind, payload in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        close_fds(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
-                if not data:
-                    break
-        finally:
-            raw.detach()
 
 
 def _time(value) -> float:
@@ -144,8 +121,7 @@ class HostDaemon:
         #: Prometheus metrics: where to serve them ([ADDRESS:]PORT), and the port once bound.
         self.metrics_listen = metrics
         self.metrics_port: int | None = None
-        #: pid -> control connections open (bounded per peer and in all).
-        self._connections: dict[int, int] = {}
+
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -160,7 +136,8 @@ class HostDaemon:
                 nursery.start_soon(self.init.serve_notify)
                 nursery.start_soon(self.init.reap_orphans)
                 await self._boot(None)
-                nursery.start_soon(self._accept, listener)
+                nursery.start_soon(rpc.Listener(per_peer=MAX_CONNECTIONS_PER_PEER, total=MAX_CONNECTIONS,
+                                                who="the emulated host").run, listener, self._control, nursery)
                 nursery.start_soon(self.observer.run)
                 if self.metrics_listen is not None:
                     from metrics import http
@@ -315,42 +292,7 @@ class HostDaemon:
 
     # --- control socket ---------------------------------------------------------------------------
 
-    async def _accept(self, listener) -> None:
-        """Accept control connections, within bounds: MAX_CONNECTIONS_PER_PEER
-        per process (EMFILE past it) and MAX_CONNECTIONS in all (ENFILE).
-        When the daemon's own fd table is full, a reserved fd is let go to
-        accept the connection waiting and tell it why: the control socket
-        always answers, and never takes the machine down."""
-        reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            while True:
-                try:
-                    conn, _ = await listener.accept()
-                except OSError as e:
-                    if e.errno not in (errno.EMFILE, errno.ENFILE):
-                        raise
-                    os.close(reserve)
-                    try:
-                        conn, _ = await listener.accept()
-                        await _refuse(conn, e.errno, "the emulated host has run out of file descriptors")
-                    finally:
-                        reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-                    continue
-                pid = credentials(conn)[0]
-                refused = None
-                if self._connections.get(pid, 0) >= MAX_CONNECTIONS_PER_PEER:
-                    refused = (errno.EMFILE, f"at most {MAX_CONNECTIONS_PER_PEER} connections per process")
-                elif sum(self._connections.values()) >= MAX_CONNECTIONS:
-                    refused = (errno.ENFILE, f"at most {MAX_CONNECTIONS} connections")
-                if refused:
-                    await _refuse(conn, *refused)
-                    continue
-                self._connections[pid] = self._connections.get(pid, 0) + 1
-                self._nursery.start_soon(self._control, conn, pid)
-        finally:
-            os.close(reserve)
-
-    async def _control(self, conn, pid: int = 0) -> None:
+    async def _control(self, conn) -> None:
         peer = [UNKNOWN]  # looked up at the first request that needs it (luvmm.peer: fixed at connect)
 
         async def handle(request: dict, fds: list[int]):
@@ -372,9 +314,6 @@ class HostDaemon:
                 await rpc.serve_connection(conn, handle, log=log, after=self._after_reply)
             finally:
                 self.observer.release(conn)
-                left = self._connections.pop(pid, 1) - 1
-                if left > 0:
-                    self._connections[pid] = left
 
     def authorize(self, op: str, peer) -> None:
         """Who may ask what of the machine (README: the trust model).  The

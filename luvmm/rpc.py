@@ -207,3 +207,78 @@ async def serve_connection(sock, handle, *, log=None, after=None) -> None:
             after(request, reply)
         if not sent:
             return
+
+
+class Listener:
+    """A trio accept loop within bounds: ``per_peer`` connections per
+    process (EMFILE past it) and ``total`` in all (ENFILE).  When this
+    process's fd table is full, a reserved fd is let go to accept the
+    connection waiting and tell it why: the socket always answers, and a
+    flood never takes the server down.  ``serve(conn)`` runs for each
+    connection accepted, in ``nursery``."""
+
+    def __init__(self, *, per_peer: int = 64, total: int = 1024, who: str = "this server"):
+        self.per_peer, self.total, self.who = per_peer, total, who
+        self.connections: dict[int, int] = {}  # peer pid -> connections open
+
+    async def run(self, listener, serve, nursery) -> None:
+        from luvmm.peer import credentials
+
+        reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as e:
+                    if e.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    os.close(reserve)
+                    try:
+                        conn, _ = await listener.accept()
+                        await refuse(conn, e.errno, f"{self.who} has run out of file descriptors")
+                    finally:
+                        reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                    continue
+                pid = credentials(conn)[0]
+                if self.connections.get(pid, 0) >= self.per_peer:
+                    await refuse(conn, errno.EMFILE, f"at most {self.per_peer} connections per process")
+                    continue
+                if sum(self.connections.values()) >= self.total:
+                    await refuse(conn, errno.ENFILE, f"at most {self.total} connections")
+                    continue
+                self.connections[pid] = self.connections.get(pid, 0) + 1
+                nursery.start_soon(self._serve, serve, conn, pid)
+        finally:
+            os.close(reserve)
+
+    async def _serve(self, serve, conn, pid: int) -> None:
+        try:
+            await serve(conn)
+        finally:
+            left = self.connections.pop(pid, 1) - 1
+            if left > 0:
+                self.connections[pid] = left
+
+
+async def refuse(conn, err: int, why: str) -> None:
+    """Answer a connection that is not served with why, and close it -- after
+    taking what it already sent, or the kernel would reset the connection and
+    the peer read ECONNRESET instead of the answer."""
+    import struct
+
+    with conn:
+        await trio_send(conn, {"errno": err, "error": why})
+        raw = _socket.socket(fileno=conn.fileno())
+        try:
+            while True:
+                try:
+                    data, anc, flags, _ = raw.recvmsg(1, _CMSG_SPACE, _socket.MSG_DONTWAIT | _socket.MSG_CMSG_CLOEXEC)
+                except OSError:
+                    break
+                for level, kind, payload in anc:
+                    if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                        close_fds(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
+                if not data:
+                    break
+        finally:
+            raw.detach()

@@ -534,3 +534,15 @@ def test_no_agent_means_none_and_a_stopped_host_leaves_no_update_behind(cli):
     assert [u["name"] for u in json.loads(cli("host", "status", "--json").stdout)["units"]] == []
     cli("host", "stop")
     assert not os.path.exists(cli.state)  # the old update record went with the host that stopped
+
+
+@pytest.mark.timeout(300)
+def test_a_connection_flood_on_the_agent_is_bounded_too(vm_host):
+    state, conn = vm_host
+    agent_pid = wait_for_agent(state, 30)[1]["pid"]
+    proc = _hold_connections(state.agent_socket, 150)
+    got = json.loads(proc.stdout.readline())
+    assert got == {"held": 64, "refused": {str(errno.EMFILE): 150 - 64}}
+    proc.stdin.close()
+    proc.wait(30)
+    assert wait_for_agent(state, 30)[1]["pid"] == agent_pid  # the same agent, still serving

@@ -268,9 +268,8 @@ class Control:
         listener = trio.socket.from_stdlib_socket(listen_seqpacket(os.path.join(vm_dir, "vmm.sock")))
         task_status.started()
         async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(self._local_client, conn)
+            await rpc.Listener(per_peer=16, total=64, who=f"the VMM of {self.name}").run(
+                listener, self._local_client, nursery)
 
     async def _local_client(self, conn) -> None:
         with conn:
