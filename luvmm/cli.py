@@ -525,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--json", metavar="FILE", help="write {cycles, dma_errors, dma_lost, dma_corrupted, "
                                                       "fds_leaked, rss_growth_bytes, blackout_s, ...}")
     soak.set_defaults(func=_cmd_bench_soak)
+
+    from luvmm.lab.cli import add_parser as add_lab_parser
+    add_lab_parser(sub)
     return parser
 
 
