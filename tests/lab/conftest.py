@@ -68,16 +68,24 @@ PY = shlex.quote(sys.executable)
 
 @pytest.fixture(scope="session")
 def lab_devices(lab_kernel, tmp_path_factory):
-    """One boot: VFIO/iommufd/edu and LUO facts (guest_devices), then
-    tests/test_kvm.py and the firmware guest on the guest's own (nested,
-    standard) KVM, recorded as JUnit XML."""
+    """One boot for three groups of checks: VFIO/iommufd/edu and LUO facts
+    (guest_devices.py), tests/test_kvm.py under pytest on the guest's own
+    standard (nested) KVM, recorded as JUnit XML (pytest's plugins are not
+    loaded: test_kvm needs none, and importing them costs half a minute under
+    TCG), and the firmware guest (guest_firmware.py)."""
     shared = tmp_path_factory.mktemp("lab-devices")
-    q = shlex.quote
-    kvm_tests = "tests/test_kvm.py tests/test_vmm_e2e.py::test_firmware_guest_five_updates"
-    cmd = (f"{PY} -m tests.lab.guest_devices > {q(str(shared / 'devices.out'))} 2>&1; "
-           f"echo $? > {q(str(shared / 'devices.rc'))}; "
-           f"{PY} -m pytest -q -p no:cacheprovider -o addopts= --junitxml={q(str(shared / 'kvm.xml'))} "
-           f"{kvm_tests} > {q(str(shared / 'kvm.out'))} 2>&1; echo $? > {q(str(shared / 'kvm.rc'))}")
+
+    def step(name: str, cmd: str) -> str:
+        out, rc = shlex.quote(str(shared / f"{name}.out")), shlex.quote(str(shared / f"{name}.rc"))
+        return f"{cmd} > {out} 2>&1; echo $? > {rc}"
+
+    junit = shlex.quote(str(shared / "kvm.xml"))
+    cmd = "; ".join([
+        step("devices", f"{PY} -m tests.lab.guest_devices"),
+        step("kvm", f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {PY} -m pytest -q -p no:cacheprovider -o addopts= "
+                    f"--junitxml={junit} tests/test_kvm.py"),
+        step("firmware", f"{PY} -m tests.lab.guest_firmware"),
+    ])
     return lab_run(lab_kernel, shared, cmd)
 
 

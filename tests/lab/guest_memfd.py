@@ -71,6 +71,7 @@ def stage1() -> dict:
     session.preserve_fd(small, SMALL_TOKEN)
     out = {
         "seals_before": fcntl.fcntl(ram, fcntl.F_GET_SEALS),
+        "small_seals_before": fcntl.fcntl(small, fcntl.F_GET_SEALS),  # F_SEAL_SEAL: made without ALLOW_SEALING
         # The size of a preserved memfd is frozen (shmem_freeze in memfd_luo_preserve):
         "ftruncate_grow_errno": errno_of(os.ftruncate, small, SMALL_SIZE + 4096),
         "ftruncate_shrink_errno": errno_of(os.ftruncate, small, 100),

@@ -4,6 +4,7 @@ retrieved file's flags, the size freeze between PRESERVE_FD and the reboot,
 and what RETRIEVE_FD and FINISH answer.  Guest side: tests/lab/guest_memfd.py."""
 
 import errno
+import fcntl
 import os
 
 import pytest
@@ -45,10 +46,12 @@ def test_writes_after_preserve_fd_reach_the_next_kernel(stages):
 
 
 def test_seals_position_and_flags(stages):
-    _, after = stages
-    # mm/memfd_luo.c: seals are preserved and re-applied; the position is kept;
+    before, after = stages
+    # mm/memfd_luo.c: seals are preserved and re-applied (a memfd made without
+    # MFD_ALLOW_SEALING has F_SEAL_SEAL, and keeps it); the position is kept;
     # memfds are always O_RDWR | O_LARGEFILE.
-    assert after["ram_seals"] == SEALS and after["small_seals"] == 0
+    assert after["ram_seals"] == SEALS
+    assert after["small_seals"] == before["small_seals_before"] == fcntl.F_SEAL_SEAL
     assert after["small_position"] == SMALL_POS
     assert after["ram_flags"] & os.O_ACCMODE == os.O_RDWR and after["ram_flags"] & os.O_LARGEFILE
     # kernel/liveupdate/luo_session.c: RETRIEVE_FD installs the fd with
