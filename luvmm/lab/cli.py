@@ -61,6 +61,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         tail = result.stderr.strip().splitlines()[-3:]
         _fail("the lab guest never ran the command" + (f": {' | '.join(tail)}" if tail else ""))
         return 125
+    if not any(e.get("stage") == result.stages for e in result.exits):
+        _fail(f"stage {result.stages} ended without the command's exit status: the guest kernel stopped "
+              f"(virtme-ng's status {result.status}; --console shows why)")
+        return 125
     trips = ", ".join(f"{t:.1f} s" for t in result.kexec_round_trips())
     print(f"luvmm lab: {result.stages} stage(s) in {result.seconds:.1f} s ({result.accel}; boot "
           f"{result.boot_seconds() or 0:.1f} s{'; kexec round trip ' + trips if trips else ''}); exit status "

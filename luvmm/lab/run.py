@@ -133,6 +133,8 @@ def run(cmd: list[str] | str, manifest: dict, *, devices: int = 1, memory: str =
         raise LabError("kexec is not installed (Debian: apt-get install kexec-tools): the lab's stages need it")
     if devices < 0 or devices > 8:
         raise LabError("--edu must be 0..8")
+    if cpus < 1:
+        raise LabError("--cpus must be at least 1")
     if accel == "auto":
         accel = "kvm" if hardware_kvm()[0] else "tcg"
     elif accel == "kvm" and not hardware_kvm()[0]:
@@ -153,14 +155,28 @@ def run(cmd: list[str] | str, manifest: dict, *, devices: int = 1, memory: str =
     else:
         shared = tempfile.mkdtemp(prefix="luvmm-lab-")
     host_tmp = tempfile.mkdtemp(prefix="luvmm-lab-host-")  # virtme-ng's own temporary files
-    with open(os.path.join(shared, RUN_FILE), "w") as f:
-        json.dump({"cmd": cmd, "cwd": os.path.abspath(cwd or os.getcwd()), "env": env or {},
-                   "kexec_image": kexec_image, "selftests": manifest.get("selftests", ""),
-                   "root": ROOT, "python": sys.executable}, f, indent=1)
+    try:
+        with open(os.path.join(shared, RUN_FILE), "w") as f:
+            json.dump({"cmd": cmd, "cwd": os.path.abspath(cwd or os.getcwd()), "env": env or {},
+                       "kexec_image": kexec_image, "selftests": manifest.get("selftests", ""),
+                       "root": ROOT, "python": sys.executable}, f, indent=1)
+        argv = _vng_argv(vng, image, shared, devices, memory, cpus, accel, console, append)
+        return _boot(argv, shared, keep, timeout, tee, accel, host_tmp)
+    finally:
+        shutil.rmtree(host_tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(shared, ignore_errors=True)
 
-    qemu_opts = ["-device", "intel-iommu,intremap=on"]
+
+def _vng_argv(vng: str, image: str, shared: str, devices: int, memory: str, cpus: int, accel: str,
+              console: bool, append: list[str] | None) -> list[str]:
+
+    # q35 for the intel-iommu (virtme-ng asks for it only under TCG); with KVM,
+    # interrupt remapping needs the split irqchip.
+    qemu_opts = ["-machine", "q35" + (",kernel-irqchip=split" if accel == "kvm" else ""),
+                 "-device", "intel-iommu,intremap=on"]
     if accel == "kvm":
-        qemu_opts = ["-machine", "kernel-irqchip=split"] + qemu_opts + ["-cpu", "host"]
+        qemu_opts += ["-cpu", "host"]
     for i in range(devices):
         # Alone behind a root port: the edu has no FLR or PM reset, a bus reset works.
         qemu_opts += ["-device", f"pcie-root-port,id=lab-rp{i},chassis={i + 1},slot={i + 1}",
@@ -178,7 +194,11 @@ def run(cmd: list[str] | str, manifest: dict, *, devices: int = 1, memory: str =
     for a in kernel_args:
         argv += ["--append", a]
     argv += ["--qemu-opts=" + " ".join(qemu_opts)]
+    return argv
 
+
+def _boot(argv: list[str], shared: str, keep: bool, timeout: float, tee: bool, accel: str,
+          host_tmp: str) -> RunResult:
     start = time.monotonic()
     out: list[str] = []
     err: list[str] = []
@@ -207,14 +227,10 @@ def run(cmd: list[str] | str, manifest: dict, *, devices: int = 1, memory: str =
         stop.set()
         for t in threads:
             t.join(timeout=5)
-        shutil.rmtree(host_tmp, ignore_errors=True)
     seconds = time.monotonic() - start
-    result = RunResult(None if timed_out else status, "".join(out), "".join(err), seconds, timed_out,
-                       _records(os.path.join(shared, BOOTS_FILE)), _records(os.path.join(shared, EXITS_FILE)),
-                       _records(os.path.join(shared, KEXEC_FILE)), events, shared if keep else None, accel)
-    if not keep:
-        shutil.rmtree(shared, ignore_errors=True)
-    return result
+    return RunResult(None if timed_out else status, "".join(out), "".join(err), seconds, timed_out,
+                     _records(os.path.join(shared, BOOTS_FILE)), _records(os.path.join(shared, EXITS_FILE)),
+                     _records(os.path.join(shared, KEXEC_FILE)), events, shared if keep else None, accel)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

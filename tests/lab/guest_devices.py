@@ -10,7 +10,6 @@ failing part does not hide the others.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import os

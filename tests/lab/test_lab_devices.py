@@ -9,7 +9,7 @@ import errno
 import pytest
 
 from tests.lab import edu as E
-from tests.lab.guest_devices import FAULT, IOVA, RAM
+from tests.lab.guest_devices import IOVA, RAM
 
 # include/uapi/linux/vfio.h, iommufd.h
 VFIO_DEVICE_FLAGS_RESET = 1 << 0
