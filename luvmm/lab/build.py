@@ -340,6 +340,7 @@ def build(kernel_src: str | None = None, config: list[str] | None = None, jobs: 
     jobs = jobs or os.cpu_count() or 1
     progress.say(f"building the lab kernel from {source.label} in {build_dir} (make -j{jobs}, nice 19)")
     start = time.monotonic()
+    cpu_start = _children_cpu()
     os.makedirs(build_dir, exist_ok=True)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # incomplete until written again
@@ -348,6 +349,7 @@ def build(kernel_src: str | None = None, config: list[str] | None = None, jobs: 
         objects = _make(source.tree, build_dir, "bzImage", jobs=jobs, log=log, progress=progress,
                         what="compiling")
         kernel_seconds = time.monotonic() - start
+        kernel_cpu = _children_cpu() - cpu_start
         # `make headers` installs the uAPI headers into <build>/usr/include
         # (headers_install would only copy them elsewhere, with rsync).
         _make(source.tree, build_dir, "headers", log=log, what="make headers")
@@ -366,6 +368,7 @@ def build(kernel_src: str | None = None, config: list[str] | None = None, jobs: 
         "selftests": selftests,
         "objects": objects,
         "kernel_build_seconds": round(kernel_seconds, 1),
+        "kernel_build_cpu_seconds": round(kernel_cpu, 1),
         "build_seconds": round(time.monotonic() - start, 1),
         "jobs": jobs,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -378,6 +381,14 @@ def build(kernel_src: str | None = None, config: list[str] | None = None, jobs: 
     _set_current(cache, key)
     manifest["cached"] = False
     return manifest
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child process (make and its compilers)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _set_current(cache: str, key: str) -> None:
@@ -416,7 +427,9 @@ def describe(manifest: dict) -> str:
              f"  headers    {manifest['headers']}",
              f"  selftests  {manifest['selftests']}"]
     how = "cached: built" if manifest.get("cached") else "built"
+    cpu = manifest.get("kernel_build_cpu_seconds")
     lines.append(f"  {how} {manifest['built_at']}: kernel in {_duration(manifest['kernel_build_seconds'])} "
-                 f"({manifest['objects']} objects, -j{manifest['jobs']}), everything in "
-                 f"{_duration(manifest['build_seconds'])}")
+                 f"({manifest['objects']} objects, -j{manifest['jobs']}"
+                 + (f", {_duration(cpu)} of CPU" if cpu is not None else "")
+                 + f"), everything in {_duration(manifest['build_seconds'])}")
     return "\n".join(lines)
