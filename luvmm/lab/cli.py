@@ -20,6 +20,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         manifest = build(args.kernel_src, args.config, jobs=args.jobs)
     except LabError as e:
         return _fail(str(e))
+    except OSError as e:
+        return _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         return _fail("interrupted (the next `luvmm lab build` goes on from where this one stopped)")
     print(describe(manifest))
@@ -47,6 +49,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      kexec_image=args.kexec_kernel, append=args.append, tee=True)
     except LabError as e:
         return _fail(str(e))
+    except OSError as e:
+        return _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         return _fail("interrupted (QEMU stopped)")
     summary = result.to_dict()

@@ -96,8 +96,11 @@ def _pump(stream, sink: list[str], tee) -> None:
     for line in iter(stream.readline, ""):
         sink.append(line)
         if tee is not None:
-            tee.write(line)
-            tee.flush()
+            try:
+                tee.write(line)
+                tee.flush()
+            except (OSError, ValueError):  # `luvmm lab run ... | head`: keep collecting, stop showing
+                tee = None
     stream.close()
 
 

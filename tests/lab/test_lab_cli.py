@@ -56,6 +56,7 @@ def test_mistakes_are_one_line(tmp_path):
     one_line_error(luvmm("lab", "build", "--kernel-src", str(tmp_path)), "not a kernel source tree")
     one_line_error(luvmm("lab", "build", "--config", str(tmp_path / "missing.config"),
                          env={"LUVMM_LAB_CACHE": str(tmp_path / "cache")}), "--config")
+    one_line_error(luvmm("lab", "build", env={"LUVMM_LAB_CACHE": "/proc/no-cache-here"}), "/proc/no-cache-here")
     one_line_error(luvmm("lab", "kexec", env={"LUVMM_LAB_SHARED": ""}), "not in a lab guest")
     one_line_error(luvmm("lab", "run", "--kernel", "nosuchbuild", "--", "true"), "no lab kernel 'nosuchbuild'")
 
