@@ -11,6 +11,10 @@ import pytest
 
 from tests.lab.guest_memfd import RAM_SIZE, SEALS, SMALL_POS, SMALL_SIZE
 
+# include/uapi/asm-generic/fcntl.h (x86-64 uses it): the kernel's O_LARGEFILE,
+# which F_GETFL reports; glibc's os.O_LARGEFILE is 0 on 64-bit.
+KERNEL_O_LARGEFILE = 1 << 15
+
 
 @pytest.fixture(scope="module")
 def stages(lab_memfd):
@@ -53,7 +57,7 @@ def test_seals_position_and_flags(stages):
     assert after["ram_seals"] == SEALS
     assert after["small_seals"] == before["small_seals_before"] == fcntl.F_SEAL_SEAL
     assert after["small_position"] == SMALL_POS
-    assert after["ram_flags"] & os.O_ACCMODE == os.O_RDWR and after["ram_flags"] & os.O_LARGEFILE
+    assert after["ram_flags"] & os.O_ACCMODE == os.O_RDWR and after["ram_flags"] & KERNEL_O_LARGEFILE
     # kernel/liveupdate/luo_session.c: RETRIEVE_FD installs the fd with
     # get_unused_fd_flags(O_CLOEXEC) (memfd_luo's FD_CLOEXEC note is about the
     # memfd's own flag, which is not carried over); sessions too (luo_core.c).
