@@ -180,6 +180,12 @@ def _vng_argv(vng: str, image: str, shared: str, devices: int, memory: str, cpus
                  "-device", "intel-iommu,intremap=on"]
     if accel == "kvm":
         qemu_opts += ["-cpu", "host"]
+    else:
+        # One host thread for all vCPUs: with multi-threaded TCG the guest kernel
+        # now and then dies at boot with an int3 Oops in code it is patching
+        # (text_poke_bp, e.g. "sched_clock: Marking stable"), as if another vCPU
+        # still ran the old translation of the patched bytes.
+        qemu_opts += ["-accel", "tcg,thread=single"]
     for i in range(devices):
         # Alone behind a root port: the edu has no FLR or PM reset, a bus reset works.
         qemu_opts += ["-device", f"pcie-root-port,id=lab-rp{i},chassis={i + 1},slot={i + 1}",
