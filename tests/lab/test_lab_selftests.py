@@ -39,3 +39,4 @@ def test_kexec_selftest_passes_both_stages(stages, name):
     assert "[STAGE 1]" in first["output"]
     assert second["exit"] == 0, second["output"]
     assert "[STAGE 2]" in second["output"] and "Stage mismatch" not in second["output"]
+    assert "TEST PASSED" in second["output"], second["output"]
