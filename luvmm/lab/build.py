@@ -333,10 +333,11 @@ def build(kernel_src: str | None = None, config: list[str] | None = None, jobs: 
     build_dir = os.path.join(cache, "builds", key)
     manifest_path = os.path.join(build_dir, MANIFEST)
     if source.debian and os.path.exists(manifest_path):
-        manifest = json.load(open(manifest_path))
-        _set_current(cache, key)
-        manifest["cached"] = True
-        return manifest
+        manifest = find(build_dir)
+        if manifest is not None:
+            _set_current(cache, key)
+            manifest["cached"] = True
+            return manifest
     jobs = jobs or os.cpu_count() or 1
     progress.say(f"building the lab kernel from {source.label} in {build_dir} (make -j{jobs}, nice 19)")
     start = time.monotonic()
@@ -416,7 +417,15 @@ def find(kernel: str | None = None) -> dict | None:
             manifest = json.load(f)
     except (OSError, ValueError):
         return None
-    if not os.path.exists(manifest.get("image", "")):
+    # The build's files are where the manifest is (a cache may have been moved).
+    base = os.path.dirname(os.path.realpath(path))
+    manifest.update(build_dir=base, image=os.path.join(base, IMAGE), headers=os.path.join(base, "usr", "include"),
+                    selftests=os.path.join(base, "selftests", "liveupdate"))
+    source = manifest.get("source", {})
+    debian = source.get("debian")
+    if debian and not os.path.isdir(source.get("tree", "")):
+        source["tree"] = os.path.join(cache, "src", f"{debian['package']}_{debian['version']}", debian["package"])
+    if not os.path.exists(manifest["image"]):
         return None
     return manifest
 

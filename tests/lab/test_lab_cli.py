@@ -61,6 +61,17 @@ def test_mistakes_are_one_line(tmp_path):
     one_line_error(luvmm("lab", "run", "--kernel", "nosuchbuild", "--", "true"), "no lab kernel 'nosuchbuild'")
 
 
+def test_accel_kvm_where_kvm_cannot_run_a_full_guest(lab_kernel):
+    from luvmm.lab.run import hardware_kvm
+
+    usable, why = hardware_kvm()
+    if usable:
+        pytest.skip(f"/dev/kvm has hardware virtualization here ({why})")
+    before = leftovers()
+    one_line_error(luvmm("lab", "run", "--accel", "kvm", "--", "true"), f"--accel kvm: {why}")
+    assert leftovers() == before
+
+
 def test_every_argument_has_help():
     for command in ("build", "run", "kexec"):
         out = luvmm("lab", command, "--help").stdout
