@@ -19,6 +19,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.lab)
+            # A test's time includes the boot its fixture makes (the devices boot
+            # takes minutes under TCG); each boot is bounded by its own timeout.
+            if not item.get_closest_marker("timeout"):
+                item.add_marker(pytest.mark.timeout(900))
 
 
 @pytest.fixture(scope="session")
