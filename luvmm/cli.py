@@ -828,6 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each VM's RAM (default 64M)")
     _json_arg(chaos, "{cycles, seed, actions, updates_ok, updates_failed, vms_lost, stuck_updates, dma_*, ...}")
     chaos.set_defaults(func=_cmd_bench_chaos)
+
+    from luvmm.lab.cli import add_parser as add_lab_parser
+
+    add_lab_parser(sub)
     return parser
 
 

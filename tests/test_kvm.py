@@ -19,7 +19,7 @@ from vmm.kvm_uapi import (
     KVM_EXIT_IO_OUT,
     KVM_EXIT_MMIO,
 )
-from vmm.x86 import identity_page_tables, setup_long_mode, user_rflags
+from vmm.x86 import identity_page_tables, setup_cpuid, setup_long_mode, user_rflags
 
 RAM = 2 << 20
 CODE = 0x10000
@@ -51,6 +51,7 @@ def guest(kvm_ok):
     cr3 = identity_page_tables(ram, 0x1000, 1 << 30)
     ram[CODE:CODE + len(GUEST)] = GUEST
     vcpu = vm.create_vcpu(0)
+    setup_cpuid(vcpu)
     sregs = vcpu.get_sregs()
     setup_long_mode(sregs, cr3, cpl=3)
     vcpu.set_sregs(sregs)

@@ -11,6 +11,7 @@ guest); KVM_RUN then returns with KVM_EXIT_INTR.
 
 from __future__ import annotations
 
+import errno
 import os
 import _signal as signal  # not `signal`: its enums cost milliseconds on the restore path
 import _thread  # not `threading`: 4 ms of imports on the restore path
@@ -28,12 +29,15 @@ from vmm.kvm_uapi import (
     KVM_GET_API_VERSION,
     KVM_GET_REGS,
     KVM_GET_SREGS,
+    KVM_GET_SUPPORTED_CPUID,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_IOEVENTFD,
     KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_IOEVENTFD_FLAG_PIO,
     KVM_IRQFD,
+    KVM_MAX_CPUID_ENTRIES,
     KVM_RUN,
+    KVM_SET_CPUID2,
     KVM_SET_REGS,
     KVM_SET_SREGS,
     KVM_SET_USER_MEMORY_REGION,
@@ -84,6 +88,29 @@ class Kvm(KernelObject):
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         return Vm(self, self.ioctl(KVM_CREATE_VM, vm_type))
+
+    def get_supported_cpuid(self) -> bytearray:
+        """KVM_GET_SUPPORTED_CPUID: the CPUID leaves KVM can give a guest, as the
+        bytes of a ``struct kvm_cpuid2`` (nent, then nent entries) -- what
+        :meth:`Vcpu.set_cpuid2` takes.  Asked once per handle; E2BIG means the
+        room was too small, so ask again with more (up to KVM_MAX_CPUID_ENTRIES)."""
+        if getattr(self, "_supported_cpuid", None) is None:
+            room = 64
+            while True:
+                buf = bytearray(ffi.sizeof("struct kvm_cpuid2") + room * ffi.sizeof("struct kvm_cpuid_entry2"))
+                ffi.from_buffer("struct kvm_cpuid2 *", buf).nent = room
+                try:
+                    self.host.ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, buf)
+                except OSError as e:
+                    if e.errno == errno.E2BIG and room < KVM_MAX_CPUID_ENTRIES:
+                        room = min(room * 2, KVM_MAX_CPUID_ENTRIES)
+                        continue
+                    raise
+                nent = ffi.from_buffer("struct kvm_cpuid2 *", buf).nent
+                self._supported_cpuid = buf[:ffi.sizeof("struct kvm_cpuid2")
+                                            + nent * ffi.sizeof("struct kvm_cpuid_entry2")]
+                break
+        return bytearray(self._supported_cpuid)
 
 
 class Vm(KernelObject):
@@ -165,6 +192,12 @@ class Vcpu(KernelObject):
         with self._thread_lock:
             if self._thread_id is not None:
                 signal.pthread_kill(self._thread_id, SIG_VCPU_KICK)
+
+    def set_cpuid2(self, cpuid: bytearray) -> None:
+        """KVM_SET_CPUID2 with the bytes of a ``struct kvm_cpuid2`` and its entries.
+        The guest's CPUID is what KVM checks EFER, CR4 and CR3 against: without
+        one, standard KVM refuses long mode (KVM_SET_SREGS: EINVAL)."""
+        self.host.ioctl(self.fd, KVM_SET_CPUID2, cpuid)
 
     def get_regs(self):
         regs = ffi.new("struct kvm_regs *")

@@ -6,7 +6,7 @@ kernel's 256-byte union and the 2048-byte sync-regs area, so that
 ``sizeof(struct kvm_run)`` is the kernel's 2352.
 """
 
-from luvmm.abi import _IO, _IOR, _IOW, cdef, ioctl, structs
+from luvmm.abi import _IO, _IOR, _IOW, _IOWR, cdef, ioctl, structs
 
 cdef(
     """
@@ -50,6 +50,23 @@ cdef(
         uint64_t efer;
         uint64_t apic_base;
         uint64_t interrupt_bitmap[4];   /* (KVM_NR_INTERRUPTS + 63) / 64 */
+    };
+
+    struct kvm_cpuid_entry2 {
+        uint32_t function;
+        uint32_t index;
+        uint32_t flags;
+        uint32_t eax;
+        uint32_t ebx;
+        uint32_t ecx;
+        uint32_t edx;
+        uint32_t padding[3];
+    };
+
+    struct kvm_cpuid2 {
+        uint32_t nent;
+        uint32_t padding;
+        struct kvm_cpuid_entry2 entries[];
     };
 
     struct kvm_irqfd {
@@ -132,7 +149,7 @@ cdef(
 
 structs(__name__, "struct kvm_userspace_memory_region", "struct kvm_run", "struct kvm_regs",
         "struct kvm_segment", "struct kvm_dtable", "struct kvm_sregs", "struct kvm_irqfd",
-        "struct kvm_ioeventfd", "struct kvm_enable_cap")
+        "struct kvm_ioeventfd", "struct kvm_enable_cap", "struct kvm_cpuid_entry2", "struct kvm_cpuid2")
 
 KVMIO = 0xAE
 
@@ -140,6 +157,7 @@ KVM_GET_API_VERSION = ioctl("KVM_GET_API_VERSION", _IO(KVMIO, 0x00))
 KVM_CREATE_VM = ioctl("KVM_CREATE_VM", _IO(KVMIO, 0x01))
 KVM_CHECK_EXTENSION = ioctl("KVM_CHECK_EXTENSION", _IO(KVMIO, 0x03))
 KVM_GET_VCPU_MMAP_SIZE = ioctl("KVM_GET_VCPU_MMAP_SIZE", _IO(KVMIO, 0x04))
+KVM_GET_SUPPORTED_CPUID = ioctl("KVM_GET_SUPPORTED_CPUID", _IOWR(KVMIO, 0x05, "struct kvm_cpuid2"))
 KVM_CREATE_VCPU = ioctl("KVM_CREATE_VCPU", _IO(KVMIO, 0x41))
 KVM_SET_USER_MEMORY_REGION = ioctl("KVM_SET_USER_MEMORY_REGION",
                                    _IOW(KVMIO, 0x46, "struct kvm_userspace_memory_region"))
@@ -154,6 +172,7 @@ KVM_GET_REGS = ioctl("KVM_GET_REGS", _IOR(KVMIO, 0x81, "struct kvm_regs"))
 KVM_SET_REGS = ioctl("KVM_SET_REGS", _IOW(KVMIO, 0x82, "struct kvm_regs"))
 KVM_GET_SREGS = ioctl("KVM_GET_SREGS", _IOR(KVMIO, 0x83, "struct kvm_sregs"))
 KVM_SET_SREGS = ioctl("KVM_SET_SREGS", _IOW(KVMIO, 0x84, "struct kvm_sregs"))
+KVM_SET_CPUID2 = ioctl("KVM_SET_CPUID2", _IOW(KVMIO, 0x90, "struct kvm_cpuid2"))
 
 KVM_API_VERSION = 12
 
@@ -192,6 +211,10 @@ KVM_INTERNAL_ERROR_SIMUL_EX = 2
 KVM_INTERNAL_ERROR_DELIVERY_EV = 3
 KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
 KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
+
+# struct kvm_cpuid_entry2 flags; the most entries KVM takes (arch/x86/include/asm/kvm_host.h).
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+KVM_MAX_CPUID_ENTRIES = 256
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1

@@ -45,7 +45,7 @@ from vmm.kvm_uapi import (
     KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 )
-from vmm.x86 import identity_page_tables, page_table_bytes, setup_long_mode, user_rflags
+from vmm.x86 import identity_page_tables, page_table_bytes, setup_cpuid, setup_long_mode, user_rflags
 
 # LUO tokens of the files a VM preserves (fixed: the restored VMM asks for them by number).
 RAM_TOKEN = 0x10
@@ -236,6 +236,8 @@ class Vm:
         for slot, (gpa, off, length) in enumerate(guest.ram_ranges(self.config.memory)):
             self.vmfd.set_user_memory_region(slot, gpa, length, self._ram_addr + off)
         self.vcpus = [self.vmfd.create_vcpu(i) for i in range(self.config.vcpus)]
+        for vcpu in self.vcpus:
+            setup_cpuid(vcpu)  # before any KVM_SET_SREGS: standard KVM checks long mode against it
 
     def _boot_vcpus(self) -> None:
         # The firmware touches only low RAM (its DMA area is below 3 GiB) and

@@ -2,7 +2,11 @@
 
 luvmm guests start in 64-bit mode at CPL 3 with flat segments and identity
 page tables, set up from outside through KVM_SET_SREGS/KVM_SET_REGS: no real
-mode boot, no firmware.  CPL 3 matters on KVM-PVM hosts (nested, no hardware
+mode boot, no firmware.  A vCPU gets its CPUID first (:func:`setup_cpuid`):
+standard KVM checks the sregs against the guest's CPUID (``kvm_is_valid_sregs``:
+EFER.LME/LMA need CPUID.80000001H:EDX.LM, EFER.NX needs NX, CR4 bits their
+features, CR3 within MAXPHYADDR) and a vCPU without one has none, so
+KVM_SET_SREGS of long mode is EINVAL there; KVM-PVM does not check.  CPL 3 matters on KVM-PVM hosts (nested, no hardware
 virtualization), where guest ring-3 code runs natively and ring-0 code is
 emulated about 1000x slower.  With IOPL 3 in RFLAGS, port I/O at CPL 3 is
 allowed and exits to the VMM like it would from ring 0.
@@ -109,6 +113,24 @@ def setup_long_mode(sregs, cr3: int, *, cpl: int = 3) -> None:
     sregs.cr3 = cr3
     sregs.cr4 = X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT
     sregs.efer = EFER_LME | EFER_LMA | EFER_SCE
+
+
+def setup_cpuid(vcpu) -> None:
+    """KVM_SET_CPUID2: the CPUID KVM supports, with this vCPU's APIC ID in leaf 1
+    (EBX[31:24]) and in the x2APIC topology leaves 0xB and 0x1F (EDX).  Call it
+    before the first KVM_SET_SREGS (see the module docstring)."""
+    from luvmm.abi import ffi
+
+    cpuid = vcpu.vm.kvm.get_supported_cpuid()
+    table = ffi.from_buffer("struct kvm_cpuid2 *", cpuid)
+    for i in range(table.nent):
+        entry = table.entries[i]
+        if entry.function == 1:
+            entry.ebx = (entry.ebx & 0x00FFFFFF) | ((vcpu.id & 0xFF) << 24)
+        elif entry.function in (0xB, 0x1F):
+            entry.edx = vcpu.id
+    ffi.release(table)
+    vcpu.set_cpuid2(cpuid)
 
 
 def user_rflags() -> int:

@@ -19,8 +19,10 @@ import os
 from liveupdate.kernel.core import KernelError, RealFile
 from liveupdate.kernel.luo import FileHandler, LuoFile
 
+# include/linux/kho/abi/memfd.h (Linux 7.2): every seal Linux defines, F_SEAL_EXEC
+# included -- the lab kernel preserves an exec-sealed memfd (tests/lab/test_lab_luo_rules.py).
 MEMFD_LUO_ALL_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-                       | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10))
+                       | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10) | getattr(fcntl, "F_SEAL_EXEC", 0x20))
 
 
 def is_memfd(fd: int) -> bool:

@@ -6,7 +6,8 @@
  *
  *   gcc -I<kernel-headers> -o uapi_ref uapi_ref.c && ./uapi_ref
  *
- * linux-7.2.json beside it is its output against Debian's linux-libc-dev 7.2.
+ * linux-7.2.json beside it is its output against the Linux 7.2 headers (Debian's
+ * linux-source-7.2 7.2.13, as `luvmm lab build` installs them).
  */
 #include <stdio.h>
 #include <linux/kvm.h>
@@ -39,6 +40,7 @@ int main(void)
 	IOCTL(KVM_CREATE_VM);
 	IOCTL(KVM_CHECK_EXTENSION);
 	IOCTL(KVM_GET_VCPU_MMAP_SIZE);
+	IOCTL(KVM_GET_SUPPORTED_CPUID);
 	IOCTL(KVM_CREATE_VCPU);
 	IOCTL(KVM_SET_USER_MEMORY_REGION);
 	IOCTL(KVM_CREATE_IRQCHIP);
@@ -50,6 +52,7 @@ int main(void)
 	IOCTL(KVM_SET_REGS);
 	IOCTL(KVM_GET_SREGS);
 	IOCTL(KVM_SET_SREGS);
+	IOCTL(KVM_SET_CPUID2);
 	SIZE(kvm_userspace_memory_region);
 	SIZE(kvm_run);
 	SIZE(kvm_regs);
@@ -59,6 +62,8 @@ int main(void)
 	SIZE(kvm_irqfd);
 	SIZE(kvm_ioeventfd);
 	SIZE(kvm_enable_cap);
+	SIZE(kvm_cpuid_entry2);
+	SIZE(kvm_cpuid2);
 #ifdef VFIO_DEVICE_GET_INFO
 	IOCTL(VFIO_DEVICE_GET_INFO);
 	IOCTL(VFIO_DEVICE_GET_REGION_INFO);
