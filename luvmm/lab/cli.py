@@ -46,18 +46,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run(cmd, manifest, devices=args.edu, memory=args.memory, cpus=args.cpus, timeout=args.timeout,
                      results=args.results, accel=args.accel, console=args.console,
-                     kexec_image=args.kexec_kernel, append=args.append, tee=True)
+                     kexec_image=args.kexec_kernel, append=args.append, tee=not args.json)
     except LabError as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:
         return _fail("interrupted (QEMU stopped)")
-    summary = result.to_dict()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+    if args.json:  # the summary on stdout instead of CMD's output (which it holds)
+        json.dump(result.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
     if result.timed_out:
         _fail(f"timed out after {args.timeout:g} s in stage {result.stages} (QEMU stopped)")
         return 124
@@ -139,7 +137,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "dmesg-N.txt and whatever CMD writes (default: a temporary one, removed)")
     r.add_argument("--append", action="append", default=[], metavar="ARG", help="an extra kernel command-line argument")
     r.add_argument("--console", action="store_true", help="show the guest kernel's console on stderr")
-    r.add_argument("--json", metavar="FILE", help="write the run's summary (stages, exit statuses, timings)")
+    r.add_argument("--json", action="store_true",
+                   help="print the run's summary (stages, exit statuses, timings, CMD's output) as one JSON "
+                        "document on stdout instead of CMD's output")
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to run in the guest")
     r.set_defaults(func=_cmd_run)
 

@@ -94,7 +94,7 @@ def test_every_argument_has_help():
 def test_run_gives_back_output_and_exit_status(lab_kernel, tmp_path):
     before = leftovers()
     results = tmp_path / "results"
-    result = luvmm("lab", "run", "--results", str(results), "--json", str(tmp_path / "run.json"), "--",
+    result = luvmm("lab", "run", "--results", str(results), "--",
                    "sh", "-c", 'echo "stage $LUVMM_LAB_STAGE on $(uname -r) with $LUVMM_LAB_DEVICES"; '
                                'ls /dev/liveupdate /dev/iommu /dev/kvm /dev/vfio/devices; exit 3')
     assert result.returncode == 3, result.stderr
