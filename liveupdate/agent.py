@@ -599,8 +599,9 @@ class Agent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from liveupdate.state import parse_unit_args
+    from liveupdate.state import die_with_init, parse_unit_args
 
+    die_with_init()
     args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
     state = StateDir(args["state_dir"])
     if args["host"] == "real":

@@ -98,7 +98,8 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
         abi.build_cache()  # the restore path imports the parsed uAPI instead of parsing it
     if agent:
         # Restarted when it dies, as luod would be (Restart=on-failure): the VMMs register again.
-        state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path), restart="on-failure")
+        state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path), restart="on-failure",
+                         pdeathsig="self")
     else:
         state.remove_unit("agent")  # --no-agent means none, whatever an earlier host left
     read_end, write_end = os.pipe()

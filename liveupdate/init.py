@@ -28,8 +28,9 @@ Init is a **child subreaper** (PR_SET_CHILD_SUBREAPER): a process that forks
 out of its unit is re-parented to init, not to pid 1, so it still belongs to
 no operator (:meth:`Init.unit_of`), and init reaps it when it exits.  And a
 unit does not outlive the machine: its process gets SIGKILL when the daemon
-dies (PR_SET_PDEATHSIG, through util-linux's setpriv), as every process of a
-real machine stops with it.
+dies (PR_SET_PDEATHSIG: set by the unit itself where it says so, ``"pdeathsig":
+"self"``, as luvmm's own units do; else through util-linux's setpriv), as
+every process of a real machine stops with it.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ class Init:
         env["PYTHONPYCACHEPREFIX"] = str(self.state.path) + "/pycache"
         env.update({str(k): str(v) for k, v in unit.get("env", {}).items()})
         env.update(LUVMM_HOST_SOCKET=self.state.socket, LUVMM_STATE_DIR=self.state.path, LUVMM_BOOT=boot,
-                   LUVMM_GENERATION=str(self.daemon.generation), LUVMM_UNIT=unit["name"])
+                   LUVMM_GENERATION=str(self.daemon.generation), LUVMM_UNIT=unit["name"],
+                   LUVMM_INIT_PID=str(os.getpid()))
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
             env.pop(name, None)
         if unit.get("fdstore_max"):
@@ -195,7 +197,10 @@ class Init:
             if moved:
                 # LISTEN_PID must be the new process's own pid: known only once it exists, so a shim sets it.
                 argv = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"] + argv
-            proc = UnitProcess(self.wrapper + argv, env, log_fd, moved)
+            # A unit that sets PR_SET_PDEATHSIG itself (liveupdate.state.die_with_init, as luvmm's
+            # own do) is spared the wrapper's exec: after a kexec it is on the blackout's path.
+            wrapper = [] if unit.get("pdeathsig") == "self" else self.wrapper
+            proc = UnitProcess(wrapper + argv, env, log_fd, moved)
         finally:
             os.close(log_fd)
             for fd in moved:

@@ -84,6 +84,26 @@ def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-S", "-c", boot], {}
 
 
+PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+SIGKILL = 9
+
+
+def die_with_init() -> None:
+    """A unit's process does not outlive the init that started it (the
+    emulated host's daemon: the machine): PR_SET_PDEATHSIG, asked for by
+    init through ``LUVMM_INIT_PID``.  Set in the process itself -- one
+    prctl -- rather than through a wrapper exec on the restore path; if
+    init already died before it was set, exit now."""
+    init = os.environ.get("LUVMM_INIT_PID")
+    if not init:
+        return
+    from luvmm.abi import libc
+
+    libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+    if libc.getppid() != int(init):
+        os._exit(SIGKILL + 128)  # the machine is gone already
+
+
 UNIT_USAGE = "usage: ... --state-dir DIR [--name NAME] [--host emulated|real]"
 
 

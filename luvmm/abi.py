@@ -27,6 +27,8 @@ LIBC_CDEF = """
     int ioctl(int fd, unsigned long request, ...);
     int reboot(int cmd);
     long syscall(long number, ...);
+    int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
+    int getppid(void);
 """
 
 #: The modules that declare uAPI structs (each owns its cdefs).

@@ -113,7 +113,7 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
         state.write_file(f"vms/{config.name}/config.json", json.dumps(config.to_dict(), indent=2).encode())
         # Restart=on-failure: a VMM that dies is started again, on the VM's files in its unit's fd store.
         state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
-                         fdstore_max=FDSTORE_MAX)
+                         fdstore_max=FDSTORE_MAX, pdeathsig="self")
     except OSError as e:  # a full or read-only disk: nothing of the VM is left
         shutil.rmtree(state.vm_dir(config.name), ignore_errors=True)
         state.remove_unit(unit_name(config.name))

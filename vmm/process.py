@@ -28,7 +28,7 @@ import sys  # noqa: E402
 from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
-from liveupdate.state import StateDir, parse_unit_args  # noqa: E402
+from liveupdate.state import StateDir, die_with_init, parse_unit_args  # noqa: E402
 from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
 
 IMPORTED = time.time()
@@ -51,6 +51,7 @@ def load_config(state: StateDir, name: str) -> VmConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_init()
     args = parse_unit_args(sys.argv[1:] if argv is None else argv)
     name = args["name"]
     state = StateDir(args["state_dir"])
