@@ -170,7 +170,7 @@ from devices.dsa_regs import (
     WQCFG_STATE_SHIFT,
     WQCFG_TABLE,
 )
-from devices.dsa_uapi import (
+from luvmm.uapi.idxd import (
     COMP,
     DESC,
     DSA_COMP_ADDR_ALIGN,

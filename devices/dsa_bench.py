@@ -17,7 +17,7 @@ import time
 
 from devices.dsa import DsaDevice
 from devices.dsa_driver import MSIX_VECTOR, STATE_SIZE, DmaBuffer, DsaDriver
-from devices.dsa_uapi import (
+from luvmm.uapi.idxd import (
     DSA_COMP_SUCCESS,
     DSA_OPCODE_MEMMOVE,
     IDXD_OP_FLAG_CRAV,

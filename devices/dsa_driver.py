@@ -37,7 +37,7 @@ from devices.dsa_regs import (
     MSIX_TABLE,
     command,
 )
-from devices.dsa_uapi import (
+from luvmm.uapi.idxd import (
     DSA_COMP_SUCCESS,
     DSA_OPCODE_BATCH,
     DSA_OPCODE_MEMMOVE,
@@ -46,8 +46,8 @@ from devices.dsa_uapi import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.pci import (
-    MSIX_CAP_OFFSET,
+from devices.pci import MSIX_CAP_OFFSET
+from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
     PCI_COMMAND_MASTER,

@@ -13,7 +13,7 @@ import os
 
 from luvmm.abi import ffi, new_arg
 from luvmm.host import Host, KernelObject
-from devices.iommufd_uapi import (
+from luvmm.uapi.iommufd import (
     IOMMU_DESTROY,
     IOMMU_GET_HW_INFO,
     IOMMU_HWPT_ALLOC,

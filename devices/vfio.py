@@ -16,7 +16,7 @@ import struct
 
 from luvmm.abi import ffi, new_arg
 from luvmm.host import Host, KernelObject
-from devices.vfio_uapi import (
+from luvmm.uapi.vfio import (
     VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_BIND_IOMMUFD,
     VFIO_DEVICE_DETACH_IOMMUFD_PT,

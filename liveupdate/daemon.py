@@ -29,7 +29,8 @@ import time
 import trio
 
 from luvmm import rpc
-from luvmm.abi import IOCTLS, load_all
+from luvmm.abi import IOCTLS
+from luvmm.uapi import load_all
 from luvmm.peer import identify
 from luvmm.wire import (
     MAX_FDS,
@@ -42,12 +43,10 @@ from luvmm.wire import (
     ProtocolError,
     ancillary,
     close_fds,
-    decode_json,
-    encode_json,
     fds_from_ancillary,
     listen_seqpacket,
 )
-from devices.pci import PCI_COMMAND_MASTER
+from luvmm.uapi.pci_regs import PCI_COMMAND_MASTER
 from liveupdate import faults
 from liveupdate.init import Init
 from liveupdate.kernel import kho

@@ -95,7 +95,9 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
     from luvmm import abi
 
     if not abi.PREBUILT:
-        abi.build_cache()  # the restore path imports the parsed uAPI instead of parsing it
+        from luvmm.uapi import build_cache
+
+        build_cache()  # the restore path imports the parsed uAPI instead of parsing it
     if agent:
         # Restarted when it dies, as luod would be (Restart=on-failure): the VMMs register again.
         state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path), restart="on-failure",

@@ -12,7 +12,7 @@ import os
 
 from luvmm.abi import ffi, new_arg
 from luvmm.host import Host, KernelObject
-from liveupdate.luo_uapi import (
+from luvmm.uapi.luo import (
     LIVEUPDATE_IOCTL_CREATE_SESSION,
     LIVEUPDATE_IOCTL_RETRIEVE_SESSION,
     LIVEUPDATE_SESSION_FINISH,

@@ -16,7 +16,7 @@ import os
 from devices.dsa import DsaDevice
 from devices.iommu import IommuDomain
 from devices.memory import PhysMem
-from devices.pci import PCI_COMMAND_MASTER
+from luvmm.uapi.pci_regs import PCI_COMMAND_MASTER
 
 
 #: DSA functions a machine may have (each is its own PCI function; a bus holds 32 devices).

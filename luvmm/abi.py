@@ -1,10 +1,11 @@
 """Kernel ABI machinery shared by every uAPI module.
 
 One cffi FFI instance (ABI mode, no compiler needed) holds the cdefs of every
-kernel struct the project uses; each package declares the structs it owns
-(``vmm.kvm_uapi``, ``devices.vfio_uapi``, ``devices.iommufd_uapi``,
-``liveupdate.luo_uapi``) with the kernel's own names, so a layout question is
-always answered by ``ffi.sizeof("struct NAME")`` against the kernel headers.
+kernel struct the project uses; each module of :mod:`luvmm.uapi` (one per
+kernel header: kvm, vfio, iommufd, luo, idxd) declares its structs with the
+kernel's own names, so a layout question is always answered by
+``ffi.sizeof("struct NAME")`` against the kernel headers.  This module is the
+bottom layer: it imports none of them (they import it).
 
 ioctl numbers are computed by the ``_IOC`` family exactly as
 ``include/uapi/asm-generic/ioctl.h`` does (x86, arm64, riscv and s390 use the
@@ -32,8 +33,8 @@ LIBC_CDEF = """
 """
 
 #: The modules that declare uAPI structs (each owns its cdefs).
-UAPI_MODULES = ("vmm.kvm_uapi", "devices.vfio_uapi", "devices.iommufd_uapi", "devices.dsa_uapi",
-                "liveupdate.luo_uapi")
+UAPI_MODULES = ("luvmm.uapi.kvm", "luvmm.uapi.vfio", "luvmm.uapi.iommufd", "luvmm.uapi.idxd",
+                "luvmm.uapi.luo")  # luvmm.uapi.load_all() imports them
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_uapi_ffi.py")
 
@@ -81,31 +82,6 @@ def cdef(text: str, *, packed: bool = False) -> None:
     if not PREBUILT:
         ffi.cdef(text, packed=packed)
 
-
-def build_cache() -> bool:
-    """Write luvmm/_uapi_ffi.py from every module's cdefs (after load_all()).
-    Returns False where the package directory is not writable."""
-    import cffi
-
-    load_all()
-    fresh = cffi.FFI()
-    fresh.cdef(LIBC_CDEF)
-    for text, packed in _CDEFS:
-        fresh.cdef(text, packed=packed)
-    fresh.set_source("luvmm._uapi_ffi", None)
-    tmp = os.path.join(os.path.dirname(_CACHE), f"._uapi_ffi.{os.getpid()}.tmp")
-    import contextlib
-    import io
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # cffi announces "generating ..."
-            fresh.emit_python_code(tmp)
-        with open(tmp, "a") as f:
-            f.write(f"\nSOURCES_HASH = {_sources_hash()!r}\n")
-        os.replace(tmp, _CACHE)
-    except OSError:
-        return False
-    return True
 
 # --- include/uapi/asm-generic/ioctl.h --------------------------------------
 _IOC_NRBITS = 8
@@ -278,12 +254,3 @@ def new_arg(argtype: str, **fields):
     for name, value in fields.items():
         setattr(arg, name, value)
     return arg
-
-
-def load_all() -> None:
-    """Import every uAPI module so that the tables are complete."""
-    import devices.dsa_uapi  # noqa: F401
-    import devices.iommufd_uapi  # noqa: F401
-    import devices.vfio_uapi  # noqa: F401
-    import liveupdate.luo_uapi  # noqa: F401
-    import vmm.kvm_uapi  # noqa: F401

@@ -258,7 +258,7 @@ def _guest(choice: str) -> str:
 
 
 def _cmd_uapi(args: argparse.Namespace) -> int:
-    from luvmm.uapi import format_table, uapi_values
+    from luvmm.uapi.table import format_table, uapi_values
 
     values = uapi_values()
     if args.json:

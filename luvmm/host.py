@@ -16,7 +16,7 @@ against the syscalls) runs unchanged on both::
 
     from luvmm.host import RealHost
     from luvmm.abi import ffi, new_arg
-    from devices.iommufd_uapi import IOMMU_IOAS_ALLOC
+    from luvmm.uapi.iommufd import IOMMU_IOAS_ALLOC
 
     host = RealHost()
     fd = host.open("/dev/iommu")                      # OSError(ENOENT) if absent

@@ -69,7 +69,7 @@ REC = 0x18000  # a completion record slot outside the driver's state
 
 def submit(rig: Rig, *, wait: bool = True, completion: int | None = None, wq: int = 0, **fields) -> dict:
     """Write one descriptor to the portal; return its completion record once the device is idle."""
-    from devices.dsa_uapi import pack_desc, unpack_completion
+    from luvmm.uapi.idxd import pack_desc, unpack_completion
 
     record = REC if completion is None else completion
     if completion is None:

@@ -45,7 +45,7 @@ from devices.dsa_regs import (
     command,
     wq_operand,
 )
-from devices.dsa_uapi import (
+from luvmm.uapi.idxd import (
     DSA_COMP_NONE,
     DSA_COMP_SUCCESS,
     DSA_OPCODE_MEMMOVE,
@@ -55,8 +55,8 @@ from devices.dsa_uapi import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.pci import (
-    MSIX_CAP_OFFSET,
+from devices.pci import MSIX_CAP_OFFSET
+from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_MASTER,
     PCI_MSIX_ENTRY_SIZE,

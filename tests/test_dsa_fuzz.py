@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from devices.dsa import DsaDevice
 from devices.dsa_regs import IDXD_SWERR_ACK, IDXD_SWERR_OFFSET
 from devices.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
-from devices.dsa_uapi import DESC, DSA_OPCODE_BATCH
+from luvmm.uapi.idxd import DESC, DSA_OPCODE_BATCH
 from devices.iommu import IOMMU_READ, IommuDomain
 from devices.memory import PhysMem
 

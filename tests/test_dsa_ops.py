@@ -11,7 +11,7 @@ from devices.dsa_regs import (
     IDXD_SWERR_VALID,
     SWERR_ERROR_SHIFT,
 )
-from devices.dsa_uapi import (
+from luvmm.uapi.idxd import (
     DSA_COMP_ADDR_ALIGN,
     DSA_COMP_BAD_OPCODE,
     DSA_COMP_DR_OFFSET_NOINC,

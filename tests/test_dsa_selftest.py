@@ -11,8 +11,8 @@ from devices.dsa_regs import (
     WQCFG_OCCUP_IDX,
     WQCFG_TABLE,
 )
-from devices.dsa_uapi import DSA_COMP_PAGE_FAULT_NOBOF, DSA_COMP_STATUS_WRITE, DSA_COMP_SUCCESS, unpack_completion
-from devices.pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
+from luvmm.uapi.idxd import DSA_COMP_PAGE_FAULT_NOBOF, DSA_COMP_STATUS_WRITE, DSA_COMP_SUCCESS, unpack_completion
+from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from tests.dsa_rig import DATA
 
 

@@ -19,7 +19,8 @@ from liveupdate.kernel import kho
 from liveupdate.kernel.core import Kernel
 from liveupdate.luo import LiveUpdate
 from liveupdate.machine import Machine
-from luvmm.abi import IOCTLS, load_all
+from luvmm.abi import IOCTLS
+from luvmm.uapi import load_all
 from luvmm.wire import OP_IOCTL, OP_PREAD, OP_PWRITE, REQUEST
 from vmm import machine_state
 

@@ -13,7 +13,7 @@ import pytest
 from luvmm.abi import ffi
 from luvmm.host import Host, ioctl_error
 from devices.iommufd import IommuFd
-from devices.iommufd_uapi import (
+from luvmm.uapi.iommufd import (
     IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE,
     IOMMU_IOAS_ALLOC,
     IOMMU_IOAS_IOVA_RANGES,
@@ -23,7 +23,7 @@ from devices.iommufd_uapi import (
     IOMMU_IOAS_MAP_WRITEABLE,
 )
 from devices.vfio import VfioDevice
-from devices.vfio_uapi import (
+from luvmm.uapi.vfio import (
     VFIO_DEVICE_BIND_IOMMUFD,
     VFIO_DEVICE_GET_REGION_INFO,
     VFIO_DEVICE_SET_IRQS,
@@ -34,7 +34,7 @@ from devices.vfio_uapi import (
     VFIO_PCI_MSIX_IRQ_INDEX,
 )
 from liveupdate.luo import LiveUpdate
-from liveupdate.luo_uapi import LIVEUPDATE_IOCTL_CREATE_SESSION, LIVEUPDATE_SESSION_PRESERVE_FD
+from luvmm.uapi.luo import LIVEUPDATE_IOCTL_CREATE_SESSION, LIVEUPDATE_SESSION_PRESERVE_FD
 
 
 class ScriptedHost(Host):

@@ -6,13 +6,14 @@ import os
 
 import pytest
 
-from luvmm.abi import _IOR, ffi, load_all, new_arg
+from luvmm.abi import _IOR, ffi, new_arg
+from luvmm.uapi import load_all
 from luvmm.host import IoctlArgumentError, RealHost
 
 load_all()
-from devices.iommufd_uapi import IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP  # noqa: E402
-from devices.vfio_uapi import VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS  # noqa: E402
-from vmm.kvm_uapi import KVM_GET_API_VERSION, KVM_GET_REGS  # noqa: E402
+from luvmm.uapi.iommufd import IOMMU_IOAS_ALLOC, IOMMU_IOAS_MAP  # noqa: E402
+from luvmm.uapi.vfio import VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS  # noqa: E402
+from luvmm.uapi.kvm import KVM_GET_API_VERSION, KVM_GET_REGS  # noqa: E402
 
 
 @pytest.fixture

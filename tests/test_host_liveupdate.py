@@ -12,9 +12,9 @@ import pytest
 from tests.helpers import errno_of
 
 from devices.dsa_driver import BATCH_COMPLETION
-from devices.dsa_uapi import DSA_COMP_SUCCESS
+from luvmm.uapi.idxd import DSA_COMP_SUCCESS
 from devices.iommufd import IommuFd
-from devices.pci import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_INTERRUPT_LINE
+from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_INTERRUPT_LINE
 from devices.vfio import VfioDevice
 from liveupdate.luo import LiveUpdate
 from tests.vfio_rig import DATA, DEVICE_TOKEN, HWPT_TOKEN, IOMMUFD_TOKEN, RAM_TOKEN, VfioRig, sealed_memfd

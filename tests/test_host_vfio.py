@@ -9,12 +9,12 @@ from tests.helpers import errno_of
 
 from luvmm.abi import ffi, new_arg
 from devices.dsa_driver import COPY_COMPLETION
-from devices.dsa_uapi import DSA_COMP_SUCCESS
+from luvmm.uapi.idxd import DSA_COMP_SUCCESS
 from devices.iommufd import IommuFd
-from devices.iommufd_uapi import IOMMU_IOAS_ALLOC
-from devices.pci import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
+from luvmm.uapi.iommufd import IOMMU_IOAS_ALLOC
+from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from devices.vfio import VfioDevice
-from devices.vfio_uapi import (
+from luvmm.uapi.vfio import (
     VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET,
     VFIO_PCI_BAR0_REGION_INDEX,

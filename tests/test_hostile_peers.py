@@ -14,12 +14,11 @@ import time
 
 import pytest
 
-from liveupdate.agent_client import AgentClient, AgentError, wait_for_agent
+from liveupdate.agent_client import AgentError, wait_for_agent
 from liveupdate.update import update_once
 from luvmm import rpc
 from luvmm.emuhost import connect
 from vmm import manage
-from vmm.vm import VmConfig
 
 from tests.test_faults import assert_intact, host_status, start_vm, wait_until
 from tests.test_vmm_faults import wait_for_progress

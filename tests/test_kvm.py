@@ -11,7 +11,7 @@ import pytest
 
 from luvmm.abi import ffi
 from vmm.kvm import Kvm
-from vmm.kvm_uapi import (
+from luvmm.uapi.kvm import (
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_EXIT_INTR,
     KVM_EXIT_IO,

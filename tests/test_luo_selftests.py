@@ -13,7 +13,7 @@ from tests.helpers import errno_of
 
 from luvmm.abi import new_arg, ffi
 from liveupdate.luo import LiveUpdate
-from liveupdate.luo_uapi import (
+from luvmm.uapi.luo import (
     LIVEUPDATE_IOCTL_CREATE_SESSION,
     LIVEUPDATE_SESSION_FINISH,
     LIVEUPDATE_SESSION_PRESERVE_FD,

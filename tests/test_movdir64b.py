@@ -46,7 +46,7 @@ def test_page_walk_over_the_guest_tables():
 
 
 def test_the_vmm_submits_the_64_bytes_and_steps_over_the_instruction():
-    from vmm.kvm_uapi import KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    from luvmm.uapi.kvm import KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
     from vmm.vm import Vm
 
     ram = bytearray(8 << 20)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from luvmm import abi
-from luvmm.uapi import provisional, uapi_values
+from luvmm.uapi.table import provisional, uapi_values
 
 HERE = Path(__file__).parent / "uapi"
 
@@ -127,7 +127,7 @@ def test_ioc_rejects_out_of_range_fields():
 
 
 def test_ioc_size_comes_from_the_struct():
-    from vmm.kvm_uapi import KVM_GET_REGS
+    from luvmm.uapi.kvm import KVM_GET_REGS
 
     assert abi._IOC_SIZE(KVM_GET_REGS) == abi.ffi.sizeof("struct kvm_regs") == 144
     assert abi._IOC_DIR(KVM_GET_REGS) == abi._IOC_READ
@@ -135,7 +135,7 @@ def test_ioc_size_comes_from_the_struct():
 
 
 def test_registry_refuses_collisions_and_mismatched_argument_types():
-    from vmm.kvm_uapi import KVMIO
+    from luvmm.uapi.kvm import KVMIO
 
     with pytest.raises(ValueError, match="collides"):
         abi.ioctl("NOT_KVM_RUN", abi._IO(KVMIO, 0x80))

@@ -18,7 +18,7 @@ import _thread  # not `threading`: 4 ms of imports on the restore path
 
 from luvmm.abi import ffi, new_arg
 from luvmm.host import Host, KernelObject, RealHost
-from vmm.kvm_uapi import (
+from luvmm.uapi.kvm import (
     KVM_API_VERSION,
     KVM_CHECK_EXTENSION,
     KVM_CREATE_IRQCHIP,

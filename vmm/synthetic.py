@@ -25,7 +25,7 @@ from devices.dsa_regs import (
     IDXD_WQCAP_OFFSET,
     command,
 )
-from devices.dsa_uapi import (
+from luvmm.uapi.idxd import (
     DSA_COMP_SUCCESS,
     DSA_COMP_SUCCESS_PRED,
     DSA_OPCODE_BATCH,
@@ -37,7 +37,7 @@ from devices.dsa_uapi import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.vfio_uapi import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
+from luvmm.uapi.vfio import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
 
 MAX_SLOTS, MAX_PAIRS = 64, 16
 MASK = (1 << 64) - 1

@@ -27,12 +27,12 @@ from liveupdate.state import check_vm_name
 from luvmm.abi import ffi
 from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
 from devices.iommufd import IommuFd
-from devices.pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
+from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from devices.vfio import VfioDevice
-from devices.vfio_uapi import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
+from luvmm.uapi.vfio import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
 from vmm import guest, machine_state, movdir64b
 from vmm.kvm import Kvm
-from vmm.kvm_uapi import (
+from luvmm.uapi.kvm import (
     KVM_CAP_EXIT_ON_EMULATION_FAILURE,
     KVM_EXIT_FAIL_ENTRY,
     KVM_EXIT_HLT,

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 
 from devices.iommu import IOMMU_PAGE_SIZE, IOMMU_READ, IOMMU_WRITE
-from devices.iommufd_uapi import (
+from luvmm.uapi.iommufd import (
     IOMMU_DESTROY,
     IOMMU_GET_HW_INFO,
     IOMMU_HW_INFO_TYPE_NONE,

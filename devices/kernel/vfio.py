@@ -31,18 +31,17 @@ import os
 import struct
 
 from devices.kernel.iommufd import IommufdFile
-from devices.pci import (
-    MSIX_CAP_OFFSET,
+from devices.pci import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET
+from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
     PCI_COMMAND_MASTER,
     PCI_COMMAND_MEMORY,
     PCI_MSIX_FLAGS,
     PCI_MSIX_FLAGS_ENABLE,
-    PCIE_CAP_OFFSET,
     PCI_EXP_DEVCTL,
 )
-from devices.vfio_uapi import (
+from luvmm.uapi.vfio import (
     VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_BIND_FLAG_TOKEN,
     VFIO_DEVICE_BIND_IOMMUFD,

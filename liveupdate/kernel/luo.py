@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from luvmm.abi import _IOC_NR, ffi
 from liveupdate.kernel.core import File, KernelError, RealFile, copy_struct, respond
-from liveupdate.luo_uapi import (
+from luvmm.uapi.luo import (
     LIVEUPDATE_CMD_SESSION_BASE,
     LIVEUPDATE_IOCTL_CREATE_SESSION,
     LIVEUPDATE_IOCTL_RETRIEVE_SESSION,

@@ -19,7 +19,7 @@ import select
 import struct
 
 from devices.vfio import VfioDevice
-from devices.vfio_uapi import (
+from luvmm.uapi.vfio import (
     VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_UNMASK,
     VFIO_IRQ_SET_DATA_EVENTFD,

@@ -21,7 +21,7 @@ from luvmm.host import RealHost
 from luvmm.lab import guest
 from devices.iommufd import IommuFd
 from devices.vfio import VfioDevice
-from devices.vfio_uapi import (
+from luvmm.uapi.vfio import (
     VFIO_PCI_BAR0_REGION_INDEX,
     VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_INTX_IRQ_INDEX,
@@ -184,7 +184,7 @@ def check_reset(rig: Rig) -> dict:
 @part("luo_facts")
 def check_luo_facts(rig: Rig) -> dict:
     """What mainline answers when asked to preserve what luvmm would preserve."""
-    from devices.iommufd_uapi import IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE  # provisional: not in mainline
+    from luvmm.uapi.iommufd import IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE  # provisional: not in mainline
 
     luo = LiveUpdate.open(rig.host)
     session = luo.create_session("lab-facts")

@@ -7,7 +7,7 @@ import errno
 
 from tests.lab.test_lab_devices import dev, part  # noqa: F401 - the module's fixture
 
-from devices.iommufd_uapi import IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE
+from luvmm.uapi.iommufd import IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE
 
 
 def test_preserve_fd_of_a_vfio_cdev_and_an_iommufd_is_enoent(dev):  # noqa: F811

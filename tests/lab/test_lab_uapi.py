@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from luvmm.uapi import provisional, uapi_values
+from luvmm.uapi.table import provisional, uapi_values
 
 REF = Path(__file__).parent.parent / "uapi" / "uapi_ref.c"
 

@@ -3,7 +3,8 @@ with a kernel's headers (tests/uapi/uapi_ref.c prints the same keys from C)."""
 
 from __future__ import annotations
 
-from luvmm.abi import IOCTLS, STRUCTS, ffi, load_all
+from luvmm.abi import IOCTLS, STRUCTS, ffi
+from luvmm.uapi import load_all
 
 
 def uapi_values() -> dict[str, int]:
@@ -19,7 +20,7 @@ def uapi_values() -> dict[str, int]:
 
 def provisional() -> frozenset[str]:
     """Keys that model out-of-tree (not merged) uAPI."""
-    from devices.iommufd_uapi import PROVISIONAL
+    from luvmm.uapi.iommufd import PROVISIONAL
 
     return frozenset(f"sizeof({n})" if n.startswith("struct ") else n for n in PROVISIONAL)
 
