@@ -84,7 +84,7 @@ VM_OPS = frozenset({"create-session", "retrieve-session", "register", "restored"
 #: The operator's requests: only a process of no unit may make them (``release``: its VM's unit too).
 OPERATOR_OPS = frozenset({"update", "result", "status", "release", "abandon"})
 NAMED_OPS = VM_OPS | {"release"}
-#: unit_of's answer for a process that left its unit (liveupdate.init.ORPHAN).
+#: unit_of's answer for a process that left its unit (liveupdate.emu.init.ORPHAN).
 ORPHAN = "?orphan"
 _UNKNOWN = object()  # a connection whose peer was not looked up yet
 
@@ -124,8 +124,10 @@ class Channel:
 
 
 class Agent:
-    def __init__(self, host, state: StateDir, *, boot: str = "cold", prepare_timeout: float = 30.0):
+    def __init__(self, host, state: StateDir, units, *, boot: str = "cold", prepare_timeout: float = 30.0):
         self.host = host
+        #: The host's init (luvmm.services.Units): who a peer is (the unit it belongs to).
+        self.units = units
         self.state = state
         self.boot = boot
         self.prepare_timeout = prepare_timeout
@@ -344,7 +346,7 @@ class Agent:
     def identify(self, sock):
         """The connection's peer (luvmm.peer.Peer), or None if it cannot be identified."""
         try:
-            return identify(sock, self.host.unit_of)
+            return identify(sock, self.units.unit_of)
         except PermissionError as e:
             log.warning("%s", e.strerror)
             return None
@@ -604,15 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     die_with_init()
     args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
     state = StateDir(args["state_dir"])
-    if args["host"] == "real":
-        from luvmm.host import RealHost
+    from luvmm.hosts import connect
 
-        host = RealHost()
-    else:
-        from luvmm.emuhost import connect
-
-        host = connect(os.environ.get("LUVMM_HOST_SOCKET", state.socket))
-    agent = Agent(host, state, boot=os.environ.get("LUVMM_BOOT", "cold"))
+    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket))
+    agent = Agent(host, state, services.units, boot=os.environ.get("LUVMM_BOOT", "cold"))
     listener, early = agent.fast_restore()
     import logging as _logging
 

@@ -10,7 +10,7 @@ up on the very same RAM, iommufd and device (DMA never stopped).
 
 systemd keeps the store while the unit is restarted after a failure and
 flushes it when the unit is stopped (FileDescriptorStoreMax= bounds it); the
-emulated host's init (liveupdate.init) does the same.  Either way the store
+emulated host's init (liveupdate.emu.init) does the same.  Either way the store
 lives in init, not in the LUO agent: an agent that dies takes nothing with it.
 
 A VM's store holds its files under the names of :meth:`vmm.vm.Vm.files` and

@@ -98,7 +98,7 @@ def _positive(text: str) -> int:
 
 
 def _devices(text: str) -> int:
-    from liveupdate.machine import MAX_DEVICES
+    from liveupdate.emu.machine import MAX_DEVICES
 
     n = _positive(text)
     if n > MAX_DEVICES:
@@ -219,7 +219,7 @@ def _state(args: argparse.Namespace):
 
 def _running_host(args: argparse.Namespace):
     """The state dir of the running host, or CliError: never starts one."""
-    from liveupdate.hostctl import HostError, find
+    from liveupdate.emu.hostctl import HostError, find
 
     try:
         return find(args.state_dir)
@@ -231,7 +231,7 @@ class _Connection:
     """``with _connect(state) as host``: a connection to the daemon, always closed."""
 
     def __init__(self, state):
-        from luvmm.emuhost import connect
+        from liveupdate.emu.client import connect
 
         self.host = connect(state.socket)
 
@@ -269,7 +269,7 @@ def _cmd_uapi(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_dsa(args: argparse.Namespace) -> int:
-    from devices.dsa_bench import format_table, run
+    from devices.emu.dsa_bench import format_table, run
 
     result = run(total_bytes=args.bytes, batches=args.batches)
     _print_json(result) if args.json else print(format_table(result))
@@ -280,7 +280,7 @@ def _cmd_bench_dsa(args: argparse.Namespace) -> int:
 
 
 def _cmd_host_start(args: argparse.Namespace) -> int:
-    from liveupdate import hostctl
+    from liveupdate.emu import hostctl
 
     state = _state(args)
     if hostctl.running(state):
@@ -305,7 +305,7 @@ def _cmd_host_start(args: argparse.Namespace) -> int:
 
 
 def _cmd_host_stop(args: argparse.Namespace) -> int:
-    from liveupdate import hostctl
+    from liveupdate.emu import hostctl
 
     state = _state(args)
     kept = hostctl.stop(state)
@@ -320,7 +320,7 @@ def _cmd_host_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_host_status(args: argparse.Namespace) -> int:
-    from liveupdate.hostctl import format_status
+    from liveupdate.emu.hostctl import format_status
 
     with _Connection(_running_host(args)) as host:
         status = host.call({"op": "status"})[0]
@@ -372,8 +372,9 @@ def _cmd_host_kexec(args: argparse.Namespace) -> int:
 
 
 def _cmd_vm_start(args: argparse.Namespace) -> int:
-    from liveupdate import hostctl
-    from liveupdate.hostctl import ensure
+    from liveupdate.emu import hostctl
+    from liveupdate.emu.services import EmulatedUnits
+    from liveupdate.emu.hostctl import ensure
     from vmm import manage
     from vmm.vm import VmConfig
 
@@ -393,7 +394,7 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
     ensure(args.state_dir, say=_say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
     try:
         with _Connection(state) as host:
-            st = manage.start(state, config, host, overcommit=args.overcommit)
+            st = manage.start(state, config, EmulatedUnits(host), overcommit=args.overcommit)
     except BaseException:
         if started and not state.vm_names():  # a host started for a VM that did not start goes too
             hostctl.stop(state)
@@ -406,7 +407,8 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
 
 
 def _cmd_vm_stop(args: argparse.Namespace) -> int:
-    from liveupdate import hostctl
+    from liveupdate.emu import hostctl
+    from liveupdate.emu.services import EmulatedUnits
     from vmm import manage
 
     state = _state(args)
@@ -418,7 +420,7 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
         print(f"VM {args.name} removed (no host was running it)")
         return exitcodes.OK
     with _Connection(state) as host:
-        manage.stop(state, args.name, host)
+        manage.stop(state, args.name, EmulatedUnits(host))
     print(f"VM {args.name} stopped")
     return exitcodes.OK
 
@@ -470,7 +472,7 @@ def _format_vm_status(out: dict[str, dict]) -> str:
 
 
 def _cmd_vm_list(args: argparse.Namespace) -> int:
-    from liveupdate import hostctl
+    from liveupdate.emu import hostctl
 
     state = _state(args)
     names = state.vm_names() if state.exists() else []
@@ -556,7 +558,7 @@ def _abandon(state, as_json: bool) -> int:
 
 
 def _cmd_bench_blackout(args: argparse.Namespace) -> int:
-    from vmm.bench import run_blackout
+    from luvmm.tools.bench import run_blackout
 
     summary = run_blackout(memory=args.memory, cycles=args.cycles, vms=args.vms, guest=args.guest,
                            profile=args.kernel_profile, dsa_bandwidth=args.dsa_bandwidth,
@@ -565,7 +567,7 @@ def _cmd_bench_blackout(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
-    from vmm.bench import format_soak, run_soak
+    from luvmm.tools.bench import format_soak, run_soak
 
     result = run_soak(cycles=args.cycles, memory=args.memory, guest=_guest(args.guest),
                       dsa_bandwidth=args.dsa_bandwidth, overcommit=args.overcommit, progress=_progress())
@@ -577,7 +579,7 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_chaos(args: argparse.Namespace) -> int:
-    from vmm.chaos import damaged, format_chaos, run_chaos
+    from luvmm.tools.chaos import damaged, format_chaos, run_chaos
 
     if _guest("auto") != "firmware":
         raise CliError("the chaos benchmark needs the firmware guest (a usable /dev/kvm): a synthetic guest's VMM "
@@ -588,7 +590,7 @@ def _cmd_bench_chaos(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_scale(args: argparse.Namespace) -> int:
-    from vmm.bench import format_scale, run_scale
+    from luvmm.tools.bench import format_scale, run_scale
 
     result = run_scale(memories=args.memory, vm_counts=args.vms, cycles=args.cycles, guest=args.guest,
                        dsa_bandwidth=args.dsa_bandwidth, overcommit=args.overcommit, progress=_progress())
@@ -600,7 +602,7 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from luvmm.demo import run_demo
+    from luvmm.tools.demo import run_demo
     from liveupdate.update import outcome
     from metrics.report import verdict
 
@@ -838,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type, ...]:
     """The errors that are a refusal, said in one line -- not bugs."""
     from liveupdate.agent_client import AgentError
-    from liveupdate.hostctl import HostError
+    from liveupdate.emu.hostctl import HostError
     from liveupdate.state import StateError
     from vmm.manage import VmError
 

@@ -160,13 +160,6 @@ class Host(abc.ABC):
         """Directory entries (sysfs: /sys/bus/pci/devices/<BDF>/vfio-dev)."""
 
     @abc.abstractmethod
-    def unit_of(self, pid: int) -> str | None:
-        """The unit of the host's init (``agent``, ``vm-NAME``) that process
-        ``pid`` belongs to, or None for a process outside every unit (an
-        operator's).  The agent hands a VM's session and files only to its
-        own VMM's unit."""
-
-    @abc.abstractmethod
     def kexec(self):
         """reboot(LINUX_REBOOT_CMD_KEXEC): LUO freezes, the new kernel boots.
 
@@ -209,20 +202,6 @@ class RealHost(Host):
 
     def listdir(self, path: str) -> list[str]:
         return os.listdir(path)
-
-    def unit_of(self, pid: int) -> str | None:
-        """systemd puts each unit in its own cgroup, which a process cannot
-        leave: luvmm's units are ``luvmm-agent.service`` and ``luvmm-vm-NAME.service``."""
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return None
-        for line in lines:
-            leaf = line.rsplit("/", 1)[-1]
-            if leaf.startswith("luvmm-") and leaf.endswith(".service"):
-                return leaf[len("luvmm-"):-len(".service")]
-        return None
 
     def kexec(self) -> None:
         # The new kernel must have been loaded first (kexec_file_load, e.g.

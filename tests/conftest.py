@@ -29,9 +29,9 @@ def emulated_host(request):
     import tempfile
     from types import SimpleNamespace
 
-    from liveupdate import hostctl
+    from liveupdate.emu import hostctl
     from liveupdate.state import StateDir
-    from luvmm.emuhost import connect
+    from liveupdate.emu.client import connect
 
     param = getattr(request, "param", "continuous-dma")
     options = dict(param) if isinstance(param, dict) else {"profile": param}
@@ -53,13 +53,13 @@ def vm_host(request):
     """A running emulated host with its LUO agent, for VMs: (state dir, host
     connection).  Its DSA moves 48 MiB/s: a guest's 32 batches in flight
     (2 MiB) outlast a blackout.  Parametrize indirectly with a kernel profile
-    name, or a dict of liveupdate.hostctl.start options."""
+    name, or a dict of liveupdate.emu.hostctl.start options."""
     import shutil
     import tempfile
 
-    from liveupdate import hostctl
+    from liveupdate.emu import hostctl
     from liveupdate.state import StateDir
-    from luvmm.emuhost import connect
+    from liveupdate.emu.client import connect
 
     param = getattr(request, "param", "continuous-dma")
     options = dict(param) if isinstance(param, dict) else {"profile": param}

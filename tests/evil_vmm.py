@@ -13,7 +13,7 @@ from devices.vfio import VfioDevice, cdev_path_for_bdf  # noqa: E402
 from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import AgentClient  # noqa: E402
 from liveupdate.state import StateDir  # noqa: E402
-from luvmm.emuhost import connect  # noqa: E402
+from liveupdate.emu.client import connect  # noqa: E402
 
 
 def attempt(fn):

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from luvmm.emuhost import connect  # noqa: E402
+from liveupdate.emu.client import connect  # noqa: E402
 from liveupdate.agent_client import AgentClient, wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
 from liveupdate.state import StateDir  # noqa: E402

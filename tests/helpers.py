@@ -8,3 +8,10 @@ def errno_of(fn, *args, **kw) -> int:
     with pytest.raises(OSError) as e:
         fn(*args, **kw)
     return e.value.errno
+
+
+def units(host):
+    """The emulated host's init, as the product takes it (luvmm.services.Units)."""
+    from liveupdate.emu.services import EmulatedUnits
+
+    return EmulatedUnits(host)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from liveupdate import hostctl
+from liveupdate.emu import hostctl
 from liveupdate.agent_client import AgentError, wait_for_agent
 from liveupdate.update import update_once
 

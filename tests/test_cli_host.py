@@ -63,7 +63,7 @@ def test_update_through_the_agent(state_dir):
     state = StateDir(state_dir)
     state.write_unit("agent", [sys.executable, "-m", "liveupdate.agent", "--state-dir", state_dir])
     state.write_unit("vm-x", [sys.executable, os.path.join(HERE, "fake_vmm.py")], {"FAKE_VM_NAME": "x"})
-    from luvmm.emuhost import connect
+    from liveupdate.emu.client import connect
 
     host = connect(state.socket)
     host.call({"op": "unit-start", "name": "agent"})

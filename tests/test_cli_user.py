@@ -69,7 +69,7 @@ def test_the_agent_notices_a_vmm_whose_channel_closed(cli):
     state = StateDir(cli.state)
     state.write_unit("vm-x", [sys.executable, os.path.join(os.path.dirname(__file__), "fake_vmm.py")],
                      {"FAKE_VM_NAME": "x"})
-    from luvmm.emuhost import connect
+    from liveupdate.emu.client import connect
 
     host = connect(state.socket)
     try:
@@ -170,7 +170,7 @@ def test_bad_vm_names_are_refused_in_one_line_and_touch_nothing(cli):
     # The daemon and the agent check names too (a script speaking to them directly).
     from liveupdate.agent_client import AgentClient, AgentError
     from liveupdate.state import StateDir
-    from luvmm.emuhost import connect
+    from liveupdate.emu.client import connect
 
     host = connect(os.path.join(cli.state, "host.sock"))
     agent = AgentClient(StateDir(cli.state))

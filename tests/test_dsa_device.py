@@ -6,10 +6,9 @@ import struct
 
 import pytest
 
-from devices.dsa_driver import MSIX_VECTOR
+from devices.emu.dsa_driver import MSIX_VECTOR
 from devices.dsa_regs import (
     GENCTRL_SOFTERR_INT_EN,
-    GRPCFG_TABLE,
     IDXD_CMD_ABORT_WQ,
     IDXD_CMD_DISABLE_WQ,
     IDXD_CMD_DRAIN_WQ,
@@ -35,16 +34,14 @@ from devices.dsa_regs import (
     IDXD_SWERR_OFFSET,
     IDXD_SWERR_VALID,
     IDXD_SWERR_OVERFLOW,
-    MSIX_PBA,
-    MSIX_TABLE,
     SWERR_ERROR_SHIFT,
     SWERR_PORTAL_WRITE_SIZE,
     SWERR_WQ_DISABLED,
     SWERR_WQ_FULL,
-    WQCFG_TABLE,
     command,
     wq_operand,
 )
+from devices.emu.dsa_model import GRPCFG_TABLE, MSIX_PBA, MSIX_TABLE, WQCFG_TABLE
 from luvmm.uapi.idxd import (
     DSA_COMP_NONE,
     DSA_COMP_SUCCESS,
@@ -55,7 +52,7 @@ from luvmm.uapi.idxd import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.pci import MSIX_CAP_OFFSET
+from devices.emu.pci import MSIX_CAP_OFFSET
 from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_MASTER,

@@ -6,12 +6,12 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.dsa import DsaDevice
+from devices.emu.dsa import DsaDevice
 from devices.dsa_regs import IDXD_SWERR_ACK, IDXD_SWERR_OFFSET
-from devices.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
+from devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
 from luvmm.uapi.idxd import DESC, DSA_OPCODE_BATCH
-from devices.iommu import IOMMU_READ, IommuDomain
-from devices.memory import PhysMem
+from devices.emu.iommu import IOMMU_READ, IommuDomain
+from devices.emu.memory import PhysMem
 
 MEM = 4 << 20
 CANARY = 0x5A

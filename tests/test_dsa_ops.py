@@ -54,7 +54,7 @@ from luvmm.uapi.idxd import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.iommu import IOMMU_READ
+from devices.emu.iommu import IOMMU_READ
 from tests.dsa_rig import DATA, REC, submit
 
 CRAV_RCR = IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_RCR

@@ -1,4 +1,4 @@
-"""Fault injection at each step of a live update (liveupdate.faults), and the
+"""Fault injection at each step of a live update (liveupdate.emu.faults), and the
 outcome a user depends on for each: rollback with the VM intact, a clean
 refusal that keeps the session for a retry, or a detected fault repaired.
 
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from liveupdate import faults
+from liveupdate.emu import faults
 from liveupdate.agent_client import AgentError
 from liveupdate.update import update_once
 from metrics.vmm import UpdateStats
@@ -20,6 +20,7 @@ from vmm import manage
 from vmm.vm import VmConfig
 
 from tests.test_vmm_faults import wait_for_progress
+from tests.helpers import units
 
 
 def inject(conn, spec: str | None = None, *, clear: bool = False) -> list[str]:
@@ -30,7 +31,7 @@ def inject(conn, spec: str | None = None, *, clear: bool = False) -> list[str]:
 
 
 def start_vm(state, conn, name="f", guest="synthetic"):
-    manage.start(state, VmConfig(name, memory=64 << 20, guest=guest), conn)
+    manage.start(state, VmConfig(name, memory=64 << 20, guest=guest), units(conn))
     return manage.status(state, name)
 
 
@@ -170,8 +171,8 @@ def test_the_agent_killed_at_the_reboot_leaves_the_vm_running(vm_host):
         update_once(state, timeout=30)
     status = host_status(conn)
     assert status["kexec_count"] == 0 and status["kexec_refused"] == 1
-    units = {u["name"]: u for u in status["units"]}
-    assert units["agent"]["restarts"] == 1 and units["agent"]["pid"] != agent_pid
+    unit_table = {u["name"]: u for u in status["units"]}
+    assert unit_table["agent"]["restarts"] == 1 and unit_table["agent"]["pid"] != agent_pid
     assert_intact(state, "f", st)
     wait_until(lambda: UpdateStats.load(str(state.vm_dir("f") / "metrics.json")).updates["rolled_back"] == 1,
                "the rollback to be counted")
@@ -208,8 +209,8 @@ def test_the_vmm_killed_while_restoring_is_restarted_on_its_session(kvm_ok, vm_h
     record = update_once(state, timeout=60)
     report = record["reports"]["f"]
     assert_clean(report)
-    units = {u["name"]: u for u in conn.call({"op": "units"})[0]}
-    assert units["vm-f"]["restarts"] == 1
+    unit_table = {u["name"]: u for u in conn.call({"op": "units"})[0]}
+    assert unit_table["vm-f"]["restarts"] == 1
     assert manage.status(state, "f")["boot"] == "restart"
     log = (state.logs / "vm-f.log").read_text()
     with open(state.log) as f:
@@ -229,8 +230,8 @@ def test_the_agent_killed_while_the_vms_restore_loses_nothing(kvm_ok, vm_host):
     record = update_once(state, timeout=60)
     assert record["phase"] == "done"
     assert_clean(record["reports"]["f"])
-    units = {u["name"]: u for u in conn.call({"op": "units"})[0]}
-    assert units["agent"]["restarts"] == 1 and units["vm-f"]["restarts"] == 0
+    unit_table = {u["name"]: u for u in conn.call({"op": "units"})[0]}
+    assert unit_table["agent"]["restarts"] == 1 and unit_table["vm-f"]["restarts"] == 0
     inject(conn, clear=True)
     assert_clean(update_once(state, timeout=60)["reports"]["f"])
 

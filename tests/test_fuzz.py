@@ -15,10 +15,10 @@ import zlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from liveupdate.kernel import kho
-from liveupdate.kernel.core import Kernel
+from liveupdate.emu.kernel import kho
+from liveupdate.emu.kernel.core import Kernel
 from liveupdate.luo import LiveUpdate
-from liveupdate.machine import Machine
+from liveupdate.emu.machine import Machine
 from luvmm.abi import IOCTLS
 from luvmm.uapi import load_all
 from luvmm.wire import OP_IOCTL, OP_PREAD, OP_PWRITE, REQUEST

@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from luvmm.emuhost import connect
+from liveupdate.emu.client import connect
 from luvmm.wire import REPLY, REQUEST, OP_IOCTL, OP_PREAD, OP_PWRITE, recv_msg, send_msg
-from liveupdate.kernel.kho import KhoError, decode_image, encode_image
+from liveupdate.emu.kernel.kho import KhoError, decode_image, encode_image
 from liveupdate.luo import LiveUpdate
 from luvmm.uapi.luo import LIVEUPDATE_IOCTL_CREATE_SESSION
 from devices.iommufd import IommuFd

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import errno_of
 
-from devices.dsa_driver import BATCH_COMPLETION
+from devices.emu.dsa_driver import BATCH_COMPLETION
 from luvmm.uapi.idxd import DSA_COMP_SUCCESS
 from devices.iommufd import IommuFd
 from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_INTERRUPT_LINE

@@ -8,7 +8,7 @@ import struct
 from tests.helpers import errno_of
 
 from luvmm.abi import ffi, new_arg
-from devices.dsa_driver import COPY_COMPLETION
+from devices.emu.dsa_driver import COPY_COMPLETION
 from luvmm.uapi.idxd import DSA_COMP_SUCCESS
 from devices.iommufd import IommuFd
 from luvmm.uapi.iommufd import IOMMU_IOAS_ALLOC

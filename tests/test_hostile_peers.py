@@ -17,7 +17,7 @@ import pytest
 from liveupdate.agent_client import AgentError, wait_for_agent
 from liveupdate.update import update_once
 from luvmm import rpc
-from luvmm.emuhost import connect
+from liveupdate.emu.client import connect
 from vmm import manage
 
 from tests.test_faults import assert_intact, host_status, start_vm, wait_until
@@ -93,7 +93,7 @@ sys.stdin.read()
 
 @pytest.mark.timeout(300)
 def test_connection_floods_are_bounded_and_the_daemon_keeps_serving(emulated_host):
-    from liveupdate.daemon import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER
+    from liveupdate.emu.daemon import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER
 
     state = emulated_host.state
     procs = [_hold_connections(state.socket, 200)]
@@ -221,7 +221,7 @@ time.sleep(600)
 
 
 def test_watches_are_bounded_and_go_with_their_connection(emulated_host):
-    from liveupdate.observer import MAX_WATCHES, MAX_WATCHES_PER_OWNER
+    from liveupdate.emu.observer import MAX_WATCHES, MAX_WATCHES_PER_OWNER
 
     state = emulated_host.state
     bdf = emulated_host.host.call({"op": "status"})[0]["kernel"]["vfio"][0]["bdf"]
@@ -372,7 +372,7 @@ def _agent_update(state):
 @pytest.fixture
 def full_disk_host(tmp_path):
     """A host whose state dir is a small tmpfs (root only), and a way to fill it."""
-    from liveupdate import hostctl
+    from liveupdate.emu import hostctl
     from liveupdate.state import StateDir
 
     path = tmp_path / "state"
@@ -512,7 +512,7 @@ def test_a_unit_whose_log_cannot_be_written_starts_anyway_and_status_says_why(em
     assert unit["running"]
     status = conn.call({"op": "status"})[0]
     assert "vm-nolog's log" in status["disk_error"]
-    from liveupdate.hostctl import format_status
+    from liveupdate.emu.hostctl import format_status
 
     assert "disk: unit vm-nolog's log" in format_status(status)
     conn.call({"op": "unit-stop", "name": "vm-nolog"})

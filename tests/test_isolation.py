@@ -19,6 +19,7 @@ from liveupdate.agent_client import wait_for_agent
 from liveupdate.update import update_once
 from vmm import manage
 from vmm.vm import VmConfig
+from tests.helpers import units
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,7 +42,7 @@ def run_unit(state, conn, name, argv, env, timeout=60):
 @pytest.mark.parametrize("vm_host", [{"devices": 2}], indirect=True)
 def test_a_vmm_cannot_reach_another_vms_session_files_device_or_memory(vm_host):
     state, conn = vm_host
-    manage.start(state, VmConfig("a", memory=64 << 20, guest="synthetic"), conn)
+    manage.start(state, VmConfig("a", memory=64 << 20, guest="synthetic"), units(conn))
     a = manage.status(state, "a")
     fdstore_before = next(u for u in conn.call({"op": "units"})[0] if u["name"] == "vm-a")["fdstore"]
     assert fdstore_before == ["device", "iommufd", "meta", "ram", "state"]
@@ -56,8 +57,8 @@ def test_a_vmm_cannot_reach_another_vms_session_files_device_or_memory(vm_host):
                "host faults", "host kexec", "host stop", "dead child's socket", "double-forked grandchild"]
     assert {op: got[op] for op in refused} == {op: errno.EPERM for op in refused}
     assert got["fdstore"] == "ok"  # sent; but it went to its own unit's store, which holds nothing
-    units = {u["name"]: u for u in conn.call({"op": "units"})[0]}
-    assert units["vm-a"]["fdstore"] == fdstore_before and units["vm-a"]["running"]
+    unit_table = {u["name"]: u for u in conn.call({"op": "units"})[0]}
+    assert unit_table["vm-a"]["fdstore"] == fdstore_before and unit_table["vm-a"]["running"]
     assert conn.call({"op": "faults"})[0] == []
     # VM a's device: bound through VM a's fd, so this one can do nothing with it.
     assert got["bind device"] == errno.EINVAL

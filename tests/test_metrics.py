@@ -13,10 +13,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from liveupdate import hostctl
+from liveupdate.emu import hostctl
 from liveupdate.state import StateDir
 from liveupdate.update import update_once
-from luvmm.emuhost import connect
+from liveupdate.emu.client import connect
 from metrics import http
 from metrics.core import Histogram, registry_for
 from metrics.host import METRICS as HOST_METRICS
@@ -25,6 +25,7 @@ from metrics.vmm import UpdateStats, VmmCollector
 from vmm import manage
 from vmm.report import PHASES
 from vmm.vm import VmConfig
+from tests.helpers import units
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = {"blackout_s": 0.045, "phases_s": {"pause": 0.0002, "spawn": 0.015}, "heartbeat_gap_s": 0.09,
@@ -203,7 +204,7 @@ def test_endpoints_of_a_host_and_a_vmm_count_on_across_live_updates(kvm_ok):
         host = connect(state.socket)
         host_port = host.call({"op": "status"})[0]["metrics_port"]
         vm_port = free_port()
-        st = manage.start(state, VmConfig("m", memory=64 << 20, metrics=str(vm_port)), host)
+        st = manage.start(state, VmConfig("m", memory=64 << 20, metrics=str(vm_port)), units(host))
         assert st["metrics_port"] == vm_port and st["metrics_error"] is None
         before_vm, before_host = scrape(vm_port), scrape(host_port)
         assert value(before_vm, "luvmm_live_updates_total", vm="m", result="success") == 0

@@ -9,12 +9,13 @@ import pytest
 from liveupdate.update import summarize, update_once
 from vmm import manage
 from vmm.vm import VmConfig
+from tests.helpers import units
 
 CYCLES = 5
 
 
 def run_updates(state, host, guest):
-    manage.start(state, VmConfig("e2e", memory=64 << 20, guest=guest), host)
+    manage.start(state, VmConfig("e2e", memory=64 << 20, guest=guest), units(host))
     records = [update_once(state, timeout=60) for _ in range(CYCLES)]
     return summarize(records), records
 
@@ -51,7 +52,7 @@ def test_firmware_guest_five_updates(kvm_ok, vm_host):
 @pytest.mark.parametrize("vm_host", ["reset-on-freeze"], indirect=True)
 def test_reset_on_freeze_reports_dma_stopping(kvm_ok, vm_host):
     state, host = vm_host
-    manage.start(state, VmConfig("e2e", memory=64 << 20), host)
+    manage.start(state, VmConfig("e2e", memory=64 << 20), units(host))
     records = [update_once(state, timeout=60) for _ in range(2)]
     summary = summarize(records)
     for record in records:
@@ -79,7 +80,7 @@ def test_firmware_guest_with_ram_above_4g(kvm_ok, vm_host):
     tables (low 4 GiB) stay clear of its mailbox, and all of the RAM is
     mapped for the device."""
     state, host = vm_host
-    st = manage.start(state, VmConfig("big", memory=16 << 30), host)
+    st = manage.start(state, VmConfig("big", memory=16 << 30), units(host))
     assert st["guest_state"] == "running" and st["crash"] is None
     record = update_once(state, timeout=60)
     cycle = summarize([record])["cycles"][0]

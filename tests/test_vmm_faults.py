@@ -12,6 +12,7 @@ from liveupdate.update import update_once
 from metrics.vmm import UpdateStats
 from vmm import manage
 from vmm.vm import VmConfig
+from tests.helpers import units
 
 
 def wait_for_progress(state, name, before, timeout=30):
@@ -32,7 +33,7 @@ def test_failed_freeze_rolls_back_with_the_guest_intact(vm_host, guest, request)
     if guest == "firmware":
         request.getfixturevalue("kvm_ok")
     state, host = vm_host
-    manage.start(state, VmConfig("rb", memory=64 << 20, guest=guest), host)
+    manage.start(state, VmConfig("rb", memory=64 << 20, guest=guest), units(host))
     st = manage.status(state, "rb")
     with pytest.raises(AgentError) as e:
         update_once(state, timeout=30)
@@ -56,7 +57,7 @@ def test_vmm_killed_after_prepare_comes_back_from_its_session(vm_host):
     preserved (LUO holds them), and the VMM that init starts after the kexec
     restores the VM from its session with nothing lost."""
     state, host = vm_host
-    manage.start(state, VmConfig("killed", memory=64 << 20, guest="synthetic"), host,
+    manage.start(state, VmConfig("killed", memory=64 << 20, guest="synthetic"), units(host),
                  env={"LUVMM_VMM_FAULT": "die-after-prepare"})
     record = update_once(state, timeout=60)
     log = (state.logs / "vm-killed.log").read_text()
@@ -69,9 +70,9 @@ def test_vmm_killed_after_prepare_comes_back_from_its_session(vm_host):
 
 def test_a_vm_that_cannot_start_leaves_nothing_behind(vm_host):
     state, host = vm_host
-    manage.start(state, VmConfig("first", memory=64 << 20, guest="synthetic"), host)
+    manage.start(state, VmConfig("first", memory=64 << 20, guest="synthetic"), units(host))
     with pytest.raises(manage.VmError, match="every DSA of the host is passed through"):
-        manage.start(state, VmConfig("second", memory=64 << 20, guest="synthetic"), host)
+        manage.start(state, VmConfig("second", memory=64 << 20, guest="synthetic"), units(host))
     assert manage.names(state) == ["first"]
     assert not state.vm_dir("second").exists()
     # The host can still update the VM that runs.
@@ -100,7 +101,7 @@ def test_vmm_killed_while_running_comes_back_on_its_ram_and_device(kvm_ok, vm_ho
     from what it keeps in RAM, and nothing is lost -- the device went on with
     its DMA while no VMM existed."""
     state, host = vm_host
-    manage.start(state, VmConfig("phoenix", memory=64 << 20), host)
+    manage.start(state, VmConfig("phoenix", memory=64 << 20), units(host))
     rng = random.Random(5)
     st = manage.status(state, "phoenix")
     for kills in range(1, 4):
@@ -118,8 +119,8 @@ def test_vmm_killed_while_running_comes_back_on_its_ram_and_device(kvm_ok, vm_ho
             assert after[counter] > before[counter]  # from where they were, not from zero
         assert after["errors"] == 0 and after["verify_failures"] == 0
         assert after["submitted"] - after["completed"] == after["inflight"]  # no batch lost
-    units = {u["name"]: u for u in host.call({"op": "units"})[0]}
-    assert units["vm-phoenix"]["restarts"] == 3
+    unit_table = {u["name"]: u for u in host.call({"op": "units"})[0]}
+    assert unit_table["vm-phoenix"]["restarts"] == 3
     # And it still live-updates, with nothing lost.
     report = update_once(state, timeout=60)["reports"]["phoenix"]
     assert report["guest_progressed"] and (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)
@@ -131,7 +132,7 @@ def test_vmm_killed_in_prepare_rolls_back_and_comes_back(kvm_ok, vm_host):
     is rolled back (no kexec), init restarts the VMM on the VM's files, and the
     next update goes through."""
     state, host = vm_host
-    manage.start(state, VmConfig("paused", memory=64 << 20), host, env={"LUVMM_VMM_FAULT": "die-in-prepare"})
+    manage.start(state, VmConfig("paused", memory=64 << 20), units(host), env={"LUVMM_VMM_FAULT": "die-in-prepare"})
     st = manage.status(state, "paused")
     before = wait_for_progress(state, "paused", st["mailbox"])
     with pytest.raises(AgentError, match="prepare failed, update rolled back"):

@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from luvmm.emuhost import connect  # noqa: E402
+from liveupdate.emu.client import connect  # noqa: E402
 from tests.vfio_rig import VfioRig  # noqa: E402
 
 

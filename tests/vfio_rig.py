@@ -7,7 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from devices.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
+from devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
 from devices.iommufd import IommuFd
 from devices.vfio import VfioDevice
 from vmm.vm import sealed_memfd

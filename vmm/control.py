@@ -37,8 +37,9 @@ FAULT = os.environ.get("LUVMM_VMM_FAULT") if os.environ.get("LUVMM_BOOT", "cold"
 
 
 class Control:
-    def __init__(self, vm, host, state, name, agent, clock, restored, boot):
+    def __init__(self, vm, host, services, state, name, agent, clock, restored, boot):
         self.vm, self.host, self.state, self.name = vm, host, state, name
+        self.services = services
         self.agent = agent
         self.clock = clock
         self.restored = restored
@@ -111,7 +112,7 @@ class Control:
             log.warning("the device came back with Bus Master Enable clear: set again, its DMA went on")
         finished = await self._finish(incoming)
         self.clock.mark("finished")
-        report = update_report(vm, self.host, self.clock.marks, saved, after)
+        report = update_report(vm, self.services, self.clock.marks, saved, after)
         report["finish_error"] = self.finish_error
         self.last_report = report
         self.stats.record(report)
@@ -285,8 +286,8 @@ class Control:
         raise OSError(errno.EINVAL, f"unknown request {request['op'][:40]!r}")
 
 
-def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> int:
-    control = Control(vm, host, state, name, agent, clock, restored, boot)
+def run_control_plane(vm, host, services, state, name, agent, clock, restored, boot) -> int:
+    control = Control(vm, host, services, state, name, agent, clock, restored, boot)
 
     async def main():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -308,8 +309,8 @@ def run_control_plane(vm, host, state, name, agent, clock, restored, boot) -> in
                     control.preserve_error = f"PRESERVE_FD failed: {e.strerror or e}"
                     log.error("%s; an update will try again", control.preserve_error)
                 vm.leave_files()
-                if hasattr(host, "call"):  # an observer on the emulated machine's bus
-                    host.call({"op": "watch", "bdf": vm.bdf, "iova": guest.offset("heartbeat")})
+                if services.observer is not None:  # an observer on the machine's bus (emulated hosts have one)
+                    services.observer.watch(vm.bdf, guest.offset("heartbeat"))
                 await nursery.start(control.agent_channel)
                 if vm.config.metrics is not None:
                     control.metrics_port = await nursery.start(control.serve_metrics)

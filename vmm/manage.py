@@ -92,7 +92,7 @@ def check_fits(state: StateDir, config: VmConfig) -> None:
 GIB = float(1 << 30)
 
 
-def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: dict | None = None,
+def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: dict | None = None,
           overcommit: bool = False) -> dict:
     """Write the VM's config and unit, start it, wait until its guest runs
     and its control plane is up.  A VM that does not come up whole (its
@@ -119,17 +119,17 @@ def start(state: StateDir, config: VmConfig, host, *, wait: float = 60.0, env: d
         state.remove_unit(unit_name(config.name))
         raise VmError(f"cannot write the VM's definition in {state.path}: {e.strerror or e}") from None
     try:
-        host.call({"op": "unit-start", "name": unit_name(config.name)})
-        st = _wait_running(state, config, host, wait)
+        units.start(unit_name(config.name))
+        st = _wait_running(state, config, units, wait)
         if st.get("metrics_error"):
             raise VmError(f"{st['metrics_error']}: the VM was not started")
         return st
     except BaseException:
-        stop(state, config.name, host)  # a VM that did not start leaves no unit behind
+        stop(state, config.name, units)  # a VM that did not start leaves no unit behind
         raise
 
 
-def _wait_running(state: StateDir, config: VmConfig, host, wait: float) -> dict:
+def _wait_running(state: StateDir, config: VmConfig, units, wait: float) -> dict:
     deadline = time.monotonic() + wait
     last = "not started"
     while time.monotonic() < deadline:
@@ -142,7 +142,7 @@ def _wait_running(state: StateDir, config: VmConfig, host, wait: float) -> dict:
             last = st["guest_state"]
         except (OSError, ValueError) as e:
             last = str(e)
-            unit = next((u for u in host.call({"op": "units"})[0] if u["name"] == unit_name(config.name)), None)
+            unit = next((u for u in units.list() if u["name"] == unit_name(config.name)), None)
             if unit and unit["returncode"] is not None:
                 log = state.logs / f"{unit_name(config.name)}.log"
                 lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
@@ -152,16 +152,17 @@ def _wait_running(state: StateDir, config: VmConfig, host, wait: float) -> dict:
     raise VmError(f"VM {config.name!r} did not come up in {wait:.0f} s ({last})")
 
 
-def stop(state: StateDir, name: str, host) -> bool:
+def stop(state: StateDir, name: str, units) -> bool:
     """Stop a VM for good and remove it: its unit (init no longer starts it),
     its VMM, what the agent holds for it (its LUO session -- and with it the
     preservation of its RAM and device --, its stored files, its channel) and
-    its directory.  ``host`` None: no host runs, only the definition goes."""
+    its directory.  ``units`` (the host's init) None: no host runs, only the
+    definition goes."""
     check_vm_name(name)
     if not state.remove_unit(unit_name(name)):
         return False
-    if host is not None:
-        host.call({"op": "unit-stop", "name": unit_name(name)})
+    if units is not None:
+        units.stop(unit_name(name))
         try:  # a VMM that had to be killed did not release its VM itself
             client = AgentClient(state)
             try:

@@ -29,20 +29,11 @@ from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
 from liveupdate.state import StateDir, die_with_init, parse_unit_args  # noqa: E402
+from luvmm.hosts import connect  # noqa: E402
 from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
 
 IMPORTED = time.time()
-EX_CONFIG = 78  # liveupdate.init.EX_CONFIG (not imported: the restore path does not import init)
-
-def connect_host(args: dict, state: StateDir):
-    if args["host"] == "real":
-        from luvmm.host import RealHost
-
-        return RealHost()
-    from luvmm.emuhost import connect
-
-    return connect(os.environ.get("LUVMM_HOST_SOCKET", state.socket))
-
+EX_CONFIG = 78  # liveupdate.emu.init.EX_CONFIG (not imported: the restore path does not import init)
 
 def load_config(state: StateDir, name: str) -> VmConfig:
     import json
@@ -58,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock()
     clock.mark("process_start", PROCESS_START)
     clock.mark("imported", IMPORTED)
-    host = connect_host(args, state)
+    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket))
     clock.mark("host_connected")
     agent, hello = wait_for_agent(state, 30)
     agent.retry = True  # an agent that dies while we restore is started again by init
@@ -126,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vmm[{name}] %(levelname)s %(message)s")
     from vmm.control import run_control_plane
 
-    return run_control_plane(vm, host, state, name, agent, clock, restored, boot)
+    return run_control_plane(vm, host, services, state, name, agent, clock, restored, boot)
 
 
 if __name__ == "__main__":

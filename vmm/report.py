@@ -56,18 +56,22 @@ def phases_s(seq: list[tuple[str, float | None]]) -> dict[str, float]:
     return out
 
 
-def update_report(vm, host, marks: dict, saved: dict, after: dict) -> dict:
+def update_report(vm, services, marks: dict, saved: dict, after: dict) -> dict:
+    """The report of the update the VM was just restored from.  What the
+    machine says of its kernel and its last kexec, and what an observer on
+    its bus saw (DMA completions, the heartbeat), come from ``services``;
+    where a host has no such service those figures are None: not measured."""
     saved_phases = saved["phases"]
     at_pause = saved_phases["mailbox_at_pause"]
-    status = host.call({"op": "status"})[0] if hasattr(host, "call") else {}
-    kexec_marks = (status.get("last_kexec") or {}).get("marks", {})
+    machine = services.machine
+    kexec_marks = machine.last_kexec().get("marks", {}) if machine is not None else {}
     stopped, resumed = saved_phases["stopped"], marks["resumed"]
     first_run = vm.first_run or resumed
     report = {
         "name": vm.config.name,
         "guest": vm.config.guest,
         "memory_bytes": vm.config.memory,
-        "kernel_profile": status.get("kernel_profile"),
+        "kernel_profile": machine.kernel_profile() if machine is not None else None,
         "blackout_s": round(first_run - stopped, 6),
         "phases_s": phases_s(phase_marks(saved_phases, kexec_marks, marks)),
         "guest_progressed": after["heartbeat"] > at_pause["heartbeat"] and after["completed"] > at_pause["completed"],
@@ -83,10 +87,10 @@ def update_report(vm, host, marks: dict, saved: dict, after: dict) -> dict:
         "marks": dict(marks, **{f"host_{k}": v for k, v in kexec_marks.items()},
                       **{f"old_{k}": v for k, v in saved_phases.items() if isinstance(v, float)}),
     }
-    if hasattr(host, "call"):
-        blackout = host.call({"op": "observe", "bdf": vm.bdf, "t0": stopped, "t1": first_run})[0]
-        window = host.call({"op": "observe", "bdf": vm.bdf, "t0": saved_phases["pause_start"],
-                            "t1": marks["verified"], "iova": guest.offset("heartbeat")})[0]
+    observer = services.observer
+    if observer is not None:
+        blackout = observer.observe(vm.bdf, stopped, first_run)
+        window = observer.observe(vm.bdf, saved_phases["pause_start"], marks["verified"], guest.offset("heartbeat"))
         report.update(dma_completed_during_blackout=blackout["completions"],
                       dma_max_gap_s=round(window["max_completion_gap_s"], 6),
                       heartbeat_gap_s=round(window.get("heartbeat_max_gap_s", 0.0), 6))

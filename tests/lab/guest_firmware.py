@@ -15,6 +15,7 @@ import time
 import traceback
 
 from luvmm.lab import guest
+from tests.helpers import units
 
 
 def advance(state, name: str, before: dict, timeout: float) -> tuple[dict, float]:
@@ -37,10 +38,10 @@ def main() -> int:
     t0 = time.monotonic()
     state = None
     try:
-        from liveupdate import hostctl
+        from liveupdate.emu import hostctl
         from liveupdate.state import StateDir
         from liveupdate.update import update_once
-        from luvmm.emuhost import connect
+        from liveupdate.emu.client import connect
         from vmm import manage
         from vmm.kvm import kvm_available
         from vmm.vm import VmConfig
@@ -50,7 +51,7 @@ def main() -> int:
         hostctl.start(state, dsa_bandwidth=48 << 20, timeout=300)  # Python under TCG starts slowly
         host = connect(state.socket)
         out["host_up_s"] = time.monotonic() - t0
-        st = manage.start(state, VmConfig("lab", memory=64 << 20, guest="firmware"), host, wait=300)
+        st = manage.start(state, VmConfig("lab", memory=64 << 20, guest="firmware"), units(host), wait=300)
         out["vm_up_s"] = time.monotonic() - t0
         out["guest"] = st["config"]["guest"]
         first = st["mailbox"]
@@ -71,7 +72,7 @@ def main() -> int:
         out["traceback"] = traceback.format_exc()
     finally:
         if state is not None:
-            from liveupdate import hostctl
+            from liveupdate.emu import hostctl
 
             for log in ("host.log",):
                 try:

@@ -1,12 +1,12 @@
 """The emulated host daemon (`luvmm host start`): machine, kernel and init in one process.
 
-* The **machine** (:class:`liveupdate.machine.Machine`) is the hardware; it is
+* The **machine** (:class:`liveupdate.emu.machine.Machine`) is the hardware; it is
   created once and never reboots.
-* The **kernel** (:class:`liveupdate.kernel.core.Kernel`) serves the emulated
+* The **kernel** (:class:`liveupdate.emu.kernel.core.Kernel`) serves the emulated
   device files; it is replaced at every kexec by a new one built from the KHO
   image alone.  Each emulated file is served by a task in the kernel's own
   nursery, so dropping the kernel cancels them all.
-* **Init** (:class:`liveupdate.init.Init`) starts the units (the agent and one
+* **Init** (:class:`liveupdate.emu.init.Init`) starts the units (the agent and one
   VMM per VM) from unit files in the state dir, SIGKILLs them at kexec and
   starts them again after it.
 
@@ -47,12 +47,12 @@ from luvmm.wire import (
     listen_seqpacket,
 )
 from luvmm.uapi.pci_regs import PCI_COMMAND_MASTER
-from liveupdate import faults
-from liveupdate.init import Init
-from liveupdate.kernel import kho
-from liveupdate.kernel.core import Kernel, KernelError
-from liveupdate.machine import Machine
-from liveupdate.observer import Observer
+from liveupdate.emu import faults
+from liveupdate.emu.init import Init
+from liveupdate.emu.kernel import kho
+from liveupdate.emu.kernel.core import Kernel, KernelError
+from liveupdate.emu.machine import Machine
+from liveupdate.emu.observer import Observer
 from liveupdate.state import StateDir, StateError, check_unit_name
 
 log = logging.getLogger("luvmm.host")
@@ -435,7 +435,7 @@ class HostDaemon:
             return self.last_kexec
 
     async def _kexec_faults(self) -> bool:
-        """Injected faults at the reboot call (liveupdate.faults); True if the
+        """Injected faults at the reboot call (liveupdate.emu.faults); True if the
         new kernel is to clear Bus Master Enable of the preserved devices."""
         clear_bus_master = False
         for rule in self.faults.at("kexec"):
@@ -496,7 +496,7 @@ def raise_fd_limit() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m liveupdate.daemon", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m liveupdate.emu.daemon", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--kernel-profile", choices=PROFILES, default="continuous-dma")

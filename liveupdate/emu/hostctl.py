@@ -66,7 +66,7 @@ def running(state: StateDir) -> bool:
     """Whether a daemon answers on the state dir's control socket (changes nothing)."""
     if not os.path.exists(state.socket):
         return False
-    from luvmm.emuhost import HostGone, connect
+    from liveupdate.emu.client import HostGone, connect
 
     try:
         connect(state.socket).close_connection()
@@ -105,7 +105,7 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
     else:
         state.remove_unit("agent")  # --no-agent means none, whatever an earlier host left
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "liveupdate.daemon", "--state-dir", state.path, "--devices", str(devices),
+    argv = [sys.executable, "-m", "liveupdate.emu.daemon", "--state-dir", state.path, "--devices", str(devices),
             "--kernel-profile", profile, "--ready-fd", str(write_end)]
     if dsa_bandwidth:
         argv += ["--dsa-bandwidth", str(dsa_bandwidth)]
@@ -156,7 +156,7 @@ def stop(state: StateDir, timeout: float = 30.0) -> list[str] | None:
             _wait_exit(pid, timeout)
             return state.clean()
         return None
-    from luvmm.emuhost import connect
+    from liveupdate.emu.client import connect
 
     host = connect(state.socket)
     try:
@@ -175,7 +175,7 @@ def _is_daemon(pid: int, state: StateDir) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    return b"liveupdate.daemon" in argv and state.path.encode() in argv
+    return b"liveupdate.emu.daemon" in argv and state.path.encode() in argv
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

@@ -31,7 +31,8 @@ import time
 
 from liveupdate.agent_client import AgentError, wait_for_agent
 from liveupdate.update import percentiles, summarize, update_once
-from luvmm.emuhost import connect
+from liveupdate.emu.client import connect
+from liveupdate.emu.services import EmulatedUnits
 from vmm import manage
 
 ACTIONS = ("none", "kill-agent", "kill-vmm", "kill-both", "stall", "full-disk")
@@ -168,7 +169,7 @@ def run_chaos(*, cycles: int, seed: int | None = None, memory: int = 64 << 20, p
     import shutil
     import tempfile
 
-    from liveupdate import hostctl
+    from liveupdate.emu import hostctl
     from liveupdate.state import StateDir
     from vmm.vm import VmConfig
 
@@ -182,7 +183,7 @@ def run_chaos(*, cycles: int, seed: int | None = None, memory: int = 64 << 20, p
         host = connect(state.socket)
         try:
             for name in VMS:
-                manage.start(state, VmConfig(name, memory=memory, guest="firmware"), host)
+                manage.start(state, VmConfig(name, memory=memory, guest="firmware"), EmulatedUnits(host))
         finally:
             host.close_connection()
         chaos = Chaos(state, seed=seed, disk=disk)

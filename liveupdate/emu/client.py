@@ -1,7 +1,7 @@
 """The emulated implementation of the host interface: a client of the
 emulated host daemon (``luvmm host start``).
 
-    from luvmm.emuhost import connect
+    from liveupdate.emu.client import connect
     host = connect("/run/luvmm/host.sock")   # a luvmm.host.Host
 
 Paths under /dev/vfio/, /dev/iommu, /dev/liveupdate and /sys/bus/pci/ belong
@@ -268,9 +268,6 @@ class EmulatedHost(Host):
         if not _emulated_path(path):
             return self.real.listdir(path)
         return self.call({"op": "listdir", "path": path})[0]
-
-    def unit_of(self, pid: int) -> str | None:
-        return self.call({"op": "unit-of", "pid": pid})[0]
 
     def kexec(self) -> dict:
         """Returns what the host reports: the new generation, the KHO image

@@ -34,9 +34,9 @@ from devices.dsa_regs import (
     IDXD_WQ_BAR,
     IDXD_WQCAP_OFFSET,
     IDXD_WQCFG_MIN,
-    MSIX_TABLE,
     command,
 )
+from devices.emu.dsa_model import MSIX_TABLE
 from luvmm.uapi.idxd import (
     DSA_COMP_SUCCESS,
     DSA_OPCODE_BATCH,
@@ -46,7 +46,7 @@ from luvmm.uapi.idxd import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.pci import MSIX_CAP_OFFSET
+from devices.emu.pci import MSIX_CAP_OFFSET
 from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,

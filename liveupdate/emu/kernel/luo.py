@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from luvmm.abi import _IOC_NR, ffi
-from liveupdate.kernel.core import File, KernelError, RealFile, copy_struct, respond
+from liveupdate.emu.kernel.core import File, KernelError, RealFile, copy_struct, register_subsystem, respond
 from luvmm.uapi.luo import (
     LIVEUPDATE_CMD_SESSION_BASE,
     LIVEUPDATE_IOCTL_CREATE_SESSION,
@@ -205,23 +205,31 @@ class SessionFile(File):
         self.kernel.luo.session_closed(self.session)
 
 
+#: The LUO file handlers, as liveupdate_register_file_handler() keeps them:
+#: each file type's module registers its own (memfd, vfio, iommufd).
+FILE_HANDLERS: list[type] = []
+
+
+def register_file_handler(cls: type) -> None:
+    if cls not in FILE_HANDLERS:
+        FILE_HANDLERS.append(cls)
+
+
 class LuoSubsystem:
     def __init__(self, kernel):
-        from devices.kernel.iommufd import IommufdHandler
-        from devices.kernel.vfio import VfioHandler
-        from liveupdate.kernel.memfd import MemfdHandler
-
         self.kernel = kernel
         self.dev_open: File | None = None
         self.outgoing: dict[str, Session] = {}
         self.incoming: dict[str, Session] = {}
         self.preserved: dict[object, LuoFile] = {}
-        # Order matters only for can_preserve; each handler takes one file type.
-        self.handlers = [MemfdHandler(kernel), VfioHandler(kernel), IommufdHandler(kernel)]
+        # Each handler takes one file type (can_preserve): their order does not matter.
+        self.handlers = [cls(kernel) for cls in FILE_HANDLERS]
         #: Set when the incoming KHO image was refused (shown by `host status`).
         self.restore_error: str | None = None
 
-    def open(self) -> File:
+    def open_node(self, path: str) -> File | None:
+        if path != "/dev/liveupdate":
+            return None
         if self.kernel.alive(self.dev_open):
             raise KernelError(errno.EBUSY, "/dev/liveupdate is already open")
         self.dev_open = LiveUpdateDev(self.kernel)
@@ -381,6 +389,9 @@ class LuoSubsystem:
                 memory |= m
         return bdfs, domains, memory
 
+    def list_node(self, path: str) -> None:
+        return None
+
     def drop(self) -> None:
         for session in list(self.outgoing.values()) + list(self.incoming.values()):
             for lf in session.files:
@@ -413,3 +424,6 @@ class LuoSubsystem:
                             "files": [{"token": lf.token, "type": lf.handler.compatible,
                                        "retrieved": lf.retrieve_status == 1} for lf in s.files]})
         return out
+
+
+register_subsystem("luo", LuoSubsystem)  # first: at kexec it lets go of files before the others drop

@@ -16,8 +16,8 @@ import fcntl
 import mmap
 import os
 
-from liveupdate.kernel.core import KernelError, RealFile
-from liveupdate.kernel.luo import FileHandler, LuoFile
+from liveupdate.emu.kernel.core import KernelError, RealFile
+from liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
 
 # include/linux/kho/abi/memfd.h (Linux 7.2): every seal Linux defines, F_SEAL_EXEC
 # included -- the lab kernel preserves an exec-sealed memfd (tests/lab/test_lab_luo_rules.py).
@@ -76,3 +76,6 @@ class MemfdHandler(FileHandler):
         fd = os.dup(pages)
         os.lseek(fd, lf.state["pos"], os.SEEK_SET)
         return fd
+
+
+register_file_handler(MemfdHandler)

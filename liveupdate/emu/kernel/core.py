@@ -109,15 +109,25 @@ def respond(buf: bytearray, cmd, user_size: int) -> None:
 # --- the kernel ------------------------------------------------------------------------------------
 
 
+#: The kernel's subsystems, (attribute, class) in the order they come up: a
+#: subsystem's module registers it (register_subsystem), as a driver
+#: registers its device nodes; the package's __init__ imports the built-in
+#: ones.  A subsystem serves the nodes it names (``open_node``,
+#: ``list_node``: None for a path that is not its), and goes with its kernel
+#: (``drop``).
+SUBSYSTEMS: list[tuple[str, type]] = []
+
+
+def register_subsystem(attribute: str, cls: type) -> None:
+    if attribute not in (a for a, _ in SUBSYSTEMS):
+        SUBSYSTEMS.append((attribute, cls))
+
+
 class Kernel:
     """One boot of the emulated kernel."""
 
     def __init__(self, machine, *, profile: str, generation: int, spawn: Callable[[File], None],
                  closing: Callable[[socket.socket], None] = lambda sock: None):
-        from devices.kernel.iommufd import IommufdSubsystem
-        from devices.kernel.vfio import VfioSubsystem
-        from liveupdate.kernel.luo import LuoSubsystem
-
         self.machine = machine
         self.profile = profile
         self.generation = generation
@@ -130,20 +140,22 @@ class Kernel:
         #: True while the old kernel is being discarded at kexec: release
         #: paths must not touch the hardware then.
         self.dropping = False
-        #: Fault injection (liveupdate.faults.Faults), or None.
+        #: Fault injection (liveupdate.emu.faults.Faults), or None.
         self.faults = None
         #: Seconds an injected stall adds to the request being served (the daemon waits them out).
         self.stall = 0.0
         #: Kills a unit of init by name (set by the daemon, for injected faults).
         self.kill_unit: Callable[[str, str], None] = lambda unit, why: None
-        self.iommufd = IommufdSubsystem(self)
-        self.vfio = VfioSubsystem(self)
-        self.luo = LuoSubsystem(self)
+        self.subsystems = []
+        for attribute, cls in SUBSYSTEMS:
+            subsystem = cls(self)
+            setattr(self, attribute, subsystem)  # kernel.luo, kernel.vfio, kernel.iommufd
+            self.subsystems.append(subsystem)
 
     # --- fault injection --------------------------------------------------------------------
 
     def inject(self, point: str, handler: str | None = None, session: str | None = None) -> None:
-        """Where liveupdate.faults may strike: fail here (EIO), stall the
+        """Where liveupdate.emu.faults may strike: fail here (EIO), stall the
         caller, or have init kill a unit."""
         if self.faults is None:
             return
@@ -214,28 +226,20 @@ class Kernel:
     # --- paths ------------------------------------------------------------------------------
 
     def open(self, path: str, flags: int) -> int:
-        if path == "/dev/liveupdate":
-            return self.install(self.luo.open())
-        if path == "/dev/iommu":
-            return self.install(self.iommufd.open())
-        if path.startswith("/dev/vfio/devices/vfio"):
-            return self.install(self.vfio.open(path))
+        for subsystem in self.subsystems:
+            file = subsystem.open_node(path)
+            if file is not None:
+                return self.install(file)
         raise KernelError(errno.ENOENT, f"{path}: no such device")
 
     def listdir(self, path: str) -> list[str]:
         path = path.rstrip("/")
-        if path == "/dev/vfio/devices":
-            return self.vfio.cdev_names()
         if path == "/sys/bus/pci/devices":
             return sorted(self.machine.devices)
-        prefix = "/sys/bus/pci/devices/"
-        if path.startswith(prefix):
-            bdf, _, rest = path[len(prefix):].partition("/")
-            if bdf in self.machine.devices:
-                if rest == "":
-                    return ["config", "vfio-dev"]
-                if rest == "vfio-dev":
-                    return [self.vfio.cdev_name(bdf)]
+        for subsystem in self.subsystems:
+            names = subsystem.list_node(path)
+            if names is not None:
+                return names
         raise KernelError(errno.ENOENT, f"{path}: no such directory")
 
     # --- kexec -------------------------------------------------------------------------------
@@ -263,15 +267,14 @@ class Kernel:
                 self.release(file)
             except Exception:  # a release must not stop the others
                 log.exception("releasing %s at kexec", file.describe())
-        self.luo.drop()
-        self.iommufd.drop()
-        self.vfio.drop()
+        for subsystem in self.subsystems:
+            subsystem.drop()
 
     def restore(self, tree: dict) -> None:
         """Boot, second half: take over what the KHO tree describes.  A tree
         whose checksum holds but whose shape does not (another kernel's, or a
         bug's) is refused as a whole: KhoError, and the caller boots without it."""
-        from liveupdate.kernel.kho import KhoError
+        from liveupdate.emu.kernel.kho import KhoError
 
         try:
             self.luo.restore(tree.get("luo", {}))

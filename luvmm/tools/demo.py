@@ -18,11 +18,12 @@ import time
 
 import trio
 
-from liveupdate import hostctl
+from liveupdate.emu import hostctl
 from liveupdate.agent_client import AgentError
 from liveupdate.state import StateDir
 from liveupdate.update import summarize, update_once
-from luvmm.emuhost import connect
+from liveupdate.emu.client import connect
+from liveupdate.emu.services import EmulatedUnits
 from vmm import guest, manage
 from vmm.report import PHASES
 from vmm.vm import VmConfig
@@ -125,7 +126,7 @@ def run_demo(*, cycles: int = 5, profile: str = "continuous-dma", report_dir: st
             f"{DSA_BANDWIDTH >> 20} MiB/s)")
         hostctl.start(state, profile=profile, dsa_bandwidth=DSA_BANDWIDTH, metrics_port=host_metrics)
         host = connect(state.socket)
-        st = manage.start(state, VmConfig("demo", memory=memory, guest=guest_kind, metrics=vm_metrics), host,
+        st = manage.start(state, VmConfig("demo", memory=memory, guest=guest_kind, metrics=vm_metrics), EmulatedUnits(host),
                           overcommit=overcommit)
         bdf = st["bdf"]
         say(f"VM 'demo' runs the {guest_kind} guest ({memory >> 20} MiB) with DSA {bdf} passed through; "

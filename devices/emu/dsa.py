@@ -67,16 +67,11 @@ import crc32c
 from devices.dsa_regs import (
     BAR0_SIZE,
     BAR2_SIZE,
-    CMDCAP_VALUE,
     DEVICE_VERSION_1,
-    ENGCAP_VALUE,
     GENCAP_BLOCK_ON_FAULT,
-    GENCAP_VALUE,
     GENCTRL_HALT_INT_EN,
     GENCTRL_SOFTERR_INT_EN,
-    GRPCAP_VALUE,
     GRPCFG_SIZE,
-    GRPCFG_TABLE,
     IDXD_CMD_ABORT_ALL,
     IDXD_CMD_ABORT_WQ,
     IDXD_CMD_DISABLE_DEVICE,
@@ -135,15 +130,6 @@ from devices.dsa_regs import (
     IDXD_VER_OFFSET,
     IDXD_WQ_BAR,
     IDXD_WQCAP_OFFSET,
-    MAX_BATCH_SHIFT,
-    MAX_XFER_SHIFT,
-    MSIX_PBA,
-    MSIX_TABLE,
-    MSIX_VECTORS,
-    NUM_ENGINES,
-    NUM_GROUPS,
-    NUM_WQS,
-    OPCAP_SUPPORTED,
     PCI_CLASS_SYSTEM_OTHER,
     PCI_DEVICE_ID_INTEL_DSA_SPR0,
     PCI_VENDOR_ID_INTEL,
@@ -157,9 +143,6 @@ from devices.dsa_regs import (
     SWERR_WQ_FULL,
     SWERR_WQ_IDX_SHIFT,
     SWERR_WQ_IDX_VALID,
-    TABLE_OFFSET_VALUE,
-    TOTAL_WQ_SIZE,
-    WQCAP_VALUE,
     WQCFG_BOF,
     WQCFG_MODE_DEDICATED,
     WQCFG_OCCUP_IDX,
@@ -168,6 +151,25 @@ from devices.dsa_regs import (
     WQCFG_SIZE,
     WQCFG_STATE_ENABLED,
     WQCFG_STATE_SHIFT,
+)
+from devices.emu.dsa_model import (
+    CMDCAP_VALUE,
+    ENGCAP_VALUE,
+    GENCAP_VALUE,
+    GRPCAP_VALUE,
+    GRPCFG_TABLE,
+    MAX_BATCH_SHIFT,
+    MAX_XFER_SHIFT,
+    MSIX_PBA,
+    MSIX_TABLE,
+    MSIX_VECTORS,
+    NUM_ENGINES,
+    NUM_GROUPS,
+    NUM_WQS,
+    OPCAP_SUPPORTED,
+    TABLE_OFFSET_VALUE,
+    TOTAL_WQ_SIZE,
+    WQCAP_VALUE,
     WQCFG_TABLE,
 )
 from luvmm.uapi.idxd import (
@@ -218,8 +220,8 @@ from luvmm.uapi.idxd import (
     OP_DELTA,
     OP_U64,
 )
-from devices.iommu import DmaFault, IommuDomain
-from devices.pci import Bar, PciFunction
+from devices.emu.iommu import DmaFault, IommuDomain
+from devices.emu.pci import Bar, PciFunction
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import time
 
 import trio
 
-from devices.iommu import DmaFault
+from devices.emu.iommu import DmaFault
 
 SAMPLE_PERIOD = 0.001
 MAX_BINS = 1 << 16

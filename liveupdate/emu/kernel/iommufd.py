@@ -27,7 +27,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
-from devices.iommu import IOMMU_PAGE_SIZE, IOMMU_READ, IOMMU_WRITE
+from devices.emu.iommu import IOMMU_PAGE_SIZE, IOMMU_READ, IOMMU_WRITE
 from luvmm.uapi.iommufd import (
     IOMMU_DESTROY,
     IOMMU_GET_HW_INFO,
@@ -44,9 +44,9 @@ from luvmm.uapi.iommufd import (
     IOMMU_IOAS_MAP_WRITEABLE,
     IOMMU_IOAS_UNMAP,
 )
-from liveupdate.kernel.core import File, KernelError, RealFile, copy_struct, respond
-from liveupdate.kernel.luo import FileHandler, LuoFile
-from liveupdate.kernel.memfd import is_memfd
+from liveupdate.emu.kernel.core import File, KernelError, RealFile, copy_struct, register_subsystem, respond
+from liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
+from liveupdate.emu.kernel.memfd import is_memfd
 
 MAP_FLAGS = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE
 SEALS_FOR_PRESERVE = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
@@ -98,7 +98,7 @@ class Hwpt:
 @dataclass
 class BoundDevice:
     id: int
-    vfio: object  # devices.kernel.vfio.VfioDeviceFile
+    vfio: object  # liveupdate.emu.kernel.vfio.VfioDeviceFile
     attached: int | None = None  # hwpt id
 
 
@@ -388,8 +388,11 @@ class IommufdSubsystem:
     def __init__(self, kernel):
         self.kernel = kernel
 
-    def open(self) -> IommufdFile:
-        return IommufdFile(self.kernel)
+    def open_node(self, path: str) -> IommufdFile | None:
+        return IommufdFile(self.kernel) if path == "/dev/iommu" else None
+
+    def list_node(self, path: str) -> None:
+        return None
 
     def drop(self) -> None:
         pass
@@ -469,3 +472,7 @@ class IommufdHandler(FileHandler):
         # The HWPTs stay marked; the IOAS becomes mutable again when the user
         # unmarks by destroying them.  Nothing else to release.
         pass
+
+
+register_subsystem("iommufd", IommufdSubsystem)
+register_file_handler(IommufdHandler)

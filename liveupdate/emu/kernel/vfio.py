@@ -30,8 +30,8 @@ import errno
 import os
 import struct
 
-from devices.kernel.iommufd import IommufdFile
-from devices.pci import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET
+from liveupdate.emu.kernel.iommufd import IommufdFile
+from devices.emu.pci import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET
 from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
@@ -73,8 +73,8 @@ from luvmm.uapi.vfio import (
     VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 )
-from liveupdate.kernel.core import File, KernelError, RealFile
-from liveupdate.kernel.luo import FileHandler, LuoFile
+from liveupdate.emu.kernel.core import File, KernelError, RealFile, register_subsystem
+from liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
 
 OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
 PASSTHROUGH_COMMAND = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE
@@ -394,13 +394,29 @@ class VfioSubsystem:
     def cdev_name(self, bdf: str) -> str:
         return self.devices[bdf].name
 
-    def open(self, path: str) -> VfioDeviceFile:
+    def open_node(self, path: str) -> VfioDeviceFile | None:
+        if not path.startswith("/dev/vfio/devices/vfio"):
+            return None
         dev = self.by_name(path.rsplit("/", 1)[-1])
         if dev is None:
             raise KernelError(errno.ENOENT, f"{path}: no such device")
         if dev.incoming is not None:
             raise KernelError(errno.EBUSY, f"{dev.hw.bdf} is preserved: retrieve it from its LUO session")
         return VfioDeviceFile(self.kernel, dev)
+
+    def list_node(self, path: str) -> list[str] | None:
+        """/dev/vfio/devices, and each function's /sys/bus/pci/devices/BDF/{,vfio-dev}."""
+        if path == "/dev/vfio/devices":
+            return self.cdev_names()
+        prefix = "/sys/bus/pci/devices/"
+        if path.startswith(prefix):
+            bdf, _, rest = path[len(prefix):].partition("/")
+            if bdf in self.devices:
+                if rest == "":
+                    return ["config", "vfio-dev"]
+                if rest == "vfio-dev":
+                    return [self.cdev_name(bdf)]
+        return None
 
     def drop(self) -> None:
         for dev in self.devices.values():
@@ -479,3 +495,7 @@ class VfioHandler(FileHandler):
 
     def finish(self, lf: LuoFile) -> None:
         pass
+
+
+register_subsystem("vfio", VfioSubsystem)
+register_file_handler(VfioHandler)

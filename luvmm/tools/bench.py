@@ -13,11 +13,12 @@ import shutil
 import tempfile
 import time
 
-from liveupdate import hostctl
+from liveupdate.emu import hostctl
 from liveupdate.state import StateDir
 from liveupdate.agent_client import AgentError
 from liveupdate.update import cycle_line, percentile, percentiles, summarize, update_once
-from luvmm.emuhost import connect
+from liveupdate.emu.client import connect
+from liveupdate.emu.services import EmulatedUnits
 from vmm import manage
 from vmm.vm import VmConfig
 
@@ -32,7 +33,8 @@ def bench_host(*, memory: int, vms: int = 1, guest: str = "firmware", profile: s
         host = connect(state.socket)
         try:
             for i in range(vms):
-                manage.start(state, VmConfig(f"bench{i}", memory=memory, guest=guest), host, overcommit=overcommit)
+                manage.start(state, VmConfig(f"bench{i}", memory=memory, guest=guest), EmulatedUnits(host),
+                             overcommit=overcommit)
         finally:
             host.close_connection()
         yield state

@@ -1,0 +1,61 @@
+"""The emulated host's services (luvmm.services), over its control socket:
+its init's units, the observer on its machine's bus, what its machine says
+of its kernel and of the last kexec."""
+
+from __future__ import annotations
+
+from luvmm.services import MachineInfo, Observer, Services, Units
+
+
+class EmulatedUnits(Units):
+    def __init__(self, client):
+        self.client = client
+
+    def start(self, name: str) -> dict:
+        return self.client.call({"op": "unit-start", "name": name})[0]
+
+    def stop(self, name: str) -> dict:
+        return self.client.call({"op": "unit-stop", "name": name})[0]
+
+    def list(self) -> list[dict]:
+        return self.client.call({"op": "units"})[0]
+
+    def unit_of(self, pid: int) -> str | None:
+        return self.client.call({"op": "unit-of", "pid": pid})[0]
+
+
+class EmulatedObserver(Observer):
+    def __init__(self, client):
+        self.client = client
+
+    def watch(self, bdf: str, iova: int) -> None:
+        self.client.call({"op": "watch", "bdf": bdf, "iova": iova})
+
+    def observe(self, bdf: str, t0: float, t1: float, iova: int | None = None) -> dict:
+        return self.client.call({"op": "observe", "bdf": bdf, "t0": t0, "t1": t1, "iova": iova})[0]
+
+    def timeline(self, bdf: str, t0: float, t1: float, bin_s: float, iova: int | None = None) -> dict:
+        return self.client.call({"op": "timeline", "bdf": bdf, "t0": t0, "t1": t1, "bin_s": bin_s, "iova": iova})[0]
+
+
+class EmulatedMachine(MachineInfo):
+    def __init__(self, client):
+        self.client = client
+
+    def _status(self) -> dict:
+        return self.client.call({"op": "status"})[0]
+
+    def kernel_profile(self) -> str | None:
+        return self._status()["kernel_profile"]
+
+    def last_kexec(self) -> dict:
+        return self._status().get("last_kexec") or {}
+
+    def status(self) -> dict:
+        """The whole machine's status (devices, sessions, units): what `luvmm host status` prints."""
+        return self._status()
+
+
+def services_for(client) -> Services:
+    """The services of the emulated host that ``client`` (liveupdate.emu.client) speaks to."""
+    return Services(units=EmulatedUnits(client), observer=EmulatedObserver(client), machine=EmulatedMachine(client))

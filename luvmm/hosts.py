@@ -1,0 +1,25 @@
+"""Wiring a host: the one place where an entry point of the product (a VMM
+unit's main, the agent's) chooses between the real kernel and the emulated
+host -- and the only module outside the emulator, with the CLI and its
+tools, that imports it.  Everything else takes the Host and the Services it
+is handed."""
+
+from __future__ import annotations
+
+from luvmm.host import Host
+from luvmm.services import Services
+
+
+def connect(kind: str, socket_path: str | None = None) -> tuple[Host, Services]:
+    """``kind`` "real": the running kernel and systemd; "emulated": the
+    emulated host whose control socket is ``socket_path``."""
+    if kind == "real":
+        from luvmm.host import RealHost
+        from luvmm.services import SystemdUnits
+
+        return RealHost(), Services(units=SystemdUnits())
+    from liveupdate.emu.client import connect as connect_emulated
+    from liveupdate.emu.services import services_for
+
+    host = connect_emulated(socket_path)
+    return host, services_for(host)
