@@ -84,6 +84,10 @@ def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-S", "-c", boot], {}
 
 
+#: luvmm's units (the agent, the VMMs) are restarted whenever they fail, never
+#: given up on, after a delay that grows to this while they keep failing.
+RESTART_MAX_DELAY_S = 2.0
+
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 SIGKILL = 9
 

@@ -9,7 +9,7 @@ import socket
 import time
 
 from liveupdate.agent_client import AgentClient
-from liveupdate.state import StateDir, check_vm_name, python_unit
+from liveupdate.state import StateDir, check_vm_name, RESTART_MAX_DELAY_S, python_unit
 from luvmm import rpc
 from luvmm.wire import close_fds
 from vmm.vm import VmConfig
@@ -113,7 +113,8 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
         state.write_file(f"vms/{config.name}/config.json", json.dumps(config.to_dict(), indent=2).encode())
         # Restart=on-failure: a VMM that dies is started again, on the VM's files in its unit's fd store.
         state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
-                         fdstore_max=FDSTORE_MAX, pdeathsig="self")
+                         fdstore_max=FDSTORE_MAX, pdeathsig="self", start_limit_burst=0,
+                         restart_max_delay_sec=RESTART_MAX_DELAY_S)
     except OSError as e:  # a full or read-only disk: nothing of the VM is left
         shutil.rmtree(state.vm_dir(config.name), ignore_errors=True)
         state.remove_unit(unit_name(config.name))

@@ -7,7 +7,7 @@ import select
 import subprocess
 import sys
 
-from liveupdate.state import StateDir, default_state_dir, python_unit
+from liveupdate.state import StateDir, default_state_dir, RESTART_MAX_DELAY_S, python_unit
 
 
 class HostError(RuntimeError):
@@ -101,7 +101,8 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
     if agent:
         # Restarted when it dies, as luod would be (Restart=on-failure): the VMMs register again.
         state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path), restart="on-failure",
-                         pdeathsig="self")
+                         pdeathsig="self", start_limit_burst=0,
+                         restart_max_delay_sec=RESTART_MAX_DELAY_S)
     else:
         state.remove_unit("agent")  # --no-agent means none, whatever an earlier host left
     read_end, write_end = os.pipe()

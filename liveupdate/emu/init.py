@@ -12,7 +12,10 @@ exits with a failure or is killed is started again with ``LUVMM_BOOT=restart``
 -- unless it exits with EX_CONFIG (78: what it was asked to run cannot run;
 systemd's RestartPreventExitStatus=)
 -- at most RESTART_BURST times in RESTART_INTERVAL seconds (StartLimitBurst,
-StartLimitIntervalSec).  A VMM started so picks its VM up from its unit's file descriptor store.
+StartLimitIntervalSec), or, for a unit with ``"start_limit_burst": 0`` and
+``"restart_max_delay_sec"``, without a limit but ever more slowly
+(RestartSteps=, RestartMaxDelaySec=): luvmm's own units, which a host cannot
+do without.  A VMM started so picks its VM up from its unit's file descriptor store.
 
 The **file descriptor store** is systemd's (FileDescriptorStoreMax=): a unit
 with ``"fdstore_max": N`` may leave up to N fds with init by ``sd_notify``
@@ -309,14 +312,25 @@ class Init:
             return
         now = time.monotonic()
         recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_INTERVAL]
-        if len(recent) >= RESTART_BURST:
+        burst = unit.get("start_limit_burst", RESTART_BURST)
+        if burst and len(recent) >= burst:
             log.error("unit %s failed %d times in %.0f s: not restarting it", name, len(recent), RESTART_INTERVAL)
             self.flush_fdstore(name)
             return
         self.restarts[name] = recent + [now]
         self.restart_count[name] = self.restart_count.get(name, 0) + 1
-        log.warning("unit %s exited (%s): restarting it", name,
-                    f"signal {-code}" if code < 0 else f"status {code}")
+        # RestartSec= growing towards RestartMaxDelaySec= (systemd's RestartSteps=): a unit
+        # that keeps failing is started again, ever more slowly, never given up on.
+        delay = 0.0
+        if unit.get("restart_max_delay_sec") and len(recent) >= RESTART_BURST:
+            delay = min(float(unit["restart_max_delay_sec"]), 0.05 * 2 ** (len(recent) - RESTART_BURST))
+        log.warning("unit %s exited (%s): restarting it%s", name, f"signal {-code}" if code < 0 else
+                    f"status {code}", f" in {delay:.2f} s" if delay else "")
+        if delay:
+            await trio.sleep(delay)  # the restart's own delay (RestartSec=), not a wait for something
+            if name in self.procs and self.procs[name] is not proc or \
+                    not any(u["name"] == name for u in self.state.read_units()):
+                return  # started or stopped meanwhile
         self._start(unit, "restart")
 
     async def start_all(self, boot: str) -> None:

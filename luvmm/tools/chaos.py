@@ -50,7 +50,7 @@ class Chaos:
         self.seen = {name: st["mailbox"] for name, st in first.items()}  # the guests' counters, last seen
         self.pids = {name: st["pid"] for name, st in first.items()}
         self.result = {"actions": {a: 0 for a in ACTIONS}, "updates_ok": 0, "updates_failed": 0,
-                       "vms_lost": [], "counters_went_back": [], "stuck_updates": 0, "guest_dma_errors": 0,
+                       "vms_lost": [], "counters_went_back": [], "agent_lost": [], "stuck_updates": 0, "guest_dma_errors": 0,
                        "guest_verify_failures": 0, "dma_errors": 0, "dma_lost": 0, "dma_corrupted": 0,
                        "failures": [], "blackouts": []}
 
@@ -136,7 +136,11 @@ class Chaos:
             self.result["guest_dma_errors"] += mb["errors"] - before["errors"]
             self.result["guest_verify_failures"] += mb["verify_failures"] - before["verify_failures"]
             self.seen[name], self.pids[name] = mb, st["pid"]
-        client, hello = wait_for_agent(self.state, 60)
+        try:
+            client, hello = wait_for_agent(self.state, 60)
+        except OSError as e:
+            self.result["agent_lost"].append({"cycle": n, "action": action, "why": str(e)})
+            return
         try:
             update = client.call({"op": "result", "timeout": 30})[0] or {}
             if update.get("phase") in ("kexec", "rolling-back", "restoring"):
@@ -209,7 +213,8 @@ def run_chaos(*, cycles: int, seed: int | None = None, memory: int = 64 << 20, p
 
 def damaged(result: dict) -> bool:
     """What must never happen, whatever the chaos: a VM lost, an update stuck, DMA damaged."""
-    return bool(not result["every_vm_survived"] or result["stuck_updates"] or result["guest_dma_errors"]
+    return bool(not result["every_vm_survived"] or result["stuck_updates"] or result["agent_lost"]
+                or result["guest_dma_errors"]
                 or result["guest_verify_failures"] or result["dma_errors"] or result["dma_lost"]
                 or result["dma_corrupted"])
 
@@ -220,7 +225,7 @@ def format_chaos(result: dict) -> str:
     lines = [f"{result['cycles']} cycles (seed {result['seed']}, {result['duration_s']} s): {acts}",
              f"updates: {result['updates_ok']} went through, {result['updates_failed']} failed and were rolled back",
              f"VMs lost: {len(result['vms_lost'])}, counters gone back: {len(result['counters_went_back'])}, "
-             f"updates left stuck: {result['stuck_updates']}",
+             f"updates left stuck: {result['stuck_updates']}, agent not back: {len(result['agent_lost'])}",
              f"DMA errors/lost/corrupted in the updates: {result['dma_errors']}/{result['dma_lost']}/"
              f"{result['dma_corrupted']}; the guests counted {result['guest_dma_errors']} errors, "
              f"{result['guest_verify_failures']} corrupted copies",
