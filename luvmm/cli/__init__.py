@@ -1,0 +1,82 @@
+"""The `luvmm` command line: a package of small command modules (uapi, demo,
+host, vm, update, bench, lab) over the same APIs a user's script would call
+(vmm.manage, liveupdate.update, luvmm.tools); ``common`` holds what they share.
+
+Each subcommand imports what it needs when it runs, so `luvmm --help` and the
+restore path stay fast.
+
+Conventions, the same for every command (README.md):
+* a mistake on the command line is one line on stderr and exit status 2;
+  anything else that fails is one line ``luvmm CMD: why`` and a non-zero
+  status from :mod:`luvmm.exitcodes` -- never a traceback;
+* ``--json`` prints the command's result as one JSON document on stdout
+  instead of the text (messages stay on stderr);
+* sizes are ``N[K|M|G|T]`` (powers of two) everywhere;
+* only `luvmm vm start` starts an emulated host where none runs (and says
+  so); a command that reads or acts on a host never starts one;
+* long work prints a progress line per step on stderr when it is a
+  terminal, nothing extra otherwise;
+* Ctrl-C stops cleanly: what was done so far is printed, the host is left
+  as it was, exit status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from luvmm import __version__, exitcodes
+from luvmm.cli import bench, demo, host, lab, update, uapi, vm
+from luvmm.cli.common import CliError, Parser, say
+
+#: The commands, in the order `luvmm --help` lists them.
+COMMANDS = (uapi, demo, host, vm, update, bench, lab)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="luvmm",
+        description="A userspace VMM whose VM, passed-through PCI device and DMA survive a host "
+                    "live update (LUO/KHO + kexec).",
+        epilog="Exit status: 0 all good; 1 failed (nothing changed, or put back); 2 bad command line; "
+               "3 live updates done but DMA damaged or the guest stuck; 4 live updates done, the VM kept, its "
+               "device reset by the kernel (DMA stopped); 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"luvmm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def _expected_errors() -> tuple[type, ...]:
+    """The errors that are a refusal, said in one line -- not bugs."""
+    from liveupdate.agent_client import AgentError
+    from liveupdate.emu.hostctl import HostError
+    from liveupdate.state import StateError
+    from vmm.manage import VmError
+
+    return CliError, HostError, StateError, VmError, AgentError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    what = " ".join(x for x in (args.command, *(getattr(args, a, None) for a in
+                                                ("host_command", "vm_command", "bench", "lab_command"))) if x)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `luvmm uapi | head`
+        sys.stderr.close()
+        return exitcodes.OK
+    except KeyboardInterrupt:
+        say(f"luvmm {what}: interrupted")
+        return exitcodes.INTERRUPTED
+    except Exception as e:
+        if isinstance(e, _expected_errors()):
+            say(f"luvmm {what}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+            return getattr(e, "status", exitcodes.FAILED)
+        if isinstance(e, OSError):  # the system said no (a file, a socket): say what
+            where = f" ({e.filename})" if e.filename else ""
+            say(f"luvmm {what}: {e.strerror or e}{where}")
+            return exitcodes.FAILED
+        raise

@@ -1,0 +1,143 @@
+"""`luvmm bench`: benchmarks that print figures."""
+
+from __future__ import annotations
+
+import argparse
+
+from luvmm import exitcodes
+from luvmm.cli.common import (
+    report_updates,
+    CliError,
+    Parser,
+    bandwidth_arg,
+    count_list,
+    guest_arg,
+    guest_memories,
+    guest_memory,
+    json_arg,
+    memory_args,
+    pick_guest,
+    positive_int,
+    print_json,
+    profile_arg,
+    progress,
+    byte_size,
+)
+
+
+def _cmd_bench_dsa(args: argparse.Namespace) -> int:
+    from devices.emu.dsa_bench import format_table, run
+
+    result = run(total_bytes=args.bytes, batches=args.batches)
+    print_json(result) if args.json else print(format_table(result))
+    return exitcodes.OK
+
+
+
+def _cmd_bench_blackout(args: argparse.Namespace) -> int:
+    from luvmm.tools.bench import run_blackout
+
+    summary = run_blackout(memory=args.memory, cycles=args.cycles, vms=args.vms, guest=args.guest,
+                           profile=args.kernel_profile, dsa_bandwidth=args.dsa_bandwidth,
+                           overcommit=args.overcommit, progress=progress())
+    return report_updates(summary, args.json)
+
+
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from luvmm.tools.bench import format_soak, run_soak
+
+    result = run_soak(cycles=args.cycles, memory=args.memory, guest=pick_guest(args.guest),
+                      dsa_bandwidth=args.dsa_bandwidth, overcommit=args.overcommit, progress=progress())
+    print_json(result) if args.json else print(format_soak(result))
+    if result["failed_updates"]:
+        return exitcodes.FAILED
+    damaged = result["fds_leaked"] or any(result[k] for k in ("dma_errors", "dma_lost", "dma_corrupted"))
+    return exitcodes.DAMAGED if damaged else exitcodes.OK
+
+
+def _cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from luvmm.tools.chaos import damaged, format_chaos, run_chaos
+
+    if pick_guest("auto") != "firmware":
+        raise CliError("the chaos benchmark needs the firmware guest (a usable /dev/kvm): a synthetic guest's VMM "
+                       "cannot be restarted on its VM")
+    result = run_chaos(cycles=args.cycles, seed=args.seed, memory=args.memory, progress=progress())
+    print_json(result) if args.json else print(format_chaos(result))
+    return exitcodes.DAMAGED if damaged(result) else exitcodes.OK
+
+
+def _cmd_bench_scale(args: argparse.Namespace) -> int:
+    from luvmm.tools.bench import format_scale, run_scale
+
+    result = run_scale(memories=args.memory, vm_counts=args.vms, cycles=args.cycles, guest=args.guest,
+                       dsa_bandwidth=args.dsa_bandwidth, overcommit=args.overcommit, progress=progress())
+    print_json(result) if args.json else print(format_scale(result))
+    return exitcodes.OK
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print figures",
+                           description="Benchmarks. Each prints a table, or with --json its figures as JSON.")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=Parser)
+    bench_sub.required = True
+    dsa = bench_sub.add_parser(
+        "dsa", help="the emulated DSA's MEMMOVE path against this machine's memcpy",
+        description="MEMMOVE of 4 KiB, 64 KiB and 1 MiB through the full path (portal submit -> IOMMU "
+                    "translate -> copy -> completion record), against memcpy of the same sizes in the same "
+                    "run; and 64-byte MEMMOVEs per second submitted in batches of 1024.")
+    json_arg(dsa, "memmove_gbps, memcpy_gbps, ratio, descriptors_per_s")
+    dsa.add_argument("--bytes", type=byte_size, default=256 << 20, metavar="SIZE",
+                     help="bytes copied per size (default 256M)")
+    dsa.add_argument("--batches", type=positive_int, default=32, help="batches of 1024 for descriptors/s (default 32)")
+    dsa.set_defaults(func=_cmd_bench_dsa)
+    blackout = bench_sub.add_parser(
+        "blackout", help="live-update blackout over N cycles on a fresh emulated host",
+        description="Start a fresh emulated host and VM(s), run N live updates through the agent, print each "
+                    "cycle's blackout, phases and DMA continuity, and the p50/p99/max.")
+    memory_args(blackout)
+    blackout.add_argument("--cycles", type=positive_int, default=20, help="live updates (default 20)")
+    blackout.add_argument("--vms", type=positive_int, default=1, help="VMs updated in each kexec (default 1)")
+    guest_arg(blackout, auto=False)
+    profile_arg(blackout)
+    bandwidth_arg(blackout)
+    json_arg(blackout, "the `luvmm update --json` document")
+    blackout.set_defaults(func=_cmd_bench_blackout)
+    scale = bench_sub.add_parser(
+        "scale", help="blackout against guest RAM and against the number of VMs per kexec",
+        description="Blackout p50/p99/max for each guest RAM size (one VM) and each VM count (the smallest RAM).")
+    scale.add_argument("--memory", type=guest_memories, default=[256 << 20, 1 << 30, 4 << 30, 16 << 30], metavar="SIZES",
+                       help="comma-separated guest RAM sizes (default 256M,1G,4G,16G)")
+    scale.add_argument("--overcommit", action="store_true",
+                       help="allow VMs whose RAM adds up to more than the machine has")
+    scale.add_argument("--vms", type=count_list, default=[1, 2, 4, 8], metavar="COUNTS",
+                       help='comma-separated VM counts per kexec (default 1,2,4,8; "" for none)')
+    scale.add_argument("--cycles", type=positive_int, default=10, help="updates per point (default 10)")
+    guest_arg(scale, auto=False)
+    bandwidth_arg(scale)
+    json_arg(scale, "{memory: {bytes: blackout}, vms: {n: blackout}}")
+    scale.set_defaults(func=_cmd_bench_scale)
+    soak = bench_sub.add_parser(
+        "soak", help="N live updates in a row: DMA damage, fd leaks, memory growth",
+        description="Start a fresh emulated host and a VM, run N live updates in a row with DMA running, and "
+                    "check that nothing was damaged or leaked: DMA errors, lost and corrupted, the daemon's fds "
+                    "and emulated open files, and its RSS (after a warm-up update). Exit status 3 on damage or "
+                    "a leak, 1 if an update failed.")
+    soak.add_argument("--cycles", type=positive_int, default=100, help="live updates (default 100)")
+    memory_args(soak)
+    guest_arg(soak)
+    bandwidth_arg(soak)
+    json_arg(soak, "{cycles, dma_errors, dma_lost, dma_corrupted, fds_leaked, rss_growth_bytes, blackout_s, ...}")
+    soak.set_defaults(func=_cmd_bench_soak)
+    chaos = bench_sub.add_parser(
+        "chaos", help="live updates of two VMs with random kills, stalls and a full disk",
+        description="Start a fresh emulated host and two VMs, and run N live updates; at a random moment of "
+                    "each, kill the agent, a VMM or both, stall a step, or fill the disk (as root: the state dir "
+                    "is then a tmpfs). Checks that every VM survives (its guest's counters go on, never a cold "
+                    "boot), no update is left stuck and no DMA is damaged; an update may fail (rolled back). "
+                    "Exit status 3 if any of that did not hold.")
+    chaos.add_argument("--cycles", type=positive_int, default=50, help="live updates (default 50)")
+    chaos.add_argument("--seed", type=int, help="the random seed (default: a new one, printed)")
+    chaos.add_argument("--memory", type=guest_memory, default=64 << 20, metavar="SIZE",
+                       help="each VM's RAM (default 64M)")
+    json_arg(chaos, "{cycles, seed, actions, updates_ok, updates_failed, vms_lost, stuck_updates, dma_*, ...}")
+    chaos.set_defaults(func=_cmd_bench_chaos)

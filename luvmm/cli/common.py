@@ -1,0 +1,257 @@
+"""What every `luvmm` command shares: the conventions of luvmm.cli (one-line
+errors, --json, sizes, progress), the argument types and options, and the
+way to reach a host."""
+
+from __future__ import annotations
+
+
+import argparse
+import json
+import sys
+
+from luvmm import exitcodes
+
+DEFAULT_DSA_BANDWIDTH = 64 << 20
+#: Guest RAM when --memory is not given, for every command that starts VMs.
+DEFAULT_MEMORY = 256 << 20
+PROFILES = ("continuous-dma", "reset-on-freeze")
+
+
+class CliError(Exception):
+    """A command that cannot do what was asked: one line, and this exit status."""
+
+    def __init__(self, message: str, status: int = exitcodes.FAILED):
+        super().__init__(message)
+        self.status = status
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and status 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(exitcodes.USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+# --- argument types -------------------------------------------------------------------------
+
+
+def byte_size(text: str) -> int:
+    """A byte count: N, or N with a K/M/G/T suffix (powers of two; KiB, M, 1.5G...)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 64K, 256M, 1G)") from None
+    if not 0 <= value < 1 << 62 or value != int(value):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a whole, non-negative number of bytes)")
+    return int(value)
+
+
+def guest_memory(text: str) -> int:
+    """Guest RAM: a size the VM can have (checked here: one line, not a failure inside the VMM)."""
+    from vmm.guest import MIN_MEMORY
+
+    size = byte_size(text)
+    if size < MIN_MEMORY or size % (2 << 20):
+        raise argparse.ArgumentTypeError(f"guest RAM {text!r}: a multiple of 2 MiB, at least {MIN_MEMORY >> 20}M")
+    return size
+
+
+def guest_memories(text: str) -> list[int]:
+    """Comma-separated guest RAM sizes (at least one)."""
+    sizes = [guest_memory(part) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"no size in {text!r}")
+    return sizes
+
+
+def count_list(text: str) -> list[int]:
+    """Comma-separated counts ("" for none)."""
+    return [positive_int(part) for part in text.split(",") if part.strip()]
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def device_count(text: str) -> int:
+    from liveupdate.emu.machine import MAX_DEVICES
+
+    n = positive_int(text)
+    if n > MAX_DEVICES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_DEVICES} devices, not {n}")
+    return n
+
+
+def vcpu_count(text: str) -> int:
+    n = positive_int(text)
+    if n > 16:
+        raise argparse.ArgumentTypeError(f"at most 16 vCPUs, not {n}")
+    return n
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"seconds must be positive, not {text!r}")
+    return value
+
+
+def vm_name_arg(text: str) -> str:
+    from liveupdate.state import check_vm_name
+
+    try:
+        return check_vm_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def listen_address(text: str) -> str:
+    from metrics.http import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def metrics_url(listen: str) -> str:
+    from metrics.http import parse_listen
+
+    address, port = parse_listen(listen)
+    return f"{address}:{port}"
+
+
+# --- shared options and output ----------------------------------------------------------------
+
+
+def state_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="the emulated host's state dir (default: $LUVMM_STATE_DIR, else $XDG_RUNTIME_DIR/luvmm, "
+                        "else /tmp/luvmm-UID)")
+
+
+def json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON document on stdout instead of text")
+
+
+def memory_args(p: argparse.ArgumentParser, what: str = "guest RAM") -> None:
+    p.add_argument("--memory", type=guest_memory, default=DEFAULT_MEMORY, metavar="SIZE",
+                   help=f"{what}, e.g. 256M or 4G (default {DEFAULT_MEMORY >> 20}M)")
+    p.add_argument("--overcommit", action="store_true",
+                   help="allow VMs whose RAM adds up to more than the machine has")
+
+
+def guest_arg(p: argparse.ArgumentParser, auto: bool = True) -> None:
+    choices = ("auto", "firmware", "synthetic") if auto else ("firmware", "synthetic")
+    p.add_argument("--guest", choices=choices, default=choices[0],
+                   help="firmware: the guest firmware under KVM; synthetic: the same DMA workload driven from the "
+                        "host side (no KVM needed)" + ("; auto (default): firmware where /dev/kvm is usable"
+                                                        if auto else " (default firmware)"))
+
+
+def profile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel-profile", choices=PROFILES, default=PROFILES[0],
+                   help="what the emulated kernel does to a preserved device: continuous-dma (default) keeps it "
+                        "DMAing through the kexec; reset-on-freeze (the upstream series) resets it at freeze")
+
+
+def bandwidth_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dsa-bandwidth", type=byte_size, default=DEFAULT_DSA_BANDWIDTH, metavar="BYTES",
+                   help="bytes per second each emulated DSA moves, e.g. 1G, or 0 for as fast as memcpy (default 64M: "
+                        "slow enough that work queued before a live update outlasts its blackout)")
+
+
+def metrics_port_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=listen_address,
+                   help=f"serve {what} Prometheus metrics over HTTP at /metrics (on loopback unless ADDRESS "
+                        "is given); README.md lists them")
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def progress():
+    """A progress printer for long work: lines on stderr when it is a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def state_of(args: argparse.Namespace):
+    from liveupdate.state import StateDir, default_state_dir
+
+    return StateDir(args.state_dir or default_state_dir())
+
+
+def running_host(args: argparse.Namespace):
+    """The state dir of the running host, or CliError: never starts one."""
+    from liveupdate.emu.hostctl import HostError, find
+
+    try:
+        return find(args.state_dir)
+    except HostError as e:
+        raise CliError(str(e)) from None
+
+
+class Connection:
+    """``with _connect(state) as host``: a connection to the daemon, always closed."""
+
+    def __init__(self, state):
+        from liveupdate.emu.client import connect
+
+        self.host = connect(state.socket)
+
+    def __enter__(self):
+        return self.host
+
+    def __exit__(self, *exc):
+        self.host.close_connection()
+
+
+def pick_guest(choice: str) -> str:
+    """--guest auto: the firmware under KVM where /dev/kvm is usable, else the synthetic guest."""
+    if choice != "auto":
+        return choice
+    from vmm.kvm import kvm_available
+
+    ok, why = kvm_available()
+    if not ok:
+        say(f"no usable KVM ({why}): running the synthetic guest")
+    return "firmware" if ok else "synthetic"
+
+
+def report_updates(summary: dict, as_json: bool, interrupted: str | None = None) -> int:
+    """Print a run of live updates (table or JSON) and return its exit status."""
+    from liveupdate.update import format_cycles, outcome
+
+    status, why = outcome(summary)
+    if interrupted:
+        summary["interrupted"] = interrupted
+    if as_json:
+        print_json(summary)
+    elif summary["cycles"]:
+        print(format_cycles(summary))
+    if interrupted:
+        say(interrupted)
+        return exitcodes.INTERRUPTED
+    if status != exitcodes.OK:
+        say(f"luvmm: {why}")
+    return status

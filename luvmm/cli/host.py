@@ -1,0 +1,162 @@
+"""`luvmm host`: the emulated host -- start, stop, status, faults, kexec."""
+
+from __future__ import annotations
+
+import argparse
+
+from luvmm import exitcodes
+from luvmm.cli.common import (
+    CliError,
+    Connection,
+    Parser,
+    bandwidth_arg,
+    device_count,
+    json_arg,
+    metrics_port_arg,
+    metrics_url,
+    print_json,
+    profile_arg,
+    running_host,
+    say,
+    state_dir_arg,
+    state_of,
+)
+
+
+def _cmd_host_start(args: argparse.Namespace) -> int:
+    from liveupdate.emu import hostctl
+
+    state = state_of(args)
+    if hostctl.running(state):
+        raise CliError(f"an emulated host is already running in {state.path}")
+    gone = hostctl.dead(state)
+    if gone is not None:
+        stopped = hostctl.bury(state)
+        say(f"the emulated host that ran in {state.path} had died{f' (pid {gone})' if gone > 0 else ''}: "
+            f"stopped what was left of it ({len(stopped)} process(es)); starting a new one")
+    earlier = state.vm_names() if state.exists() else []
+    pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
+                        dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent,
+                        metrics_port=args.metrics_port)
+    print(f"emulated host running in {state.path} (pid {pid}, {args.devices} DSA, kernel profile "
+          f"{args.kernel_profile}); control socket {state.socket}")
+    if earlier:
+        print(f"booting {len(earlier)} VM(s) defined there by an earlier run, cold (their RAM did not outlive "
+              f"that host): {', '.join(earlier)}")
+    if args.metrics_port is not None:
+        print(f"Prometheus metrics on http://{metrics_url(args.metrics_port)}/metrics")
+    return exitcodes.OK
+
+
+def _cmd_host_stop(args: argparse.Namespace) -> int:
+    from liveupdate.emu import hostctl
+
+    state = state_of(args)
+    kept = hostctl.stop(state)
+    if kept is None:
+        say(f"no emulated host is running in {state.path}")
+        return exitcodes.OK  # already stopped: what was asked holds (as `systemctl stop`)
+    print(f"stopped the emulated host in {state.path}")
+    if kept:
+        print(f"kept the definitions of VM(s) {', '.join(kept)} there: `luvmm host start` boots them again, "
+              "`luvmm vm stop NAME` removes one")
+    return exitcodes.OK
+
+
+def _cmd_host_status(args: argparse.Namespace) -> int:
+    from liveupdate.emu.hostctl import format_status
+
+    with Connection(running_host(args)) as host:
+        status = host.call({"op": "status"})[0]
+    print_json(status) if args.json else print(format_status(status))
+    return exitcodes.OK
+
+
+def _cmd_host_faults(args: argparse.Namespace) -> int:
+    with Connection(running_host(args)) as host:
+        request = {"op": "faults", "clear": args.clear}
+        if args.spec:
+            request["set"] = ",".join(args.spec)
+        try:
+            rules = host.call(request)[0]
+        except OSError as e:
+            raise CliError(e.strerror or str(e), exitcodes.USAGE) from None
+    if args.json:
+        print_json(rules)
+    else:
+        print("\n".join(rules) if rules else "no faults injected")
+    return exitcodes.OK
+
+
+def _cmd_host_kexec(args: argparse.Namespace) -> int:
+    state = running_host(args)
+    with Connection(state) as host:
+        running = [u["name"][3:] for u in host.call({"op": "units"})[0] if u["name"].startswith("vm-") and u["running"]]
+        if running and not args.force:
+            raise CliError(f"VM(s) {', '.join(running)} run on this host: a bare kexec saves no machine state, so "
+                           "they would be lost. Live-update them with `luvmm update`, or kexec anyway with --force")
+        if running:
+            say(f"kexec --force: VM(s) {', '.join(running)} were not prepared; their VMMs find no saved machine "
+                "state after the reboot and the VMs are lost")
+        try:
+            info = host.kexec()
+        except OSError as e:
+            raise CliError(f"kexec failed: {e.strerror} (errno {e.errno}); the old kernel is still running") from None
+    if args.json:
+        print_json(info)
+    else:
+        print(f"kexec done: generation {info['generation']}, {info['seconds'] * 1000:.1f} ms, KHO image "
+              f"{info['kho_bytes']} bytes")
+    if info.get("kho_error"):
+        raise CliError(f"the new kernel refused the KHO image: {info['kho_error']}")
+    return exitcodes.OK
+
+
+def add_parser(sub) -> None:
+    host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec, faults",
+                          description="The emulated host daemon: an emulated machine (Intel DSA devices, IOMMU), "
+                                      "its kernel (VFIO cdev, iommufd, LUO, KHO, kexec) and init.")
+    host_sub = host.add_subparsers(dest="host_command", metavar="ACTION", parser_class=Parser)
+    host_sub.required = True
+    start = host_sub.add_parser("start", help="start an emulated host daemon in the background",
+                                description="Start an emulated host daemon in the background. VMs defined in the "
+                                            "state dir by an earlier run boot again, cold.")
+    state_dir_arg(start)
+    start.add_argument("--devices", type=device_count, default=1, help="number of DSA functions, 1-64 (default 1)")
+    profile_arg(start)
+    bandwidth_arg(start)
+    start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
+    metrics_port_arg(start, "the host's (devices, kexecs, units)")
+    start.set_defaults(func=_cmd_host_start)
+    stop = host_sub.add_parser("stop", help="stop the emulated host (its units are killed)",
+                               description="Stop the emulated host: its units are killed and its files removed; "
+                                           "the definitions of its VMs stay (a host started there boots them).")
+    state_dir_arg(stop)
+    stop.set_defaults(func=_cmd_host_stop)
+    status = host_sub.add_parser("status", help="devices, open files, sessions, units, kexec count")
+    state_dir_arg(status)
+    json_arg(status, "the status")
+    status.set_defaults(func=_cmd_host_status)
+    faults = host_sub.add_parser(
+        "faults", help="inject faults into the emulated kernel's live-update path, or clear them",
+        description="Fault injection (off unless asked for). A fault is POINT[:HANDLER][@SESSION]=ACTION. "
+                    "POINT: preserve, freeze, retrieve, finish (a LUO file handler's callback; HANDLER memfd-v1, "
+                    "vfio-pci-v1 or iommufd-v1; SESSION a VM's name), kexec (the reboot call), kho (the image). "
+                    "ACTION: fail (EIO), stall:SECONDS, kill:UNIT (init SIGKILLs agent or vm-NAME there), "
+                    "clear-bus-master (kexec: the new kernel clears Bus Master Enable of preserved devices), "
+                    "corrupt, truncate or skew (kho: damaged, or well-formed but not this kernel's). The same list "
+                    "in LUVMM_FAULTS sets them when the host starts. With no argument: the faults in force.")
+    state_dir_arg(faults)
+    faults.add_argument("spec", nargs="*", metavar="FAULT", help="faults to add, e.g. freeze:memfd-v1=fail")
+    faults.add_argument("--clear", action="store_true", help="remove every fault first")
+    json_arg(faults, "the faults in force")
+    faults.set_defaults(func=_cmd_host_faults)
+    kexec = host_sub.add_parser(
+        "kexec", help="reboot the emulated kernel with kexec (LUO preserves sessions)",
+        description="reboot(LINUX_REBOOT_CMD_KEXEC) on the emulated host: LUO freezes and hands over its "
+                    "sessions, a new kernel boots, init starts the units again. Refused while VMs run (a bare "
+                    "kexec saves no machine state: use `luvmm update`), unless --force.")
+    state_dir_arg(kexec)
+    kexec.add_argument("--force", action="store_true", help="kexec even though VMs run (they are lost)")
+    json_arg(kexec, "what the kexec did")
+    kexec.set_defaults(func=_cmd_host_kexec)

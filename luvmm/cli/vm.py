@@ -1,0 +1,181 @@
+"""`luvmm vm`: VMs as units of their host -- start, stop, status, list."""
+
+from __future__ import annotations
+
+import argparse
+
+from luvmm import exitcodes
+from luvmm.cli.common import (
+    CliError,
+    Connection,
+    DEFAULT_DSA_BANDWIDTH,
+    Parser,
+    guest_arg,
+    json_arg,
+    memory_args,
+    metrics_port_arg,
+    metrics_url,
+    pick_guest,
+    print_json,
+    running_host,
+    say,
+    state_dir_arg,
+    state_of,
+    vcpu_count,
+    vm_name_arg,
+)
+
+
+def _cmd_vm_start(args: argparse.Namespace) -> int:
+    from liveupdate.emu import hostctl
+    from liveupdate.emu.services import EmulatedUnits
+    from liveupdate.emu.hostctl import ensure
+    from vmm import manage
+    from vmm.vm import VmConfig
+
+    guest = pick_guest(args.guest)
+    config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=guest,
+                      metrics=args.metrics_port)
+    try:
+        config.check()
+    except ValueError as e:
+        raise CliError(str(e), exitcodes.USAGE) from None
+    state = state_of(args)
+    if args.name in state.vm_names():
+        raise CliError(f"VM {args.name!r} exists in {state.path}")
+    if not args.overcommit:
+        manage.check_fits(state, config)  # before a host is started for it
+    started = not hostctl.running(state)
+    ensure(args.state_dir, say=say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
+    try:
+        with Connection(state) as host:
+            st = manage.start(state, config, EmulatedUnits(host), overcommit=args.overcommit)
+    except BaseException:
+        if started and not state.vm_names():  # a host started for a VM that did not start goes too
+            hostctl.stop(state)
+        raise
+    print(f"VM {args.name} running (pid {st['pid']}, {args.memory >> 20} MiB, {args.vcpus} vCPU, DSA {st['bdf']}, "
+          f"{guest} guest)")
+    if st.get("metrics_port") is not None:
+        print(f"Prometheus metrics on http://{metrics_url(args.metrics_port)}/metrics")
+    return exitcodes.OK
+
+
+def _cmd_vm_stop(args: argparse.Namespace) -> int:
+    from liveupdate.emu import hostctl
+    from liveupdate.emu.services import EmulatedUnits
+    from vmm import manage
+
+    state = state_of(args)
+    if not state.exists() or args.name not in state.vm_names():
+        raise CliError(f"no VM {args.name!r} in {state.path}")
+    if not hostctl.running(state):
+        manage.stop(state, args.name, None)
+        state.clean()  # what the stopped host kept for it
+        print(f"VM {args.name} removed (no host was running it)")
+        return exitcodes.OK
+    with Connection(state) as host:
+        manage.stop(state, args.name, EmulatedUnits(host))
+    print(f"VM {args.name} stopped")
+    return exitcodes.OK
+
+
+def _vm_states(state, names: list[str]) -> dict[str, dict]:
+    from vmm import manage
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = manage.status(state, name)
+        except (OSError, ValueError, manage.VmError) as e:
+            out[name] = {"error": getattr(e, "strerror", None) or str(e)}
+    return out
+
+
+def _vm_ok(st: dict) -> bool:
+    return "error" not in st and not st["crash"]
+
+
+def _cmd_vm_status(args: argparse.Namespace) -> int:
+    state = running_host(args)
+    names = state.vm_names()
+    if args.name:
+        if args.name not in names:
+            raise CliError(f"no VM {args.name!r} in {state.path}")
+        names = [args.name]
+    out = _vm_states(state, names)
+    if args.json:
+        print_json(out)
+    else:
+        print(_format_vm_status(out))
+    return exitcodes.OK if all(_vm_ok(st) for st in out.values()) else exitcodes.FAILED
+
+
+def _format_vm_status(out: dict[str, dict]) -> str:
+    lines = []
+    for name, st in out.items():
+        if "error" in st:
+            lines.append(f"{name}: not running (its VMM does not answer: {st['error']})")
+            continue
+        mb = st["mailbox"]
+        paused = " (paused for an update)" if st.get("prepared") else ""
+        lines.append(f"{name}: pid {st['pid']} ({st['boot']} boot), guest {st['guest_state']}{paused}, "
+                     f"DSA {st['bdf']}, heartbeat {mb['heartbeat']}, batches {mb['completed']}/{mb['submitted']} "
+                     f"({mb['descs_ok']} descriptors ok, {mb['errors']} errors, {mb['verify_failures']} corrupted), "
+                     f"interrupts {st['interrupts']}" + (f", CRASHED: {st['crash']}" if st["crash"] else ""))
+    return "\n".join(lines)
+
+
+def _cmd_vm_list(args: argparse.Namespace) -> int:
+    from liveupdate.emu import hostctl
+
+    state = state_of(args)
+    names = state.vm_names() if state.exists() else []
+    up = hostctl.running(state)
+    states = _vm_states(state, names) if up else {}
+    rows = [{"name": n, "state": ("running" if _vm_ok(states[n]) else "not running") if up else "host stopped"}
+            for n in names]
+    if args.json:
+        print_json(rows)
+    else:
+        for row in rows:
+            print(f"{row['name']}\t{row['state']}")
+    return exitcodes.OK
+
+
+def add_parser(sub) -> None:
+    vm = sub.add_parser("vm", help="VMs with a passed-through DSA: start, stop, status, list",
+                        description="VMs are units of their host: init starts them again, in restore mode, "
+                                    "after every kexec, and on the same RAM and device when their VMM dies.")
+    vm_sub = vm.add_subparsers(dest="vm_command", metavar="ACTION", parser_class=Parser)
+    vm_sub.required = True
+    name_help = "the VM's name: 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+    vm_start = vm_sub.add_parser("start", help="start a VM (its guest drives a passed-through DSA)",
+                                 description="Start a VM on the host (an emulated host is started there if none "
+                                             "runs). Returns once its guest runs.")
+    vm_start.add_argument("name", type=vm_name_arg, help=name_help)
+    state_dir_arg(vm_start)
+    memory_args(vm_start)
+    vm_start.add_argument("--vcpus", type=vcpu_count, default=1, help="vCPUs, 1-16 (default 1)")
+    vm_start.add_argument("--device", default="auto", metavar="BDF|auto",
+                          help="the DSA to pass through (default auto: the first free one)")
+    guest_arg(vm_start)
+    metrics_port_arg(vm_start, "the VM's (blackout, phases, DMA continuity, guest counters)")
+    vm_start.set_defaults(func=_cmd_vm_start)
+    vm_stop = vm_sub.add_parser("stop", help="stop a VM and remove it",
+                                description="Stop a VM and remove it: its VMM, its unit, its LUO session and what "
+                                            "the agent keeps for it, its device (free for another VM).")
+    vm_stop.add_argument("name", type=vm_name_arg, help=name_help)
+    state_dir_arg(vm_stop)
+    vm_stop.set_defaults(func=_cmd_vm_stop)
+    vm_status = vm_sub.add_parser("status", help="guest counters, device, interrupts, last update",
+                                  description="Each VM's guest counters, device, interrupts and last update. Exit "
+                                              "status 1 if a VM named does not exist, or one is not running.")
+    vm_status.add_argument("name", nargs="?", type=vm_name_arg, help="one VM (default: every VM of the host)")
+    state_dir_arg(vm_status)
+    json_arg(vm_status, "{NAME: status}")
+    vm_status.set_defaults(func=_cmd_vm_status)
+    vm_list = vm_sub.add_parser("list", help="the VMs defined on the host, and whether they run")
+    state_dir_arg(vm_list)
+    json_arg(vm_list, '[{"name", "state"}]')
+    vm_list.set_defaults(func=_cmd_vm_list)
