@@ -35,7 +35,6 @@ from __future__ import annotations
 import _socket
 import errno
 import os
-import sys
 import time
 
 from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
@@ -598,26 +597,3 @@ class Agent:
             while self.update is not None and self.update.get("phase") in _IN_PROGRESS:
                 await self.reported.wait()
         return self.update
-
-
-def main(argv: list[str] | None = None) -> int:
-    from liveupdate.state import die_with_init, parse_unit_args
-
-    die_with_init()
-    args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
-    state = StateDir(args["state_dir"])
-    from luvmm.hosts import connect
-
-    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket))
-    agent = Agent(host, state, services.units, boot=os.environ.get("LUVMM_BOOT", "cold"))
-    listener, early = agent.fast_restore()
-    import logging as _logging
-
-    _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.info("agent up (%s boot); update on disk: %s", agent.boot, agent.update and agent.update.get("id"))
-    _import_trio().run(agent.serve, listener, early)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

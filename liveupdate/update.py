@@ -37,6 +37,11 @@ def update_once(state: StateDir, *, timeout: float = 60.0) -> dict:
     return result
 
 
+#: The phases of a live update, in order, as every report names them (their
+#: marks: vmm.report); "preserve" and "pause" come before the blackout.
+PHASES = ("preserve", "pause", "save", "freeze", "kexec", "spawn", "start-up", "retrieve", "map",
+          "vcpu_restore", "device_reattach", "resume")
+
 CYCLE_KEYS = ("blackout_s", "phases_s", "heartbeat_gap_s", "dma_completed_during_blackout", "dma_max_gap_s",
               "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed", "device_reset")
 

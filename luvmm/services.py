@@ -1,5 +1,5 @@
 """What the VMM and the agent need of a host besides its syscalls, as small
-explicit interfaces that the entry points pass in (luvmm.hosts) -- never
+explicit interfaces that the entry points pass in (luvmm.wiring) -- never
 found by probing the host object.
 
 * :class:`Units`: the host's init -- start, stop and list units, and say

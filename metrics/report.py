@@ -28,7 +28,7 @@ import os
 import time
 
 from liveupdate.update import ms, p99_label, percentile, phase_values
-from vmm.report import PHASES
+from liveupdate.update import PHASES
 
 EMULATED_NOTE = ("the emulated host (luvmm's emulated DSA, IOMMU, VFIO, iommufd, LUO/KHO and kexec): its kexec takes "
                  "milliseconds where a real one takes seconds, so these blackouts are the VMM's share of a real one")

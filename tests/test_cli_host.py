@@ -61,7 +61,7 @@ def test_update_through_the_agent(state_dir):
     from liveupdate.state import StateDir
 
     state = StateDir(state_dir)
-    state.write_unit("agent", [sys.executable, "-m", "liveupdate.agent", "--state-dir", state_dir])
+    state.write_unit("agent", [sys.executable, "-m", "luvmm.wiring.agent", "--state-dir", state_dir])
     state.write_unit("vm-x", [sys.executable, os.path.join(HERE, "fake_vmm.py")], {"FAKE_VM_NAME": "x"})
     from liveupdate.emu.client import connect
 

@@ -29,7 +29,7 @@ from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
 from liveupdate.state import StateDir, die_with_init, parse_unit_args  # noqa: E402
-from luvmm.hosts import connect  # noqa: E402
+from luvmm.wiring import connect  # noqa: E402
 from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
 
 IMPORTED = time.time()

@@ -20,10 +20,8 @@ and the new VMM:
 
 from __future__ import annotations
 
+from liveupdate.update import PHASES  # noqa: F401 -- the phases this module measures
 from vmm import guest
-
-PHASES = ("preserve", "pause", "save", "freeze", "kexec", "spawn", "start-up", "retrieve", "map",
-          "vcpu_restore", "device_reattach", "resume")
 
 
 def phase_marks(saved_phases: dict, kexec_marks: dict, marks: dict) -> list[tuple[str, float | None]]:

@@ -100,7 +100,7 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
         build_cache()  # the restore path imports the parsed uAPI instead of parsing it
     if agent:
         # Restarted when it dies, as luod would be (Restart=on-failure): the VMMs register again.
-        state.write_unit("agent", *python_unit("liveupdate.agent", "--state-dir", state.path), restart="on-failure",
+        state.write_unit("agent", *python_unit("luvmm.wiring.agent", "--state-dir", state.path), restart="on-failure",
                          pdeathsig="self", start_limit_burst=0,
                          restart_max_delay_sec=RESTART_MAX_DELAY_S)
     else:

@@ -25,7 +25,7 @@ from liveupdate.update import summarize, update_once
 from liveupdate.emu.client import connect
 from liveupdate.emu.services import EmulatedUnits
 from vmm import guest, manage
-from vmm.report import PHASES
+from liveupdate.update import PHASES
 from vmm.vm import VmConfig
 
 DSA_BANDWIDTH = 64 << 20

@@ -1,0 +1,33 @@
+"""The LUO agent's unit: what init runs (`python -S -c "from
+luvmm.wiring.agent import main ..."`).  It wires the agent
+(liveupdate.agent.Agent) to its host -- the real kernel and systemd, or the
+emulated host -- and serves: first the restoring VMMs, before trio is
+imported (Agent.fast_restore), then everything."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from liveupdate.agent import Agent, _import_trio, log
+from liveupdate.state import StateDir, die_with_init, parse_unit_args
+from luvmm.wiring import connect
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_init()
+    args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
+    state = StateDir(args["state_dir"])
+    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket))
+    agent = Agent(host, state, services.units, boot=os.environ.get("LUVMM_BOOT", "cold"))
+    listener, early = agent.fast_restore()
+    import logging as _logging
+
+    _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.info("agent up (%s boot); update on disk: %s", agent.boot, agent.update and agent.update.get("id"))
+    _import_trio().run(agent.serve, listener, early)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
