@@ -41,7 +41,7 @@ from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
 from luvmm import leanjson, rpc
 from luvmm.peer import identify
 from liveupdate.luo import LiveUpdate, Session
-from liveupdate.state import StateDir, check_vm_name
+from liveupdate.state import StateDir, check_vm_name, record_imports
 
 _IN_PROGRESS = ("kexec", "rolling-back", "restoring")
 #: A restoring update whose VMs have not all reported this long after its
@@ -251,6 +251,8 @@ class Agent:
                     retrieved[fd] = str(request["name"])
                 elif "ok" in reply and request["op"] == "resumed":
                     expected.discard(str(request["name"]))
+        if self.update and self.update.get("phase") in ("restoring", "done", "failed") and self.boot == "kexec":
+            record_imports("agent-served-restore")
         # Hand everything over as the socket.socket objects trio wraps.
         import socket
 

@@ -108,6 +108,19 @@ def die_with_init() -> None:
         os._exit(SIGKILL + 128)  # the machine is gone already
 
 
+def record_imports(point: str) -> None:
+    """With ``LUVMM_RECORD_IMPORTS=DIR``: write the modules this process has
+    imported by now to DIR/POINT.PID -- how tests/test_restore_path.py pins
+    what the restore path imports before the guest runs again (each module
+    is milliseconds of blackout)."""
+    where = os.environ.get("LUVMM_RECORD_IMPORTS")
+    if where:
+        import sys
+
+        with open(os.path.join(where, f"{point}.{os.getpid()}"), "w") as f:
+            f.write("\n".join(sorted(sys.modules)) + "\n")
+
+
 UNIT_USAGE = "usage: ... --state-dir DIR [--name NAME] [--host emulated|real]"
 
 

@@ -28,7 +28,7 @@ import sys  # noqa: E402
 from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
-from liveupdate.state import StateDir, die_with_init, parse_unit_args  # noqa: E402
+from liveupdate.state import StateDir, die_with_init, parse_unit_args, record_imports  # noqa: E402
 from luvmm.wiring import connect  # noqa: E402
 from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vmm[{name}]: {error}", file=sys.stderr)
             agent.restored(name, {"name": name, "error": error})
             return EX_CONFIG
+        record_imports("vmm-resumed")
         agent.resumed(name)
         # At once, not when the control plane is up: a VMM that dies from
         # here on is started again on these files (Vm.recover), the guest
