@@ -38,7 +38,7 @@ import os
 import time
 
 from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
-from luvmm import leanjson, rpc
+from luvmm import leanjson, rpc, schema
 from luvmm.peer import identify
 from liveupdate.luo import LiveUpdate, Session
 from liveupdate.state import StateDir, check_vm_name, record_imports
@@ -355,11 +355,13 @@ class Agent:
     def authorize(self, request: dict, peer) -> None:
         """Who may ask what (see the module's docstring); EPERM otherwise,
         EINVAL for a request that is not one, or names no valid VM."""
-        op = request.get("op")
+        try:
+            schema.check(schema.AGENT, request)
+        except ValueError as e:
+            raise OSError(errno.EINVAL, str(e)) from None
+        op = request["op"]
         if op == "hello":
             return
-        if op not in VM_OPS and op not in OPERATOR_OPS:
-            raise OSError(errno.EINVAL, f"unknown request {str(op)[:40]!r}")
         if op in NAMED_OPS:
             try:
                 check_vm_name(request.get("name"))

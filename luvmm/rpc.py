@@ -27,6 +27,7 @@ import errno
 import os
 import _socket
 
+from luvmm.schema import check
 from luvmm.wire import MAX_FDS, MAX_MESSAGE, ProtocolError, close_fds, decode_json, encode_json, \
     fds_from_ancillary, send_msg
 
@@ -174,12 +175,13 @@ async def trio_send(sock, obj: dict, fds: list[int] = ()) -> bool:
             os.close(memfd)
 
 
-async def serve_connection(sock, handle, *, log=None, after=None) -> None:
+async def serve_connection(sock, handle, *, schema: dict | None = None, log=None, after=None) -> None:
     """Serve requests on one trio connection until the peer hangs up: each
     request -- however malformed -- gets exactly one reply.  ``handle(request,
     fds)`` is a coroutine returning ``(ok value, fds to send)``; it owns the
     fds it is given.  ``after(request, reply)``, if given, runs once the
-    reply is sent (e.g. to stop the server after its "stopping" reply)."""
+    reply is sent (e.g. to stop the server after its "stopping" reply).
+    ``schema`` (luvmm.schema): every request is checked against it first."""
     while True:
         try:
             request, fds = await trio_recv(sock)
@@ -195,6 +197,12 @@ async def serve_connection(sock, handle, *, log=None, after=None) -> None:
             if not isinstance(request.get("op"), str):
                 close_fds(fds)
                 raise ProtocolError("a request needs an \"op\"")
+            if schema is not None:
+                try:
+                    check(schema, request)
+                except ValueError:
+                    close_fds(fds)
+                    raise
             ok, out = await handle(request, fds)
             reply = {"ok": ok}
         except Exception as e:  # noqa: BLE001 -- the one place a request's failure becomes its reply

@@ -17,7 +17,7 @@ from liveupdate.agent_client import AgentError
 from liveupdate.update import update_once
 from metrics.vmm import UpdateStats
 from vmm import manage
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 
 from tests.test_vmm_faults import wait_for_progress
 from tests.helpers import units
@@ -305,8 +305,10 @@ def test_a_machine_state_resumed_from_is_not_resumed_again():
 
     fd = os.memfd_create("state")
     os.ftruncate(fd, machine_state.STATE_MEMFD_SIZE)
-    machine_state.write(fd, {"config": {}, "vcpus": [], "phases": {}})
-    assert machine_state.read(fd)["vcpus"] == []
+    from tests.test_firmware import _state
+
+    machine_state.write(fd, _state())
+    assert machine_state.read(fd).vcpus[0].id == 0
     machine_state.mark_resumed(fd)
     with pytest.raises(machine_state.StateError, match="back in time"):
         machine_state.read(fd)

@@ -25,14 +25,55 @@ def test_firmware_image_matches_its_source(tmp_path):
     assert (tmp_path / "fw.bin").read_bytes() == open(os.path.join(FW, "fw.bin"), "rb").read()
 
 
+def _state():
+    from vmm.machine_state import (DeviceWiring, GuestState, MachineState, MemoryState, Timestamps, VcpuState)
+
+    return MachineState([VcpuState(0, bytes(144), bytes(312))], MemoryState(64 << 20),
+                        DeviceWiring("0000:6a:01.0", 1, 3, 2, True), GuestState({"name": "x", "memory": 64 << 20}),
+                        Timestamps({"stopped": 1.5}, {"heartbeat": 7}, {"3": 12}))
+
+
 def test_machine_state_round_trip_and_refusals():
-    state = {"config": {"name": "x"}, "vcpus": [{"id": 0, "regs": "00" * 144}], "phases": {"stopped": 1.5}}
-    blob = machine_state.encode(state)
-    assert machine_state.decode(blob + bytes(100)) == state  # the memfd is bigger than the blob
+    blob = machine_state.encode(_state())
+    back = machine_state.decode(blob + bytes(100))  # the memfd is bigger than the blob
+    assert back.to_dict() == _state().to_dict()
+    assert back.vcpus[0].sregs == bytes(312) and back.device.dev_id == 2 and back.timestamps.inflight_at_pause == {
+        "3": 12}
     for bad, why in ((blob[:10], "shorter"), (b"X" + blob[1:], "magic"), (blob[:-1], "truncated"),
                      (blob[:30] + bytes([blob[30] ^ 1]) + blob[31:], "checksum")):
         with pytest.raises(machine_state.StateError, match=why):
             machine_state.decode(bad)
-    wrong_version = blob[:8] + (2).to_bytes(4, "little") + blob[12:]
-    with pytest.raises(machine_state.StateError, match="version"):
+    wrong_version = blob[:8] + (3).to_bytes(4, "little") + blob[12:]
+    with pytest.raises(machine_state.StateError, match="version 3; this VMM reads versions 1, 2"):
         machine_state.decode(wrong_version)
+
+
+def test_a_section_without_its_fields_is_refused():
+    import json
+    import zlib
+
+    body = _state().to_dict()
+    del body["device"]["bdf"]
+    raw = json.dumps(body).encode()
+    blob = machine_state.HEADER.pack(machine_state.MAGIC, 2, zlib.crc32(raw), len(raw)) + raw
+    with pytest.raises(machine_state.StateError, match="section device: 'bdf' missing"):
+        machine_state.decode(blob)
+
+
+def test_a_version_1_blob_is_read_into_the_sections():
+    """The previous layout, as the VMM of the last release wrote it: a live
+    update that installs this luvmm restores VMs that an older one prepared."""
+    import json
+    import zlib
+
+    v1 = {"config": {"name": "old", "memory": 64 << 20}, "vcpus": [{"id": 0, "regs": "00" * 144, "sregs": "11" * 312}],
+          "portal": {"0": ["00" * 64, 255, 0x4000]}, "device": {"bdf": "0000:6a:01.0", "ioas": 1, "hwpt": 3,
+                                                                 "msix": True},
+          "phases": {"stopped": 2.0, "mailbox_at_pause": {"heartbeat": 5}, "inflight_at_pause": {"1": 9}},
+          "mailbox": {"heartbeat": 5}, "interrupts": 4}
+    raw = json.dumps(v1).encode()
+    state = machine_state.decode(machine_state.HEADER.pack(machine_state.MAGIC, 1, zlib.crc32(raw), len(raw)) + raw)
+    assert state.guest.config["name"] == "old" and state.memory.size == 64 << 20
+    assert state.vcpus[0].sregs == b"\x11" * 312 and state.device.hwpt == 3 and state.device.msix_armed
+    assert state.timestamps.marks == {"stopped": 2.0} and state.timestamps.mailbox_at_pause == {"heartbeat": 5}
+    assert state.timestamps.inflight_at_pause == {"1": 9} and state.guest.portal_buffers()[0][1] == 255

@@ -223,8 +223,10 @@ def test_a_new_kernel_takes_a_tree_or_refuses_it_whole(tree):
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_machine_state_damaged_anyhow_is_refused_with_a_message(data):
-    good = machine_state.encode({"config": {"name": "a"}, "vcpus": [{"regs": "00"}], "phases": {}})
-    how = data.draw(st.sampled_from(["flip", "cut", "random", "header"]))
+    from tests.test_firmware import _state
+
+    good = machine_state.encode(_state())
+    how = data.draw(st.sampled_from(["flip", "cut", "random", "header", "json"]))
     blob = bytearray(good)
     if how == "flip":
         blob[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
@@ -232,13 +234,23 @@ def test_machine_state_damaged_anyhow_is_refused_with_a_message(data):
         blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
     elif how == "random":
         blob = bytearray(data.draw(st.binary(max_size=300)))
-    else:  # a valid header over a body of anything, checksum and all
-        body = data.draw(st.binary(max_size=200))
-        blob = bytearray(machine_state.HEADER.pack(machine_state.MAGIC, machine_state.VERSION, zlib.crc32(body),
-                                                   len(body)) + body)
+    else:  # a valid header over a body of anything (bytes, or JSON of any shape), checksum and all
+        if how == "json":
+            import json
+
+            leaves = st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+            shape = st.recursive(leaves, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
+                st.sampled_from(["vcpus", "memory", "device", "guest", "timestamps", "id", "regs", "sregs", "size",
+                                 "bdf", "ioas", "hwpt", "config", "marks", "synthetic", "x"]), kids, max_size=5),
+                max_leaves=20)
+            body = json.dumps(data.draw(shape)).encode()
+        else:
+            body = data.draw(st.binary(max_size=200))
+        blob = bytearray(machine_state.HEADER.pack(machine_state.MAGIC, data.draw(st.sampled_from(
+            machine_state.READABLE)), zlib.crc32(body), len(body)) + body)
     try:
         state = machine_state.decode(bytes(blob))
     except machine_state.StateError as e:
         assert str(e)
     else:
-        assert isinstance(state, dict) and isinstance(state["vcpus"], list)
+        assert isinstance(state, machine_state.MachineState) and isinstance(state.vcpus, list)

@@ -18,7 +18,7 @@ import pytest
 from liveupdate.agent_client import wait_for_agent
 from liveupdate.update import update_once
 from vmm import manage
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 from tests.helpers import units
 
 HERE = os.path.dirname(os.path.abspath(__file__))

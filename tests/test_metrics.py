@@ -24,7 +24,7 @@ from metrics.vmm import METRICS as VMM_METRICS
 from metrics.vmm import UpdateStats, VmmCollector
 from vmm import manage
 from vmm.report import PHASES
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 from tests.helpers import units
 
 ROOT = Path(__file__).resolve().parent.parent

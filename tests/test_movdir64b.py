@@ -46,8 +46,7 @@ def test_page_walk_over_the_guest_tables():
 
 
 def test_the_vmm_submits_the_64_bytes_and_steps_over_the_instruction():
-    from luvmm.uapi.kvm import KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-    from vmm.vm import Vm
+    from vmm.passthrough import Passthrough
 
     ram = bytearray(8 << 20)
     cr3 = identity_page_tables(ram, guest.PAGE_TABLES_GPA, 4 << 30)
@@ -56,39 +55,35 @@ def test_the_vmm_submits_the_64_bytes_and_steps_over_the_instruction():
     insn = bytes.fromhex("660f38f806")
     state = regs(rax=guest.BAR2_GPA + 0x4000, rsi=0x300000)
     writes = []
-    failure = SimpleNamespace(suberror=KVM_INTERNAL_ERROR_EMULATION,
-                              flags=KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
-                              insn_size=len(insn), insn_bytes=insn.ljust(15, b"\0"))
-    vcpu = SimpleNamespace(kvm_run=SimpleNamespace(emulation_failure=failure), get_regs=lambda: state,
-                           get_sregs=lambda: SimpleNamespace(cr3=cr3), set_regs=lambda r: None)
-    vm = Vm.__new__(Vm)
-    vm.view, vm.portal_writes = memoryview(ram), 0
-    vm.dev = SimpleNamespace(region_write=lambda index, off, data: writes.append((index, off, data)))
-    assert vm._emulate(vcpu)
+    vcpu = SimpleNamespace(get_regs=lambda: state, get_sregs=lambda: SimpleNamespace(cr3=cr3), set_regs=lambda r: None)
+    device = Passthrough(host=None)
+    device.dev = SimpleNamespace(region_write=lambda index, off, data: writes.append((index, off, data)))
+    assert device.movdir64b(vcpu, insn, memoryview(ram))
     assert writes == [(2, 0x4000, desc)] and state.rip == 0x10000 + 5
+    assert device.portal_writes == 1
 
 
 def test_portal_stores_combine_and_a_pause_between_them_loses_nothing():
-    from vmm.vm import Vm
+    from vmm.machine_state import GuestState
+    from vmm.passthrough import Passthrough
 
     writes = []
     dev = SimpleNamespace(region_write=lambda index, off, data: writes.append((off, data)))
     desc = os.urandom(64)
-    old = Vm.__new__(Vm)
-    old._portal, old.portal_writes, old.dev = {}, 0, dev
+    old = Passthrough(host=None)
+    old.dev = dev
     for i in range(5):  # the guest is paused after five of its eight stores
-        old._portal_store(0, 0x4000 + 8 * i, desc[8 * i:8 * i + 8])
+        old.portal_store(0, 0x4000 + 8 * i, desc[8 * i:8 * i + 8])
     assert writes == []
-    saved = {str(v): [buf.hex(), mask, line] for v, (buf, mask, line) in old._portal.items()}
-    new = Vm.__new__(Vm)  # the restored VMM, from the machine state
-    new._portal = {int(v): (bytearray.fromhex(b), m, ln) for v, (b, m, ln) in saved.items()}
-    new.portal_writes, new.dev = 0, dev
+    saved = GuestState({}, portal=old.portal_state()).to_dict()  # into the machine state, and out of it
+    new = Passthrough(host=None)  # the restored VMM's
+    new.portal, new.dev = GuestState.from_dict(saved).portal_buffers(), dev
     for i in range(5, 8):
-        new._portal_store(0, 0x4000 + 8 * i, desc[8 * i:8 * i + 8])
+        new.portal_store(0, 0x4000 + 8 * i, desc[8 * i:8 * i + 8])
     assert writes == [(0x4000, desc)]
     # A descriptor that starts over a half-written one replaces it, never mixes with it.
     other = os.urandom(64)
-    new._portal_store(0, 0x4000, b"x" * 8)
+    new.portal_store(0, 0x4000, b"x" * 8)
     for i in range(8):
-        new._portal_store(0, 0x4000 + 8 * i, other[8 * i:8 * i + 8])
+        new.portal_store(0, 0x4000 + 8 * i, other[8 * i:8 * i + 8])
     assert writes[-1] == (0x4000, other)

@@ -15,7 +15,7 @@ import pytest
 from liveupdate.update import update_once
 from tests.helpers import units
 from vmm import manage
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PINS = os.path.join(HERE, "restore_path")

@@ -8,7 +8,7 @@ import pytest
 
 from liveupdate.update import summarize, update_once
 from vmm import manage
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 from tests.helpers import units
 
 CYCLES = 5

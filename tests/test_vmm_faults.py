@@ -11,7 +11,7 @@ from liveupdate.agent_client import AgentError
 from liveupdate.update import update_once
 from metrics.vmm import UpdateStats
 from vmm import manage
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 from tests.helpers import units
 
 

@@ -10,7 +10,7 @@ import os
 from devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
 from devices.iommufd import IommuFd
 from devices.vfio import VfioDevice
-from vmm.vm import sealed_memfd
+from vmm.memory import sealed_memfd
 
 RAM_IOVA = 0
 DATA = 0x20000

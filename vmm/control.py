@@ -22,7 +22,7 @@ import socket
 import trio
 
 from metrics.vmm import UpdateStats
-from luvmm import rpc
+from luvmm import rpc, schema
 from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
 from liveupdate.luo import Session
 from vmm import guest
@@ -93,8 +93,8 @@ class Control:
 
     async def verify(self) -> dict:
         incoming, saved = self.restored
-        at_pause = saved["phases"]["mailbox_at_pause"]
-        inflight = saved["phases"].get("inflight_at_pause", {})
+        at_pause = saved.timestamps.mailbox_at_pause
+        inflight = saved.timestamps.inflight_at_pause
         vm = self.vm
         if not vm.device_enabled():
             log.warning("the device was reset during the update: its DMA stopped")
@@ -205,6 +205,10 @@ class Control:
                 os._exit(137)  # fault injection: the VMM dies between "ready" and the kexec
 
     def _handle(self, request: dict) -> dict:
+        try:
+            schema.check(schema.CHANNEL, request)
+        except ValueError as e:
+            return {"errno": errno.EINVAL, "error": str(e)}
         op = request.get("op")
         if op == "ready":
             # An update is coming: make sure the files are in the session,
@@ -274,7 +278,7 @@ class Control:
 
     async def _local_client(self, conn) -> None:
         with conn:
-            await rpc.serve_connection(conn, self._local_request, log=log)
+            await rpc.serve_connection(conn, self._local_request, schema=schema.VMM, log=log)
 
     async def _local_request(self, request: dict, fds: list[int]):
         close_fds(fds)

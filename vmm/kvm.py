@@ -25,12 +25,21 @@ from luvmm.uapi.kvm import (
     KVM_CREATE_VCPU,
     KVM_CREATE_VM,
     KVM_ENABLE_CAP,
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_HLT,
+    KVM_EXIT_INTERNAL_ERROR,
     KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_NAMES,
+    KVM_EXIT_SHUTDOWN,
     KVM_GET_API_VERSION,
     KVM_GET_REGS,
     KVM_GET_SREGS,
     KVM_GET_SUPPORTED_CPUID,
     KVM_GET_VCPU_MMAP_SIZE,
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
     KVM_IOEVENTFD,
     KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_IOEVENTFD_FLAG_PIO,
@@ -42,6 +51,77 @@ from luvmm.uapi.kvm import (
     KVM_SET_SREGS,
     KVM_SET_USER_MEMORY_REGION,
 )
+
+class VcpuExit:
+    """Why KVM_RUN returned, as a typed value (kvm-ioctls' ``VcpuExit``): the
+    VMM matches on the class, never on a number."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
+
+
+class Mmio(VcpuExit):
+    """KVM_EXIT_MMIO: an access to guest-physical ``addr`` that no memslot backs.
+    A read is completed by writing the value into ``data`` before the next KVM_RUN."""
+
+    __slots__ = ("addr", "length", "is_write", "data")
+
+    def __init__(self, addr: int, length: int, is_write: bool, data):
+        self.addr, self.length, self.is_write, self.data = addr, length, is_write, data
+
+
+class Io(VcpuExit):
+    """KVM_EXIT_IO: port I/O (``data``: the bytes, in the kvm_run mapping)."""
+
+    __slots__ = ("port", "size", "direction", "count", "data")
+
+    def __init__(self, port: int, size: int, direction: int, count: int, data: memoryview):
+        self.port, self.size, self.direction, self.count, self.data = port, size, direction, count, data
+
+
+class Interrupted(VcpuExit):
+    """KVM_EXIT_INTR: kicked (a signal, or immediate_exit): nothing happened to the guest."""
+
+    __slots__ = ()
+
+
+class Hlt(VcpuExit):
+    __slots__ = ()
+
+
+class Shutdown(VcpuExit):
+    """KVM_EXIT_SHUTDOWN: a triple fault."""
+
+    __slots__ = ()
+
+
+class FailEntry(VcpuExit):
+    __slots__ = ("hardware_entry_failure_reason",)
+
+    def __init__(self, reason: int):
+        self.hardware_entry_failure_reason = reason
+
+
+class InternalError(VcpuExit):
+    """KVM_EXIT_INTERNAL_ERROR; for an emulation failure with the instruction
+    bytes (KVM_CAP_EXIT_ON_EMULATION_FAILURE), ``insn`` holds them."""
+
+    __slots__ = ("suberror", "insn")
+
+    def __init__(self, suberror: int, insn: bytes | None):
+        self.suberror, self.insn = suberror, insn
+
+
+class Unhandled(VcpuExit):
+    """An exit reason the VMM does not expect (its KVM_EXIT_ name)."""
+
+    __slots__ = ("reason", "name")
+
+    def __init__(self, reason: int):
+        self.reason, self.name = reason, KVM_EXIT_NAMES.get(reason, str(reason))
+
 
 #: The signal that kicks a vCPU thread out of KVM_RUN (QEMU's SIG_IPI).
 SIG_VCPU_KICK = signal.SIGUSR1
@@ -183,6 +263,33 @@ class Vcpu(KernelObject):
             with self._thread_lock:
                 self._thread_id = None
         return self.kvm_run.exit_reason
+
+    def run_exit(self) -> VcpuExit:
+        """KVM_RUN once; why it returned, as a typed :class:`VcpuExit`."""
+        reason = self.run()
+        run = self.kvm_run
+        if reason == KVM_EXIT_MMIO:
+            mmio = run.mmio
+            return Mmio(mmio.phys_addr, mmio.len, bool(mmio.is_write), mmio.data)
+        if reason == KVM_EXIT_INTR:
+            return Interrupted()
+        if reason == KVM_EXIT_IO:
+            io = run.io
+            return Io(io.port, io.size, io.direction, io.count, self.io_data())
+        if reason == KVM_EXIT_INTERNAL_ERROR:
+            failure = run.emulation_failure
+            insn = None
+            if failure.suberror == KVM_INTERNAL_ERROR_EMULATION and \
+                    failure.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                insn = bytes(failure.insn_bytes)[:failure.insn_size]
+            return InternalError(failure.suberror, insn)
+        if reason == KVM_EXIT_HLT:
+            return Hlt()
+        if reason == KVM_EXIT_SHUTDOWN:
+            return Shutdown()
+        if reason == KVM_EXIT_FAIL_ENTRY:
+            return FailEntry(run.fail_entry.hardware_entry_failure_reason)
+        return Unhandled(reason)
 
     def kick(self) -> None:
         """Make this vCPU leave KVM_RUN, or not enter it next time (any thread)."""

@@ -12,7 +12,7 @@ from liveupdate.agent_client import AgentClient
 from liveupdate.state import StateDir, check_vm_name, RESTART_MAX_DELAY_S, python_unit
 from luvmm import rpc
 from luvmm.wire import close_fds
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 
 
 class VmError(RuntimeError):

@@ -30,7 +30,8 @@ from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
 from liveupdate.state import StateDir, die_with_init, parse_unit_args, record_imports  # noqa: E402
 from luvmm.wiring import connect  # noqa: E402
-from vmm.vm import Clock, Vm, VmConfig  # noqa: E402
+from vmm.config import VmConfig  # noqa: E402
+from vmm.vm import Clock, Vm  # noqa: E402
 
 IMPORTED = time.time()
 EX_CONFIG = 78  # liveupdate.emu.init.EX_CONFIG (not imported: the restore path does not import init)

@@ -54,13 +54,14 @@ def phases_s(seq: list[tuple[str, float | None]]) -> dict[str, float]:
     return out
 
 
-def update_report(vm, services, marks: dict, saved: dict, after: dict) -> dict:
+def update_report(vm, services, marks: dict, saved, after: dict) -> dict:
     """The report of the update the VM was just restored from.  What the
     machine says of its kernel and its last kexec, and what an observer on
     its bus saw (DMA completions, the heartbeat), come from ``services``;
     where a host has no such service those figures are None: not measured."""
-    saved_phases = saved["phases"]
-    at_pause = saved_phases["mailbox_at_pause"]
+    saved_phases = saved.timestamps.marks
+    at_pause = saved.timestamps.mailbox_at_pause
+    inflight = saved.timestamps.inflight_at_pause
     machine = services.machine
     kexec_marks = machine.last_kexec().get("marks", {}) if machine is not None else {}
     stopped, resumed = saved_phases["stopped"], marks["resumed"]
@@ -75,8 +76,8 @@ def update_report(vm, services, marks: dict, saved: dict, after: dict) -> dict:
         "guest_progressed": after["heartbeat"] > at_pause["heartbeat"] and after["completed"] > at_pause["completed"],
         "dma_errors": after["errors"] - at_pause["errors"],
         "dma_corrupted": after["verify_failures"] - at_pause["verify_failures"],
-        "dma_lost": guest.still_in_flight(vm.view, saved_phases.get("inflight_at_pause", {})),
-        "dma_in_flight_at_pause": len(saved_phases.get("inflight_at_pause", {})),
+        "dma_lost": guest.still_in_flight(vm.view, inflight),
+        "dma_in_flight_at_pause": len(inflight),
         "mailbox_at_pause": at_pause,
         "mailbox_after": after,
         "crash": vm.crash and vars(vm.crash),

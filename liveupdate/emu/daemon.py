@@ -28,7 +28,7 @@ import time
 
 import trio
 
-from luvmm import rpc
+from luvmm import rpc, schema
 from luvmm.abi import IOCTLS
 from luvmm.uapi import load_all
 from luvmm.peer import identify
@@ -310,7 +310,7 @@ class HostDaemon:
 
         with conn:
             try:
-                await rpc.serve_connection(conn, handle, log=log, after=self._after_reply)
+                await rpc.serve_connection(conn, handle, schema=schema.HOST, log=log, after=self._after_reply)
             finally:
                 self.observer.release(conn)
 

@@ -31,7 +31,7 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
     from liveupdate.emu.services import EmulatedUnits
     from liveupdate.emu.hostctl import ensure
     from vmm import manage
-    from vmm.vm import VmConfig
+    from vmm.config import VmConfig
 
     guest = pick_guest(args.guest)
     config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=guest,

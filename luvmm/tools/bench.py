@@ -20,7 +20,7 @@ from liveupdate.update import cycle_line, percentile, percentiles, summarize, up
 from liveupdate.emu.client import connect
 from liveupdate.emu.services import EmulatedUnits
 from vmm import manage
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 
 
 @contextlib.contextmanager

@@ -175,7 +175,7 @@ def run_chaos(*, cycles: int, seed: int | None = None, memory: int = 64 << 20, p
 
     from liveupdate.emu import hostctl
     from liveupdate.state import StateDir
-    from vmm.vm import VmConfig
+    from vmm.config import VmConfig
 
     seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
     path = tempfile.mkdtemp(prefix="luvmm-chaos-")

@@ -26,7 +26,7 @@ from liveupdate.emu.client import connect
 from liveupdate.emu.services import EmulatedUnits
 from vmm import guest, manage
 from liveupdate.update import PHASES
-from vmm.vm import VmConfig
+from vmm.config import VmConfig
 
 DSA_BANDWIDTH = 64 << 20
 #: DMA before the first update and between updates: a baseline to compare the blackouts with.

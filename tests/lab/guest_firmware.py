@@ -44,7 +44,7 @@ def main() -> int:
         from liveupdate.emu.client import connect
         from vmm import manage
         from vmm.kvm import kvm_available
-        from vmm.vm import VmConfig
+        from vmm.config import VmConfig
 
         out["kvm"] = kvm_available()
         state = StateDir(tempfile.mkdtemp(prefix="lab-fw-"))

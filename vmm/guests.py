@@ -1,0 +1,162 @@
+"""What a VM runs -- one contract, two guests:
+
+* :class:`FirmwareGuest`: the guest firmware (vmm/firmware) under KVM, its
+  work loop at CPL 3, one KVM vCPU per vCPU;
+* :class:`SyntheticGuest`: the same DMA workload driven from the host side
+  (vmm/synthetic.py), for machines without a usable /dev/kvm.
+
+A guest boots its vCPUs (``boot``), runs one turn of a vCPU (``step``: False
+when the vCPU stopped for good), saves and restores their state as machine
+state sections (``save``, ``restore``), and -- if it keeps what it knows in
+guest RAM, as the firmware does -- starts again on the same RAM and device
+after its VMM died (``recover``).  The VMM never asks which class a vCPU is.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from luvmm.abi import ffi
+from vmm import guest
+from vmm.kvm import FailEntry, Hlt, InternalError, Interrupted, Io, Kvm, Mmio, Shutdown, Unhandled
+from vmm.machine_state import VcpuState
+from luvmm.uapi.kvm import KVM_CAP_EXIT_ON_EMULATION_FAILURE
+from vmm.x86 import identity_page_tables, page_table_bytes, setup_cpuid, setup_long_mode, user_rflags
+
+
+class Guest:
+    kind = ""
+    #: Whether a VMM started after one died can run it again on the same RAM and device.
+    restartable = False
+
+    def boot(self, vm) -> list:
+        raise NotImplementedError
+
+    def step(self, vm, cpu) -> bool:
+        raise NotImplementedError
+
+    def save(self, vm) -> list[VcpuState]:
+        raise NotImplementedError
+
+    def restore(self, vm, states: list[VcpuState]) -> list:
+        raise NotImplementedError
+
+    def recover(self, vm) -> list:
+        raise OSError(errno.EOPNOTSUPP, f"the {self.kind} guest keeps its state in the VMM: "
+                                        "it cannot be restarted on its RAM")
+
+
+class FirmwareGuest(Guest):
+    kind = "firmware"
+    restartable = True
+
+    def _create_kvm(self, vm) -> list:
+        vm.kvm = Kvm(vm.host)
+        vm.vmfd = vm.kvm.create_vm()
+        if vm.vmfd.check_extension(KVM_CAP_EXIT_ON_EMULATION_FAILURE):
+            # Emulation failures come with the instruction bytes (MOVDIR64B).
+            vm.vmfd.enable_cap(KVM_CAP_EXIT_ON_EMULATION_FAILURE, 1)
+        vm.memory.map_into_kvm(vm.vmfd)
+        vcpus = [vm.vmfd.create_vcpu(i) for i in range(vm.config.vcpus)]
+        for vcpu in vcpus:
+            setup_cpuid(vcpu)  # before any KVM_SET_SREGS: standard KVM checks long mode against it
+        return vcpus
+
+    def boot(self, vm) -> list:
+        """vCPUs at the firmware's entry: long mode, CPL 3, identity-mapped low 4 GiB."""
+        vcpus = self._create_kvm(vm)
+        # The firmware touches only low RAM (its DMA area is below 3 GiB) and
+        # the MMIO hole: map [0, 4 GiB), which leaves the tables below the
+        # mailbox whatever the RAM size.  RAM above 4 GiB is the device's
+        # (through the IOMMU, IOVA = GPA), not the firmware's.
+        top = guest.MMIO_END
+        assert guest.PAGE_TABLES_GPA + page_table_bytes(top) <= guest.MAILBOX_GPA
+        cr3 = identity_page_tables(vm.view, guest.PAGE_TABLES_GPA, top,
+                                   uncached=((guest.MMIO_START, guest.MMIO_END),))
+        for vcpu in vcpus:
+            sregs = vcpu.get_sregs()
+            setup_long_mode(sregs, cr3, cpl=3)
+            vcpu.set_sregs(sregs)
+            regs = vcpu.get_regs()
+            regs.rip, regs.rflags = guest.FIRMWARE_GPA, user_rflags()
+            regs.rsp = guest.STACK_TOP - 0x10000 * vcpu.id - 8
+            regs.rdi = vcpu.id
+            vcpu.set_regs(regs)
+        return vcpus
+
+    def step(self, vm, cpu) -> bool:
+        try:
+            exit = cpu.run_exit()
+        except OSError as e:
+            return vm.crashed(cpu, f"KVM_RUN failed: {e}")
+        if isinstance(exit, Mmio):
+            vm.device.mmio(cpu.id, exit.addr, exit.length, exit.is_write, exit.data)
+            return True
+        if isinstance(exit, (Interrupted, Io)):
+            return True  # a kick; or port I/O, which no device here answers (writes ignored)
+        if isinstance(exit, InternalError) and exit.insn and vm.device.movdir64b(cpu, exit.insn, vm.view):
+            return True
+        reason = {Hlt: "KVM_EXIT_HLT", Shutdown: "KVM_EXIT_SHUTDOWN", FailEntry: "KVM_EXIT_FAIL_ENTRY",
+                  InternalError: "KVM_EXIT_INTERNAL_ERROR"}.get(type(exit))
+        if reason is None:
+            reason = f"unexpected exit {exit.name if isinstance(exit, Unhandled) else exit}"
+        return vm.crashed(cpu, reason)
+
+    def save(self, vm) -> list[VcpuState]:
+        return [VcpuState(v.id, bytes(ffi.buffer(v.get_regs())), bytes(ffi.buffer(v.get_sregs())))
+                for v in vm.vcpus]
+
+    def restore(self, vm, states: list[VcpuState]) -> list:
+        vcpus = self._create_kvm(vm)
+        for vcpu, saved in zip(vcpus, states):
+            sregs = ffi.new("struct kvm_sregs *")
+            ffi.memmove(sregs, saved.sregs, ffi.sizeof(sregs[0]))
+            vcpu.set_sregs(sregs)
+            regs = ffi.new("struct kvm_regs *")
+            ffi.memmove(regs, saved.regs, ffi.sizeof(regs[0]))
+            vcpu.set_regs(regs)
+        return vcpus
+
+    def recover(self, vm) -> list:
+        """The vCPUs' registers died with the VMM: vCPU 0 enters the firmware
+        at _start again with init_device = 0, and the firmware recovers from
+        what it keeps in guest RAM (vmm/firmware/fw.c)."""
+        vm.mailbox["init_device"] = 0
+        return self.boot(vm)
+
+    def rip(self, cpu) -> int:
+        try:
+            return cpu.get_regs().rip
+        except OSError:
+            return 0
+
+
+class SyntheticGuest(Guest):
+    kind = "synthetic"
+
+    def boot(self, vm) -> list:
+        from vmm.synthetic import SyntheticCpu  # only for synthetic guests
+
+        return [SyntheticCpu(vm)]
+
+    def step(self, vm, cpu) -> bool:
+        try:
+            cpu.step()
+        except OSError as e:
+            return vm.crashed(cpu, f"device access failed: {e}")
+        return True
+
+    def save(self, vm) -> list[VcpuState]:
+        return [VcpuState(cpu.id, synthetic=cpu.save()) for cpu in vm.vcpus]
+
+    def restore(self, vm, states: list[VcpuState]) -> list:
+        (cpu,) = self.boot(vm)
+        cpu.restore(states[0].synthetic)
+        return [cpu]
+
+    def rip(self, cpu) -> int:
+        return 0
+
+
+def guest_for(kind: str) -> Guest:
+    return {"firmware": FirmwareGuest, "synthetic": SyntheticGuest}[kind]()

@@ -1,0 +1,49 @@
+"""Guest RAM: one memfd sealed against growing and shrinking, mapped into the
+VMM, into KVM's memslots at GPA and into an IOAS at IOVA = GPA (the device
+DMAs into the same pages the vCPUs use).  The memfd is what LUO preserves."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+
+from luvmm.abi import ffi
+from vmm import guest
+
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    return fd
+
+
+class GuestMemory:
+    """The RAM memfd and its mapping in this process."""
+
+    def __init__(self, memfd: int, size: int):
+        self.memfd, self.size = memfd, size
+        self.ram = mmap.mmap(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        #: The guest's memory, GPA-indexed (below 4 GiB; RAM above is remapped, see guest.ram_ranges).
+        self.view = memoryview(self.ram)
+        self.addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.ram)))
+
+    @classmethod
+    def create(cls, name: str, size: int) -> GuestMemory:
+        return cls(sealed_memfd(f"luvmm-{name}-ram", size), size)
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        """(GPA, offset in the memfd, length) of each RAM range."""
+        return guest.ram_ranges(self.size)
+
+    def map_into_kvm(self, vmfd) -> None:
+        for slot, (gpa, off, length) in enumerate(self.ranges()):
+            vmfd.set_user_memory_region(slot, gpa, length, self.addr + off)
+
+    def map_into_ioas(self, iommufd, ioas: int) -> None:
+        """IOMMU_IOAS_MAP_FILE of each range at IOVA = GPA: the device sees what the guest sees."""
+        for gpa, off, length in self.ranges():
+            iommufd.ioas_map_file(ioas, self.memfd, off, length, iova=gpa)
