@@ -110,7 +110,7 @@ def die_with_init() -> None:
 
 def record_imports(point: str) -> None:
     """With ``LUVMM_RECORD_IMPORTS=DIR``: write the modules this process has
-    imported by now to DIR/POINT.PID -- how tests/test_restore_path.py pins
+    imported by now to DIR/POINT.PID -- how tests/e2e/test_restore_path.py pins
     what the restore path imports before the guest runs again (each module
     is milliseconds of blackout)."""
     where = os.environ.get("LUVMM_RECORD_IMPORTS")

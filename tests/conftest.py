@@ -12,7 +12,7 @@ def kvm_ok():
 
 @pytest.fixture
 def rig():
-    from tests.dsa_rig import make_rig
+    from tests.support.dsa_rig import make_rig
 
     r = make_rig()
     yield r
@@ -81,7 +81,7 @@ def cli():
     is its TMPDIR and holds its default state dir.  Afterwards: no output was
     a traceback, and nothing is left -- no process, socket, state or temp dir
     -- that the test did not keep on purpose."""
-    from tests.cli import Cli
+    from tests.support.cli import Cli
 
     c = Cli()
     try:

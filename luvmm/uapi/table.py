@@ -1,5 +1,5 @@
 """`luvmm uapi`: the ioctl numbers and struct sizes luvmm uses, for comparison
-with a kernel's headers (tests/uapi/uapi_ref.c prints the same keys from C)."""
+with a kernel's headers (tests/unit/uapi/uapi_ref.c prints the same keys from C)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import time
 import traceback
 
 from luvmm.lab import guest
-from tests.helpers import units
+from tests.support.helpers import units
 
 
 def advance(state, name: str, before: dict, timeout: float) -> tuple[dict, float]:

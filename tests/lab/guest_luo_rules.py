@@ -1,5 +1,5 @@
 """Runs inside the lab guest: the emulated kernel's LUO rules, checked against
-the real one.  tests/test_luo_selftests.py (the Python ports of the upstream
+the real one.  tests/emulated/test_luo_selftests.py (the Python ports of the upstream
 selftests and the other LUO rules of DESIGN.md) runs against the emulated
 host; here its tests that need no kexec run unchanged against the lab
 kernel, through ``RealHost``.  (The kexec ones are what
@@ -21,7 +21,7 @@ import pytest
 
 from luvmm.host import RealHost
 from luvmm.lab import guest
-from tests import test_luo_selftests as ports
+from tests.emulated import test_luo_selftests as ports
 
 
 def _fds() -> set[int]:

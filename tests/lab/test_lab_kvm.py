@@ -1,5 +1,5 @@
 """KVM on a standard KVM: inside the lab the guest's own /dev/kvm is nested
-KVM (SVM emulated by QEMU), not this machine's KVM-PVM.  tests/test_kvm.py
+KVM (SVM emulated by QEMU), not this machine's KVM-PVM.  tests/unit/test_kvm.py
 passes there (under pytest, recorded as JUnit XML), and the firmware guest
 runs there: an emulated host in the lab guest, a VM whose firmware drives its
 DSA under that KVM; its heartbeat and DMA advance, and again after a live
@@ -29,9 +29,9 @@ def outcomes(lab_devices):
 
 def test_test_kvm_passes_on_standard_kvm(outcomes):
     found, out = outcomes
-    kvm = {k: v for k, v in found.items() if k.startswith("tests.test_kvm.")}
-    assert set(kvm) == {"tests.test_kvm.test_long_mode_cpl3_io_mmio_regs_and_kick",
-                        "tests.test_kvm.test_kvm_errors_carry_errno"}, out[-3000:]
+    kvm = {k: v for k, v in found.items() if k.startswith("tests.unit.test_kvm.")}
+    assert set(kvm) == {"tests.unit.test_kvm.test_long_mode_cpl3_io_mmio_regs_and_kick",
+                        "tests.unit.test_kvm.test_kvm_errors_carry_errno"}, out[-3000:]
     assert all(v == "passed" for v in kvm.values()), kvm
 
 

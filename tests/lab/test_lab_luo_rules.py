@@ -1,5 +1,5 @@
 """The emulated kernel's LUO rules hold on the real one: the tests of
-tests/test_luo_selftests.py that need no kexec, run unchanged in the lab
+tests/emulated/test_luo_selftests.py that need no kexec, run unchanged in the lab
 against the lab kernel through RealHost (guest side:
 tests/lab/guest_luo_rules.py, in the lab_devices boot)."""
 

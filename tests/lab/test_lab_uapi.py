@@ -11,7 +11,7 @@ import pytest
 
 from luvmm.uapi.table import provisional, uapi_values
 
-REF = Path(__file__).parent.parent / "uapi" / "uapi_ref.c"
+REF = Path(__file__).parent.parent / "unit" / "uapi" / "uapi_ref.c"
 
 
 def test_luvmm_uapi_is_the_lab_kernels(lab_kernel, tmp_path):

@@ -1,0 +1,89 @@
+"""The LUO agent coordinating an update of several VMMs across a kexec."""
+
+import errno
+import os
+import sys
+
+import pytest
+
+from liveupdate.emu import hostctl
+from liveupdate.agent_client import AgentError, wait_for_agent
+from liveupdate.update import update_once
+from tests.support.agent import add_fake_vm, registered
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def agent_host():
+    import shutil
+    import tempfile
+
+    from liveupdate.state import StateDir
+
+    state = StateDir(tempfile.mkdtemp(prefix="luvmm-agent-"))
+    state.ensure()
+    yield state
+    hostctl.stop(state)
+    shutil.rmtree(state.path, ignore_errors=True)
+
+
+def test_update_two_vms_twice(agent_host):
+    state = agent_host
+    add_fake_vm(state, "a")
+    add_fake_vm(state, "b")
+    hostctl.start(state)
+    for cycle in range(2):
+        registered(state, ["a", "b"])
+        result = update_once(state, timeout=60)
+        assert result["phase"] == "done" and sorted(result["vms"]) == ["a", "b"]
+        for name in ("a", "b"):
+            assert result["reports"][name]["data_ok"] and result["reports"][name]["boot"] == "kexec"
+
+
+def test_a_failed_prepare_rolls_back(agent_host):
+    state = agent_host
+    add_fake_vm(state, "good")
+    add_fake_vm(state, "bad", FAKE_VM_FAIL_PREPARE="1")
+    hostctl.start(state)
+    registered(state, ["good", "bad"])
+    client, hello = wait_for_agent(state)
+    with pytest.raises(AgentError) as e:
+        client.call({"op": "update", "timeout": 30})
+    assert "rolled back" in str(e.value) and e.value.errno == errno.EIO
+    assert os.path.exists(os.path.join(state.path, "good.cancelled"))  # the prepared VM resumed
+    assert client.hello()["pid"] == hello["pid"]  # no kexec happened
+    client.close()
+
+
+def test_an_update_left_restoring_blocks_no_later_update(agent_host):
+    """An update record left "restoring" (its VMs never all reported: one
+    registered without a report, one never came back) is finished -- failed
+    -- by the next update rather than blocking it."""
+    import json
+    import time
+
+    from liveupdate.agent import RESTORE_DEADLINE_S
+
+    state = agent_host
+    add_fake_vm(state, "x")
+    state.write_unit("vm-y", [sys.executable, "-c", "raise SystemExit(78)"])  # never runs a VMM
+    os.makedirs(os.path.join(state.path, "agent"), exist_ok=True)
+    with open(os.path.join(state.path, "agent", "update.json"), "w") as f:
+        json.dump({"id": "old", "vms": ["x", "y"], "phase": "restoring", "reports": {},
+                   "kexec_started": time.time() - RESTORE_DEADLINE_S - 1}, f)
+    hostctl.start(state)
+    registered(state, ["x"])
+    client, _ = wait_for_agent(state)
+    try:
+        old = client.call({"op": "status"})[0]["update"]
+        assert old["reports"]["x"]["error"] == "x: not restored (its VMM started the VM anew)"
+        with pytest.raises(AgentError) as e:  # y does not run: it cannot be prepared, but nothing is blocked
+            client.call({"op": "update", "timeout": 2})
+        assert e.value.errno == errno.ETIMEDOUT and "not registered with the agent: y" in str(e.value)
+        old = client.call({"op": "status"})[0]["update"]
+        assert old["id"] == "old" and old["phase"] == "failed" and "never restored it" in old["reports"]["y"]["error"]
+        state.remove_unit("vm-y")
+        assert update_once(state, timeout=30)["phase"] == "done"
+    finally:
+        client.close()
