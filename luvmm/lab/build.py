@@ -280,7 +280,7 @@ def configure(source: Source, build: str, fragments: list[tuple[str, str]], log,
         wanted.update(parse_fragment(text))
     bad = config_mismatches(open(config).read(), wanted)
     if bad:
-        raise LabError(f"the config fragments do not hold in the final .config (missing dependencies?): "
+        raise LabError("the config fragments do not hold in the final .config (missing dependencies?): "
                        + "; ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else ""))
 
 

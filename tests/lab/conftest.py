@@ -96,6 +96,14 @@ def lab_devices(lab_kernel, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dev(lab_devices):
+    """What the lab_devices boot recorded (devices.json), with its exit status and output."""
+    data = lab_devices.json("devices.json")
+    data["_rc"], data["_out"] = lab_devices.text("devices.rc").strip(), lab_devices.text("devices.out")
+    return data
+
+
+@pytest.fixture(scope="session")
 def lab_memfd(lab_kernel, tmp_path_factory):
     """Two boots: a memfd preserved across a real kexec through luvmm's handles."""
     shared = tmp_path_factory.mktemp("lab-memfd")

@@ -6,32 +6,18 @@ The guest side is tests/lab/guest_devices.py (one boot for this module)."""
 
 import errno
 
-import pytest
-
+from luvmm.uapi.iommufd import IOMMU_HW_INFO_TYPE_INTEL_VTD
+from luvmm.uapi.vfio import (
+    VFIO_DEVICE_FLAGS_PCI,
+    VFIO_DEVICE_FLAGS_RESET,
+    VFIO_IRQ_INFO_AUTOMASKED,
+    VFIO_IRQ_INFO_EVENTFD,
+    VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+)
 from tests.lab import edu as E
 from tests.lab.guest_devices import IOVA, RAM
-
-# include/uapi/linux/vfio.h, iommufd.h
-VFIO_DEVICE_FLAGS_RESET = 1 << 0
-VFIO_DEVICE_FLAGS_PCI = 1 << 1
-VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE = 1 << 0, 1 << 1
-VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_AUTOMASKED = 1 << 0, 1 << 1, 1 << 2
-IOMMU_HW_INFO_TYPE_INTEL_VTD = 1
-
-
-@pytest.fixture(scope="module")
-def dev(lab_devices):
-    rc = lab_devices.text("devices.rc").strip()
-    data = lab_devices.json("devices.json")
-    data["_rc"], data["_out"] = rc, lab_devices.text("devices.out")
-    return data
-
-
-def part(dev, name):
-    value = dev.get(name)
-    assert value is not None, f"the guest did not reach {name}: {dev['_out'][-2000:]}"
-    assert "exception" not in value, f"{name} failed in the guest:\n{value['traceback']}"
-    return value
+from tests.lab.parts import part
 
 
 def test_the_guest_ran_the_lab_kernel_with_an_edu_bound_to_vfio_pci(lab_devices, lab_kernel, dev):
