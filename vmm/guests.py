@@ -50,7 +50,7 @@ class FirmwareGuest(Guest):
     kind = "firmware"
     restartable = True
 
-    def _create_kvm(self, vm) -> list:
+    def _create_kvm(self, vm, states: list[VcpuState] = ()) -> list:
         vm.kvm = Kvm(vm.host)
         vm.vmfd = vm.kvm.create_vm()
         if vm.vmfd.check_extension(KVM_CAP_EXIT_ON_EMULATION_FAILURE):
@@ -58,8 +58,13 @@ class FirmwareGuest(Guest):
             vm.vmfd.enable_cap(KVM_CAP_EXIT_ON_EMULATION_FAILURE, 1)
         vm.memory.map_into_kvm(vm.vmfd)
         vcpus = [vm.vmfd.create_vcpu(i) for i in range(vm.config.vcpus)]
+        saved = {state.id: state.cpuid for state in states if state.cpuid}
         for vcpu in vcpus:
-            setup_cpuid(vcpu)  # before any KVM_SET_SREGS: standard KVM checks long mode against it
+            # Before any KVM_SET_SREGS: standard KVM checks long mode against it.
+            if vcpu.id in saved:
+                vcpu.set_cpuid2(bytearray(saved[vcpu.id]))  # the CPU the guest booted on
+            else:
+                setup_cpuid(vcpu)
         return vcpus
 
     def boot(self, vm) -> list:
@@ -103,11 +108,11 @@ class FirmwareGuest(Guest):
         return vm.crashed(cpu, reason)
 
     def save(self, vm) -> list[VcpuState]:
-        return [VcpuState(v.id, bytes(ffi.buffer(v.get_regs())), bytes(ffi.buffer(v.get_sregs())))
+        return [VcpuState(v.id, bytes(ffi.buffer(v.get_regs())), bytes(ffi.buffer(v.get_sregs())), cpuid=v.cpuid)
                 for v in vm.vcpus]
 
     def restore(self, vm, states: list[VcpuState]) -> list:
-        vcpus = self._create_kvm(vm)
+        vcpus = self._create_kvm(vm, states)
         for vcpu, saved in zip(vcpus, states):
             sregs = ffi.new("struct kvm_sregs *")
             ffi.memmove(sregs, saved.sregs, ffi.sizeof(sregs[0]))

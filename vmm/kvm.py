@@ -245,6 +245,9 @@ class Vcpu(KernelObject):
         # thread id that has already gone away.
         self._thread_lock = _thread.allocate_lock()
         self._thread_id: int | None = None
+        #: The ``struct kvm_cpuid2`` bytes last given to KVM_SET_CPUID2 (the
+        #: kernel has KVM_GET_CPUID2 too; keeping them spares a syscall).
+        self.cpuid = b""
 
     def run(self) -> int:
         """KVM_RUN once; returns ``kvm_run.exit_reason``.
@@ -305,6 +308,7 @@ class Vcpu(KernelObject):
         The guest's CPUID is what KVM checks EFER, CR4 and CR3 against: without
         one, standard KVM refuses long mode (KVM_SET_SREGS: EINVAL)."""
         self.host.ioctl(self.fd, KVM_SET_CPUID2, cpuid)
+        self.cpuid = bytes(cpuid)
 
     def get_regs(self):
         regs = ffi.new("struct kvm_regs *")

@@ -73,17 +73,24 @@ def _field(d: dict, name: str, kind, section: str):
 
 class VcpuState:
     """One vCPU: its ``kvm_regs`` and ``kvm_sregs`` as the kernel laid them
-    out, or (the synthetic guest) its own registers."""
+    out and the CPUID it was given (a ``struct kvm_cpuid2`` with its
+    entries: the guest goes on seeing the CPU it booted on, whatever the new
+    kernel's KVM would offer; optional -- a blob without it restores with the
+    CPUID KVM supports), or (the synthetic guest) its own registers."""
 
-    __slots__ = ("id", "regs", "sregs", "synthetic")
+    __slots__ = ("id", "regs", "sregs", "cpuid", "synthetic")
 
-    def __init__(self, id: int, regs: bytes = b"", sregs: bytes = b"", synthetic: dict | None = None):
-        self.id, self.regs, self.sregs, self.synthetic = id, regs, sregs, synthetic
+    def __init__(self, id: int, regs: bytes = b"", sregs: bytes = b"", synthetic: dict | None = None,
+                 cpuid: bytes = b""):
+        self.id, self.regs, self.sregs, self.synthetic, self.cpuid = id, regs, sregs, synthetic, cpuid
 
     def to_dict(self) -> dict:
         if self.synthetic is not None:
             return {"id": self.id, "synthetic": self.synthetic}
-        return {"id": self.id, "regs": self.regs.hex(), "sregs": self.sregs.hex()}
+        d = {"id": self.id, "regs": self.regs.hex(), "sregs": self.sregs.hex()}
+        if self.cpuid:
+            d["cpuid"] = self.cpuid.hex()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> VcpuState:
@@ -92,7 +99,8 @@ class VcpuState:
             return cls(vid, synthetic=_field(d, "synthetic", dict, "vcpus"))
         try:
             return cls(vid, bytes.fromhex(_field(d, "regs", str, "vcpus")),
-                       bytes.fromhex(_field(d, "sregs", str, "vcpus")))
+                       bytes.fromhex(_field(d, "sregs", str, "vcpus")),
+                       cpuid=bytes.fromhex(_field(d, "cpuid", str, "vcpus")) if "cpuid" in d else b"")
         except ValueError:
             raise StateError("machine state section vcpus: registers are not hex") from None
 

@@ -22,6 +22,7 @@ import time
 PROCESS_START = time.time()  # first thing: the restore path measures from here
 
 import errno  # noqa: E402
+import gc  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vmm[{name}]: cannot start the VM: {e}", file=sys.stderr)
             return EX_CONFIG  # init does not restart a VM that cannot start
         clock.mark("booted")
+    gc.enable()  # off since the unit started (liveupdate.state.python_unit)
     # Only now the slow parts: logging, trio and the control plane.  The
     # vCPU threads need the GIL for every MMIO exit (8 per portal write):
     # hand it over within 0.5 ms, not the default 5, or the imports below

@@ -6,6 +6,7 @@ imported (Agent.fast_restore), then everything."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket))
     agent = Agent(host, state, services.units, boot=os.environ.get("LUVMM_BOOT", "cold"))
     listener, early = agent.fast_restore()
+    gc.enable()  # off since the unit started (liveupdate.state.python_unit)
     import logging as _logging
 
     _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -70,3 +70,14 @@ def test_a_version_1_blob_is_read_into_the_sections():
     assert state.vcpus[0].sregs == b"\x11" * 312 and state.device.hwpt == 3 and state.device.msix_armed
     assert state.timestamps.marks == {"stopped": 2.0} and state.timestamps.mailbox_at_pause == {"heartbeat": 5}
     assert state.timestamps.inflight_at_pause == {"1": 9} and state.guest.portal_buffers()[0][1] == 255
+
+
+def test_a_vcpus_cpuid_is_kept_and_a_blob_without_one_still_restores():
+    """The guest goes on seeing the CPU it booted on (the CPUID it was given,
+    not what the new kernel's KVM supports); a version-2 blob written before
+    the field existed decodes with none, and the restore asks KVM."""
+    state = _state()
+    cpuid = bytes(range(256)) * 3
+    state.vcpus[0].cpuid = cpuid
+    assert machine_state.decode(machine_state.encode(state)).vcpus[0].cpuid == cpuid
+    assert machine_state.decode(machine_state.encode(_state())).vcpus[0].cpuid == b""
