@@ -10,7 +10,9 @@ from luvmm.cli.common import (
     CliError,
     Parser,
     bandwidth_arg,
+    check_json_file,
     count_list,
+    emit,
     guest_arg,
     guest_memories,
     guest_memory,
@@ -18,7 +20,6 @@ from luvmm.cli.common import (
     memory_args,
     pick_guest,
     positive_int,
-    print_json,
     profile_arg,
     progress,
     byte_size,
@@ -26,15 +27,17 @@ from luvmm.cli.common import (
 
 
 def _cmd_bench_dsa(args: argparse.Namespace) -> int:
+    check_json_file(args.json)
     from devices.emu.dsa_bench import format_table, run
 
     result = run(total_bytes=args.bytes, batches=args.batches)
-    print_json(result) if args.json else print(format_table(result))
+    emit(result, args.json, lambda: format_table(result))
     return exitcodes.OK
 
 
 
 def _cmd_bench_blackout(args: argparse.Namespace) -> int:
+    check_json_file(args.json)
     from luvmm.tools.bench import run_blackout
 
     summary = run_blackout(memory=args.memory, cycles=args.cycles, vms=args.vms, guest=args.guest,
@@ -44,11 +47,12 @@ def _cmd_bench_blackout(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    check_json_file(args.json)
     from luvmm.tools.bench import format_soak, run_soak
 
     result = run_soak(cycles=args.cycles, memory=args.memory, guest=pick_guest(args.guest),
                       dsa_bandwidth=args.dsa_bandwidth, overcommit=args.overcommit, progress=progress())
-    print_json(result) if args.json else print(format_soak(result))
+    emit(result, args.json, lambda: format_soak(result))
     if result["failed_updates"]:
         return exitcodes.FAILED
     damaged = result["fds_leaked"] or any(result[k] for k in ("dma_errors", "dma_lost", "dma_corrupted"))
@@ -56,22 +60,24 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_chaos(args: argparse.Namespace) -> int:
+    check_json_file(args.json)
     from luvmm.tools.chaos import damaged, format_chaos, run_chaos
 
     if pick_guest("auto") != "firmware":
         raise CliError("the chaos benchmark needs the firmware guest (a usable /dev/kvm): a synthetic guest's VMM "
                        "cannot be restarted on its VM")
     result = run_chaos(cycles=args.cycles, seed=args.seed, memory=args.memory, progress=progress())
-    print_json(result) if args.json else print(format_chaos(result))
+    emit(result, args.json, lambda: format_chaos(result))
     return exitcodes.DAMAGED if damaged(result) else exitcodes.OK
 
 
 def _cmd_bench_scale(args: argparse.Namespace) -> int:
+    check_json_file(args.json)
     from luvmm.tools.bench import format_scale, run_scale
 
     result = run_scale(memories=args.memory, vm_counts=args.vms, cycles=args.cycles, guest=args.guest,
                        dsa_bandwidth=args.dsa_bandwidth, overcommit=args.overcommit, progress=progress())
-    print_json(result) if args.json else print(format_scale(result))
+    emit(result, args.json, lambda: format_scale(result))
     return exitcodes.OK
 
 
@@ -85,7 +91,7 @@ def add_parser(sub) -> None:
         description="MEMMOVE of 4 KiB, 64 KiB and 1 MiB through the full path (portal submit -> IOMMU "
                     "translate -> copy -> completion record), against memcpy of the same sizes in the same "
                     "run; and 64-byte MEMMOVEs per second submitted in batches of 1024.")
-    json_arg(dsa, "memmove_gbps, memcpy_gbps, ratio, descriptors_per_s")
+    json_arg(dsa, "memmove_gbps, memcpy_gbps, ratio, descriptors_per_s", to_file=True)
     dsa.add_argument("--bytes", type=byte_size, default=256 << 20, metavar="SIZE",
                      help="bytes copied per size (default 256M)")
     dsa.add_argument("--batches", type=positive_int, default=32, help="batches of 1024 for descriptors/s (default 32)")
@@ -100,7 +106,7 @@ def add_parser(sub) -> None:
     guest_arg(blackout, auto=False)
     profile_arg(blackout)
     bandwidth_arg(blackout)
-    json_arg(blackout, "the `luvmm update --json` document")
+    json_arg(blackout, "the `luvmm update --json` document", to_file=True)
     blackout.set_defaults(func=_cmd_bench_blackout)
     scale = bench_sub.add_parser(
         "scale", help="blackout against guest RAM and against the number of VMs per kexec",
@@ -114,7 +120,7 @@ def add_parser(sub) -> None:
     scale.add_argument("--cycles", type=positive_int, default=10, help="updates per point (default 10)")
     guest_arg(scale, auto=False)
     bandwidth_arg(scale)
-    json_arg(scale, "{memory: {bytes: blackout}, vms: {n: blackout}}")
+    json_arg(scale, "{memory: {bytes: blackout}, vms: {n: blackout}}", to_file=True)
     scale.set_defaults(func=_cmd_bench_scale)
     soak = bench_sub.add_parser(
         "soak", help="N live updates in a row: DMA damage, fd leaks, memory growth",
@@ -126,7 +132,7 @@ def add_parser(sub) -> None:
     memory_args(soak)
     guest_arg(soak)
     bandwidth_arg(soak)
-    json_arg(soak, "{cycles, dma_errors, dma_lost, dma_corrupted, fds_leaked, rss_growth_bytes, blackout_s, ...}")
+    json_arg(soak, "{cycles, dma_errors, dma_lost, dma_corrupted, fds_leaked, rss_growth_bytes, blackout_s, ...}", to_file=True)
     soak.set_defaults(func=_cmd_bench_soak)
     chaos = bench_sub.add_parser(
         "chaos", help="live updates of two VMs with random kills, stalls and a full disk",
@@ -139,5 +145,5 @@ def add_parser(sub) -> None:
     chaos.add_argument("--seed", type=int, help="the random seed (default: a new one, printed)")
     chaos.add_argument("--memory", type=guest_memory, default=64 << 20, metavar="SIZE",
                        help="each VM's RAM (default 64M)")
-    json_arg(chaos, "{cycles, seed, actions, updates_ok, updates_failed, vms_lost, stuck_updates, dma_*, ...}")
+    json_arg(chaos, "{cycles, seed, actions, updates_ok, updates_failed, vms_lost, stuck_updates, dma_*, ...}", to_file=True)
     chaos.set_defaults(func=_cmd_bench_chaos)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from luvmm import exitcodes
@@ -142,8 +144,50 @@ def state_dir_arg(p: argparse.ArgumentParser) -> None:
                         "else /tmp/luvmm-UID)")
 
 
-def json_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--json", action="store_true", help=f"print {what} as one JSON document on stdout instead of text")
+def json_arg(p: argparse.ArgumentParser, what: str, to_file: bool = False) -> None:
+    """``--json``: the result as one JSON document on stdout instead of text.
+    With ``to_file`` (the long runs: benchmarks, updates) ``--json FILE``
+    writes it to FILE instead, and the text is printed as without --json."""
+    if not to_file:
+        p.add_argument("--json", action="store_true",
+                       help=f"print {what} as one JSON document on stdout instead of text")
+        return
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help=f"print {what} as one JSON document on stdout instead of text; "
+                        "with FILE, write it there (and print the text)")
+
+
+def check_json_file(dest) -> None:
+    """Refuse a ``--json FILE`` that cannot be written before a long run, not after it."""
+    if dest in (None, False, True, "-"):
+        return
+    parent = os.path.dirname(os.path.abspath(dest))
+    if os.path.isdir(dest):
+        raise CliError(f"--json {dest}: is a directory", exitcodes.USAGE)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise CliError(f"--json {dest}: cannot write in {parent}", exitcodes.USAGE)
+
+
+def emit(result, dest, text) -> None:
+    """Print ``result`` as ``--json`` asks (``dest``: None, ``"-"`` or a file),
+    or ``text()`` -- both, when the JSON goes to a file."""
+    if dest in (True, "-"):
+        print_json(result)
+        return
+    if dest:
+        tmp = f"{dest}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, dest)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise CliError(f"--json {dest}: {e.strerror}") from None
+    body = text()
+    if body:
+        print(body)
 
 
 def memory_args(p: argparse.ArgumentParser, what: str = "guest RAM") -> None:
@@ -238,17 +282,14 @@ def pick_guest(choice: str) -> str:
     return "firmware" if ok else "synthetic"
 
 
-def report_updates(summary: dict, as_json: bool, interrupted: str | None = None) -> int:
+def report_updates(summary: dict, as_json, interrupted: str | None = None) -> int:
     """Print a run of live updates (table or JSON) and return its exit status."""
     from liveupdate.update import format_cycles, outcome
 
     status, why = outcome(summary)
     if interrupted:
         summary["interrupted"] = interrupted
-    if as_json:
-        print_json(summary)
-    elif summary["cycles"]:
-        print(format_cycles(summary))
+    emit(summary, as_json, lambda: format_cycles(summary) if summary["cycles"] else "")
     if interrupted:
         say(interrupted)
         return exitcodes.INTERRUPTED

@@ -8,9 +8,10 @@ from luvmm import exitcodes
 from luvmm.cli.common import (
     report_updates,
     CliError,
+    check_json_file,
+    emit,
     json_arg,
     positive_int,
-    print_json,
     progress,
     running_host,
     positive_seconds,
@@ -22,6 +23,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
     from liveupdate.agent_client import AgentError
     from liveupdate.update import cycle_line, summarize, update_once
 
+    check_json_file(args.json)
     state = running_host(args)
     if args.abandon:
         return _abandon(state, args.json)
@@ -46,7 +48,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
     return report_updates(summary, args.json, interrupted)
 
 
-def _abandon(state, as_json: bool) -> int:
+def _abandon(state, as_json) -> int:
     """`luvmm update --abandon`: fail the update under way that will not end by itself."""
     from liveupdate.agent_client import wait_for_agent
 
@@ -55,14 +57,15 @@ def _abandon(state, as_json: bool) -> int:
         update = client.call({"op": "abandon"})[0]
     finally:
         client.close()
-    if as_json:
-        print_json(update)
-    elif update is None:
-        print("no update was ever made on this host")
-    else:
-        errors = [r["error"] for r in update.get("reports", {}).values() if r.get("error")]
-        print(f"update {update['id']}: {update['phase']}" + (f" ({'; '.join(errors)})" if errors else ""))
+    emit(update, as_json, lambda: _format_abandoned(update))
     return exitcodes.OK
+
+
+def _format_abandoned(update) -> str:
+    if update is None:
+        return "no update was ever made on this host"
+    errors = [r["error"] for r in update.get("reports", {}).values() if r.get("error")]
+    return f"update {update['id']}: {update['phase']}" + (f" ({'; '.join(errors)})" if errors else "")
 
 
 def add_parser(sub) -> None:
@@ -77,5 +80,5 @@ def add_parser(sub) -> None:
     update.add_argument("--abandon", action="store_true",
                         help="fail the update under way instead (one whose restored VMs never all reported): "
                              "the VMs are left as they are, the next update can start")
-    json_arg(update, '{"cycles": [...], "blackout_s": {"p50", "p99", "max"}, ...}')
+    json_arg(update, '{"cycles": [...], "blackout_s": {"p50", "p99", "max"}, ...}', to_file=True)
     update.set_defaults(func=_cmd_update)

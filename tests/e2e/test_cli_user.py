@@ -453,6 +453,24 @@ def test_json_means_the_same_everywhere(cli):
     cli("host", "stop")
 
 
+def test_json_file_of_a_long_run_gets_the_document_and_stdout_the_text(cli):
+    """`update` and the benchmarks take --json FILE: the document goes there,
+    the text to stdout; a FILE that cannot be written is refused before the run."""
+    cli("vm", "start", "a", *SMALL)
+    out = os.path.join(cli.root, "update.json")
+    cli.keep(out)
+    proc = cli("update", "--json", out)
+    assert "blackout p50" in proc.stdout, proc.stdout
+    assert json.load(open(out))["cycles"][0]["vm"] == "a"
+    for dest, why in ((cli.root, "is a directory"), (os.path.join(cli.root, "no", "x.json"), "cannot write in")):
+        proc = cli("update", "--json", dest, status=2)
+        assert proc.stderr.strip() == f"luvmm update: --json {dest}: {why}" + (
+            f" {os.path.dirname(dest)}" if why == "cannot write in" else "")
+    assert json.loads(cli("host", "status", "--json").stdout)["kexec_count"] == 1  # the refusals changed nothing
+    cli("vm", "stop", "a")
+    cli("host", "stop")
+
+
 def test_long_work_shows_progress_on_a_terminal_only(cli):
     cli("vm", "start", "a", *SMALL)
     run = cli.spawn_on_pty("update", "--cycles", "2")
