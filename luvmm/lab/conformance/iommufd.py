@@ -1,0 +1,3 @@
+"""iommufd (drivers/iommu/iommufd): conformance cases (luvmm.lab.conformance)."""
+
+from __future__ import annotations
