@@ -11,6 +11,7 @@ The iommufd-era flow, as the kernel's VFIO selftests use it::
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -36,9 +37,19 @@ VFIO_CDEV_DIR = "/dev/vfio/devices"
 PCI_DEVICES_DIR = "/sys/bus/pci/devices"
 
 
+def is_bdf(bdf: str) -> bool:
+    """``DDDD:BB:DD.F`` in hex, as sysfs names PCI functions (no regex: the
+    restore path imports this module)."""
+    hexdigits = "0123456789abcdefABCDEF"
+    return (isinstance(bdf, str) and len(bdf) == 12 and bdf[4] == ":" and bdf[7] == ":" and bdf[10] == "."
+            and all(c in hexdigits for c in bdf[:4] + bdf[5:7] + bdf[8:10]) and bdf[11] in "01234567")
+
+
 def cdev_path_for_bdf(host: Host, bdf: str) -> str:
     """The cdev of a PCI function bound to vfio-pci, found the sysfs way:
     /sys/bus/pci/devices/<BDF>/vfio-dev/vfioN -> /dev/vfio/devices/vfioN."""
+    if not is_bdf(bdf):
+        raise OSError(errno.EINVAL, f"{bdf!r} is not a PCI address (DDDD:BB:DD.F)")
     entries = [e for e in host.listdir(f"{PCI_DEVICES_DIR}/{bdf}/vfio-dev") if e.startswith("vfio")]
     if len(entries) != 1:
         raise OSError(2, f"{bdf} has {len(entries)} vfio-dev entries (is it bound to vfio-pci?)")

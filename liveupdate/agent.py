@@ -81,7 +81,7 @@ def _import_trio():
 #: Requests about one VM (its ``name``): only that VM's unit may make them.
 VM_OPS = frozenset({"create-session", "retrieve-session", "register", "restored", "resumed"})
 #: The operator's requests: only a process of no unit may make them (``release``: its VM's unit too).
-OPERATOR_OPS = frozenset({"update", "result", "status", "release", "abandon"})
+OPERATOR_OPS = frozenset({"update", "result", "status", "release", "abandon", "check"})
 NAMED_OPS = VM_OPS | {"release"}
 #: unit_of's answer for a process that left its unit (liveupdate.emu.init.ORPHAN).
 ORPHAN = "?orphan"
@@ -438,6 +438,10 @@ class Agent:
                     "update": self.update}, []
         if op == "abandon":
             return self._abandon(), []
+        if op == "check":  # `luvmm host check`: the probe on the LUO fd this agent holds
+            from liveupdate.check import probe_preservation
+
+            return probe_preservation(self.host, self.luo, request.get("device")), []
         raise ValueError(f"unknown request {op!r}")
 
     def _abandon(self) -> dict | None:

@@ -54,6 +54,7 @@ AGENT = {
     "result": (_req(timeout=(NUMBER, None)), "the update's record: {id, vms, phase, reports, error?}"),
     "status": (_req(), "{vmms, outgoing, incoming, update}"),
     "abandon": (_req(), "the update's record"),
+    "check": (_req(device=(str, None)), "{memfd, vfio, iommufd, hwpt}: what PRESERVE_FD answered for each"),
 }
 
 CHANNEL = {

@@ -56,6 +56,14 @@ class MachineInfo:
     def kernel_profile(self) -> str | None:
         raise NotImplementedError
 
+    def features(self, device: str | None = None) -> dict:
+        """What the machine's kernel offers a live update that its syscalls
+        alone do not show: ``kho`` (bool or None: unknown), ``kexec_file_load``
+        (an errno name: "EBADF" means the call is there and permitted),
+        ``iommus`` (the IOMMUs), and for ``device`` its ``driver`` and
+        ``iommu_group``."""
+        raise NotImplementedError
+
     def last_kexec(self) -> dict:
         """The last kexec: ``{"marks": {"reboot", "frozen", "booted", ...}}`` (CLOCK_REALTIME), or {}."""
         raise NotImplementedError

@@ -51,6 +51,19 @@ class EmulatedMachine(MachineInfo):
     def last_kexec(self) -> dict:
         return self._status().get("last_kexec") or {}
 
+    def features(self, device: str | None = None) -> dict:
+        """The emulated kernel has KHO, kexec and an IOMMU (every function
+        alone in its group, numbered as its VFIO cdev); its functions are
+        bound to vfio-pci."""
+        found = {"kho": True, "kexec_file_load": "EBADF", "iommus": ["emulated"]}
+        if device:
+            funcs = {f["bdf"]: f for f in self._status()["kernel"]["vfio"]}
+            f = funcs.get(device)
+            found["device_exists"] = f is not None
+            found["driver"] = "vfio-pci" if f else None
+            found["iommu_group"] = f["cdev"].rsplit("vfio", 1)[-1] if f else None
+        return found
+
     def status(self) -> dict:
         """The whole machine's status (devices, sessions, units): what `luvmm host status` prints."""
         return self._status()

@@ -72,6 +72,50 @@ def _cmd_host_status(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _cmd_host_check(args: argparse.Namespace) -> int:
+    import os
+
+    from devices.vfio import is_bdf
+    from liveupdate.check import check, format_check
+    from luvmm.wiring import connect
+
+    if args.device is not None and not is_bdf(args.device):
+        raise CliError(f"--device {args.device}: not a PCI address (DDDD:BB:DD.F, as lspci -D prints it)",
+                       exitcodes.USAGE)
+    kind = args.host or os.environ.get("LUVMM_HOST") or "emulated"
+    if kind not in ("emulated", "real"):
+        raise CliError(f"LUVMM_HOST={kind}: not emulated or real", exitcodes.USAGE)
+    state = running_host(args) if kind == "emulated" else None
+    host, services = connect(kind, state.socket if state else None)
+
+    def ask_agent(device):
+        if state is None or not os.path.exists(state.agent_socket):
+            return None
+        from liveupdate.agent_client import AgentClient
+
+        try:
+            client = AgentClient(state)
+        except OSError:
+            return None
+        try:
+            return client.call({"op": "check", "device": device})[0]
+        except OSError as e:
+            return {"error": f"the agent's check: {e.strerror or e}"}
+        finally:
+            client.close()
+
+    try:
+        result = check(host, services.machine, args.device, ask_agent)
+    finally:
+        if kind == "emulated":
+            host.close_connection()
+    result["host"] = kind
+    print_json(result) if args.json else print(format_check(result))
+    if result["dma_continuity"]:
+        return exitcodes.OK
+    return exitcodes.DEVICE_RESET if result["vm_survives"] else exitcodes.FAILED
+
+
 def _cmd_host_faults(args: argparse.Namespace) -> int:
     with Connection(running_host(args)) as host:
         request = {"op": "faults", "clear": args.clear}
@@ -137,6 +181,19 @@ def add_parser(sub) -> None:
     state_dir_arg(status)
     json_arg(status, "the status")
     status.set_defaults(func=_cmd_host_status)
+    chk = host_sub.add_parser(
+        "check", help="what the running kernel offers a live update, and what each missing piece means",
+        description="Probe the host's kernel: /dev/liveupdate, KHO, which files LUO preserves (a memfd, a VFIO "
+                    "cdev fd, an iommufd; the HWPT-preserve ioctl) -- tried on a throw-away session, so nothing "
+                    "is changed -- kexec_file_load, an IOMMU, the device bound to vfio-pci and its IOMMU group; "
+                    "for each missing piece, what it means for a VM. Exit status 0: an update keeps the VM, its "
+                    "device and its DMA; 4: it keeps the VM, the device is reset; 1: no live update possible.")
+    chk.add_argument("--host", choices=("emulated", "real"),
+                     help="the running kernel (real) or the emulated host (default: $LUVMM_HOST, else emulated)")
+    chk.add_argument("--device", metavar="BDF", help="the PCI function to check (default: the first bound to vfio-pci)")
+    state_dir_arg(chk)
+    json_arg(chk, "{findings: [{name, present, detail, consequence}], vm_survives, dma_continuity}")
+    chk.set_defaults(func=_cmd_host_check)
     faults = host_sub.add_parser(
         "faults", help="inject faults into the emulated kernel's live-update path, or clear them",
         description="Fault injection (off unless asked for). A fault is POINT[:HANDLER][@SESSION]=ACTION. "

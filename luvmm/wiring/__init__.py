@@ -16,8 +16,9 @@ def connect(kind: str, socket_path: str | None = None) -> tuple[Host, Services]:
     if kind == "real":
         from luvmm.host import RealHost
         from luvmm.services import SystemdUnits
+        from luvmm.wiring.real import RealMachine
 
-        return RealHost(), Services(units=SystemdUnits())
+        return RealHost(), Services(units=SystemdUnits(), machine=RealMachine())
     from liveupdate.emu.client import connect as connect_emulated
     from liveupdate.emu.services import services_for
 

@@ -480,3 +480,28 @@ def test_long_work_shows_progress_on_a_terminal_only(cli):
     assert "update 1/2" not in proc.stdout + proc.stderr
     cli("vm", "stop", "a")
     cli("host", "stop")
+
+
+def test_host_check_on_the_emulated_host(cli):
+    """`luvmm host check`: everything present on the emulated host (probed by
+    the agent, which holds /dev/liveupdate), the device held by a VM's
+    session still counts, the probe leaves no session behind; a profile that
+    resets the device is exit 4; a bad BDF one line and exit 2."""
+    assert "no emulated host is running" in cli.error_line(cli("host", "check", status=exitcodes.FAILED))
+    cli("host", "start")
+    result = json.loads(cli("host", "check", "--json").stdout)
+    assert all(f["present"] for f in result["findings"]), result["findings"]
+    assert result["probe"] == {"memfd": "0", "vfio": "0", "iommufd": "0", "hwpt": "ENOENT"}  # no HWPT 0
+    assert result["dma_continuity"] and result["host"] == "emulated"
+    cli("vm", "start", "a", *SMALL)
+    result = json.loads(cli("host", "check", "--json").stdout)
+    assert result["probe"]["vfio"] == "EBUSY" and result["dma_continuity"]  # a's session holds the device
+    assert [s["name"] for s in host_status(cli)["kernel"]["sessions"]] == ["a"]  # the probe's session is gone
+    assert cli.error_line(cli("host", "check", "--device", "x", status=exitcodes.USAGE)).startswith(
+        "luvmm host check: --device x: not a PCI address")
+    cli("vm", "stop", "a")
+    cli("host", "stop")
+    cli("host", "start", "--kernel-profile", "reset-on-freeze")
+    proc = cli("host", "check", status=exitcodes.DEVICE_RESET)
+    assert "its device is reset" in proc.stdout
+    cli("host", "stop")

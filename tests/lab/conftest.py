@@ -77,7 +77,7 @@ def lab_devices(lab_kernel, tmp_path_factory):
     standard (nested) KVM, recorded as JUnit XML (pytest's plugins are not
     loaded: test_kvm needs none, and importing them costs half a minute under
     TCG), the emulated kernel's LUO rules on the real one (guest_luo_rules.py)
-    and the firmware guest (guest_firmware.py)."""
+    the firmware guest (guest_firmware.py) and `luvmm host check --host real`."""
     shared = tmp_path_factory.mktemp("lab-devices")
 
     def step(name: str, cmd: str) -> str:
@@ -91,6 +91,7 @@ def lab_devices(lab_kernel, tmp_path_factory):
                     f"--junitxml={junit} tests/unit/test_kvm.py"),
         step("luo_rules", f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {PY} -m tests.lab.guest_luo_rules"),
         step("firmware", f"{PY} -m tests.lab.guest_firmware"),
+        step("check", f"{PY} -m luvmm host check --host real --json"),
     ])
     return lab_run(lab_kernel, shared, cmd)
 
