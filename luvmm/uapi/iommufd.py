@@ -103,7 +103,8 @@ structs(__name__, "struct iommu_destroy", "struct iommu_ioas_alloc", "struct iom
 
 IOMMUFD_TYPE = ";"
 
-IOMMUFD_CMD_DESTROY = 0x80
+IOMMUFD_CMD_BASE = 0x80
+IOMMUFD_CMD_DESTROY = IOMMUFD_CMD_BASE
 IOMMUFD_CMD_IOAS_ALLOC = 0x81
 IOMMUFD_CMD_IOAS_ALLOW_IOVAS = 0x82
 IOMMUFD_CMD_IOAS_COPY = 0x83
@@ -157,6 +158,7 @@ IOMMU_HWPT_ALLOC_PASID = 1 << 3
 
 # enum iommu_hwpt_data_type
 IOMMU_HWPT_DATA_NONE = 0
+IOMMU_HWPT_DATA_VTD_S1 = 1
 
 # enum iommu_hw_info_type
 IOMMU_HW_INFO_TYPE_NONE = 0
