@@ -119,7 +119,24 @@ class IommuDomain:
         """
         hit = self._iotlb[write]
         if hit is not None and hit.iova <= iova and iova + length <= hit.end:
-            return [(hit.mem, hit.offset + (iova - hit.iova), length)], None
+            segments, fault = [(hit.mem, hit.offset + (iova - hit.iova), length)], None
+        else:
+            segments, fault = self._walk(iova, length, write)
+        return self._backed(segments, iova, fault)
+
+    def _backed(self, segments, iova: int, fault: int | None):
+        """Cut the segments where the file behind them ends (it was shrunk
+        under the mapping: no seal keeps it whole, see devices.emu.memory)."""
+        addr = iova
+        for i, (mem, off, n) in enumerate(segments):
+            have = mem.backed(off, n)
+            if have < n:
+                self.faults += fault is None
+                return segments[:i] + ([(mem, off, have)] if have else []), addr + have
+            addr += n
+        return segments, fault
+
+    def _walk(self, iova: int, length: int, write: bool):
         need = IOMMU_WRITE if write else IOMMU_READ
         segments = []
         addr, end = iova, iova + length

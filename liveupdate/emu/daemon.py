@@ -285,6 +285,8 @@ class HostDaemon:
         except (ValueError, struct.error) as e:
             log.info("bad request on %s: %s", file.describe(), e)
             return -1, errno.EINVAL, b"", []
+        except MemoryError:  # out of memory is ENOMEM, as a kernel says it, never EIO
+            return -1, errno.ENOMEM, b"", []
         except Exception:
             log.exception("request on %s failed", file.describe())
             return -1, errno.EIO, b"", []

@@ -103,7 +103,8 @@ structs(__name__, "struct iommu_destroy", "struct iommu_ioas_alloc", "struct iom
 
 IOMMUFD_TYPE = ";"
 
-IOMMUFD_CMD_DESTROY = 0x80
+IOMMUFD_CMD_BASE = 0x80
+IOMMUFD_CMD_DESTROY = IOMMUFD_CMD_BASE
 IOMMUFD_CMD_IOAS_ALLOC = 0x81
 IOMMUFD_CMD_IOAS_ALLOW_IOVAS = 0x82
 IOMMUFD_CMD_IOAS_COPY = 0x83
@@ -117,8 +118,16 @@ IOMMUFD_CMD_GET_HW_INFO = 0x8A
 IOMMUFD_CMD_IOAS_MAP_FILE = 0x8F
 # The one place the provisional live-update command number lives.  Khawaja's
 # iommufd preservation series is not merged; when it is, change it here (and
-# the struct above) and `luvmm uapi` will show the new value.
-IOMMUFD_CMD_HWPT_LIVEUPDATE_MARK_PRESERVE = 0x95
+# the struct above) and `luvmm uapi` will show the new value.  It was 0x95,
+# the next free number in 7.2 -- which Linux 7.3 gave to
+# IOMMUFD_CMD_IOAS_NOIOMMU_GET_PA (7.3's highest command).  Mainline allocates
+# iommufd commands one after the other from IOMMUFD_CMD_BASE (0x80), so a
+# provisional number must sit well clear of that sequence: 0xC0 leaves 0x2A
+# numbers for upstream to use first, and stays an 8-bit _IOC_NR.  No released
+# kernel's iommufd.h defines it (tests/lab/test_lab_conformance_dev.py checks
+# the lab kernel's headers); a mainline kernel answers it with ENOTTY
+# (main.c iommufd_fops_ioctl: past the table, to iommufd_vfio_ioctl).
+IOMMUFD_CMD_HWPT_LIVEUPDATE_MARK_PRESERVE = 0xC0
 
 IOMMU_DESTROY = ioctl("IOMMU_DESTROY", _IO(IOMMUFD_TYPE, IOMMUFD_CMD_DESTROY), "struct iommu_destroy")
 IOMMU_IOAS_ALLOC = ioctl("IOMMU_IOAS_ALLOC", _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_ALLOC),
@@ -157,6 +166,7 @@ IOMMU_HWPT_ALLOC_PASID = 1 << 3
 
 # enum iommu_hwpt_data_type
 IOMMU_HWPT_DATA_NONE = 0
+IOMMU_HWPT_DATA_VTD_S1 = 1
 
 # enum iommu_hw_info_type
 IOMMU_HW_INFO_TYPE_NONE = 0

@@ -4,6 +4,8 @@ import errno
 import os
 import struct
 
+import pytest
+
 
 from tests.support.helpers import errno_of
 
@@ -68,8 +70,11 @@ def test_iommufd_rules(emulated_host):
     iommufd = IommuFd.open(host)
     ioas = iommufd.ioas_alloc()
     mem = sealed_memfd("ram", 1 << 20)
-    # A user VA cannot be pinned by the daemon: refused, clearly.
-    assert errno_of(iommufd.ioas_map, ioas, 0x7F0000000000, 4096) == errno.EOPNOTSUPP
+    # A user VA maps lazily, as on a real kernel (nothing pinned without a
+    # domain); the daemon cannot pin it later, and says so with ECANNOTPIN.
+    user_ioas = iommufd.ioas_alloc()
+    user_iova = iommufd.ioas_map(user_ioas, 0x7F0000000000, 4096)
+    assert iommufd.ioas_unmap(user_ioas, user_iova, 4096) == 4096
     assert iommufd.ioas_map_file(ioas, mem, 0, 1 << 20, iova=0x100000) == 0x100000
     assert errno_of(iommufd.ioas_map_file, ioas, mem, 0, 4096, iova=0x100000) == errno.EEXIST
     assert errno_of(iommufd.ioas_map_file, ioas, mem, 0, 100, iova=0x400000) == errno.EINVAL
@@ -78,8 +83,8 @@ def test_iommufd_rules(emulated_host):
     assert auto % 4096 == 0 and not (0x100000 <= auto < 0x200000)
     assert errno_of(iommufd.ioas_unmap, ioas, 0x100000, 4096) == errno.ENOENT  # not a whole area
     assert iommufd.ioas_unmap(ioas, auto, 8192) == 8192
-    ranges, alignment = iommufd.ioas_iova_ranges(ioas)  # two-step EMSGSIZE through a user pointer
-    assert alignment == 4096 and ranges[0][0] == 0 and len(ranges) == 2
+    # No domain uses the IOAS: the whole u64, alignment 1 (iommufd_ioas_iova_ranges).
+    assert iommufd.ioas_iova_ranges(ioas) == ([(0, (1 << 64) - 1)], 1)
     assert errno_of(iommufd.destroy, 999) == errno.ENOENT
     assert errno_of(iommufd.hwpt_alloc, 999, ioas) == errno.ENOENT
     # Non-zero reserved bytes, flags nobody defined: EOPNOTSUPP, as iommufd says.
@@ -117,6 +122,42 @@ def test_dma_through_vfio_and_iommufd(emulated_host):
         rig.close()
 
 
+def test_user_va_cannot_be_pinned_and_a_domain_brings_its_aperture(emulated_host):
+    """The emulated kernel's one declared limit (iommufd.ECANNOTPIN): a HWPT
+    over an IOAS with a user-VA area, or a user-VA map into an IOAS a domain
+    uses, is EREMOTE.  A domain brings the aperture and 4 KiB alignment."""
+    from liveupdate.emu.kernel.iommufd import ECANNOTPIN
+
+    rig = VfioRig(emulated_host.host)
+    try:
+        ranges, alignment = rig.iommufd.ioas_iova_ranges(rig.ioas)
+        assert alignment == 4096 and ranges[0][0] == 0 and len(ranges) == 2  # less the MSI window
+        assert errno_of(rig.iommufd.ioas_map, rig.ioas, 0x7F0000000000, 4096) == ECANNOTPIN
+        user = rig.iommufd.ioas_alloc()
+        rig.iommufd.ioas_map(user, 0x7F0000000000, 4096)
+        assert errno_of(rig.iommufd.hwpt_alloc, rig.dev_id, user) == ECANNOTPIN == errno.EREMOTE
+        assert errno_of(rig.iommufd.destroy, rig.dev_id) == errno.EBUSY  # VFIO holds the device object
+    finally:
+        rig.close()
+
+
+def test_reset_restores_config_and_msix(emulated_host):
+    """vfio_pci_ioctl_reset -> pci_try_reset_function saves and restores the
+    config space: Bus Master and MSI-X enable, and the vectors, survive."""
+    rig = VfioRig(emulated_host.host)
+    try:
+        before = struct.unpack("<H", rig.dev.config_read(PCI_COMMAND, 2))[0]
+        assert before & PCI_COMMAND_MASTER
+        rig.driver.send_msi()
+        assert rig.interrupts() == 1
+        rig.dev.reset()
+        assert struct.unpack("<H", rig.dev.config_read(PCI_COMMAND, 2))[0] == before
+        status = emulated_host.host.call({"op": "status"})[0]["kernel"]["vfio"][0]
+        assert status["bus_master"] and status["msix_vectors"]
+    finally:
+        rig.close()
+
+
 def test_closing_the_device_disables_it(emulated_host):
     host = emulated_host.host
     rig = VfioRig(host)
@@ -124,3 +165,47 @@ def test_closing_the_device_disables_it(emulated_host):
     status = host.call({"op": "status"})[0]["kernel"]["vfio"][0]
     assert not status["bound"] and not status["bus_master"] and not status["enabled"]
     rig.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_daemon_started_with_1024_fds_holds_1500_sessions():
+    """A real kernel holds thousands of LUO sessions; the daemon's files are
+    its fds, so it raises its RLIMIT_NOFILE soft limit to the hard one when it
+    starts (liveupdate.emu.daemon.raise_fd_limit), even when started with the
+    common soft limit of 1024.  (This client's fds count too: it raises its
+    own soft limit for the test.)"""
+    import resource
+    import shutil
+    import tempfile
+
+    from liveupdate.emu import hostctl
+    from liveupdate.emu.client import connect
+    from liveupdate.luo import LiveUpdate
+    from liveupdate.state import StateDir
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 3500:
+        pytest.skip(f"needs 3500 fds (hard limit {hard})")
+    path = tempfile.mkdtemp(prefix="luvmm-test-")
+    state = StateDir(path)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the daemon inherits
+    try:
+        hostctl.start(state, agent=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    host = connect(state.socket)
+    sessions = []
+    try:
+        assert resource.prlimit(state.pid(), resource.RLIMIT_NOFILE) == (hard, hard)
+        luo = LiveUpdate.open(host)
+        for i in range(1500):
+            sessions.append(luo.create_session(f"many-{i:05d}"))
+        assert len(host.call({"op": "status"})[0]["kernel"]["sessions"]) == 1500
+        for s in sessions:
+            s.close()
+        luo.close()
+    finally:
+        host.close_connection()
+        hostctl.stop(state)
+        shutil.rmtree(path, ignore_errors=True)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

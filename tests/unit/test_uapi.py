@@ -30,7 +30,7 @@ def test_known_kernel_values():
     assert values["KVM_GET_SREGS"] == 0x8138AE83
     assert values["sizeof(struct liveupdate_ioctl_create_session)"] == 72
     assert values["sizeof(struct vfio_irq_set)"] == 20
-    assert values["IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE"] == 0x3B95  # provisional, DESIGN.md
+    assert values["IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE"] == 0x3BC0  # provisional: luvmm/uapi/iommufd.py
 
 
 def test_every_item_of_the_issue_is_listed():

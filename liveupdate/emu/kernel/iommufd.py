@@ -6,9 +6,16 @@ HWPT (a hardware page table: a machine IOMMU domain kept in sync with its
 IOAS) and DEVICE (a VFIO device bound to this iommufd).  Rules kept from the
 kernel: unknown flags EOPNOTSUPP, non-zero reserved fields EOPNOTSUPP,
 unknown ids ENOENT, an object still in use EBUSY, overlapping mappings
-EEXIST, unaligned ones EINVAL, a wrong fd type EBADFD.  IOMMU_IOAS_MAP with a
-process virtual address is refused with EOPNOTSUPP: the daemon cannot pin
-another process's memory, so guest RAM is mapped with IOMMU_IOAS_MAP_FILE.
+EEXIST, unaligned ones EINVAL, a wrong fd type EBADFD.  An IOAS no domain
+uses has the whole u64 IOVA space and alignment 1; a domain brings its
+aperture (48 bits less the x86 MSI window) and its 4 KiB alignment.
+
+IOMMU_IOAS_MAP of a process virtual address is accepted as the kernel does
+(nothing is pinned while no domain uses the IOAS), but the emulated kernel
+is another process and cannot pin the caller's memory: whatever would pin
+it (a HWPT or an attach over that IOAS, a map into an IOAS a domain uses)
+fails with EREMOTE, an errno the real kernel never gives for it (there an
+unmapped VA is EFAULT).  luvmm maps guest RAM with IOMMU_IOAS_MAP_FILE.
 
 Live update: IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE marks a HWPT; every area of
 its IOAS must come from IOAS_MAP_FILE of a memfd sealed with
@@ -30,6 +37,10 @@ from dataclasses import dataclass, field
 from devices.emu.iommu import IOMMU_PAGE_SIZE, IOMMU_READ, IOMMU_WRITE
 from luvmm.uapi.iommufd import (
     IOMMU_DESTROY,
+    IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+    IOMMU_HWPT_ALLOC_NEST_PARENT,
+    IOMMU_HWPT_ALLOC_PASID,
+    IOMMU_HWPT_FAULT_ID_VALID,
     IOMMU_GET_HW_INFO,
     IOMMU_HW_INFO_TYPE_NONE,
     IOMMU_HWPT_ALLOC,
@@ -53,13 +64,25 @@ SEALS_FOR_PRESERVE = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
 # The IOVA space the emulated IOMMU offers: 48 bits, minus the x86 MSI window.
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
 APERTURE = [(0, MSI_WINDOW[0] - 1), (MSI_WINDOW[1] + 1, (1 << 48) - 1)]
+# An IOAS no domain uses: nothing reserved (io_pagetable.c iopt_init_table).
+WHOLE = [(0, (1 << 64) - 1)]
+ULONG_MAX = (1 << 64) - 1
+# hw_pagetable.c iommufd_hwpt_paging_alloc: the flags it knows.
+HWPT_VALID_FLAGS = (IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING | IOMMU_HWPT_FAULT_ID_VALID
+                    | IOMMU_HWPT_ALLOC_PASID)
+# The emulated IOMMU has no nesting, no dirty tracking, no PASID and no
+# fault queue: its domain_alloc_paging_flags refuses every flag (-EOPNOTSUPP),
+# as the lab's intel-iommu does NEST_PARENT and DIRTY_TRACKING.
+HWPT_SUPPORTED_FLAGS = 0
+# The errno for "the emulated kernel cannot pin the caller's memory" (see above).
+ECANNOTPIN = errno.EREMOTE
 
 
 @dataclass
 class Area:
     iova: int
     length: int
-    mem_key: tuple[int, int]
+    mem_key: tuple[int, int] | None  # None: a user VA (IOAS_MAP), never pinned here
     offset: int
     perms: int
     sealed: bool
@@ -72,6 +95,16 @@ class Ioas:
     areas: list[Area] = field(default_factory=list)
     hwpts: set[int] = field(default_factory=set)
     devices: set[int] = field(default_factory=set)  # attached directly (auto domain)
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """The usable IOVA ranges: the domain's aperture once one uses the IOAS."""
+        return APERTURE if self.hwpts else WHOLE
+
+    @property
+    def alignment(self) -> int:
+        """iopt.iova_alignment: 1, or the domain's smallest page once there is one."""
+        return IOMMU_PAGE_SIZE if self.hwpts else 1
 
     def find_free(self, length: int) -> int:
         for lo, hi in APERTURE:
@@ -169,8 +202,11 @@ class IommufdFile(File):
 
     def _destroy(self, cmd, fds):
         obj = self.objects.get(cmd.id)
-        if obj is None or isinstance(obj, BoundDevice):
+        if obj is None:
             raise KernelError(errno.ENOENT)
+        if isinstance(obj, BoundDevice):
+            # main.c iommufd_object_remove: VFIO holds the device object (users > 1).
+            raise KernelError(errno.EBUSY, "the device object is held by its VFIO binding")
         if isinstance(obj, Ioas):
             if obj.hwpts or obj.devices:
                 raise KernelError(errno.EBUSY, "IOAS in use")
@@ -191,29 +227,68 @@ class IommufdFile(File):
         cmd.out_ioas_id = ioas.id
 
     def _iova_ranges(self, cmd, fds):
-        self._get(cmd.ioas_id, Ioas)
         if getattr(cmd, "__reserved"):
             raise KernelError(errno.EOPNOTSUPP)
+        ioas = self._get(cmd.ioas_id, Ioas)
+        ranges = ioas.ranges
         room = cmd.num_iovas
-        cmd.num_iovas = len(APERTURE)
-        cmd.out_iova_alignment = IOMMU_PAGE_SIZE
-        if room < len(APERTURE):
+        cmd.num_iovas = len(ranges)
+        cmd.out_iova_alignment = ioas.alignment
+        if room < len(ranges):
             # The kernel copies num_iovas out, then fails: the caller retries with room.
             error = KernelError(errno.EMSGSIZE)
             error.copy_out = True
             raise error
-        return b"".join(lo.to_bytes(8, "little") + hi.to_bytes(8, "little") for lo, hi in APERTURE)
+        return b"".join(lo.to_bytes(8, "little") + hi.to_bytes(8, "little") for lo, hi in ranges[:room])
 
-    def _ioas_map(self, cmd, fds):
-        if cmd.flags & ~MAP_FLAGS or getattr(cmd, "__reserved"):
-            raise KernelError(errno.EOPNOTSUPP)
-        self._get(cmd.ioas_id, Ioas)
-        raise KernelError(errno.EOPNOTSUPP, "IOMMU_IOAS_MAP of a user VA: the emulated host cannot pin another "
-                                            "process's memory; map a memfd with IOMMU_IOAS_MAP_FILE")
-
-    def _ioas_map_file(self, cmd, fds):
+    @staticmethod
+    def _check_map_flags(cmd) -> None:
+        """ioas.c iommufd_ioas_map{,_file}: unknown flags EOPNOTSUPP, an iova or
+        length of ULONG_MAX or more EOVERFLOW, neither READABLE nor WRITEABLE
+        EINVAL -- all before the IOAS is looked up."""
         if cmd.flags & ~MAP_FLAGS:
             raise KernelError(errno.EOPNOTSUPP)
+        if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
+            raise KernelError(errno.EOVERFLOW)
+        if not cmd.flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE):
+            raise KernelError(errno.EINVAL, "a mapping must be readable or writeable")
+
+    def _place(self, ioas: Ioas, cmd, length: int) -> int:
+        """The IOVA of a new area: the fixed one, checked, or a free one."""
+        if cmd.flags & IOMMU_IOAS_MAP_FIXED_IOVA:
+            iova = cmd.iova
+            if iova % IOMMU_PAGE_SIZE:
+                raise KernelError(errno.EINVAL)
+            if not any(lo <= iova and iova + length - 1 <= hi for lo, hi in ioas.ranges):
+                raise KernelError(errno.ENOSPC, "IOVA outside the usable ranges")
+            if any(a.iova < iova + length and iova < a.iova + a.length for a in ioas.areas):
+                raise KernelError(errno.EEXIST)
+            return iova
+        return ioas.find_free(length)
+
+    def _ioas_map(self, cmd, fds):
+        """ioas.c iommufd_ioas_map: the area is recorded, nothing pinned until a
+        domain needs the pages -- which this kernel cannot do (ECANNOTPIN)."""
+        if getattr(cmd, "__reserved"):
+            raise KernelError(errno.EOPNOTSUPP)
+        self._check_map_flags(cmd)
+        ioas = self._get(cmd.ioas_id, Ioas)
+        if self._immutable(ioas):
+            raise KernelError(errno.EBUSY, "IOAS is immutable: a HWPT of it is preserved")
+        length = cmd.length
+        if length == 0 or (cmd.user_va | length) % IOMMU_PAGE_SIZE:
+            raise KernelError(errno.EINVAL, "unaligned mapping")
+        if ioas.hwpts:
+            raise KernelError(ECANNOTPIN, "IOMMU_IOAS_MAP of a user VA into an IOAS a domain uses: the emulated "
+                                          "kernel cannot pin another process's memory (use IOMMU_IOAS_MAP_FILE)")
+        iova = self._place(ioas, cmd, length)
+        perms = (IOMMU_READ if cmd.flags & IOMMU_IOAS_MAP_READABLE else 0) | \
+                (IOMMU_WRITE if cmd.flags & IOMMU_IOAS_MAP_WRITEABLE else 0)
+        ioas.areas.append(Area(iova, length, None, cmd.user_va, perms, False))
+        cmd.iova = iova
+
+    def _ioas_map_file(self, cmd, fds):
+        self._check_map_flags(cmd)
         ioas = self._get(cmd.ioas_id, Ioas)
         if self._immutable(ioas):
             raise KernelError(errno.EBUSY, "IOAS is immutable: a HWPT of it is preserved")
@@ -227,16 +302,7 @@ class IommufdFile(File):
             raise KernelError(errno.EINVAL, "unaligned mapping")
         if start + length > os.fstat(fd).st_size:
             raise KernelError(errno.EINVAL, "mapping beyond the end of the file")
-        if cmd.flags & IOMMU_IOAS_MAP_FIXED_IOVA:
-            iova = cmd.iova
-            if iova % IOMMU_PAGE_SIZE:
-                raise KernelError(errno.EINVAL)
-            if not any(lo <= iova and iova + length - 1 <= hi for lo, hi in APERTURE):
-                raise KernelError(errno.ENOSPC, "IOVA outside the usable ranges")
-            if any(a.iova < iova + length and iova < a.iova + a.length for a in ioas.areas):
-                raise KernelError(errno.EEXIST)
-        else:
-            iova = ioas.find_free(length)
+        iova = self._place(ioas, cmd, length)
         perms = (IOMMU_READ if cmd.flags & IOMMU_IOAS_MAP_READABLE else 0) | \
                 (IOMMU_WRITE if cmd.flags & IOMMU_IOAS_MAP_WRITEABLE else 0)
         mem = self.machine().memory_for(fd)
@@ -276,15 +342,29 @@ class IommufdFile(File):
         cmd.length = sum(self._unmap_area(ioas, a) for a in inside)
 
     def _hwpt_alloc(self, cmd, fds):
-        if cmd.flags or getattr(cmd, "__reserved") or getattr(cmd, "__reserved2"):
+        """hw_pagetable.c iommufd_hwpt_alloc and iommufd_hwpt_paging_alloc."""
+        if getattr(cmd, "__reserved"):
             raise KernelError(errno.EOPNOTSUPP)
-        if cmd.data_type != IOMMU_HWPT_DATA_NONE or cmd.data_len:
-            raise KernelError(errno.EOPNOTSUPP)
+        none = cmd.data_type == IOMMU_HWPT_DATA_NONE
+        if (none and cmd.data_len) or (not none and not cmd.data_len):
+            raise KernelError(errno.EINVAL, "data_type and data_len disagree")
         self._get(cmd.dev_id, BoundDevice)
-        ioas = self._get(cmd.pt_id, Ioas)
-        cmd.out_hwpt_id = self._make_hwpt(ioas, auto=False).id
+        pt = self.objects.get(cmd.pt_id)
+        if isinstance(pt, Hwpt):
+            # iommufd_hwpt_nested_alloc: the emulated IOMMU has no nesting.
+            raise KernelError(errno.EOPNOTSUPP, "nested HWPTs are not supported")
+        if not isinstance(pt, Ioas):
+            raise KernelError(errno.EINVAL, f"pt_id {cmd.pt_id} is no IOAS or HWPT")
+        if cmd.flags & ~HWPT_VALID_FLAGS:
+            raise KernelError(errno.EOPNOTSUPP)
+        if cmd.flags & ~HWPT_SUPPORTED_FLAGS or not none:
+            raise KernelError(errno.EOPNOTSUPP, "the emulated IOMMU does not support these HWPT flags or data")
+        cmd.out_hwpt_id = self._make_hwpt(pt, auto=False).id
 
     def _make_hwpt(self, ioas: Ioas, auto: bool) -> Hwpt:
+        if any(a.mem_key is None for a in ioas.areas):
+            raise KernelError(ECANNOTPIN, "the IOAS has user-VA areas (IOMMU_IOAS_MAP): the emulated kernel cannot "
+                                          "pin another process's memory (use IOMMU_IOAS_MAP_FILE)")
         domain_id, domain = self.machine().new_domain()
         hwpt = Hwpt(self._new_id(), ioas.id, domain_id, auto=auto)
         for area in ioas.areas:

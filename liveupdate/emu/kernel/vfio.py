@@ -33,6 +33,15 @@ import struct
 from liveupdate.emu.kernel.iommufd import IommufdFile
 from devices.emu.pci import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET
 from luvmm.uapi.pci_regs import (
+    PCI_CAP_ID_EXP,
+    PCI_CAP_ID_MSI,
+    PCI_CAP_ID_MSIX,
+    PCI_CAPABILITY_LIST,
+    PCI_INTERRUPT_PIN,
+    PCI_MSI_FLAGS,
+    PCI_MSI_FLAGS_QMASK,
+    PCI_STATUS,
+    PCI_STATUS_CAP_LIST,
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
     PCI_COMMAND_MASTER,
@@ -53,7 +62,9 @@ from luvmm.uapi.vfio import (
     VFIO_DEVICE_GET_REGION_INFO,
     VFIO_DEVICE_RESET,
     VFIO_DEVICE_SET_IRQS,
+    VFIO_IRQ_INFO_AUTOMASKED,
     VFIO_IRQ_INFO_EVENTFD,
+    VFIO_IRQ_INFO_MASKABLE,
     VFIO_IRQ_INFO_NORESIZE,
     VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_TYPE_MASK,
@@ -65,6 +76,8 @@ from luvmm.uapi.vfio import (
     VFIO_PCI_BAR2_REGION_INDEX,
     VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_ERR_IRQ_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_PCI_NUM_IRQS,
     VFIO_PCI_NUM_REGIONS,
@@ -142,6 +155,34 @@ class VfioPciDevice:
         flags = (flags | PCI_MSIX_FLAGS_ENABLE) if on else (flags & ~PCI_MSIX_FLAGS_ENABLE)
         self.hw.cfg_write(off, struct.pack("<H", flags))
 
+    def cap(self, cap_id: int) -> int:
+        """The offset of a standard capability in the function's config space, or 0."""
+        cfg = self.hw.cfg_read(0, 256)
+        if not struct.unpack_from("<H", cfg, PCI_STATUS)[0] & PCI_STATUS_CAP_LIST:
+            return 0
+        pos, seen = cfg[PCI_CAPABILITY_LIST] & ~3, set()
+        while pos and pos not in seen:
+            seen.add(pos)
+            if cfg[pos] == cap_id:
+                return pos
+            pos = cfg[pos + 1] & ~3
+        return 0
+
+    def reset(self) -> None:
+        """vfio_pci_ioctl_reset -> pci_try_reset_function: the PCI core saves
+        the function's config space and MSI-X state, resets it and restores
+        them (pci_dev_save_and_disable, pci_dev_restore): Memory and Bus
+        Master enable, MSI-X enable and the vectors' eventfds are as before."""
+        hw = self.hw
+        with hw.lock:
+            saved_cfg = hw.cfg_read(0, len(hw.config))
+            saved_table = bytes(hw.msix.table)
+        hw.flr()
+        with hw.lock:
+            hw.msix.table[:] = saved_table
+        hw.cfg_write(0, saved_cfg)
+        self.sync_command_from_hw()
+
     # --- virtual config space ----------------------------------------------------------------
 
     def config_write(self, offset: int, data: bytes) -> None:
@@ -217,19 +258,24 @@ class VfioDeviceFile(File):
             index = struct.unpack_from("<I", buf, 8)[0]
             if index >= VFIO_PCI_NUM_IRQS:
                 raise KernelError(errno.EINVAL)
+            # vfio_pci_ioctl_get_irq_info: ERR exists on PCIe only; EVENTFD on every
+            # index whatever its count; INTx MASKABLE|AUTOMASKED; NORESIZE on the
+            # others but MSI-X where it can grow (has_dyn_msix: an MSI-X capability).
+            if index == VFIO_PCI_ERR_IRQ_INDEX and not self.dev.cap(PCI_CAP_ID_EXP):
+                raise KernelError(errno.EINVAL)
             count, flags = self._irq_count(index), VFIO_IRQ_INFO_EVENTFD
-            if index == VFIO_PCI_MSIX_IRQ_INDEX:
+            if index == VFIO_PCI_INTX_IRQ_INDEX:
+                flags |= VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED
+            elif index != VFIO_PCI_MSIX_IRQ_INDEX or not self.dev.cap(PCI_CAP_ID_MSIX):
                 flags |= VFIO_IRQ_INFO_NORESIZE
-            struct.pack_into("<II", buf, 4, flags if count else 0, index)
+            struct.pack_into("<II", buf, 4, flags, index)
             struct.pack_into("<I", buf, 12, count)
             return 0
         if request == VFIO_DEVICE_SET_IRQS:
             return self._set_irqs(buf, fds)
         if request == VFIO_DEVICE_RESET:
             self._busy_if_preserved()
-            self.dev.unwire_all()
-            self.dev.hw.flr()
-            self.dev.sync_command_from_hw()
+            self.dev.reset()
             return 0
         if request == VFIO_DEVICE_ATTACH_IOMMUFD_PT:
             _minsz(buf, 12)
@@ -254,18 +300,23 @@ class VfioDeviceFile(File):
         raise KernelError(errno.ENOTTY)
 
     def _bind(self, buf, fds):
+        # device_cdev.c vfio_df_ioctl_bind_iommufd: argsz, then a negative
+        # iommufd or an unknown flag EINVAL, then one bind per fd (EINVAL), then
+        # the token, then the fd lookup (EBADF, EBADFD).
         _minsz(buf, 16)
         flags, iommufd = struct.unpack_from("<Ii", buf, 4)
-        if flags & ~VFIO_DEVICE_BIND_FLAG_TOKEN or flags & VFIO_DEVICE_BIND_FLAG_TOKEN:
-            raise KernelError(errno.EINVAL, "unsupported bind flags")
+        if iommufd < 0 or flags & ~VFIO_DEVICE_BIND_FLAG_TOKEN:
+            raise KernelError(errno.EINVAL, "negative iommufd or unknown bind flags")
         if self.bound:
             raise KernelError(errno.EINVAL, "already bound")
         if self.dev.bound_file is not None and self.dev.bound_file is not self \
                 and self.kernel.alive(self.dev.bound_file):
             # vfio_df_open(): a cdev device is opened by one bind only.
             raise KernelError(errno.EINVAL, f"{self.dev.hw.bdf} is bound through another fd")
+        if flags & VFIO_DEVICE_BIND_FLAG_TOKEN:
+            raise KernelError(errno.EINVAL, "the emulated vfio-pci has no VF token")
         self._busy_if_preserved()
-        if iommufd < 0 or not fds:
+        if not fds:
             raise KernelError(errno.EBADF)
         ictx = self.kernel.lookup(fds[0])
         if not isinstance(ictx, IommufdFile):
@@ -289,9 +340,21 @@ class VfioDeviceFile(File):
         return bar.size if bar else 0
 
     def _irq_count(self, index: int) -> int:
+        """vfio_pci_core.c vfio_pci_get_irq_count."""
+        dev = self.dev
+        if index == VFIO_PCI_INTX_IRQ_INDEX:
+            return 1 if dev.vconfig[PCI_INTERRUPT_PIN] else 0
+        if index == VFIO_PCI_MSI_IRQ_INDEX:
+            pos = dev.cap(PCI_CAP_ID_MSI)
+            if not pos:
+                return 0
+            flags = struct.unpack("<H", dev.hw.cfg_read(pos + PCI_MSI_FLAGS, 2))[0]
+            return 1 << ((flags & PCI_MSI_FLAGS_QMASK) >> 1)
         if index == VFIO_PCI_MSIX_IRQ_INDEX:
-            return self.dev.hw.msix.nvec
-        return 1 if index in (VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX) else 0
+            return dev.hw.msix.nvec if dev.cap(PCI_CAP_ID_MSIX) else 0
+        if index == VFIO_PCI_ERR_IRQ_INDEX:
+            return 1 if dev.cap(PCI_CAP_ID_EXP) else 0
+        return 1 if index == VFIO_PCI_REQ_IRQ_INDEX else 0
 
     def _set_irqs(self, buf, fds):
         argsz = _minsz(buf, 20)
@@ -339,17 +402,27 @@ class VfioDeviceFile(File):
             dev.wire(vector, RealFile(fd) if fd is not None else None)
         return 0
 
-    def _region(self, offset: int, length: int) -> tuple[int, int]:
+    def _region(self, offset: int, length: int) -> tuple[int, int, int]:
+        """(index, offset in it, the length to access), or the kernel's error:
+        config space vfio_pci_config_rw (all of it inside cfg_size, else
+        EFAULT), a BAR vfio_pci_bar_rw (start inside, else EINVAL; the access
+        is cut at the end: a short read or write)."""
         if not self.bound:
             raise KernelError(errno.EINVAL, "bind the device to an iommufd first")
         index, off = offset >> VFIO_PCI_OFFSET_SHIFT, offset & OFFSET_MASK
         size = self._region_size(index) if index < VFIO_PCI_NUM_REGIONS else 0
-        if off + length > size or length <= 0:
+        if index == VFIO_PCI_CONFIG_REGION_INDEX:
+            if off >= size or off + length > size:
+                raise KernelError(errno.EFAULT, "config access outside the function's config space")
+            return index, off, length
+        if off >= size:
             raise KernelError(errno.EINVAL, "access outside the region")
-        return index, off
+        return index, off, min(length, size - off)
 
     def pread(self, length, offset):
-        index, off = self._region(offset, length)
+        if length <= 0:
+            return b""
+        index, off, length = self._region(offset, length)
         if index == VFIO_PCI_CONFIG_REGION_INDEX:
             if off <= PCI_COMMAND + 1 and off + length > PCI_COMMAND:
                 self.dev.sync_command_from_hw()
@@ -357,13 +430,16 @@ class VfioDeviceFile(File):
         return self.dev.hw.bar_read(index, off, length)
 
     def pwrite(self, data, offset):
-        index, off = self._region(offset, len(data))
+        if not data:
+            return 0
+        index, off, length = self._region(offset, len(data))
+        data = bytes(data[:length])
         if index == VFIO_PCI_CONFIG_REGION_INDEX:
             self._busy_if_preserved()
             self.dev.config_write(off, data)
-            return len(data)
+            return length
         self.dev.hw.bar_write(index, off, data)
-        return len(data)
+        return length
 
     def release(self):
         dev = self.dev
