@@ -59,17 +59,31 @@ def _session(ctx, name: str):
     return s
 
 
+TMPFS_MAGIC = 0x01021994  # include/uapi/linux/magic.h
+
+
+def _fs_type(fd: int) -> int:
+    """fstatfs(fd).f_type (struct statfs starts with it)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = ctypes.create_string_buffer(256)
+    if libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 def tmpfs_dir() -> str | None:
     """A tmpfs directory to make O_TMPFILE files in."""
-    from liveupdate.emu.kernel.memfd import TMPFS_MAGIC, fs_type
-
     for d in TMPFS_DIRS:
         try:
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             continue
         try:
-            if fs_type(fd) == TMPFS_MAGIC:
+            if _fs_type(fd) == TMPFS_MAGIC:
                 return d
         finally:
             os.close(fd)
