@@ -339,3 +339,86 @@ def test_hugetlb_memfd_has_no_handler(emulated_host):
         pytest.skip(f"no hugetlb memfds here: {e}")
     session = LiveUpdate.open(emulated_host.host).create_session("huge")
     assert errno_of(session.preserve_fd, mem, 1) == errno.ENOENT
+
+
+# --- rules of the next boot (kexec) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("emulated_host", [{"env": {"LUVMM_FAULTS": "finish=fail"}}], indirect=True)
+def test_closing_a_retrieved_session_whose_finish_fails_leaves_it_retrieved(emulated_host):
+    """luo_session_release: if luo_session_finish_one fails it returns before
+    luo_session_remove -- the session stays in the incoming list, still
+    retrieved, so RETRIEVE_SESSION of it is -EINVAL (luo_session_retrieve),
+    not a second chance."""
+    host = emulated_host.host
+    LiveUpdate.open(host).create_session("unfinished").preserve_fd(memfd_with(b"u"), 1)
+    host.kexec()
+    luo = LiveUpdate.open(host)
+    session = luo.retrieve_session("unfinished")
+    assert errno_of(session.finish) == errno.EIO  # the injected fault
+    session.close()
+    assert errno_of(luo.retrieve_session, "unfinished") == errno.EINVAL
+
+
+def _booted_with(tree: dict):
+    from liveupdate.emu.kernel.core import Kernel
+    from liveupdate.emu.machine import Machine
+
+    machine = Machine(1)
+    kernel = Kernel(machine, profile="continuous-dma", generation=2, spawn=lambda file: None)
+    return machine, kernel
+
+
+def test_an_incoming_file_without_a_handler_makes_dev_liveupdate_eio():
+    """luo_file_deserialize_one: no handler for the compatible is -ENOENT, so
+    luo_session_deserialize fails, and luo_open returns -EIO ("Always return
+    -EIO to user if deserialization fail") for the whole boot."""
+    from liveupdate.emu.kernel.core import KernelError
+    from liveupdate.emu.kernel.luo import LUO_COMPATIBLE
+
+    machine, kernel = _booted_with({})
+    try:
+        kernel.restore({"luo": {"compatible": LUO_COMPATIBLE, "sessions": [
+            {"name": "s", "files": [{"token": 1, "compatible": "no-such-handler-v1", "data": {}}]}]}})
+        for _ in range(2):
+            with pytest.raises(KernelError) as e:
+                kernel.open("/dev/liveupdate", os.O_RDWR)
+            assert e.value.errno == errno.EIO
+    finally:
+        kernel.drop()
+        machine.shutdown()
+
+
+def test_an_incoming_session_name_twice_makes_dev_liveupdate_eio():
+    """luo_session_deserialize_one: luo_session_insert -EEXIST fails the
+    deserialization: luo_open is -EIO."""
+    from liveupdate.emu.kernel.core import KernelError
+    from liveupdate.emu.kernel.luo import LUO_COMPATIBLE
+
+    machine, kernel = _booted_with({})
+    try:
+        kernel.restore({"luo": {"compatible": LUO_COMPATIBLE, "sessions": [
+            {"name": "twice", "files": []}, {"name": "twice", "files": []}]}})
+        with pytest.raises(KernelError) as e:
+            kernel.open("/dev/liveupdate", os.O_RDWR)
+        assert e.value.errno == errno.EIO
+    finally:
+        kernel.drop()
+        machine.shutdown()
+
+
+@pytest.mark.parametrize("luo", [{"compatible": "luo-v0", "sessions": []},
+                                 {"sessions": []},
+                                 {"compatible": "luvmm,luo-v1", "sessions": [{"name": "s", "files": {"v": 2}}]}])
+def test_an_incompatible_luo_tree_panics_the_kernel(luo):
+    """luo_early_startup: a LUO state of another ABI ("LUO state is
+    incompatible with ...") fails, and liveupdate_early_init calls
+    luo_restore_fail(), which is panic() -- never a clean boot."""
+    from liveupdate.emu.kernel.core import KernelPanic
+
+    machine, kernel = _booted_with({})
+    try:
+        with pytest.raises(KernelPanic, match="incompatible"):
+            kernel.restore({"luo": luo})
+    finally:
+        kernel.drop()
+        machine.shutdown()

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from luvmm.abi import _IOC_NR, ffi
-from liveupdate.emu.kernel.core import File, KernelError, RealFile, copy_struct, register_subsystem, respond
+from liveupdate.emu.kernel.core import File, KernelError, KernelPanic, RealFile, copy_struct, register_subsystem, respond
 from luvmm.uapi.luo import (
     LIVEUPDATE_CMD_SESSION_BASE,
     LIVEUPDATE_IOCTL_CREATE_SESSION,
@@ -36,6 +36,17 @@ from luvmm.uapi.luo import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The emulated LUO tree's ABI, in the role of LUO_ABI_COMPATIBLE
+#: (include/linux/kho/abi/luo.h): a kernel given another panics
+#: (luo_early_startup -> luo_restore_fail).
+LUO_COMPATIBLE = "luvmm,luo-v1"
+
+
+def _incompatible(detail: str = "") -> KernelPanic:
+    """luo_early_startup failing: liveupdate_early_init's luo_restore_fail() is panic()."""
+    return KernelPanic(f"LUO state is incompatible with '{LUO_COMPATIBLE}'{detail}; The incoming tree failed "
+                       "to initialize properly [-EINVAL], disabling live update")
 
 
 class FileHandler:
@@ -234,7 +245,8 @@ class LuoSubsystem:
         self.preserved: dict[object, LuoFile] = {}
         # Each handler takes one file type (can_preserve): their order does not matter.
         self.handlers = [cls(kernel) for cls in FILE_HANDLERS]
-        #: Set when the incoming KHO image was refused (shown by `host status`).
+        #: Why the incoming sessions could not be deserialized (luo_session_deserialize
+        #: failed): every open of /dev/liveupdate is EIO for this boot (luo_open).
         self.restore_error: str | None = None
 
     def open_node(self, path: str) -> File | None:
@@ -242,6 +254,8 @@ class LuoSubsystem:
             return None
         if self.kernel.alive(self.dev_open):
             raise KernelError(errno.EBUSY, "/dev/liveupdate is already open")
+        if self.restore_error is not None:  # luo_open: "Always return -EIO to user if deserialization fail"
+            raise KernelError(errno.EIO, f"live update deserialization failed: {self.restore_error}")
         self.dev_open = LiveUpdateDev(self.kernel)
         return self.dev_open
 
@@ -397,7 +411,7 @@ class LuoSubsystem:
                 finally:
                     lf.frozen = False
             raise
-        return {"sessions": [
+        return {"compatible": LUO_COMPATIBLE, "sessions": [
             {"name": s.name,
              "files": [{"token": lf.token, "compatible": lf.handler.compatible, "data": lf.state}
                        for lf in s.files]}
@@ -434,18 +448,41 @@ class LuoSubsystem:
         self.preserved.clear()
 
     def restore(self, tree: dict) -> None:
+        """luo_early_startup + luo_session_deserialize.  A LUO tree of another
+        ABI (its compatible, or its shape) is a KernelPanic: the kernel
+        panics (luo_restore_fail).  A session or file this kernel cannot take
+        -- a file whose compatible no handler has (luo_file_deserialize_one:
+        -ENOENT), a session name twice (luo_session_insert: -EEXIST) -- fails
+        the deserialization: the sessions are leaked and every open of
+        /dev/liveupdate is EIO for this boot (luo_open)."""
+        if not tree:
+            return
+        if tree.get("compatible") != LUO_COMPATIBLE:
+            raise _incompatible()
+        try:
+            sessions = [(str(s["name"]), [(int(f["token"]), str(f["compatible"]), f["data"]) for f in s["files"]])
+                        for s in tree.get("sessions", [])]
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise _incompatible(f" ({type(e).__name__}: {e})") from None
         by_compatible = {h.compatible: h for h in self.handlers}
-        for s in tree.get("sessions", []):
-            session = Session(s["name"], incoming=True)
-            for f in s["files"]:
-                handler = by_compatible.get(f["compatible"])
+        for name, files in sessions:
+            if name in self.incoming:
+                self.restore_error = f"Failed to insert session [{name}] -EEXIST"
+                log.warning("%s", self.restore_error)
+                return
+            session = Session(name, incoming=True)
+            self.incoming[name] = session
+            for token, compatible, data in files:
+                handler = by_compatible.get(compatible)
                 if handler is None:
-                    log.warning("no handler for %r: token %#x dropped", f["compatible"], f["token"])
-                    continue
-                lf = LuoFile(f["token"], handler, state=f["data"])
+                    self.restore_error = (f"No registered handler for compatible '{compatible}': "
+                                          f"failed to deserialize files for session [{name}] -ENOENT")
+                    log.warning("%s", self.restore_error)
+                    session.files.clear()
+                    return
+                lf = LuoFile(token, handler, state=data)
                 handler.restore(lf)
                 session.files.append(lf)
-            self.incoming[session.name] = session
 
     def status(self) -> list[dict]:
         out = []
