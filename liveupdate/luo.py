@@ -29,7 +29,8 @@ def _name_bytes(name: str | bytes) -> bytes:
     raw = name.encode() if isinstance(name, str) else bytes(name)
     if len(raw) > LIVEUPDATE_SESSION_NAME_LENGTH:
         # Cannot even be put in the struct; shorter bad names (empty, 64 bytes
-        # with no NUL) go to the kernel, which says EINVAL.
+        # with no NUL) go to the kernel: CREATE says EINVAL (luo_session_create),
+        # RETRIEVE ENOENT (luo_session_retrieve does no length check).
         raise ValueError(f"session name is {len(raw)} bytes; the struct holds {LIVEUPDATE_SESSION_NAME_LENGTH}")
     return raw
 

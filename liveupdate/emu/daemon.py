@@ -50,7 +50,7 @@ from luvmm.uapi.pci_regs import PCI_COMMAND_MASTER
 from liveupdate.emu import faults
 from liveupdate.emu.init import Init
 from liveupdate.emu.kernel import kho
-from liveupdate.emu.kernel.core import Kernel, KernelError
+from liveupdate.emu.kernel.core import Kernel, KernelError, KernelPanic
 from liveupdate.emu.machine import Machine
 from liveupdate.emu.observer import Observer
 from liveupdate.state import StateDir, StateError, check_unit_name
@@ -64,6 +64,8 @@ PROFILES = ("continuous-dma", "reset-on-freeze")
 ANYONE_OPS = frozenset({"open", "listdir", "status", "units", "watch", "observe", "timeline"})
 AGENT_OPS = frozenset({"kexec", "unit-of"})
 OPERATOR_OPS = frozenset({"stop", "faults", "unit-start", "unit-stop"})
+#: What a halted machine (a kernel panic at boot) cannot do: EIO.
+HALTED_OPS = frozenset({"open", "listdir", "kexec", "unit-start", "watch"})
 UNKNOWN = object()
 MAX_CONNECTIONS_PER_PEER = 64
 MAX_CONNECTIONS = 1024
@@ -110,6 +112,9 @@ class HostDaemon:
         self.kho_refused = 0
         self.kexec_seconds: list[float] = []
         self.last_kho_error: str | None = None
+        #: The panic message, once the kernel has panicked: the machine is halted
+        #: (no syscall, no reboot, no unit runs) until it is stopped.
+        self.panic: str | None = None
         self.started = time.time()
         self._stop = trio.Event()
         self.finished = trio.Event()
@@ -184,19 +189,13 @@ class HostDaemon:
         if tree is not None:
             try:
                 self.kernel.restore(tree)
-            except kho.KhoError as e:
-                log.error("the new kernel refused the KHO image: %s", e)
-                self.last_kho_error = str(e)
-                self.kho_refused += 1
-                await self._boot_kernel_again()
-
-    async def _boot_kernel_again(self) -> None:
-        """A kernel that took part of a refused tree trusts none of it: a clean one."""
-        self._kernel_scope.cancel()
-        self.kernel.dropping = True
-        self.kernel.drop()
-        self.generation -= 1
-        await self._boot(None)
+            except KernelPanic as e:
+                # luo_restore_fail() is panic(): the new kernel does not boot on
+                # without the sessions -- the machine halts, with the message.
+                log.critical("Kernel panic - not syncing: %s", e)
+                self.panic = str(e)
+                self.kernel.dropping = True
+                self.kernel.drop()
 
     async def _kernel_tasks(self, *, task_status) -> None:
         with trio.CancelScope() as scope:
@@ -344,6 +343,8 @@ class HostDaemon:
         op = request["op"]
         if op == "hello":
             return {"pid": os.getpid(), "generation": self.generation}, []
+        if self.panic is not None and op in HALTED_OPS:
+            raise KernelError(errno.EIO, f"the machine is halted: kernel panic: {self.panic}")
         if op == "open":
             path, flags = request["path"], int(request.get("flags", os.O_RDWR))
             if not isinstance(path, str):
@@ -427,6 +428,11 @@ class HostDaemon:
                 new_tree = None
             await self._boot(new_tree)
             marks["booted"] = time.time()
+            if self.panic is not None:
+                self.last_kexec = {"generation": self.generation, "kho_bytes": len(image),
+                                   "kho_error": self.last_kho_error, "panic": self.panic, "marks": marks}
+                await self.init.reap(dying)
+                return self.last_kexec
             await self.init.start_all(boot="kexec")
             marks["spawned"] = time.time()
             await self.init.reap(dying)  # off the blackout's path: the units already run
@@ -461,6 +467,7 @@ class HostDaemon:
             "metrics_port": self.metrics_port,
             "kexec_seconds": [round(s, 4) for s in self.kexec_seconds],
             "last_kho_error": self.last_kho_error,
+            "panic": self.panic,
             "disk_error": self.init.log_error,
             "faults": self.faults.describe(),
             "fault_hits": self.faults.hits,

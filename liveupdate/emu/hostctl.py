@@ -233,6 +233,8 @@ def format_status(status: dict) -> str:
     lines = [f"emulated host pid {status['pid']} in {status['state_dir']}, up {status['uptime_s']:.0f} s",
              f"kernel profile {status['kernel_profile']}, generation {kernel['generation']}, "
              f"kexec count {status['kexec_count']}"]
+    if status.get("panic"):
+        lines.append(f"HALTED: kernel panic: {status['panic']}")
     if status.get("last_kho_error"):
         lines.append(f"last KHO image refused: {status['last_kho_error']}")
     if status.get("disk_error"):

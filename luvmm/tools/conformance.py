@@ -72,4 +72,5 @@ def run_both(areas, manifest: dict, timeout: float) -> dict:
     real = run_real(areas, manifest, timeout)
     rows = conformance.compare(emulated, real)
     return {"kernel": manifest.get("kernelrelease"), "areas": list(areas), "summary": conformance.summary(rows),
-            "cases": rows, "out_of_tree": dict(conformance.OUT_OF_TREE)}
+            "cases": rows, "out_of_tree": dict(conformance.OUT_OF_TREE),
+            "cannot_model": dict(conformance.CANNOT_MODEL)}

@@ -16,6 +16,7 @@ from liveupdate.luo import LiveUpdate
 from luvmm.uapi.luo import (
     LIVEUPDATE_IOCTL_CREATE_SESSION,
     LIVEUPDATE_SESSION_FINISH,
+    LIVEUPDATE_SESSION_GET_NAME,
     LIVEUPDATE_SESSION_PRESERVE_FD,
 )
 
@@ -106,6 +107,69 @@ def test_create_session_empty_name(emulated_host):
     assert errno_of(luo.create_session, "") == errno.EINVAL
 
 
+def test_create_session_takes_any_bytes(emulated_host):
+    """luo_session_create checks only the length (strnlen): the name is any
+    bytes, and GET_NAME gives the same bytes back."""
+    host = emulated_host.host
+    luo = LiveUpdate.open(host)
+    arg = bytearray(72)
+    struct.pack_into("<Ii", arg, 0, 72, -1)
+    arg[8:12] = b"\xff\xfe\x80\x01"
+    host.ioctl(luo.fd, LIVEUPDATE_IOCTL_CREATE_SESSION, arg)
+    name = new_arg("struct liveupdate_session_get_name")
+    host.ioctl(struct.unpack_from("<i", arg, 4)[0], LIVEUPDATE_SESSION_GET_NAME, ffi.buffer(name))
+    assert ffi.string(name.name) == b"\xff\xfe\x80\x01"
+
+
+def test_retrieve_session_names_are_not_length_checked(emulated_host):
+    """luo_session_retrieve only strncmp()s the name: empty or 64 bytes with
+    no NUL are -ENOENT like any unknown name, not -EINVAL."""
+    host = emulated_host.host
+    luo = LiveUpdate.open(host)
+    assert errno_of(luo.retrieve_session, "") == errno.ENOENT
+    assert errno_of(luo.retrieve_session, b"R" * 64) == errno.ENOENT
+
+
+def test_close_then_create_the_same_name(emulated_host):
+    """luo_session_release removes the session before close() returns."""
+    luo = LiveUpdate.open(emulated_host.host)
+    mem = memfd_with(b"again")
+    for _ in range(20):
+        session = luo.create_session("again")
+        session.preserve_fd(mem, 1)
+        session.close()
+
+
+def test_preserve_fd_token_checked_first(emulated_host):
+    """luo_preserve_file: a used token is -EEXIST before fget (-EBADF) and
+    before the handler lookup (-ENOENT)."""
+    session = LiveUpdate.open(emulated_host.host).create_session("order")
+    session.preserve_fd(memfd_with(b"o"), 1)
+    r, _ = os.pipe()
+    assert errno_of(session.preserve_fd, r, 1) == errno.EEXIST
+    assert errno_of(session.preserve_fd, -1, 1) == errno.EEXIST
+    assert errno_of(session.preserve_fd, -1, 2) == errno.EBADF
+    assert errno_of(session.preserve_fd, r, 2) == errno.ENOENT
+
+
+def test_unlinked_tmpfs_file_is_preserved(emulated_host):
+    """memfd_luo_can_preserve: shmem_file(file) && !inode->i_nlink -- an
+    O_TMPFILE file of a tmpfs too; with a name it has no handler."""
+    session = LiveUpdate.open(emulated_host.host).create_session("tmpfile")
+    try:
+        tmp = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError as e:
+        pytest.skip(f"no O_TMPFILE on /dev/shm here: {e}")
+    session.preserve_fd(tmp, 1)
+    path = f"/dev/shm/luvmm-test-linked-{os.getpid()}"
+    linked = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert errno_of(session.preserve_fd, linked, 2) == errno.ENOENT
+    finally:
+        os.unlink(path)
+    session.preserve_fd(linked, 2)
+
+
 def test_get_session_name(emulated_host):
     session = LiveUpdate.open(emulated_host.host).create_session("get-name-test")
     assert session.get_name() == "get-name-test"
@@ -148,7 +212,13 @@ def test_kexec_simple(emulated_host):
     assert os.lseek(fd, 0, os.SEEK_CUR) == 1000  # position
     assert not os.get_inheritable(fd)  # O_CLOEXEC
     session.finish()
-    assert errno_of(luo.retrieve_session, "kexec-simple") == errno.ENOENT  # finished: gone
+    # luo_session_finish empties the session but does not remove it: that is
+    # luo_session_release's, at the close of its fd.  Until then it is still
+    # retrieved (luo_session_retrieve: -EINVAL); after, gone (-ENOENT).
+    assert errno_of(luo.retrieve_session, "kexec-simple") == errno.EINVAL
+    assert errno_of(session.retrieve_fd, 0x1A) == errno.ENOENT  # luo_retrieve_file: the file set is empty
+    session.close()
+    assert errno_of(luo.retrieve_session, "kexec-simple") == errno.ENOENT
 
 
 def test_kexec_multi_session(emulated_host):
@@ -228,13 +298,23 @@ def test_closing_a_session_unpreserves(emulated_host):
     assert os.pread(luo.retrieve_session("kept").retrieve_fd(2), 1, 0) == b"d"
 
 
-def test_memfd_size_is_frozen(emulated_host):
-    session = LiveUpdate.open(emulated_host.host).create_session("frozen")
+def test_memfd_preserve_adds_no_seal_and_a_size_change_fails_the_reboot(emulated_host):
+    """memfd_luo_preserve freezes the size with shmem_freeze (an inode flag,
+    SHMEM_F_MAPPING_FROZEN), not a seal: the caller's seals do not change.  The
+    emulated host cannot set that flag on the host's memfd (see
+    liveupdate/emu/kernel/memfd.py), so ftruncate succeeds here -- and the
+    size change is caught at the reboot instead: the freeze fails EBUSY and
+    no kexec happens."""
+    host = emulated_host.host
+    session = LiveUpdate.open(host).create_session("frozen")
     mem = os.memfd_create("grow", os.MFD_ALLOW_SEALING)
     os.ftruncate(mem, 4096)
     session.preserve_fd(mem, 1)
-    assert errno_of(os.ftruncate, mem, 8192) == errno.EPERM
-    assert errno_of(os.ftruncate, mem, 0) == errno.EPERM
+    assert fcntl.fcntl(mem, fcntl.F_GET_SEALS) == 0
+    os.ftruncate(mem, 8192)
+    assert errno_of(host.kexec) == errno.EBUSY
+    os.ftruncate(mem, 4096)
+    assert host.kexec()["generation"] == 2
 
 
 def test_memfd_with_every_known_seal_is_preserved(emulated_host):
@@ -259,3 +339,21 @@ def test_hugetlb_memfd_has_no_handler(emulated_host):
         pytest.skip(f"no hugetlb memfds here: {e}")
     session = LiveUpdate.open(emulated_host.host).create_session("huge")
     assert errno_of(session.preserve_fd, mem, 1) == errno.ENOENT
+
+
+# --- rules of the next boot (kexec) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("emulated_host", [{"env": {"LUVMM_FAULTS": "finish=fail"}}], indirect=True)
+def test_closing_a_retrieved_session_whose_finish_fails_leaves_it_retrieved(emulated_host):
+    """luo_session_release: if luo_session_finish_one fails it returns before
+    luo_session_remove -- the session stays in the incoming list, still
+    retrieved, so RETRIEVE_SESSION of it is -EINVAL (luo_session_retrieve),
+    not a second chance."""
+    host = emulated_host.host
+    LiveUpdate.open(host).create_session("unfinished").preserve_fd(memfd_with(b"u"), 1)
+    host.kexec()
+    luo = LiveUpdate.open(host)
+    session = luo.retrieve_session("unfinished")
+    assert errno_of(session.finish) == errno.EIO  # the injected fault
+    session.close()
+    assert errno_of(luo.retrieve_session, "unfinished") == errno.EINVAL

@@ -229,7 +229,10 @@ def test_a_failing_finish_keeps_the_session_until_it_succeeds(vm_host):
     assert any(s["name"] == "f" and s["direction"] == "incoming" for s in sessions)
     assert "FINISH failed" in manage.status(state, "f")["finish_error"]
     inject(conn, clear=True)
-    wait_until(lambda: not any(s["direction"] == "incoming" for s in host_status(conn)["kernel"]["sessions"]),
+    # Finished: luo_file_finish empties its file set (the session itself stays,
+    # retrieved, until its fd is closed: luo_session_release).
+    wait_until(lambda: not any(s["direction"] == "incoming" and s["files"]
+                               for s in host_status(conn)["kernel"]["sessions"]),
                "the incoming session to be finished")
     # The VMM learns of its FINISH's success once the call returns to it.
     wait_until(lambda: manage.status(state, "f")["finish_error"] is None, "the VMM to see its FINISH succeed")

@@ -89,10 +89,11 @@ def test_many_clients_one_misbehaving(emulated_host):
 
 
 @pytest.mark.parametrize("emulated_host, why", [({"env": {"LUVMM_FAULTS": "kho=corrupt"}}, "checksum"),
-                                                ({"env": {"LUVMM_FAULTS": "kho=truncate"}}, "truncated"),
-                                                ({"env": {"LUVMM_FAULTS": "kho=skew"}}, "cannot take")],
+                                                ({"env": {"LUVMM_FAULTS": "kho=truncate"}}, "truncated")],
                          indirect=["emulated_host"])
 def test_garbage_kho_image_is_refused(emulated_host, why):
+    """kho_populate: a handover FDT that is not valid is dropped ("disabling
+    KHO revival"): the new kernel boots clean, with nothing incoming."""
     host = emulated_host.host
     luo = LiveUpdate.open(host)
     mem = os.memfd_create("doomed")
@@ -106,6 +107,26 @@ def test_garbage_kho_image_is_refused(emulated_host, why):
     with pytest.raises(OSError) as e:
         LiveUpdate.open(host).retrieve_session("doomed")
     assert e.value.errno == errno.ENOENT  # the new kernel trusted nothing of it
+
+
+@pytest.mark.parametrize("emulated_host", [{"env": {"LUVMM_FAULTS": "kho=skew"}}], indirect=True)
+def test_an_incompatible_luo_tree_halts_the_machine(emulated_host):
+    """A well-formed image whose LUO tree is another ABI's: luo_early_startup
+    fails and luo_restore_fail() panics the new kernel.  The emulated machine
+    halts with the message (status "panic"); it never boots clean."""
+    host = emulated_host.host
+    mem = os.memfd_create("doomed")
+    LiveUpdate.open(host).create_session("doomed").preserve_fd(mem, 1)
+    info = host.kexec()
+    assert "incompatible" in info["panic"] and "failed to initialize" in info["panic"]
+    status = host.call({"op": "status"})[0]
+    assert status["panic"] == info["panic"]
+    with pytest.raises(OSError) as e:
+        LiveUpdate.open(host)
+    assert e.value.errno == errno.EIO and "halted" in str(e.value)
+    with pytest.raises(OSError) as e:
+        host.kexec()
+    assert e.value.errno == errno.EIO
 
 
 def test_kho_decoder_refuses_garbage():

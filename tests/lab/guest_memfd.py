@@ -130,6 +130,9 @@ def stage2() -> dict:
     session.finish()
     out["finish"] = 0
     out["ram_still_readable_after_finish"] = os.pread(ram, 32, 0) == pattern(32, b"ram")
+    # Finished but its fd still open: the session is still there, retrieved.
+    out["retrieve_session_after_finish_before_close_errno"] = errno_of(luo.retrieve_session, SESSION)
+    out["retrieve_fd_after_finish_errno"] = errno_of(session.retrieve_fd, RAM_TOKEN)
     session.close()
     out["retrieve_after_finish_errno"] = errno_of(luo.retrieve_session, SESSION)
     return out

@@ -98,7 +98,12 @@ def test_retrieve_and_finish_after_the_kexec(stages):
     assert after["retrieve_session_twice_errno"] == errno.EINVAL
     assert after["finish"] == 0
     assert after["ram_still_readable_after_finish"]
-    # Once finished, the session is gone from LUO
+    # luo_session_finish empties the session (luo_file_finish) but leaves it in
+    # the incoming list, retrieved, until its fd is closed: RETRIEVE_SESSION
+    # -EINVAL, RETRIEVE_FD -ENOENT (luo_retrieve_file: the file set is empty)...
+    assert after["retrieve_session_after_finish_before_close_errno"] == errno.EINVAL
+    assert after["retrieve_fd_after_finish_errno"] == errno.ENOENT
+    # ... and luo_session_release removes it: gone.
     assert after["retrieve_after_finish_errno"] == errno.ENOENT
 
 

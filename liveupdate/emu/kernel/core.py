@@ -22,6 +22,10 @@ class KernelError(OSError):
         super().__init__(err, message or os.strerror(err))
 
 
+class KernelPanic(Exception):
+    """The kernel panicked at boot (the message is panic()'s): the machine halts."""
+
+
 class File:
     """An open file description of the emulated kernel.
 
@@ -271,15 +275,18 @@ class Kernel:
             subsystem.drop()
 
     def restore(self, tree: dict) -> None:
-        """Boot, second half: take over what the KHO tree describes.  A tree
-        whose checksum holds but whose shape does not (another kernel's, or a
-        bug's) is refused as a whole: KhoError, and the caller boots without it."""
-        from liveupdate.emu.kernel.kho import KhoError
-
+        """Boot, second half: take over what the KHO tree describes.  A LUO
+        tree of another ABI -- its compatible, or a shape this kernel does not
+        read (another kernel's, or a bug's) -- panics the kernel, as
+        luo_early_startup's failure does (luo_restore_fail: panic):
+        KernelPanic, and the machine halts."""
         try:
             self.luo.restore(tree.get("luo", {}))
+        except KernelPanic:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            raise KhoError(f"KHO tree this kernel cannot take: {type(e).__name__}: {e}") from None
+            raise KernelPanic(f"The incoming tree failed to initialize properly "
+                              f"({type(e).__name__}: {e})") from None
 
     def reap(self) -> None:
         """Release every file whose users have all closed it."""

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from luvmm.abi import _IOC_NR, ffi
-from liveupdate.emu.kernel.core import File, KernelError, RealFile, copy_struct, register_subsystem, respond
+from liveupdate.emu.kernel.core import File, KernelError, KernelPanic, RealFile, copy_struct, register_subsystem, respond
 from luvmm.uapi.luo import (
     LIVEUPDATE_CMD_SESSION_BASE,
     LIVEUPDATE_IOCTL_CREATE_SESSION,
@@ -36,6 +36,17 @@ from luvmm.uapi.luo import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The emulated LUO tree's ABI, in the role of LUO_ABI_COMPATIBLE
+#: (include/linux/kho/abi/luo.h): a kernel given another panics
+#: (luo_early_startup -> luo_restore_fail).
+LUO_COMPATIBLE = "luvmm,luo-v1"
+
+
+def _incompatible(detail: str = "") -> KernelPanic:
+    """luo_early_startup failing: liveupdate_early_init's luo_restore_fail() is panic()."""
+    return KernelPanic(f"LUO state is incompatible with '{LUO_COMPATIBLE}'{detail}; The incoming tree failed "
+                       "to initialize properly [-EINVAL], disabling live update")
 
 
 class FileHandler:
@@ -110,15 +121,25 @@ class Session:
         return next((f for f in self.files if f.token == token), None)
 
 
-def _name(cmd) -> str:
+def _name_of(cmd, *, create: bool) -> str:
+    """The name in a CREATE/RETRIEVE_SESSION struct.
+
+    luo_session_create: ``strnlen(name, 64)`` of 0 or 64 (no NUL) is EINVAL,
+    and any other bytes are a name (no encoding rule).  luo_session_retrieve
+    does no length check at all: it strncmp()s the 64 bytes against each
+    incoming name, so an empty or unterminated name just matches none
+    (ENOENT).  Names are kept as str with surrogateescape, so that every byte
+    string round-trips (GET_NAME gives back the same bytes).
+    """
     raw = bytes(cmd.name)
     end = raw.find(b"\0")
-    if end <= 0:  # empty, or 64 bytes with no terminator
+    if create and end <= 0:  # empty, or 64 bytes with no terminator
         raise KernelError(errno.EINVAL, "session names are 1 to 63 bytes")
-    try:
-        return raw[:end].decode()
-    except UnicodeDecodeError:
-        raise KernelError(errno.EINVAL, "session name is not UTF-8") from None
+    return raw[:end if end >= 0 else len(raw)].decode("utf-8", "surrogateescape")
+
+
+def name_bytes(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
 
 
 def _check_cmd(request: int, expected: dict[int, int], base: int) -> int:
@@ -139,8 +160,9 @@ class LiveUpdateDev(File):
         _check_cmd(request, {0: LIVEUPDATE_IOCTL_CREATE_SESSION, 1: LIVEUPDATE_IOCTL_RETRIEVE_SESSION}, 0)
         argtype = definition.argtype
         cmd, size = copy_struct(buf, argtype, "name")
-        name = _name(cmd)
-        session = luo.create(name) if request == LIVEUPDATE_IOCTL_CREATE_SESSION else luo.retrieve(name)
+        create = request == LIVEUPDATE_IOCTL_CREATE_SESSION
+        name = _name_of(cmd, create=create)
+        session = luo.create(name) if create else luo.retrieve(name)
         session.file = SessionFile(self.kernel, session)
         fd = self.kernel.install(session.file)
         cmd.fd = -1  # the client writes its own number in
@@ -171,9 +193,8 @@ class SessionFile(File):
             if session.incoming:
                 raise KernelError(errno.EINVAL, "PRESERVE_FD on a retrieved session")
             cmd, size = copy_struct(buf, definition.argtype, "token")
-            if cmd.fd < 0 or not fds:
-                raise KernelError(errno.EBADF)
-            luo.preserve(session, cmd.token, fds[0])
+            # luo_preserve_file: the token is checked before fget (EEXIST before EBADF).
+            luo.preserve(session, cmd.token, fds[0] if cmd.fd >= 0 and fds else None)
             respond(buf, cmd, size)
             return 0
         if request == LIVEUPDATE_SESSION_RETRIEVE_FD:
@@ -196,7 +217,7 @@ class SessionFile(File):
         cmd, size = copy_struct(buf, definition.argtype, "name")
         if cmd.reserved:
             raise KernelError(errno.EINVAL)
-        raw = session.name.encode()[:LIVEUPDATE_SESSION_NAME_LENGTH - 1]
+        raw = name_bytes(session.name)[:LIVEUPDATE_SESSION_NAME_LENGTH - 1]
         ffi.memmove(cmd.name, raw + b"\0", len(raw) + 1)
         respond(buf, cmd, size)
         return 0
@@ -224,7 +245,8 @@ class LuoSubsystem:
         self.preserved: dict[object, LuoFile] = {}
         # Each handler takes one file type (can_preserve): their order does not matter.
         self.handlers = [cls(kernel) for cls in FILE_HANDLERS]
-        #: Set when the incoming KHO image was refused (shown by `host status`).
+        #: Why the incoming sessions could not be deserialized (luo_session_deserialize
+        #: failed): every open of /dev/liveupdate is EIO for this boot (luo_open).
         self.restore_error: str | None = None
 
     def open_node(self, path: str) -> File | None:
@@ -232,12 +254,20 @@ class LuoSubsystem:
             return None
         if self.kernel.alive(self.dev_open):
             raise KernelError(errno.EBUSY, "/dev/liveupdate is already open")
+        if self.restore_error is not None:  # luo_open: "Always return -EIO to user if deserialization fail"
+            raise KernelError(errno.EIO, f"live update deserialization failed: {self.restore_error}")
         self.dev_open = LiveUpdateDev(self.kernel)
         return self.dev_open
 
     # --- sessions ---------------------------------------------------------------------------
 
     def create(self, name: str) -> Session:
+        # A session whose fd the client closed is released by luo_session_release
+        # before close() returns: ask whether it is still alive (the daemon sees
+        # the close asynchronously), so that close-then-CREATE is never EEXIST.
+        existing = self.outgoing.get(name)
+        if existing is not None:
+            self.kernel.alive(existing.file)
         if name in self.outgoing:
             raise KernelError(errno.EEXIST, f"session {name!r} exists")
         session = self.outgoing[name] = Session(name, incoming=False)
@@ -245,6 +275,9 @@ class LuoSubsystem:
 
     def retrieve(self, name: str) -> Session:
         session = self.incoming.get(name)
+        if session is not None and session.file is not None:
+            self.kernel.alive(session.file)  # closed meanwhile: released (and removed) first
+            session = self.incoming.get(name)
         if session is None:
             raise KernelError(errno.ENOENT, f"no incoming session {name!r}")
         if session.retrieved:
@@ -253,12 +286,18 @@ class LuoSubsystem:
         return session
 
     def session_closed(self, session: Session) -> None:
+        session.file = None
         if session.incoming:
+            # luo_session_release: a retrieved session is finished, then removed.
+            # If the finish fails the release returns early: the session stays
+            # in the incoming list, still marked retrieved (RETRIEVE_SESSION is
+            # EINVAL from then on), with its files.
             try:
                 self.finish(session)
             except KernelError as e:
                 log.warning("unable to finish session %s on release: %s", session.name, e)
-                session.retrieved = False
+                return
+            self.incoming.pop(session.name, None)
             return
         for lf in reversed(session.files):
             self._unpreserve(lf)
@@ -267,9 +306,13 @@ class LuoSubsystem:
 
     # --- files ---------------------------------------------------------------------------------
 
-    def preserve(self, session: Session, token: int, fd: int) -> None:
+    def preserve(self, session: Session, token: int, fd: int | None) -> None:
+        """luo_preserve_file, in its order: a used token EEXIST, a bad fd
+        EBADF, no handler ENOENT, a file preserved already EBUSY."""
         if session.find(token) is not None:
             raise KernelError(errno.EEXIST, f"token {token:#x} is used in session {session.name!r}")
+        if fd is None:
+            raise KernelError(errno.EBADF)
         target = self.kernel.lookup(fd) or RealFile(fd)
         handler = next((h for h in self.handlers if h.can_preserve(target)), None)
         if handler is None:
@@ -345,8 +388,10 @@ class LuoSubsystem:
             if isinstance(lf.target, int):
                 os.close(lf.target)
                 lf.target = None
+        # luo_file_finish empties the file set; the session itself stays in
+        # the incoming list, retrieved, until its fd is closed
+        # (luo_session_release): RETRIEVE_SESSION of it is EINVAL meanwhile.
         session.files.clear()
-        self.incoming.pop(session.name, None)
 
     # --- kexec -------------------------------------------------------------------------------------
 
@@ -366,7 +411,7 @@ class LuoSubsystem:
                 finally:
                     lf.frozen = False
             raise
-        return {"sessions": [
+        return {"compatible": LUO_COMPATIBLE, "sessions": [
             {"name": s.name,
              "files": [{"token": lf.token, "compatible": lf.handler.compatible, "data": lf.state}
                        for lf in s.files]}
@@ -403,18 +448,41 @@ class LuoSubsystem:
         self.preserved.clear()
 
     def restore(self, tree: dict) -> None:
+        """luo_early_startup + luo_session_deserialize.  A LUO tree of another
+        ABI (its compatible, or its shape) is a KernelPanic: the kernel
+        panics (luo_restore_fail).  A session or file this kernel cannot take
+        -- a file whose compatible no handler has (luo_file_deserialize_one:
+        -ENOENT), a session name twice (luo_session_insert: -EEXIST) -- fails
+        the deserialization: the sessions are leaked and every open of
+        /dev/liveupdate is EIO for this boot (luo_open)."""
+        if not tree:
+            return
+        if tree.get("compatible") != LUO_COMPATIBLE:
+            raise _incompatible()
+        try:
+            sessions = [(str(s["name"]), [(int(f["token"]), str(f["compatible"]), f["data"]) for f in s["files"]])
+                        for s in tree.get("sessions", [])]
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise _incompatible(f" ({type(e).__name__}: {e})") from None
         by_compatible = {h.compatible: h for h in self.handlers}
-        for s in tree.get("sessions", []):
-            session = Session(s["name"], incoming=True)
-            for f in s["files"]:
-                handler = by_compatible.get(f["compatible"])
+        for name, files in sessions:
+            if name in self.incoming:
+                self.restore_error = f"Failed to insert session [{name}] -EEXIST"
+                log.warning("%s", self.restore_error)
+                return
+            session = Session(name, incoming=True)
+            self.incoming[name] = session
+            for token, compatible, data in files:
+                handler = by_compatible.get(compatible)
                 if handler is None:
-                    log.warning("no handler for %r: token %#x dropped", f["compatible"], f["token"])
-                    continue
-                lf = LuoFile(f["token"], handler, state=f["data"])
+                    self.restore_error = (f"No registered handler for compatible '{compatible}': "
+                                          f"failed to deserialize files for session [{name}] -ENOENT")
+                    log.warning("%s", self.restore_error)
+                    session.files.clear()
+                    return
+                lf = LuoFile(token, handler, state=data)
                 handler.restore(lf)
                 session.files.append(lf)
-            self.incoming[session.name] = session
 
     def status(self) -> list[dict]:
         out = []

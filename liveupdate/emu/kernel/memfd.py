@@ -1,19 +1,34 @@
 """memfd preservation (mm/memfd_luo.c): contents, size and position survive
-the kexec; the size is frozen from PRESERVE_FD on; hugetlb memfds have no
-handler (ENOENT); seals beyond what LUO knows are EOPNOTSUPP.
+the kexec; seals beyond what LUO knows are EOPNOTSUPP.
+
+memfd_luo_can_preserve takes any *unlinked shmem file*: ``shmem_file(file) &&
+!inode->i_nlink`` -- a memfd of any flags (MFD_NOEXEC_SEAL, F_SEAL_EXEC, no
+sealing at all) and an O_TMPFILE file of a tmpfs (/dev/shm) alike; a hugetlb
+memfd (hugetlbfs), a linked tmpfs file, a pipe, /dev/null have no handler
+(ENOENT, luo_preserve_file).
 
 The pages are the machine's: preserving hands the memfd's pages to the
 machine (the same pages the IOMMU translates to, when the memfd is guest
-RAM), and the next kernel hands out a new fd on those very pages.  The kernel freezes the size with an inode
-flag; the emulation adds F_SEAL_GROW | F_SEAL_SHRINK when it still can, and
-otherwise checks at freeze that the size did not change (EBUSY).
+RAM), and the next kernel hands out a new fd on those very pages.
+
+What the emulation cannot do: memfd_luo_preserve freezes the mapping with
+shmem_freeze() (SHMEM_F_MAPPING_FROZEN), so that until unpreserve a size
+change (shmem_setattr), a write past EOF (shmem_write_begin) and any
+fallocate (shmem_fallocate) are EPERM -- without adding a seal.  The file is
+the host kernel's, shared with the caller; no userspace process can set that
+inode flag, and seals (the only other way to refuse a resize to another
+process) would be visible to the caller and could never be taken off at
+unpreserve.  So the emulated host adds nothing to the caller's file: those
+calls succeed here, and a size change is caught at the reboot instead (the
+freeze fails EBUSY, the kexec does not happen).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
-import mmap
 import os
 
 from liveupdate.emu.kernel.core import KernelError, RealFile
@@ -24,8 +39,23 @@ from liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handle
 MEMFD_LUO_ALL_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
                        | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10) | getattr(fcntl, "F_SEAL_EXEC", 0x20))
 
+# include/uapi/linux/magic.h
+TMPFS_MAGIC = 0x01021994
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def fs_type(fd: int) -> int:
+    """fstatfs(fd).f_type (struct statfs starts with the __fsword_t f_type)."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
 
 def is_memfd(fd: int) -> bool:
+    """A memfd_create() file (what IOMMU_IOAS_MAP_FILE takes)."""
     try:
         link = os.readlink(f"/proc/self/fd/{fd}")
         fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -34,22 +64,34 @@ def is_memfd(fd: int) -> bool:
     return link.startswith("/memfd:")
 
 
+def is_shmem_unlinked(fd: int) -> bool:
+    """memfd_luo_can_preserve: shmem_file(file) && !inode->i_nlink.  A memfd
+    and an O_TMPFILE/unlinked file of a tmpfs are shmem files; hugetlbfs is
+    not."""
+    try:
+        st = os.fstat(fd)
+        return fs_type(fd) == TMPFS_MAGIC and st.st_nlink == 0 and (st.st_mode & 0o170000) == 0o100000
+    except OSError:
+        return False
+
+
 class MemfdHandler(FileHandler):
     compatible = "memfd-v1"
 
     def can_preserve(self, target) -> bool:
-        if not isinstance(target, RealFile) or not is_memfd(target.fd):
-            return False
-        return os.fstat(target.fd).st_blksize <= mmap.PAGESIZE  # hugetlb: no handler
+        return isinstance(target, RealFile) and is_shmem_unlinked(target.fd)
 
     def preserve(self, lf: LuoFile) -> dict:
         fd = lf.target.fd
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:  # a tmpfs file that is not a memfd: memfd_get_seals gives F_SEAL_SEAL
+            seals = fcntl.F_SEAL_SEAL
         if seals & ~MEMFD_LUO_ALL_SEALS:
             raise KernelError(errno.EOPNOTSUPP, "memfd has seals LUO does not know")
         size = os.fstat(fd).st_size
-        if not seals & fcntl.F_SEAL_SEAL:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+        # No seal is added (the kernel's freeze is an inode flag, which the
+        # emulation cannot set on the host's file: see the module's doc).
         dev, inode = self.kernel.machine.hold(fd)
         return {"size": size, "pos": os.lseek(fd, 0, os.SEEK_CUR), "seals": seals, "inode": inode, "dev": dev}
 
