@@ -155,8 +155,10 @@ def compare(emulated: dict[str, dict], real: dict[str, dict]) -> list[dict]:
 
 def summary(rows: list[dict]) -> dict:
     differ = [r["case"] for r in rows if not r["same"] and not r["skipped"] and not r["out_of_tree"]]
-    return {"cases": len(rows), "same": sum(r["same"] for r in rows),
-            "declared": sum(bool(not r["same"] and r["out_of_tree"]) for r in rows),
+    declared = [r for r in rows if not r["same"] and r["out_of_tree"]]
+    return {"cases": len(rows), "same": sum(r["same"] for r in rows), "declared": len(declared),
+            "out_of_tree": sum(not r.get("cannot_model") for r in declared),
+            "not_modelled": sum(bool(r.get("cannot_model")) for r in declared),
             "skipped": sum(r["skipped"] and not r["out_of_tree"] for r in rows), "differ": differ}
 
 
@@ -189,8 +191,8 @@ def format_report(rows: list[dict]) -> str:
         if not r["same"] and r["out_of_tree"]:
             lines.append(f"{'':12}   (declared: {r['out_of_tree']})")
     s = summary(rows)
-    lines.append(f"{s['cases']} cases: {s['same']} the same on both, {s['declared']} declared "
-                 f"(out of tree or not modelled), "
+    lines.append(f"{s['cases']} cases: {s['same']} the same on both, {s['out_of_tree']} declared out of tree, "
+                 f"{s['not_modelled']} declared not modelled, "
                  f"{s['skipped']} skipped, {len(s['differ'])} differ"
                  + (f" ({', '.join(s['differ'])})" if s["differ"] else ""))
     return "\n".join(lines)

@@ -80,7 +80,7 @@ def _unmapped_va(length: int) -> int:
 
 
 @case("iommufd", device=True,
-      out_of_tree="emulator limit, not a kernel difference: the emulated kernel is another process "
+      cannot_model="the emulated kernel is another process "
                   "and cannot pin the caller's memory, so where the real kernel pins a user VA "
                   "(HWPT_ALLOC over the IOAS: EFAULT for an unmapped VA) it answers EREMOTE; the VMM "
                   "maps guest RAM with IOAS_MAP_FILE only")

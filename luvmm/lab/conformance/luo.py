@@ -359,3 +359,52 @@ def case_preserve_fd_of_files_no_handler_takes(ctx):
             os.unlink(path)
         out["same_file_once_unlinked"] = errno_of(s.preserve_fd, fd, 6)
         return out
+
+
+# --- what LUO preserves: the file handlers a kernel has ------------------------------------------
+# Mainline registers memfd's handler only (mm/memfd_luo.c); the emulated host models the VFIO and
+# iommufd live-update series too, so their answers differ by design: declared here, and nowhere else.
+
+SERIES = ("the {} LUO file handler is the out-of-tree live-update series the emulated host models; "
+          "mainline has no handler for it, so luo_preserve_file answers ENOENT")
+
+
+def _preserve_errno(ctx, fd: int) -> int:
+    session = _session(ctx, _luo(ctx), "conformance-handlers")
+    return errno_of(session.preserve_fd, fd, 0x77)
+
+
+@case("luo", device=True, out_of_tree=SERIES.format("vfio-pci"))
+def case_preserve_fd_of_a_vfio_cdev(ctx):
+    """luo_file.c luo_preserve_file: no registered handler's can_preserve()
+    takes the file -> -ENOENT (mainline); the series' vfio-pci handler takes
+    a VFIO cdev fd."""
+    from devices.vfio import VfioDevice
+
+    dev = VfioDevice.open_bdf(ctx.host, ctx.device)
+    ctx.track(dev.fd)
+    return _preserve_errno(ctx, dev.fd)
+
+
+@case("luo", out_of_tree=SERIES.format("iommufd"))
+def case_preserve_fd_of_an_iommufd(ctx):
+    """luo_file.c luo_preserve_file: -ENOENT on mainline; the series' iommufd
+    handler takes an iommufd."""
+    from devices.iommufd import IommuFd
+
+    ifd = IommuFd.open(ctx.host)
+    ctx.track(ifd.fd)
+    return _preserve_errno(ctx, ifd.fd)
+
+
+@case("luo", out_of_tree="IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE is the series' (provisional number, "
+                         "luvmm/uapi/iommufd.py): mainline's iommufd_fops_ioctl has no such command (ENOTTY)")
+def case_hwpt_liveupdate_mark_preserve(ctx):
+    """drivers/iommu/iommufd/main.c iommufd_fops_ioctl: a number past the
+    command table goes to iommufd_vfio_ioctl -> -ENOIOCTLCMD (ENOTTY); with
+    the series, HWPT 0 does not exist (ENOENT)."""
+    from devices.iommufd import IommuFd
+
+    ifd = IommuFd.open(ctx.host)
+    ctx.track(ifd.fd)
+    return errno_of(ifd.hwpt_liveupdate_mark_preserve, 0, 0x78)

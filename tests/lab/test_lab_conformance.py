@@ -1,10 +1,9 @@
-"""The iommufd and VFIO conformance cases against the lab kernel, and the
-provisional iommufd command number against the lab kernel's headers.
-
-`luvmm lab conformance --area iommufd --area vfio` runs every case of
-luvmm/lab/conformance/{iommufd,vfio}.py on a fresh emulated host and on the
-real kernel in the lab guest; nothing may differ but what is declared.
-"""
+"""The conformance cases (luvmm/lab/conformance: luo, memfd, iommufd, vfio)
+on a fresh emulated host and on the lab kernel -- `luvmm lab conformance
+--json`, one boot -- and the provisional iommufd command number against the
+lab kernel's headers.  Every case runs on both sides; nothing may differ but
+what is declared (out of tree: what mainline does not have; not modelled:
+what the emulated host cannot reproduce, each with its reason)."""
 
 import json
 import os
@@ -26,20 +25,21 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.mark.timeout(900)
-def test_iommufd_and_vfio_conform_to_the_lab_kernel(lab_kernel):
+def test_the_emulated_kernel_conforms_to_the_lab_kernel(lab_kernel):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "luvmm", "lab", "conformance", "--area", "iommufd",
-                           "--area", "vfio", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "luvmm", "lab", "conformance", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=800)
     try:
         report = json.loads(proc.stdout)
     except ValueError:
         pytest.fail(f"no JSON report (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    errored = [(row["case"], side, row[side]["error"]) for row in report["cases"]
-               for side in ("emulated", "real") if "error" in row[side]]
-    assert errored == []
-    assert report["summary"]["differ"] == [], [r for r in report["cases"] if r["case"] in report["summary"]["differ"]]
-    assert report["summary"]["skipped"] == 0
+    broken = {r["case"]: (r["emulated"], r["real"]) for r in report["cases"]
+              if "result" not in r["emulated"] or "result" not in r["real"]}
+    assert not broken, f"cases that did not run on both sides: {json.dumps(broken)[:3000]}"
+    assert report["summary"]["differ"] == [], json.dumps(
+        [r for r in report["cases"] if r["case"] in report["summary"]["differ"]])[:3000]
+    assert {r["case"].split(".")[0] for r in report["cases"]} == {"luo", "memfd", "iommufd", "vfio"}
+    assert report["summary"]["cases"] >= 45
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
