@@ -12,6 +12,12 @@ def _fail(text: str) -> int:
     return 1
 
 
+def _no_kernel(kernel: str | None) -> int:
+    if kernel:
+        return _fail(f"no lab kernel {kernel!r} (a build directory or key of `luvmm lab build`)")
+    return _fail("no lab kernel: run `luvmm lab build`")
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from luvmm.lab import LabError
     from luvmm.lab.build import build, describe
@@ -40,9 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _fail("no command: luvmm lab run [options] -- CMD [ARG...]")
     manifest = find(args.kernel)
     if manifest is None:
-        if args.kernel:
-            return _fail(f"no lab kernel {args.kernel!r} (a build directory or key of `luvmm lab build`)")
-        return _fail("no lab kernel: run `luvmm lab build`")
+        return _no_kernel(args.kernel)
     try:
         result = run(cmd, manifest, devices=args.edu, memory=args.memory, cpus=args.cpus, timeout=args.timeout,
                      results=args.results, accel=args.accel, console=args.console,
@@ -82,9 +86,7 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
     areas = tuple(args.area) or conformance.AREAS
     manifest = find(args.kernel)
     if manifest is None:
-        if args.kernel:
-            return _fail(f"no lab kernel {args.kernel!r} (a build directory or key of `luvmm lab build`)")
-        return _fail("no lab kernel: run `luvmm lab build`")
+        return _no_kernel(args.kernel)
     try:
         report = run_both(areas, manifest, args.timeout)
     except LabError as e:

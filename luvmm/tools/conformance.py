@@ -10,19 +10,8 @@ import sys
 import tempfile
 
 from luvmm.lab import ROOT, LabError
+from liveupdate.check import vfio_functions
 from luvmm.lab import conformance
-
-
-def vfio_functions(host) -> list[str]:
-    """The PCI functions bound to vfio-pci that ``host`` shows (sorted BDFs)."""
-    found = []
-    for bdf in host.listdir("/sys/bus/pci/devices"):
-        try:
-            if host.listdir(f"/sys/bus/pci/devices/{bdf}/vfio-dev"):
-                found.append(bdf)
-        except OSError:
-            continue
-    return sorted(found)
 
 
 def run_emulated(areas) -> dict[str, dict]:

@@ -68,7 +68,9 @@ def test_a_vmm_cannot_reach_another_vms_session_files_device_or_memory(vm_host):
     assert got["open /dev/liveupdate"] == errno.EBUSY  # the agent holds it
     assert got["destroy victim ioas"] == errno.ENOENT  # object ids are per iommufd
     assert got["map victim ioas"] == errno.ENOENT
-    assert got["map a user VA"] == errno.EOPNOTSUPP
+    # Accepted as the kernel does (iommufd_ioas_map pins nothing yet); the emulated kernel can never
+    # pin another process's VA (EREMOTE at the first pin), so no device ever reaches it.
+    assert got["map a user VA"] == "ok"
     # VM a did not notice: its session, files and update are whole.
     report = update_once(state, timeout=60)["reports"]["a"]
     assert report["guest_progressed"] and (report["dma_errors"], report["dma_lost"], report["dma_corrupted"]) == (0, 0, 0)

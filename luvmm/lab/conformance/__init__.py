@@ -23,6 +23,7 @@ luo_file.c), ``memfd`` (memfd_luo.c), ``iommufd`` (drivers/iommu/iommufd),
 from __future__ import annotations
 
 import importlib
+import os
 import traceback
 
 AREAS = ("luo", "memfd", "iommufd", "vfio")
@@ -99,6 +100,28 @@ class Ctx:
             fd = self._fds.pop()
             try:
                 self.host.close(fd)
+            except OSError:
+                pass
+
+
+class LocalFds:
+    """``with LocalFds() as local: fd = local(os.memfd_create(...))``: fds of
+    this process (memfds, pipes) a case makes itself, closed at its end."""
+
+    def __init__(self):
+        self.fds: list[int] = []
+
+    def __call__(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for fd in self.fds:
+            try:
+                os.close(fd)
             except OSError:
                 pass
 

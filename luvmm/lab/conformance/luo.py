@@ -12,7 +12,7 @@ import struct
 
 from liveupdate.luo import LiveUpdate
 from luvmm.abi import _IO, _IOC_NR, ffi, new_arg
-from luvmm.lab.conformance import case, errno_of
+from luvmm.lab.conformance import LocalFds, case, errno_of
 from luvmm.uapi.luo import (
     LIVEUPDATE_CMD_RETRIEVE_SESSION,
     LIVEUPDATE_CMD_SESSION_GET_NAME,
@@ -39,28 +39,6 @@ def _session(ctx, luo: LiveUpdate, name):
     s = luo.create_session(name)
     ctx.track(s.fd)
     return s
-
-
-class _Local:
-    """Local fds (memfds, pipes) a case opens itself, closed at its end."""
-
-    def __init__(self):
-        self.fds: list[int] = []
-
-    def __call__(self, fd: int) -> int:
-        self.fds.append(fd)
-        return fd
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
 
 def _raw(ctx, target: int, request: int, argtype: str, size: int | None = None, *, total: int | None = None,
          **fields) -> tuple[int, bytearray]:
@@ -233,7 +211,7 @@ def case_close_then_create_same_name(ctx):
     unpreserves its files and removes it before close() returns, so a CREATE
     of the same name right after is 0 (not -EEXIST), and its memfd can be
     preserved again at once (luo_preserve_file's xa_insert: not -EBUSY)."""
-    with _Local() as local:
+    with LocalFds() as local:
         mem = local(os.memfd_create("conformance", 0))
         luo = _luo(ctx)
         out = {}
@@ -292,7 +270,7 @@ def case_preserve_fd_struct_size(ctx):
     """luo_session.c luo_session_ioctl: PRESERVE_FD's size below
     offsetofend(token) is -EINVAL; non-zero bytes past the struct -E2BIG
     (copy_struct_from_user)."""
-    with _Local() as local:
+    with LocalFds() as local:
         mem = local(os.memfd_create("conformance", 0))
         s = _session(ctx, _luo(ctx), "conformance-pfd-size")
         preserve = "struct liveupdate_session_preserve_fd"
@@ -316,7 +294,7 @@ def case_preserve_fd_check_order(ctx):
     in the session (-EEXIST, before the fd is even looked up), fget (-EBADF),
     a handler that takes the file (-ENOENT), the file preserved already
     (xa_insert: -EBUSY)."""
-    with _Local() as local:
+    with LocalFds() as local:
         mem = local(os.memfd_create("conformance", 0))
         r, w = os.pipe()
         local(r), local(w)
@@ -337,7 +315,7 @@ def case_preserve_fd_of_files_no_handler_takes(ctx):
     """luo_file.c luo_preserve_file: a file no handler's can_preserve takes is
     -ENOENT -- a pipe, /dev/null, an eventfd, a regular file on a disk or a
     tmpfs file that still has a name (memfd_luo_can_preserve wants i_nlink 0)."""
-    with _Local() as local:
+    with LocalFds() as local:
         s = _session(ctx, _luo(ctx), "conformance-nohandler")
         r, w = os.pipe()
         local(r), local(w)

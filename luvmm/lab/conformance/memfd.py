@@ -14,7 +14,7 @@ import fcntl
 import os
 
 from liveupdate.luo import LiveUpdate
-from luvmm.lab.conformance import case, errno_of
+from luvmm.lab.conformance import LocalFds, case, errno_of
 
 F_SEAL_EXEC = getattr(fcntl, "F_SEAL_EXEC", 0x20)  # include/uapi/linux/fcntl.h
 MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x8)  # include/uapi/linux/memfd.h
@@ -28,28 +28,6 @@ NOT_ENFORCEABLE = (
     "be visible to the caller and could not be taken off at unpreserve; so ftruncate to a new size, a "
     "write past EOF and fallocate succeed on the emulated host (a size change is caught at the reboot "
     "instead: the freeze fails EBUSY)")
-
-
-class _Local:
-    """Local fds a case opens itself, closed at its end."""
-
-    def __init__(self):
-        self.fds: list[int] = []
-
-    def __call__(self, fd: int) -> int:
-        self.fds.append(fd)
-        return fd
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
 
 def _session(ctx, name: str):
     luo = LiveUpdate.open(ctx.host)
@@ -122,7 +100,7 @@ def case_preserve_kinds_of_shmem_file(ctx):
     without sealing, with MFD_ALLOW_SEALING, with MFD_NOEXEC_SEAL (which sets
     F_SEAL_EXEC), an O_TMPFILE file of a tmpfs; memfd_luo_preserve: F_SEAL_EXEC
     is in MEMFD_LUO_ALL_SEALS, and so is every seal, F_SEAL_SEAL included."""
-    with _Local() as local:
+    with LocalFds() as local:
         s = _session(ctx, "conformance-kinds")
         out = {"plain": errno_of(s.preserve_fd, local(os.memfd_create("c-plain", 0)), 1),
                "allow_sealing": errno_of(s.preserve_fd, local(os.memfd_create("c-seal", os.MFD_ALLOW_SEALING)), 2)}
@@ -154,7 +132,7 @@ def case_preserve_adds_no_seal(ctx):
     SHMEM_F_MAPPING_FROZEN (shmem_freeze), not a seal -- F_GET_SEALS of the
     caller's memfd is the same before and after PRESERVE_FD, and after the
     session is closed (memfd_luo_unpreserve)."""
-    with _Local() as local:
+    with LocalFds() as local:
         s = _session(ctx, "conformance-noseal")
         mem = local(os.memfd_create("c-noseal", os.MFD_ALLOW_SEALING))
         os.ftruncate(mem, 8192)
@@ -172,7 +150,7 @@ def case_preserved_memfd_is_frozen(ctx):
     fine), shmem_write_begin a write past EOF (-EPERM; inside the file is
     fine), shmem_fallocate any fallocate (-EPERM).  The emulated host cannot
     enforce this (see NOT_ENFORCEABLE): its result says so."""
-    with _Local() as local:
+    with LocalFds() as local:
         s = _session(ctx, "conformance-frozen")
         mem = local(os.memfd_create("c-frozen", 0))
         os.ftruncate(mem, 8192)
@@ -188,7 +166,7 @@ def case_preserved_memfd_inside_the_size(ctx):
     """mm/shmem.c: the freeze only stops size changes -- a write inside the
     file (shmem_write_begin with pos + len <= i_size) and ftruncate to the same
     size (shmem_setattr, newsize == oldsize) still succeed while preserved."""
-    with _Local() as local:
+    with LocalFds() as local:
         s = _session(ctx, "conformance-inside")
         mem = local(os.memfd_create("c-inside", 0))
         os.ftruncate(mem, 8192)
@@ -203,7 +181,7 @@ def case_freeze_ends_at_unpreserve(ctx):
     """memfd_luo.c memfd_luo_unpreserve: shmem_freeze(inode, false) -- once
     the session is closed (luo_session_release -> luo_file_unpreserve_files),
     ftruncate, writes past EOF and fallocate work again."""
-    with _Local() as local:
+    with LocalFds() as local:
         s = _session(ctx, "conformance-thaw")
         mem = local(os.memfd_create("c-thaw", 0))
         os.ftruncate(mem, 8192)
@@ -217,7 +195,7 @@ def case_preserve_the_same_inode_twice(ctx):
     """memfd_luo.c memfd_luo_get_id is the inode: another open file of the same
     memfd (open of /proc/self/fd/N) is the same file to LUO -- -EBUSY in
     luo_preserve_file (xa_insert), in the same session and in another."""
-    with _Local() as local:
+    with LocalFds() as local:
         luo = LiveUpdate.open(ctx.host)
         ctx.track(luo.fd)
         a = luo.create_session("conformance-inode-a")
@@ -237,7 +215,7 @@ def case_preserve_the_same_inode_twice(ctx):
 def case_hugetlb_memfd_has_no_handler(ctx):
     """memfd_luo.c memfd_luo_can_preserve: a hugetlb memfd is not a shmem file
     (hugetlbfs) -- no handler, -ENOENT (luo_preserve_file)."""
-    with _Local() as local:
+    with LocalFds() as local:
         try:
             mem = local(os.memfd_create("c-huge", os.MFD_HUGETLB))
         except OSError as e:
