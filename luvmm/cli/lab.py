@@ -195,7 +195,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     k = sub.add_parser(
         "kexec", help="inside the lab guest: kexec into the next stage (LUO preserves what is in its sessions)",
-        description="Inside a `luvmm lab run` guest: load the lab kernel with kexec -s -l IMAGE --reuse-cmdline "
+        description="Inside a `luvmm lab run` guest: load the lab kernel with kexec_file_load (as kexec -s -l IMAGE --reuse-cmdline) "
                     "and reboot(LINUX_REBOOT_CMD_KEXEC) into it; the command then runs again as the next stage.")
     k.add_argument("image", nargs="?", help="the kernel to boot (default: $LUVMM_LAB_KERNEL)")
     k.set_defaults(func=_cmd_kexec)

@@ -92,6 +92,7 @@ def lab_devices(lab_kernel, tmp_path_factory):
         step("luo_rules", f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {PY} -m tests.lab.guest_luo_rules"),
         step("firmware", f"{PY} -m tests.lab.guest_firmware"),
         step("check", f"{PY} -m luvmm host check --host real --json"),
+        step("kexec_load", f"{PY} -m tests.lab.guest_kexec_load"),
     ])
     return lab_run(lab_kernel, shared, cmd)
 
