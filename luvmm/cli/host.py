@@ -179,7 +179,8 @@ def _cmd_host_install(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write the units to {target}: {e.strerror or e}; nothing was written") from None
     for path in written:
         print(f"wrote {path}")
-    print(f"for systemd {version or 'of any version'}: {', '.join(files)}; state in {systemd.STATE_DIR}")
+    print(f"for {f'systemd {version}' if version else 'a current systemd'}: {', '.join(files)}; "
+          f"state in {systemd.STATE_DIR}")
     if os.path.realpath(args.root) != "/":
         return exitcodes.OK
     if shutil.which("systemctl"):
