@@ -112,6 +112,39 @@ def die_with_init() -> None:
         os._exit(SIGKILL + 128)  # the machine is gone already
 
 
+def unit_boot() -> str:
+    """How this unit was started: ``cold``, ``kexec`` (look for what the
+    previous kernel handed over) or ``restart`` (init started it again after
+    its process died).
+
+    The emulated host's init says so in ``LUVMM_BOOT``.  systemd says nothing
+    of the kind (luvmm/wiring/systemd.py): there, ``restart`` when this unit's fd
+    store was passed to it (LISTEN_FDS for this pid: systemd passes the store
+    at a restart) or when it already ran in this boot (its marker
+    ``$RUNTIME_DIRECTORY/UNIT.started``, made here: /run is a tmpfs that no
+    boot inherits); else, its first start since the kernel booted, ``kexec``
+    -- the VMM finds no incoming session after a cold boot and boots its VM
+    cold, and the agent resumes only an update its record says was in its
+    kexec.  Not under an init that says either: ``cold``.  One open() at
+    most: the restore path calls it."""
+    boot = os.environ.get("LUVMM_BOOT")
+    if boot:
+        return boot
+    runtime, unit = os.environ.get("RUNTIME_DIRECTORY"), os.environ.get("LUVMM_UNIT")
+    if not runtime or not unit or "/" in unit:
+        return "cold"
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0") != "0":
+        return "restart"
+    marker = os.path.join(runtime.split(":")[0], f"{unit}.started")
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        return "restart"
+    except OSError:
+        return "cold"  # no marker can be kept: nothing tells a restart from a kexec
+    return "kexec"
+
+
 def record_imports(point: str) -> None:
     """With ``LUVMM_RECORD_IMPORTS=DIR``: write the modules this process has
     imported by now to DIR/POINT.PID -- how tests/e2e/test_restore_path.py pins

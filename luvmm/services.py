@@ -79,7 +79,92 @@ class Services:
 
 class SystemdUnits(Units):
     """A real host's init: each unit is a cgroup (``luvmm-agent.service``,
-    ``luvmm-vm@NAME.service``) that a process cannot leave."""
+    ``luvmm-vm@NAME.service``: luvmm/wiring/systemd.py writes them) that a process
+    cannot leave.
+
+    Starting a unit enables it too (``systemctl enable --now``), stopping it
+    disables it: a unit luvmm starts is part of the host from then on --
+    started by every boot, restored after every kexec --, as a unit written
+    to the emulated host's state dir is.  ``systemctl`` is the command run
+    (a test's own).  subprocess is imported where it is used: the restore
+    path imports this module."""
+
+    AGENT = "luvmm-agent.service"
+    VM_PREFIX, VM_SUFFIX = "luvmm-vm@", ".service"
+    #: systemctl's exit statuses (LSB) -> errno: 4 "no permission", 5 "not installed" (no such unit).
+    _ERRNOS = {4: 13, 5: 2}  # EACCES, ENOENT
+
+    def __init__(self, systemctl: "list[str] | tuple[str, ...]" = ("systemctl",)):
+        self.systemctl = list(systemctl)
+
+    @classmethod
+    def systemd_name(cls, name: str) -> str:
+        """``agent`` -> luvmm-agent.service, ``vm-NAME`` -> luvmm-vm@NAME.service (ValueError otherwise)."""
+        if name == "agent":
+            return cls.AGENT
+        vm = name[3:] if name.startswith("vm-") else ""
+        # liveupdate.state.check_vm_name's rule (not imported: liveupdate imports this package)
+        if vm and len(vm.encode()) <= 63 and vm[0] not in ".-" and not set(vm) - _VM_NAME_CHARS:
+            return f"{cls.VM_PREFIX}{vm}{cls.VM_SUFFIX}"
+        raise ValueError(f"no luvmm unit {name!r} on a real host: agent or vm-NAME")
+
+    @classmethod
+    def luvmm_name(cls, unit: str) -> str | None:
+        """The other way round; None for a unit not luvmm's."""
+        if unit == cls.AGENT:
+            return "agent"
+        if unit.startswith(cls.VM_PREFIX) and unit.endswith(cls.VM_SUFFIX) \
+                and len(unit) > len(cls.VM_PREFIX) + len(cls.VM_SUFFIX):
+            return "vm-" + unit[len(cls.VM_PREFIX):-len(cls.VM_SUFFIX)]
+        return None
+
+    def _run(self, *args: str) -> str:
+        import subprocess
+
+        argv = self.systemctl + list(args)
+        what = " ".join(["systemctl"] + list(args))
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            raise OSError(2, f"{what}: no {self.systemctl[0]} here (is this a systemd host?)") from None
+        except subprocess.TimeoutExpired:
+            raise OSError(110, f"{what}: no answer in 120 s") from None  # ETIMEDOUT
+        if done.returncode:
+            lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+            cause = lines[0] if lines else f"exit status {done.returncode}"
+            raise OSError(self._ERRNOS.get(done.returncode, 5), f"{what}: {cause}")  # else EIO
+        return done.stdout
+
+    def start(self, name: str) -> dict:
+        unit = self.systemd_name(name)
+        self._run("enable", "--now", unit)
+        return {"name": name, "unit": unit}
+
+    def stop(self, name: str) -> dict:
+        unit = self.systemd_name(name)
+        self._run("disable", "--now", unit)
+        return {"name": name, "unit": unit, "running": False}
+
+    def list(self) -> list[dict]:
+        """luvmm's units systemd has loaded (an enabled VM's is, once its
+        target started it): as the emulated init's ``units``, plus ``unit``
+        and ``state`` (systemd's ActiveState/SubState)."""
+        out = self._run("show", "--property=Id,LoadState,ActiveState,SubState,MainPID,ExecMainCode,"
+                        "ExecMainStatus,NRestarts", "--", self.AGENT, f"{self.VM_PREFIX}*{self.VM_SUFFIX}")
+        units = []
+        for block in out.split("\n\n"):
+            props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+            name = self.luvmm_name(props.get("Id", ""))
+            if name is None or props.get("LoadState") in ("not-found", "masked"):
+                continue
+            pid = _int(props.get("MainPID"))
+            code, status = _int(props.get("ExecMainCode")), _int(props.get("ExecMainStatus"))
+            # ExecMainCode: CLD_EXITED 1, CLD_KILLED 2, CLD_DUMPED 3; 0: never ran.
+            returncode = None if pid or not code else status if code == 1 else -status
+            units.append({"name": name, "unit": props["Id"], "pid": pid or None, "running": bool(pid),
+                          "returncode": returncode, "restarts": _int(props.get("NRestarts")),
+                          "state": f"{props.get('ActiveState', '?')}/{props.get('SubState', '?')}"})
+        return sorted(units, key=lambda u: u["name"])
 
     def unit_of(self, pid: int) -> str | None:
         try:
@@ -88,9 +173,17 @@ class SystemdUnits(Units):
         except OSError:
             return None
         for line in lines:
-            leaf = line.rsplit("/", 1)[-1]
-            if leaf == "luvmm-agent.service":
-                return "agent"
-            if leaf.startswith("luvmm-vm@") and leaf.endswith(".service"):
-                return "vm-" + leaf[len("luvmm-vm@"):-len(".service")]
+            name = self.luvmm_name(line.rsplit("/", 1)[-1])
+            if name is not None:
+                return name
         return None
+
+
+_VM_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _int(text) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return 0

@@ -29,7 +29,7 @@ import sys  # noqa: E402
 from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
-from liveupdate.state import StateDir, die_with_init, parse_unit_args, record_imports  # noqa: E402
+from liveupdate.state import StateDir, die_with_init, parse_unit_args, record_imports, unit_boot  # noqa: E402
 from luvmm.wiring import connect  # noqa: E402
 from vmm.config import VmConfig  # noqa: E402
 from vmm.vm import Clock, Vm  # noqa: E402
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     agent, hello = wait_for_agent(state, 30)
     agent.retry = True  # an agent that dies while we restore is started again by init
     clock.mark("agent_connected")
-    boot = os.environ.get("LUVMM_BOOT", "cold")
+    boot = unit_boot()  # LUVMM_BOOT, or what systemd's start says of it
     incoming_fd = agent.retrieve_session(name) if boot == "kexec" else None
     stored = fdstore.take() if boot == "restart" else None
     if boot == "restart" and stored is None:

@@ -1,4 +1,4 @@
-"""`luvmm host`: the emulated host -- start, stop, status, faults, kexec."""
+"""`luvmm host`: the emulated host -- start, stop, status, faults, kexec; and a real host's units (install)."""
 
 from __future__ import annotations
 
@@ -156,10 +156,50 @@ def _cmd_host_kexec(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _cmd_host_install(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import subprocess
+
+    from luvmm.wiring import systemd
+
+    version = args.systemd_version or systemd.systemd_version()
+    files = systemd.unit_files(version)
+    target = os.path.join(args.root, systemd.UNIT_DIR)
+    if args.dry_run:
+        for name, text in files.items():
+            print(f"# {os.path.join(target, name)}")
+            print(text)
+        return exitcodes.OK
+    if not os.path.isdir(args.root):
+        raise CliError(f"--root {args.root}: not a directory")
+    try:
+        written = systemd.install(files, args.root)
+    except OSError as e:
+        raise CliError(f"cannot write the units to {target}: {e.strerror or e}; nothing was written") from None
+    for path in written:
+        print(f"wrote {path}")
+    print(f"for {f'systemd {version}' if version else 'a current systemd'}: {', '.join(files)}; "
+          f"state in {systemd.STATE_DIR}")
+    if os.path.realpath(args.root) != "/":
+        return exitcodes.OK
+    if shutil.which("systemctl"):
+        done = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+        if done.returncode:
+            cause = (done.stderr or done.stdout).strip().splitlines()
+            raise CliError(f"wrote the units, but systemctl daemon-reload failed: "
+                           f"{cause[0] if cause else f'exit status {done.returncode}'}")
+        print("systemctl daemon-reload: done")
+    print(f"start the agent, and with it at every boot: systemctl enable --now {systemd.AGENT_UNIT}")
+    return exitcodes.OK
+
+
 def add_parser(sub) -> None:
-    host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec, faults",
+    host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec, faults; a real host's "
+                                      "units: install",
                           description="The emulated host daemon: an emulated machine (Intel DSA devices, IOMMU), "
-                                      "its kernel (VFIO cdev, iommufd, LUO, KHO, kexec) and init.")
+                                      "its kernel (VFIO cdev, iommufd, LUO, KHO, kexec) and init. On a real host: "
+                                      "`install` writes luvmm's systemd units.")
     host_sub = host.add_subparsers(dest="host_command", metavar="ACTION", parser_class=Parser)
     host_sub.required = True
     start = host_sub.add_parser("start", help="start an emulated host daemon in the background",
@@ -217,3 +257,17 @@ def add_parser(sub) -> None:
     kexec.add_argument("--force", action="store_true", help="kexec even though VMs run (they are lost)")
     json_arg(kexec, "what the kexec did")
     kexec.set_defaults(func=_cmd_host_kexec)
+    install = host_sub.add_parser(
+        "install", help="write a real host's systemd units (the agent, a VMM per VM, luvmm.target)",
+        description="Write luvmm's systemd units to ROOT/etc/systemd/system: luvmm-agent.service, the template "
+                    "luvmm-vm@.service (one instance per VM) and luvmm.target. They run this Python and this "
+                    "tree with --host real --state-dir /var/lib/luvmm. Each file is written whole or not at "
+                    "all. With ROOT / and a systemctl, systemd reloads them (systemctl daemon-reload); nothing "
+                    "is enabled or started.")
+    install.add_argument("--root", metavar="DIR", default="/",
+                         help="write under DIR/etc/systemd/system (default /: this host's)")
+    install.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+    install.add_argument("--systemd-version", type=int, metavar="N",
+                         help="write for systemd N (default: what `systemctl --version` says, else a current one):"
+                              " before 254, one restart delay instead of growing ones")
+    install.set_defaults(func=_cmd_host_install)

@@ -11,7 +11,7 @@ import os
 import sys
 
 from liveupdate.agent import Agent, _import_trio, log
-from liveupdate.state import StateDir, die_with_init, parse_unit_args
+from liveupdate.state import StateDir, die_with_init, parse_unit_args, unit_boot
 from luvmm.wiring import connect
 
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
     state = StateDir(args["state_dir"])
     host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket))
-    agent = Agent(host, state, services.units, boot=os.environ.get("LUVMM_BOOT", "cold"))
+    agent = Agent(host, state, services.units, boot=unit_boot())
     listener, early = agent.fast_restore()
     gc.enable()  # off since the unit started (liveupdate.state.python_unit)
     import logging as _logging

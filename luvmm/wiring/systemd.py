@@ -1,0 +1,281 @@
+"""The units of a real host, as systemd unit files: what `luvmm host install`
+writes to /etc/systemd/system, generated here and only here.
+
+* ``luvmm-agent.service``: the LUO agent (``luvmm.wiring.agent``).
+* ``luvmm-vm@.service``: one VMM per VM (``vmm.process``), the instance
+  being the VM's name -- ``luvmm-vm@NAME.service`` is the unit the emulated
+  host calls ``vm-NAME``, and the cgroup :meth:`luvmm.services.SystemdUnits.unit_of`
+  reads back from ``/proc/PID/cgroup`` (the agent authorizes by it).
+* ``luvmm.target``: what a boot -- a cold one or a kexec -- starts; the
+  agent's and each VM's instance are enabled into it (WantedBy=).
+
+They run what the emulated host's init runs: ``python -S -c "..."``
+(liveupdate.state.python_unit: this interpreter, the repo and its
+site-packages appended to sys.path, no site initialisation, no runpy, the
+cyclic GC off until the restore path is done), with ``--host real
+--state-dir /var/lib/luvmm``.
+
+**The policy is the emulated init's** (liveupdate.emu.init):
+Restart=on-failure, except after EX_CONFIG (78: what the unit was asked to
+run cannot run -- a VM that cannot start is not restarted in a loop);
+luvmm's units are never given up on (StartLimitBurst=0), restarted after a
+delay that doubles from 50 ms to RESTART_MAX_DELAY_S (RestartSteps=,
+RestartMaxDelaySec=: systemd 254 and later; an older systemd, such as
+Debian 12's 252, gets a fixed RestartSec= instead, see :func:`unit_files`);
+KillMode=control-group, and 5 s between SIGTERM and SIGKILL at a stop.
+
+**The fd store.**  A VMM leaves its VM's files (RAM memfd, iommufd, VFIO
+device, and their ``meta``) in its unit's store with sd_notify
+``FDSTORE=1`` (liveupdate.fdstore), which systemd takes only from a unit with
+FileDescriptorStoreMax= > 0 and NotifyAccess= other than none (``main``:
+the VMM sends from its own process).  systemd passes the store back to the
+unit's next process (LISTEN_FDS) when it restarts it after a failure, and
+flushes it when the unit is stopped -- FileDescriptorStorePreserve=restart,
+systemd's default, written out where systemd knows the setting.  Not
+``yes``: that would keep a stopped VM's RAM and device open in pid 1 and
+hand them to the next VM of that name, where the emulated init flushes them.
+
+**How a unit knows how it was started.**  The emulated init says it in
+``LUVMM_BOOT``; systemd says nothing of the kind, so on a real host the
+unit finds out (:func:`liveupdate.state.unit_boot`): ``restart`` when its
+fd store was passed to it, or when it already ran in this boot (a marker
+in ``$RUNTIME_DIRECTORY``, /run/luvmm: a tmpfs no boot inherits); else --
+its first start since the kernel booted -- ``kexec``, meaning *look for
+what the previous kernel handed over*: the VMM asks the agent for its
+incoming LUO session and boots its VM cold when there is none (a cold
+boot), and the agent resumes an update its record on disk says was in its
+kexec.  A machine power-cycled in the middle of an update's kexec call is
+the one case this cannot tell from a kexec: its VMs find no session and
+boot cold.
+
+**Ordering.**  After a kexec the blackout lasts until each VMM has its
+guest running again, so the VMMs start first and early:
+DefaultDependencies=no (not after sysinit.target and basic.target, seconds
+into a boot), only after local-fs.target (the state dir, the Python tree)
+and systemd-modules-load.service (/dev/kvm, /dev/vfio, /dev/iommu can come
+from modules), and Before=luvmm-agent.service: the agent's interpreter
+starts after theirs, and during the boot (StartupCPUWeight=) it has a
+fifth of a VMM's CPU weight, so its slower start-up does not take a core
+from a VMM rebuilding its VM (liveupdate.agent.Agent.fast_restore spares
+its own imports for the same reason).  A VMM waits for the agent anyway
+(liveupdate.agent_client.wait_for_agent), so starting before it costs
+nothing.  The agent is DefaultDependencies=no too: restoring VMMs wait for it.
+
+**Where things live.**  The state -- the VMs' definitions, the agent's
+update record, the compiled bytecode -- in /var/lib/luvmm
+(StateDirectory=, 0700): on disk, so it outlives a kexec, as it must.  The
+per-boot markers in /run/luvmm (RuntimeDirectory=, 0700,
+RuntimeDirectoryPreserve=yes: kept while the units restart).  The agent's
+and the VMMs' sockets are in the state dir for now, as on the emulated host
+(liveupdate.state.StateDir), not in /run/luvmm.
+
+Not on the restore path: only `luvmm host install` imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from liveupdate.state import RESTART_MAX_DELAY_S, python_unit
+
+AGENT_UNIT = "luvmm-agent.service"
+VM_TEMPLATE = "luvmm-vm@.service"
+TARGET = "luvmm.target"
+STATE_DIR = "/var/lib/luvmm"
+RUNTIME_DIR = "/run/luvmm"
+UNIT_DIR = "etc/systemd/system"
+#: EX_CONFIG (sysexits.h): a unit that exits so is not restarted (liveupdate.emu.init, vmm.process).
+EX_CONFIG = 78
+#: A VM unit's FileDescriptorStoreMax= (vmm.manage.FDSTORE_MAX: its files and their meta, with room to spare).
+FDSTORE_MAX = 8
+#: The first restart's delay; each next one doubles it, up to RESTART_MAX_DELAY_S.
+RESTART_FIRST_DELAY_S = 0.05
+#: The delay where RestartSteps= is unknown (systemd < 254): one delay for every restart, long
+#: enough that a unit failing for good (it is never given up on) does not spin.
+RESTART_FIXED_DELAY_S = RESTART_MAX_DELAY_S / 8
+#: The first systemd with RestartSteps=, RestartMaxDelaySec= and FileDescriptorStorePreserve=.
+SYSTEMD_RESTART_STEPS = 254
+#: The agent's StartupCPUWeight= (a VMM has systemd's default, 100).
+AGENT_STARTUP_CPU_WEIGHT = 20
+STOP_TIMEOUT_S = 5  # liveupdate.emu.init.Init.stop_unit: SIGTERM, then SIGKILL after 5 s
+_INSTANCE = "@LUVMM-INSTANCE@"  # stands for %i until the ExecStart line is quoted
+
+
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms"
+
+
+def quote(arg: str) -> str:
+    """One word of an ExecStart= line: double-quoted with C escapes, ``%`` and
+    ``$`` doubled (else systemd reads a specifier or a variable)."""
+    text = arg.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    text = text.replace("%", "%%").replace("$", "$$")
+    if text and not any(c in text for c in " \t\"'\\;") and text == arg:
+        return text
+    return f'"{text}"'
+
+
+def exec_start(argv: list[str]) -> str:
+    return " ".join(quote(a) for a in argv).replace(_INSTANCE, "%i")
+
+
+def _restart(systemd: int | None) -> list[str]:
+    lines = ["Restart=on-failure",
+             f"RestartPreventExitStatus={EX_CONFIG}"]
+    if systemd is None or systemd >= SYSTEMD_RESTART_STEPS:
+        steps = math.ceil(math.log2(RESTART_MAX_DELAY_S / RESTART_FIRST_DELAY_S))
+        lines += [f"# Restarted after {_ms(RESTART_FIRST_DELAY_S)}, then ever more slowly (doubling) up to "
+                  f"{_ms(RESTART_MAX_DELAY_S)}.",
+                  f"RestartSec={_ms(RESTART_FIRST_DELAY_S)}",
+                  f"RestartSteps={steps}",
+                  f"RestartMaxDelaySec={_ms(RESTART_MAX_DELAY_S)}"]
+    else:
+        lines += [f"# systemd {systemd} has no RestartSteps= (254): one delay for every restart.",
+                  f"RestartSec={_ms(RESTART_FIXED_DELAY_S)}"]
+    return lines + ["KillMode=control-group",
+                    f"TimeoutStopSec={STOP_TIMEOUT_S}s"]
+
+
+def _common_unit() -> list[str]:
+    return ["# Never given up on, however often it fails (as on the emulated host): a host cannot do without it.",
+            "StartLimitIntervalSec=0",
+            "StartLimitBurst=0",
+            "# Early: after a kexec the VMs' blackout lasts until their VMMs run them again.",
+            "DefaultDependencies=no",
+            "After=local-fs.target systemd-modules-load.service",
+            "Conflicts=shutdown.target",
+            "Before=shutdown.target"]
+
+
+def _dirs(state_dir: str) -> list[str]:
+    return [f"Environment=PYTHONPYCACHEPREFIX={state_dir}/pycache",
+            "# The state (VM definitions, the update record) outlives a kexec: it is on disk.",
+            "StateDirectory=luvmm",
+            "StateDirectoryMode=0700",
+            "# Per-boot markers (a tmpfs: no boot inherits them), kept while the units restart.",
+            "RuntimeDirectory=luvmm",
+            "RuntimeDirectoryMode=0700",
+            "RuntimeDirectoryPreserve=yes",
+            "# VFIO and iommufd pin guest RAM.",
+            "LimitMEMLOCK=infinity"]
+
+
+def unit_files(systemd: int | None = None) -> dict[str, str]:
+    """{file name: text} of the units, for ``systemd`` (its version; None: a
+    current one).  Directives that version does not know are left out rather
+    than warned about at every load."""
+    agent_argv, _ = python_unit("luvmm.wiring.agent", "--host", "real", "--state-dir", STATE_DIR)
+    vm_argv, _ = python_unit("vmm.process", "--host", "real", "--state-dir", STATE_DIR, "--name", _INSTANCE)
+    new = systemd is None or systemd >= SYSTEMD_RESTART_STEPS
+    header = ["# Written by `luvmm host install` (luvmm/wiring/systemd.py): install it again rather than edit it."]
+
+    target = header + [
+        "[Unit]",
+        "Description=luvmm: the LUO agent and the VMs it keeps across a kexec",
+        f"Wants={AGENT_UNIT}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]
+    agent = header + [
+        "[Unit]",
+        "Description=luvmm LUO agent (holds the VMs' sessions across a kexec)",
+        f"PartOf={TARGET}",
+    ] + _common_unit() + [
+        "",
+        "[Service]",
+        "Type=exec",
+        f"ExecStart={exec_start(agent_argv)}",
+        "Environment=LUVMM_UNIT=agent",
+    ] + _restart(systemd) + [
+        "# Its start-up must not take CPU from the VMMs restoring their VMs after a kexec.",
+        f"StartupCPUWeight={AGENT_STARTUP_CPU_WEIGHT}",
+    ] + _dirs(STATE_DIR) + [
+        "",
+        "[Install]",
+        f"WantedBy={TARGET}",
+        f"Also={TARGET}",
+    ]
+    vm = header + [
+        "[Unit]",
+        "Description=luvmm VMM of VM %i",
+        "# The agent starts after the VMMs: a VMM waits for it, and after a kexec its restore comes first.",
+        f"Wants={AGENT_UNIT}",
+        f"Before={AGENT_UNIT}",
+        f"PartOf={TARGET}",
+    ] + _common_unit() + [
+        "",
+        "[Service]",
+        "# Not notify: the agent (After= this) would wait for a VMM that waits for the agent.",
+        "Type=exec",
+        f"ExecStart={exec_start(vm_argv)}",
+        "Environment=LUVMM_UNIT=vm-%i",
+    ] + _restart(systemd) + [
+        "# The VM's files (RAM, iommufd, device) stay with systemd while the VMM restarts (liveupdate/fdstore.py).",
+        f"FileDescriptorStoreMax={FDSTORE_MAX}",
+        "NotifyAccess=main",
+    ] + (["# Flushed when the unit stops (not =yes: a stopped VM's RAM and device would stay open in pid 1).",
+          "FileDescriptorStorePreserve=restart"] if new else []) + _dirs(STATE_DIR) + [
+        "",
+        "[Install]",
+        f"WantedBy={TARGET}",
+    ]
+    return {TARGET: "\n".join(target) + "\n", AGENT_UNIT: "\n".join(agent) + "\n",
+            VM_TEMPLATE: "\n".join(vm) + "\n"}
+
+
+def systemd_version(systemctl: str = "systemctl") -> int | None:
+    """The version `systemctl --version` reports, or None (no systemctl, or not understood)."""
+    import subprocess
+
+    try:
+        out = subprocess.run([systemctl, "--version"], capture_output=True, text=True, timeout=10).stdout
+        return int(out.split()[1])
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+
+
+def install(files: dict[str, str], root: str = "/") -> list[str]:
+    """Write ``files`` to ROOT/etc/systemd/system (made if missing), each
+    whole or not at all: all are written beside their place first, then
+    renamed over it; on a failure nothing new is left (neither a file nor a
+    directory made for them).  Returns the paths written."""
+    target = os.path.join(root, UNIT_DIR)
+    made = []
+    path = target
+    while not os.path.isdir(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    temps: dict[str, str] = {}
+    try:
+        for d in reversed(made):
+            os.mkdir(d, 0o755)
+        for name, text in files.items():
+            final = os.path.join(target, name)
+            tmp = os.path.join(target, f".{name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            temps[tmp] = final
+            try:
+                data = memoryview(text.encode())
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fchmod(fd, 0o644)  # whatever the umask
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, final in temps.items():
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in temps:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        raise
+    return list(temps.values())
