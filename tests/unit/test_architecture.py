@@ -14,6 +14,11 @@ EMULATOR = ("devices.emu", "liveupdate.emu")
 WIRING = ("luvmm.cli", "luvmm.tools", "luvmm.wiring")
 
 
+#: Modules the project generates (luvmm.uapi.build_cache: the uAPI cdefs parsed once), present
+#: once a host has started: a module of the graph whether or not the file is there yet.
+GENERATED = {"luvmm._uapi_ffi": os.path.join(ROOT, "luvmm", "_uapi_ffi.py")}
+
+
 def modules() -> dict[str, str]:
     found = {}
     for top in TOP:
@@ -24,6 +29,11 @@ def modules() -> dict[str, str]:
                     rel = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3].replace(os.sep, ".")
                     found[rel.removesuffix(".__init__")] = os.path.join(dirpath, f)
     return found
+
+
+def _known() -> dict[str, str]:
+    """Every module an import may name: the files, and the generated ones."""
+    return {**GENERATED, **modules()}
 
 
 def imports_of(name: str, path: str, known: dict) -> set[str]:
@@ -53,11 +63,11 @@ def imports_of(name: str, path: str, known: dict) -> set[str]:
 
 #: module -> the project modules it imports.  ``__main__`` modules are left
 #: out: they are entry points (``python -m luvmm`` runs the CLI), not layers.
-GRAPH = {name: imports_of(name, path, modules()) for name, path in modules().items()
+GRAPH = {name: imports_of(name, path, _known()) for name, path in modules().items()
          if not name.endswith("__main__")}
 
 
-PATHS = modules()
+PATHS = _known()
 
 
 def package_of(module: str) -> str:
