@@ -94,10 +94,12 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
 def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, env, metrics_port) -> int:
     from luvmm import abi
 
-    if not abi.PREBUILT:
+    if not abi.PREBUILT or not os.path.exists(abi._CACHE):
+        # The restore path imports the parsed uAPI instead of parsing it.  The file itself, not
+        # this process's import of it: an editable install can map the module to another checkout.
         from luvmm.uapi import build_cache
 
-        build_cache()  # the restore path imports the parsed uAPI instead of parsing it
+        build_cache()
     if agent:
         # Restarted when it dies, as luod would be (Restart=on-failure): the VMMs register again.
         state.write_unit("agent", *python_unit("luvmm.wiring.agent", "--state-dir", state.path), restart="on-failure",
