@@ -195,10 +195,11 @@ def _cmd_host_install(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec, faults; a real host's "
-                                      "units: install",
+    host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec, faults; any host: check; "
+                                      "a real host's units: install",
                           description="The emulated host daemon: an emulated machine (Intel DSA devices, IOMMU), "
-                                      "its kernel (VFIO cdev, iommufd, LUO, KHO, kexec) and init. On a real host: "
+                                      "its kernel (VFIO cdev, iommufd, LUO, KHO, kexec) and init. `check` says what "
+                                      "a kernel (emulated or real) offers a live update. On a real host: "
                                       "`install` writes luvmm's systemd units.")
     host_sub = host.add_subparsers(dest="host_command", metavar="ACTION", parser_class=Parser)
     host_sub.required = True
