@@ -1,4 +1,5 @@
-"""`luvmm host`: the emulated host -- start, stop, status, faults, kexec; and a real host's units (install)."""
+"""`luvmm host`: the emulated host -- start, stop, status, faults, kexec; what a kernel offers a
+live update (check); a real host's systemd units (install)."""
 
 from __future__ import annotations
 
