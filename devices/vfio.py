@@ -45,6 +45,22 @@ def is_bdf(bdf: str) -> bool:
             and all(c in hexdigits for c in bdf[:4] + bdf[5:7] + bdf[8:10]) and bdf[11] in "01234567")
 
 
+def vfio_functions(host) -> list[str]:
+    """The PCI functions bound to vfio-pci that ``host`` shows (sorted BDFs)."""
+    found = []
+    try:
+        bdfs = host.listdir(PCI_DEVICES_DIR)
+    except OSError:
+        return []
+    for bdf in bdfs:
+        try:
+            if host.listdir(f"{PCI_DEVICES_DIR}/{bdf}/vfio-dev"):
+                found.append(bdf)
+        except OSError:
+            continue
+    return sorted(found)
+
+
 def cdev_path_for_bdf(host: Host, bdf: str) -> str:
     """The cdev of a PCI function bound to vfio-pci, found the sysfs way:
     /sys/bus/pci/devices/<BDF>/vfio-dev/vfioN -> /dev/vfio/devices/vfioN."""

@@ -19,28 +19,12 @@ import errno
 import os
 
 from devices.iommufd import IommuFd
-from devices.vfio import VfioDevice
+from devices.vfio import VfioDevice, vfio_functions
 from liveupdate.luo import LiveUpdate
 
 PROBE_SESSION = "luvmm-check"
 RESET = ("the device will be reset at kexec: DMA stops, the work in flight is lost and the guest's driver "
          "re-initialises the device")
-
-
-def vfio_functions(host) -> list[str]:
-    """The PCI functions bound to vfio-pci that ``host`` shows (sorted BDFs)."""
-    found = []
-    try:
-        bdfs = host.listdir("/sys/bus/pci/devices")
-    except OSError:
-        return []
-    for bdf in bdfs:
-        try:
-            if host.listdir(f"/sys/bus/pci/devices/{bdf}/vfio-dev"):
-                found.append(bdf)
-        except OSError:
-            continue
-    return sorted(found)
 
 
 def _errno_name(code: int) -> str:

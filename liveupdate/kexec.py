@@ -94,6 +94,19 @@ def kernel_loaded(path: str = "/sys/kernel/kexec_loaded") -> bool:
         return False
 
 
+def probe_kexec_file_load() -> str:
+    """Whether this kernel would load an image, without loading or unloading
+    anything: kexec_file_load with no kernel fd.  kernel/kexec_file.c checks
+    permission first (EPERM: CAP_SYS_BOOT, kexec_load_disabled), then the lock
+    (EBUSY), then the fd: EBADF means the call is there and permitted;
+    ENOSYS without CONFIG_KEXEC_FILE.  The errno's name."""
+    try:
+        _syscall(-1, -1, 0, ffi.NULL, 0, "probe")
+    except KexecError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    return "0"
+
+
 def _syscall(kernel_fd: int, initrd_fd: int, cmdline_len: int, cmdline, flags: int, what: str) -> None:
     rc = libc.syscall(__NR_kexec_file_load, ffi.cast("int", kernel_fd), ffi.cast("int", initrd_fd),
                       ffi.cast("unsigned long", cmdline_len), cmdline, ffi.cast("unsigned long", flags))

@@ -13,31 +13,7 @@ from __future__ import annotations
 
 import os
 
-#: What a VM name may hold: it names a LUO session (1..63 bytes: the uAPI's
-#: name[LIVEUPDATE_SESSION_NAME_LENGTH] holds a NUL), a unit (``vm-NAME``; on
-#: a real host the systemd instance ``luvmm-vm@NAME.service``, whose names
-#: take ASCII letters, digits and ``:-_.\\``), a directory ``vms/NAME`` and a
-#: Prometheus label value.  So: letters, digits, ``-``, ``_`` and ``.``, not
-#: starting with ``.`` or ``-`` (no ``.``/``..``, nothing read as an option).
-VM_NAME_MAX = 63
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-
-
-def check_vm_name(name) -> str:
-    """``name`` if it is a valid VM name, else ValueError saying why (not
-    ``re``: the restore path imports this module)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("a VM name cannot be empty")
-    if len(name.encode()) > VM_NAME_MAX:
-        raise ValueError(f"VM name {name[:20]!r}... is {len(name.encode())} bytes: at most {VM_NAME_MAX} "
-                         "(it names the VM's LUO session)")
-    bad = sorted(set(name) - _NAME_CHARS)
-    if bad:
-        raise ValueError(f"VM name {name!r} holds {''.join(bad)!r}: use letters, digits, '-', '_' and '.'")
-    if name[0] in ".-":
-        raise ValueError(f"VM name {name!r} starts with {name[0]!r}: start it with a letter or a digit")
-    return name
-
+from luvmm.names import VM_NAME_CHARS as _NAME_CHARS, VM_NAME_MAX, check_vm_name  # noqa: F401 - re-exported
 
 #: systemd's UNIT_NAME_MAX (256 with the NUL); its characters, less the
 #: backslash of its escapes (a file name here).

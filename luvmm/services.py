@@ -18,6 +18,8 @@ Lean on purpose: the restore path imports this module.
 
 from __future__ import annotations
 
+from luvmm.names import check_vm_name
+
 
 class Units:
     """The host's init."""
@@ -102,10 +104,11 @@ class SystemdUnits(Units):
         """``agent`` -> luvmm-agent.service, ``vm-NAME`` -> luvmm-vm@NAME.service (ValueError otherwise)."""
         if name == "agent":
             return cls.AGENT
-        vm = name[3:] if name.startswith("vm-") else ""
-        # liveupdate.state.check_vm_name's rule (not imported: liveupdate imports this package)
-        if vm and len(vm.encode()) <= 63 and vm[0] not in ".-" and not set(vm) - _VM_NAME_CHARS:
-            return f"{cls.VM_PREFIX}{vm}{cls.VM_SUFFIX}"
+        if name.startswith("vm-"):
+            try:
+                return f"{cls.VM_PREFIX}{check_vm_name(name[3:])}{cls.VM_SUFFIX}"
+            except ValueError:
+                pass
         raise ValueError(f"no luvmm unit {name!r} on a real host: agent or vm-NAME")
 
     @classmethod
@@ -177,9 +180,6 @@ class SystemdUnits(Units):
             if name is not None:
                 return name
         return None
-
-
-_VM_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 def _int(text) -> int:

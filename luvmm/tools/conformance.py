@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from luvmm.lab import ROOT, LabError
-from liveupdate.check import vfio_functions
+from devices.vfio import vfio_functions
 from luvmm.lab import conformance
 
 

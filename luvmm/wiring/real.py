@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from liveupdate.kexec import probe_kexec_file_load
 from luvmm.services import MachineInfo
 
 
@@ -19,7 +20,7 @@ class RealMachine(MachineInfo):
     def features(self, device: str | None = None) -> dict:
         import os
 
-        found = {"kho": _kho_enabled(), "kexec_file_load": _kexec_file_load_probe(),
+        found = {"kho": _kho_enabled(), "kexec_file_load": probe_kexec_file_load(),
                  "iommus": sorted(os.listdir("/sys/class/iommu")) if os.path.isdir("/sys/class/iommu") else []}
         if device:
             base = f"/sys/bus/pci/devices/{device}"
@@ -54,18 +55,3 @@ def _kho_enabled() -> bool | None:
         if arg.startswith("kho="):
             return arg[4:].lower() in ("1", "y", "yes", "on", "true")
     return None  # the config's default, which /proc does not show without debugfs
-
-
-def _kexec_file_load_probe() -> str:
-    """kernel/kexec_file.c: EPERM (not permitted: CAP_SYS_BOOT, kexec_load_disabled),
-    EBUSY (a kexec load is under way), else the missing kernel fd is EBADF --
-    nothing loaded or unloaded; ENOSYS without CONFIG_KEXEC_FILE."""
-    import errno
-
-    from luvmm.abi import ffi, libc
-    from luvmm.uapi.kexec import __NR_kexec_file_load
-
-    if libc.syscall(__NR_kexec_file_load, ffi.cast("int", -1), ffi.cast("int", -1), ffi.cast("unsigned long", 0),
-                    ffi.NULL, ffi.cast("unsigned long", 0)) == 0:
-        return "0"
-    return errno.errorcode.get(ffi.errno, str(ffi.errno))
