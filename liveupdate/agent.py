@@ -198,7 +198,7 @@ class Agent:
         not answered yet, or None)."""
         import select
 
-        listener = listen_seqpacket(self.state.agent_socket, lean=True)
+        listener = listen_seqpacket(self.state.runtime_path("agent.sock"), lean=True)
         update = self.update or {}
         expected = set(update.get("vms", [])) if update.get("phase") == "restoring" else set()
         conns: dict[int, tuple] = {}  # fd -> (_socket.socket, unanswered request or None)
@@ -584,6 +584,8 @@ class Agent:
         # Let the reply to `update` leave before the reboot kills us.
         await trio.sleep(0)
         try:
+            if self.host.kind == "real":
+                self._before_reboot(update)
             # Blocking, not in a worker thread: the guests are paused, nothing
             # else is worth serving, and a thread's start is a millisecond of
             # blackout.  The call returns only if the kexec was refused.
@@ -599,6 +601,17 @@ class Agent:
             self._save_update(update)
             self.reported.set()
             self.reported = trio.Event()
+
+    def _before_reboot(self, update: dict) -> None:
+        """On a real host, just before reboot(LINUX_REBOOT_CMD_KEXEC): mark the
+        call (CLOCK_REALTIME: the new kernel's VMMs time its boot from it --
+        LUO's freeze and the jump happen inside the call, unseen from here)
+        and write everything back to disk.  A kexec does not: the page cache
+        of the old kernel -- this record, the VMs' definitions -- is lost
+        with it (systemctl kexec syncs for the same reason)."""
+        update["reboot_at"] = time.time()
+        self._save_update(update)
+        os.sync()
 
     async def _result(self, timeout: float) -> dict:
         with trio.move_on_after(timeout):

@@ -175,17 +175,44 @@ STATE_DIRS = ("units", "logs", "vms", "agent", "pycache")
 STATE_FILES = (MARKER, "host.log", "host.pid", "host.sock", "agent.sock", "notify.sock", "agent/update.json")
 
 
+def runtime_dir() -> str | None:
+    """Where a host's sockets go when not in its state dir: ``$LUVMM_RUNTIME_DIR``
+    (luvmm's real-host commands default it to /run/luvmm), else systemd's
+    ``$RUNTIME_DIRECTORY`` (a luvmm unit's RuntimeDirectory=: /run/luvmm).
+    None: in the state dir (the emulated host's)."""
+    found = os.environ.get("LUVMM_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return os.path.abspath(found) if found else None
+
+
 class StateDir:
-    def __init__(self, path: str):
+    """A host's state: on disk, where it outlives a kexec (units, the VMs'
+    definitions, the agent's update record), and its sockets -- in
+    ``runtime`` (a tmpfs such as /run/luvmm: a socket is a thing of one
+    boot, and a state dir on a network or 9p file system may not take one),
+    or beside the state when there is none."""
+
+    def __init__(self, path: str, runtime: str | None = None):
         self.path = os.path.abspath(path)
+        self.runtime = os.path.abspath(runtime) if runtime else (runtime_dir() or self.path)
+
+    def runtime_path(self, *parts: str) -> str:
+        """A socket's path in the runtime dir, its directories made (0700) if missing."""
+        path = os.path.join(self.runtime, *parts)
+        if self.runtime != self.path:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return path
 
     @property
     def socket(self) -> str:
-        return os.path.join(self.path, "host.sock")
+        return os.path.join(self.runtime, "host.sock")
 
     @property
     def agent_socket(self) -> str:
-        return os.path.join(self.path, "agent.sock")
+        return os.path.join(self.runtime, "agent.sock")
+
+    def vmm_socket(self, name: str) -> str:
+        """The VMM of ``name``'s control socket (``status``, ``stop``)."""
+        return os.path.join(self.runtime, "vms", check_vm_name(name), "vmm.sock")
 
     @property
     def pidfile(self) -> str:

@@ -32,7 +32,8 @@ log = logging.getLogger("luvmm.vmm")
 VERIFY_TIMEOUT = 15.0
 #: LUVMM_VMM_FAULT (tests), in the VMM that init started cold (not in the one it restarts):
 #: die-after-prepare  the VMM exits right after answering ready;
-#: die-in-prepare     the VMM exits with its vCPUs paused, before the machine state is saved.
+#: die-in-prepare     the VMM exits with its vCPUs paused, before the machine state is saved;
+#: refuse-prepare     the VMM answers prepare with an error (EIO), its guest running on.
 FAULT = os.environ.get("LUVMM_VMM_FAULT") if os.environ.get("LUVMM_BOOT", "cold") == "cold" else None
 
 
@@ -97,12 +98,15 @@ class Control:
         inflight = saved.timestamps.inflight_at_pause
         vm = self.vm
         if not vm.device_enabled():
-            log.warning("the device was reset during the update: its DMA stopped")
-        with trio.move_on_after(VERIFY_TIMEOUT if vm.device_enabled() else 0.2):
+            log.warning("the device was reset during the update: its DMA stopped"
+                        + (" until its driver started it again" if vm.device.was_reset else ""))
+        # A device opened again after the kexec (the kernel did not preserve
+        # it) is started again by the guest's driver: wait for its DMA too.
+        with trio.move_on_after(VERIFY_TIMEOUT if vm.device_enabled() or vm.device.was_reset else 0.2):
             while True:
                 now = vm.mailbox.snapshot()
                 moved = now["heartbeat"] > at_pause["heartbeat"]
-                drained = guest.still_in_flight(vm.view, inflight) == 0
+                drained = vm.still_in_flight(inflight) == 0
                 if moved and drained and now["completed"] > at_pause["completed"] or vm.crash:
                     break
                 await trio.sleep(0.002)
@@ -230,6 +234,9 @@ class Control:
                 os._exit(137)
             if self.prepared:
                 return {"errno": errno.EBUSY, "error": f"{self.name}: already prepared"}
+            if FAULT == "refuse-prepare":
+                log.warning("fault injection: the VMM refuses to prepare")
+                return {"errno": errno.EIO, "error": f"{self.name}: prepare refused (fault injection)"}
             try:
                 phases = self.vm.prepare(self.session)
             except OSError as e:
@@ -269,8 +276,10 @@ class Control:
 
     async def serve_local(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.state.make_dir("vms")
-        vm_dir = self.state.make_dir(f"vms/{self.name}")
-        listener = trio.socket.from_stdlib_socket(listen_seqpacket(os.path.join(vm_dir, "vmm.sock")))
+        self.state.make_dir(f"vms/{self.name}")
+        path = self.state.vmm_socket(self.name)
+        self.state.runtime_path("vms", self.name, "vmm.sock")  # its directory, where it is not the state dir
+        listener = trio.socket.from_stdlib_socket(listen_seqpacket(path))
         task_status.started()
         async with trio.open_nursery() as nursery:
             await rpc.Listener(per_peer=16, total=64, who=f"the VMM of {self.name}").run(

@@ -41,6 +41,14 @@ class Guest:
     def restore(self, vm, states: list[VcpuState]) -> list:
         raise NotImplementedError
 
+    def paused(self, vm) -> None:
+        """The VMM paused the guest for an update (a guest that measures its gaps in RAM starts anew)."""
+
+    def device_reset(self, vm) -> int:
+        """After a restore, the device came back reset: the guest's driver is
+        told (reset_done).  Returns how many transfers it will do again."""
+        return 0
+
     def recover(self, vm) -> list:
         raise OSError(errno.EOPNOTSUPP, f"the {self.kind} guest keeps its state in the VMM: "
                                         "it cannot be restarted on its RAM")
@@ -139,7 +147,12 @@ class FirmwareGuest(Guest):
 class SyntheticGuest(Guest):
     kind = "synthetic"
 
-    def boot(self, vm) -> list:
+    def boot(self, vm, driver: str | None = None) -> list:
+        """vCPU 0 as the driver of the VM's device: the DSA's, or edu's (vmm/synthetic_edu.py)."""
+        if (driver or vm.device.kind) == "edu":
+            from vmm.synthetic_edu import SyntheticEduCpu
+
+            return [SyntheticEduCpu(vm)]
         from vmm.synthetic import SyntheticCpu  # only for synthetic guests
 
         return [SyntheticCpu(vm)]
@@ -155,9 +168,16 @@ class SyntheticGuest(Guest):
         return [VcpuState(cpu.id, synthetic=cpu.save()) for cpu in vm.vcpus]
 
     def restore(self, vm, states: list[VcpuState]) -> list:
-        (cpu,) = self.boot(vm)
+        # Before the device is back: the saved registers say which driver they are.
+        (cpu,) = self.boot(vm, states[0].synthetic.get("driver", "dsa"))
         cpu.restore(states[0].synthetic)
         return [cpu]
+
+    def paused(self, vm) -> None:
+        vm.vcpus[0].paused()
+
+    def device_reset(self, vm) -> int:
+        return vm.vcpus[0].device_reset()
 
     def rip(self, cpu) -> int:
         return 0

@@ -20,7 +20,7 @@ import errno
 import os
 
 from liveupdate import fdstore
-from vmm import guest, machine_state
+from vmm import machine_state
 from vmm.machine_state import DeviceWiring, GuestState, MachineState, MemoryState, Timestamps
 from vmm.memory import GuestMemory, sealed_memfd
 
@@ -34,24 +34,51 @@ TOKENS = {"ram": RAM_TOKEN, "iommufd": IOMMUFD_TOKEN, "device": DEVICE_TOKEN, "s
 META_VERSION = machine_state.VERSION
 
 
+#: How a kernel says it has no LUO handler for a file (or no HWPT
+#: preservation ioctl): liveupdate's file lookup finds no handler (ENOENT),
+#: an ioctl it does not know (ENOTTY), an operation it does not support.
+NOT_PRESERVABLE = (errno.ENOENT, errno.ENOTTY, errno.EOPNOTSUPP)
+
+
 def preserve(vm, session) -> None:
     """Make sure the RAM, the iommufd (HWPT marked), the device and the state
-    memfd are in the session (what is there already stays)."""
+    memfd are in the session (what is there already stays).
+
+    The memfds must be: without them nothing of the VM survives, and the
+    update is refused.  The device and its iommufd only where the kernel
+    can preserve them (the VFIO and iommufd live-update series): on a kernel
+    that cannot (mainline 7.2 preserves memfds only) the VM is still kept
+    -- its RAM and machine state -- and its device is opened again after
+    the kexec, reset (``vm.unpreservable`` says why; the report, that it
+    was reset)."""
     if vm.state_memfd < 0:
         vm.state_memfd = sealed_memfd(f"luvmm-{vm.config.name}-state", machine_state.STATE_MEMFD_SIZE)
     dev = vm.device
-    for what, token, fd in (("device", DEVICE_TOKEN, dev.dev.fd), ("iommufd", IOMMUFD_TOKEN, dev.iommufd.fd),
-                            ("ram", RAM_TOKEN, vm.memory.memfd), ("state", STATE_TOKEN, vm.state_memfd)):
-        if what in vm.preserved:
+    for what, token, fd in (("ram", RAM_TOKEN, vm.memory.memfd), ("state", STATE_TOKEN, vm.state_memfd),
+                            ("device", DEVICE_TOKEN, dev.dev.fd), ("iommufd", IOMMUFD_TOKEN, dev.iommufd.fd)):
+        if what in vm.preserved or what in vm.unpreservable:
             continue
-        if what == "iommufd":
-            dev.iommufd.hwpt_liveupdate_mark_preserve(dev.hwpt, HWPT_TOKEN)
-        session.preserve_fd(fd, token)
+        try:
+            if what == "iommufd":
+                dev.iommufd.hwpt_liveupdate_mark_preserve(dev.hwpt, HWPT_TOKEN)
+            session.preserve_fd(fd, token)
+        except OSError as e:
+            if what in ("ram", "state") or e.errno not in NOT_PRESERVABLE:
+                raise
+            # Not retried at every update: the running kernel will not change its mind.
+            vm.unpreservable[what] = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
+            continue
         vm.preserved.add(what)
 
 
+def device_preserved(vm) -> bool:
+    return {"device", "iommufd"} <= vm.preserved
+
+
 def machine_state_of(vm, timestamps: Timestamps) -> MachineState:
-    return MachineState(vm.guest.save(vm), MemoryState(vm.memory.size), vm.device.wiring(),
+    wiring = vm.device.wiring()
+    wiring.preserved = device_preserved(vm)
+    return MachineState(vm.guest.save(vm), MemoryState(vm.memory.size), wiring,
                         GuestState(vm.config.to_dict(), vm.device.portal_state(), vm.mailbox.snapshot(),
                                    vm.count_interrupts()), timestamps)
 
@@ -66,7 +93,8 @@ def prepare(vm, session, clock) -> dict:
     clock.mark("pause_start")
     clock.mark("stopped", vm.runner.pause())
     mailbox_at_pause = vm.mailbox.snapshot()
-    inflight = guest.batches_in_flight(vm.view)
+    inflight = vm.in_flight()
+    vm.guest.paused(vm)  # the gaps it measures in guest RAM start from here
     vm.device.disarm_msix()  # kernels of the reset-on-freeze kind refuse the reboot otherwise
     state = machine_state_of(vm, Timestamps(dict(clock.marks), mailbox_at_pause,
                                             {str(k): v for k, v in inflight.items()}))
@@ -100,8 +128,17 @@ def restore_into(vm, session, state_fd: int, state: MachineState, clock) -> None
     vm.vcpus = vm.guest.restore(vm, state.vcpus)
     clock.mark("vcpus_restored")
     vm.device.portal = state.guest.portal_buffers()
-    vm.device.reattach(session.retrieve_fd(IOMMUFD_TOKEN), session.retrieve_fd(DEVICE_TOKEN), state.device)
+    if state.device.preserved:
+        vm.device.reattach(session.retrieve_fd(IOMMUFD_TOKEN), session.retrieve_fd(DEVICE_TOKEN), state.device)
+    else:
+        # The kernel kept the RAM, not the device: open it again and tell the guest's driver it was reset.
+        vm.device.rewire(vm.memory, state.device)
+        vm.redone = vm.guest.device_reset(vm)
     clock.mark("device_reattached")
+    # What the device completed while the guest was paused: the transfers in
+    # flight at the pause that are done now, before the guest runs (and reaps them).
+    inflight = state.timestamps.inflight_at_pause
+    vm.completed_while_paused = len(inflight) - vm.still_in_flight(inflight)
     machine_state.mark_resumed(state_fd)
     vm.runner.start(vm.vcpus, vm.step, paused=True)
     clock.mark("resumed", vm.runner.resume())

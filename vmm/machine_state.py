@@ -123,18 +123,25 @@ class DeviceWiring:
     """How the passed-through function is wired: what a VMM needs to put it
     back together (after a kexec, or restarted on the files of one that died)."""
 
-    __slots__ = ("bdf", "ioas", "hwpt", "dev_id", "msix_armed")
+    __slots__ = ("bdf", "ioas", "hwpt", "dev_id", "msix_armed", "preserved")
 
-    def __init__(self, bdf: str, ioas: int, hwpt: int, dev_id: int = 0, msix_armed: bool = False):
+    def __init__(self, bdf: str, ioas: int, hwpt: int, dev_id: int = 0, msix_armed: bool = False,
+                 preserved: bool = True):
         self.bdf, self.ioas, self.hwpt, self.dev_id, self.msix_armed = bdf, ioas, hwpt, dev_id, msix_armed
+        #: Whether the device and its iommufd are in the LUO session (a kernel
+        #: without their LUO handlers -- mainline -- keeps only the memfds):
+        #: optional, True when absent, as every blob before it was written.
+        self.preserved = preserved
 
     def to_dict(self) -> dict:
-        return {"bdf": self.bdf, "ioas": self.ioas, "hwpt": self.hwpt, "dev_id": self.dev_id, "msix": self.msix_armed}
+        return {"bdf": self.bdf, "ioas": self.ioas, "hwpt": self.hwpt, "dev_id": self.dev_id, "msix": self.msix_armed,
+                "preserved": self.preserved}
 
     @classmethod
     def from_dict(cls, d: dict) -> DeviceWiring:
         return cls(_field(d, "bdf", str, "device"), _field(d, "ioas", int, "device"), _field(d, "hwpt", int, "device"),
-                   d.get("dev_id", 0) if isinstance(d.get("dev_id", 0), int) else 0, bool(d.get("msix", False)))
+                   d.get("dev_id", 0) if isinstance(d.get("dev_id", 0), int) else 0, bool(d.get("msix", False)),
+                   bool(d.get("preserved", True)))
 
 
 class GuestState:

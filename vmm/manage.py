@@ -29,7 +29,7 @@ def unit_name(name: str) -> str:
 
 def vmm_call(state: StateDir, name: str, request: dict, timeout: float = 10.0) -> dict:
     """A request to a VMM's vmm.sock (OSError if it does not answer, VmError if it refuses)."""
-    path = str(state.vm_dir(name) / "vmm.sock")
+    path = state.vmm_socket(name)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(path)

@@ -1,6 +1,8 @@
 """The passed-through PCI function: its VFIO cdev bound to an iommufd whose
 IOAS maps guest RAM at IOVA = GPA and whose HWPT the device is attached to;
-its MSI-X vectors on eventfds; its BARs in guest-physical space.
+its MSI-X vectors (a DSA's) or its MSI vector (QEMU's edu, the lab's
+device) on eventfds; its BARs in guest-physical space.  Which of the two
+it is, the function's own vendor and device IDs say (``kind``).
 
 A guest's MMIO exits on BAR0 become region reads and writes; on BAR2 (the
 DSA's portals) the eight 8-byte stores of one descriptor are combined into a
@@ -19,13 +21,28 @@ from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
 from devices.iommufd import IommuFd
 from devices.vfio import VfioDevice
 from luvmm.abi import ffi
-from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
-from luvmm.uapi.vfio import VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX
+from devices.edu_regs import EDU_BAR_SIZE, PCI_DEVICE_ID_EDU, PCI_VENDOR_ID_QEMU
+from luvmm.uapi.pci_regs import (
+    PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_COMMAND_MASTER,
+    PCI_COMMAND_MEMORY,
+    PCI_VENDOR_ID,
+)
+from luvmm.uapi.vfio import (
+    VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_BAR2_REGION_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX,
+)
 from vmm import guest, movdir64b
 from vmm.machine_state import DeviceWiring
 
 BAR0_SIZE, BAR2_SIZE = 64 << 10, 128 << 10
 MSIX_VECTORS = 9
+#: The kinds of device a guest here drives: (vendor, device) -> kind.
+KINDS = {(PCI_VENDOR_ID_QEMU, PCI_DEVICE_ID_EDU): "edu"}
 
 
 class Passthrough:
@@ -44,6 +61,10 @@ class Passthrough:
         self.portal: dict[int, tuple[bytearray, int, int]] = {}
         #: After a restore: the device came back with Bus Master Enable clear, and the VMM set it again.
         self.bus_master_restored = False
+        #: "dsa" or "edu" (KINDS): what the function's IDs say it is.
+        self.kind = "dsa"
+        #: After a restore: the kernel did not preserve the device; it was opened again, reset.
+        self.was_reset = False
 
     # --- wiring ---------------------------------------------------------------------------------
 
@@ -61,6 +82,19 @@ class Passthrough:
             "<H", PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE))
         self.arm_msix()
 
+    def rewire(self, memory, wiring: DeviceWiring) -> None:
+        """After a kexec whose kernel did not preserve the device (mainline
+        preserves memfds only): wire it anew, as a cold boot does, on the
+        preserved RAM -- a new iommufd and IOAS mapping the RAM memfd, the
+        same function opened by its BDF, bound, attached, enabled.  The
+        device comes back reset: its guest's driver starts again on it."""
+        self.wire(memory, wiring.bdf)
+        self.was_reset = True
+
+    def _identify(self) -> str:
+        vendor, device = struct.unpack("<HH", self.dev.config_read(PCI_VENDOR_ID, 4))
+        return KINDS.get((vendor, device), "dsa")
+
     def _open(self, device: str) -> None:
         names = [device] if device != "auto" else self.host.listdir("/sys/bus/pci/devices")
         last: OSError | None = None
@@ -75,6 +109,7 @@ class Passthrough:
                     dev.close()
                 continue
             self.dev, self.bdf = dev, bdf
+            self.kind = self._identify()
             return
         if last is not None and last.errno in (errno.EINVAL, errno.EBUSY) and device == "auto":
             raise OSError(errno.EBUSY, f"every DSA of the host is passed through to another VM "
@@ -89,6 +124,7 @@ class Passthrough:
         self.bdf, self.ioas, self.hwpt = wiring.bdf, wiring.ioas, wiring.hwpt
         self.dev_id = self.dev.bind_iommufd(self.iommufd)
         self.dev.attach_pt(self.hwpt)
+        self.kind = self._identify()
         self.arm_msix()
         self.bus_master_restored = self.ensure_bus_master()
 
@@ -97,6 +133,7 @@ class Passthrough:
         self.iommufd = IommuFd(self.host, iommufd_fd)
         self.dev = VfioDevice(self.host, device_fd)
         self.bdf, self.ioas, self.hwpt, self.dev_id = wiring.bdf, wiring.ioas, wiring.hwpt, wiring.dev_id
+        self.kind = self._identify()
         self.arm_msix()
 
     def wiring(self) -> DeviceWiring:
@@ -105,15 +142,28 @@ class Passthrough:
     # --- interrupts and the command register ----------------------------------------------------
 
     def arm_msix(self) -> None:
+        """The device's interrupts on eventfds: a DSA's MSI-X vectors, edu's one MSI vector."""
+        edu = self.kind == "edu"
         if not self.eventfds:
-            self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(MSIX_VECTORS)]
-        self.dev.enable_msix(self.eventfds)
+            self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(1 if edu else MSIX_VECTORS)]
+        if edu:
+            self.dev.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 1,
+                              struct.pack("=i", self.eventfds[0]))
+        else:
+            self.dev.enable_msix(self.eventfds)
         self.msix_armed = True
 
     def disarm_msix(self) -> None:
         if self.msix_armed:
-            self.dev.disable_irqs()
+            if self.kind == "edu":
+                self.dev.disable_irqs(VFIO_PCI_MSI_IRQ_INDEX)
+            else:
+                self.dev.disable_irqs()
             self.msix_armed = False
+
+    def irq_fd(self) -> int | None:
+        """The eventfd of the device's first vector (edu's only one), or None."""
+        return self.eventfds[0] if self.eventfds else None
 
     def ensure_bus_master(self) -> bool:
         """The guest's driver enabled Bus Master Enable before the update, and a
@@ -126,7 +176,14 @@ class Passthrough:
         return True
 
     def enabled(self) -> bool:
-        """GENSTS says enabled: a device reset by the kernel (reset-on-freeze) is not."""
+        """Whether the device came through the update as the guest left it:
+        not opened again after a kernel that did not preserve it, and (a
+        DSA) GENSTS says enabled -- a device reset by the kernel
+        (reset-on-freeze) is not."""
+        if self.was_reset:
+            return False
+        if self.kind == "edu":
+            return True
         return self.dev.read32(VFIO_PCI_BAR0_REGION_INDEX, IDXD_GENSTATS_OFFSET) & 3 == IDXD_DEVICE_STATE_ENABLED
 
     def count_interrupts(self) -> int:
@@ -142,13 +199,14 @@ class Passthrough:
     def mmio(self, vcpu_id: int, addr: int, length: int, is_write: bool, data) -> None:
         """A guest access to guest-physical ``addr`` (a KVM MMIO exit; ``data``
         is the exit's buffer: what to write, or where the read goes)."""
-        if guest.BAR0_GPA <= addr < guest.BAR0_GPA + BAR0_SIZE:
+        bar0 = EDU_BAR_SIZE if self.kind == "edu" else BAR0_SIZE
+        if guest.BAR0_GPA <= addr < guest.BAR0_GPA + bar0:
             off = addr - guest.BAR0_GPA
             if is_write:
                 self.dev.region_write(VFIO_PCI_BAR0_REGION_INDEX, off, bytes(data)[:length])
             else:
                 ffi.memmove(data, self.dev.region_read(VFIO_PCI_BAR0_REGION_INDEX, off, length), length)
-        elif guest.BAR2_GPA <= addr < guest.BAR2_GPA + BAR2_SIZE:
+        elif self.kind == "dsa" and guest.BAR2_GPA <= addr < guest.BAR2_GPA + BAR2_SIZE:
             if is_write:
                 self.portal_store(vcpu_id, addr - guest.BAR2_GPA, bytes(data)[:length])
             else:

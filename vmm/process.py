@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock()
     clock.mark("process_start", PROCESS_START)
     clock.mark("imported", IMPORTED)
-    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket))
+    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
     clock.mark("host_connected")
     agent, hello = wait_for_agent(state, 30)
     agent.retry = True  # an agent that dies while we restore is started again by init

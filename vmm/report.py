@@ -76,12 +76,14 @@ def update_report(vm, services, marks: dict, saved, after: dict) -> dict:
         "guest_progressed": after["heartbeat"] > at_pause["heartbeat"] and after["completed"] > at_pause["completed"],
         "dma_errors": after["errors"] - at_pause["errors"],
         "dma_corrupted": after["verify_failures"] - at_pause["verify_failures"],
-        "dma_lost": guest.still_in_flight(vm.view, inflight),
+        "dma_lost": vm.still_in_flight(inflight),
         "dma_in_flight_at_pause": len(inflight),
         "mailbox_at_pause": at_pause,
         "mailbox_after": after,
         "crash": vm.crash and vars(vm.crash),
         "device_reset": not vm.device_enabled(),
+        "device_preserved": saved.device.preserved,
+        "dma_redone": vm.redone,
         "bus_master_restored": vm.bus_master_restored,
         "marks": dict(marks, **{f"host_{k}": v for k, v in kexec_marks.items()},
                       **{f"old_{k}": v for k, v in saved_phases.items() if isinstance(v, float)}),
@@ -92,7 +94,38 @@ def update_report(vm, services, marks: dict, saved, after: dict) -> dict:
         window = observer.observe(vm.bdf, saved_phases["pause_start"], marks["verified"], guest.offset("heartbeat"))
         report.update(dma_completed_during_blackout=blackout["completions"],
                       dma_max_gap_s=round(window["max_completion_gap_s"], 6),
-                      heartbeat_gap_s=round(window.get("heartbeat_max_gap_s", 0.0), 6))
+                      heartbeat_gap_s=round(window.get("heartbeat_max_gap_s", 0.0), 6),
+                      measured_by={k: OBSERVER for k in OBSERVED})
     else:
-        report.update(dma_completed_during_blackout=None, dma_max_gap_s=None, heartbeat_gap_s=None)
+        report.update(without_observer(vm))
     return report
+
+
+#: The figures an observer on the bus gives (the emulated host's), and what
+#: a real host measures them from instead, where its guest keeps the stamps.
+OBSERVED = ("dma_completed_during_blackout", "dma_max_gap_s", "heartbeat_gap_s")
+OBSERVER = "the emulated bus observer"
+RECORDS = "completion records in guest RAM that changed while the VM was paused"
+STAMPS = "CLOCK_REALTIME stamps the guest's driver keeps in guest RAM"
+
+
+def without_observer(vm) -> dict:
+    """What a real host measures with no observer on its bus: DMA
+    completions during the blackout from the completion records that
+    changed while the guest was paused (vmm.live_update.restore_into counts
+    them before the guest runs); the heartbeat and DMA gaps from the stamps
+    the guest's driver keeps in its RAM -- edu's driver does
+    (vmm/synthetic_edu.py); a DSA guest's do not, and those stay None: not
+    measured.  ``measured_by`` says where each figure came from."""
+    out = {"dma_completed_during_blackout": vm.completed_while_paused, "dma_max_gap_s": None,
+           "heartbeat_gap_s": None}
+    measured = {"dma_completed_during_blackout": RECORDS if vm.completed_while_paused is not None else None}
+    if vm.device.kind == "edu":
+        from vmm.synthetic_edu import EduRecord
+
+        record = EduRecord(vm.view)
+        out["dma_max_gap_s"] = round(record["max_completion_gap_ns"] / 1e9, 6)
+        out["heartbeat_gap_s"] = round(record["max_heartbeat_gap_ns"] / 1e9, 6)
+        measured.update(dma_max_gap_s=STAMPS, heartbeat_gap_s=STAMPS)
+    out["measured_by"] = {k: measured.get(k) for k in OBSERVED}
+    return out

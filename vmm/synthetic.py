@@ -167,6 +167,15 @@ class SyntheticCpu:
         self.slot_seq = list(saved["slot_seq"])
         self.next_seq = int(saved["next_seq"])
 
+    def paused(self) -> None:
+        """Nothing measured in guest RAM (the emulated host's bus observer measures a DSA's gaps)."""
+
+    def device_reset(self) -> int:
+        """The device came back reset: initialise it again, as at boot (the
+        batches in flight are lost with its state, and reported so)."""
+        self.vm.mailbox["state"] = 0
+        return 0
+
     def kick(self) -> None:
         """Nothing to interrupt: the loop checks for a pause at every turn."""
 

@@ -2,8 +2,9 @@
 
     config       vmm.config.VmConfig
     memory       vmm.memory.GuestMemory     guest RAM, a sealed memfd
-    device       vmm.passthrough.Passthrough the passed-through DSA (VFIO cdev +
-                                            iommufd), its MMIO and interrupts
+    device       vmm.passthrough.Passthrough the passed-through function (a DSA, or
+                                            the lab's edu: VFIO cdev + iommufd),
+                                            its MMIO and interrupts
     guest        vmm.guests.Guest           the firmware under KVM, or synthetic
     runner       vmm.vcpus.Runner           the vCPU threads: pause, resume
     live update  vmm.live_update            preserve, prepare, cancel, restore,
@@ -54,6 +55,12 @@ class Vm:
         self.state_memfd = -1
         #: Which of the VM's files are in its LUO session.
         self.preserved: set[str] = set()
+        #: The files the running kernel cannot preserve (the device, its iommufd on mainline): why.
+        self.unpreservable: dict[str, str] = {}
+        #: After a restore: how many transfers in flight at the pause the device completed while the guest was paused.
+        self.completed_while_paused: int | None = None
+        #: After a restore on a device that came back reset: the transfers its guest's driver does again.
+        self.redone = 0
 
     # --- what the rest of the VMM reads -------------------------------------------------------------
 
@@ -95,12 +102,31 @@ class Vm:
     def count_interrupts(self) -> int:
         return self.device.count_interrupts()
 
+    def in_flight(self) -> dict[int, int]:
+        """The guest's DMA in flight, as its driver records it in guest RAM."""
+        if self.device.kind == "edu":
+            from vmm import synthetic_edu
+
+            return synthetic_edu.in_flight(self.view)
+        return layout.batches_in_flight(self.view)
+
+    def still_in_flight(self, at_pause: dict) -> int:
+        """How many of ``at_pause`` (:meth:`in_flight` then) have not completed since."""
+        if self.device.kind == "edu":
+            from vmm import synthetic_edu
+
+            return synthetic_edu.still_in_flight(self.view, at_pause)
+        return layout.still_in_flight(self.view, at_pause)
+
     # --- running ------------------------------------------------------------------------------------
 
     def cold_boot(self) -> None:
         cfg = self.config
         self.memory = GuestMemory.create(cfg.name, cfg.memory)
         self.device.wire(self.memory, cfg.device)
+        if self.device.kind != "dsa" and cfg.guest == "firmware":
+            raise ValueError(f"the firmware guest drives a DSA and {self.device.bdf} is QEMU's {self.device.kind}: "
+                             "start the VM with --guest synthetic")
         layout.load_firmware(self.view, slots=cfg.slots, pairs=cfg.pairs, xfer=cfg.xfer)
         self.vcpus = self.guest.boot(self)
         self.runner.start(self.vcpus, self.step)

@@ -10,15 +10,17 @@ from luvmm.host import Host
 from luvmm.services import Services
 
 
-def connect(kind: str, socket_path: str | None = None) -> tuple[Host, Services]:
-    """``kind`` "real": the running kernel and systemd; "emulated": the
-    emulated host whose control socket is ``socket_path``."""
+def connect(kind: str, socket_path: str | None = None, state_dir: str | None = None) -> tuple[Host, Services]:
+    """``kind`` "real": the running kernel and systemd (``state_dir``: where
+    the agent keeps its record of the last update, whose reboot the
+    machine's last_kexec times); "emulated": the emulated host whose control
+    socket is ``socket_path``."""
     if kind == "real":
         from luvmm.host import RealHost
         from luvmm.services import SystemdUnits
         from luvmm.wiring.real import RealMachine
 
-        return RealHost(), Services(units=SystemdUnits(), machine=RealMachine())
+        return RealHost(), Services(units=SystemdUnits(), machine=RealMachine(state_dir))
     from liveupdate.emu.client import connect as connect_emulated
     from liveupdate.emu.services import services_for
 

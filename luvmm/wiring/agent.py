@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_init()
     args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
     state = StateDir(args["state_dir"])
-    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket))
+    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
     agent = Agent(host, state, services.units, boot=unit_boot())
     listener, early = agent.fast_restore()
     gc.enable()  # off since the unit started (liveupdate.state.python_unit)

@@ -9,13 +9,53 @@ from luvmm.services import MachineInfo
 
 class RealMachine(MachineInfo):
     """The running kernel, from /proc and /sys (the kexec probe is one
-    syscall: kexec_file_load with no file, which changes nothing)."""
+    syscall: kexec_file_load with no file, which changes nothing), and the
+    agent's record of the last update in the state dir ``state_dir``."""
+
+    def __init__(self, state_dir: str | None = None):
+        self.state_dir = state_dir
 
     def kernel_profile(self) -> str | None:
         return None  # a real kernel has no profile: what it offers is what host check finds
 
     def last_kexec(self) -> dict:
-        return {}
+        """The last kexec's marks, as a real host can take them (CLOCK_REALTIME):
+
+        * ``frozen``: the agent's reboot(LINUX_REBOOT_CMD_KEXEC) call, from its
+          record of the update (liveupdate.agent: LUO's freeze, KHO's image
+          and the jump happen inside the call, where userspace sees nothing);
+        * ``kernel_start``: when this kernel started counting (now minus
+          CLOCK_BOOTTIME);
+        * ``booted``: the first userspace mark of this boot, pid 1's start.
+
+        So the report's ``kexec`` phase is the new kernel's boot, from the
+        reboot call to its first process.  The clock across the kexec is
+        the new kernel's CLOCK_REALTIME, which it sets at boot from the
+        machine's clock (an RTC has whole seconds; kvmclock, NTP or PTP do
+        better): ``clock`` says so.  {} when no update's record says it
+        rebooted."""
+        import json
+        import os
+        import time
+
+        if not self.state_dir:
+            return {}
+        try:
+            with open(os.path.join(self.state_dir, "agent", "update.json")) as f:
+                reboot_at = json.load(f).get("reboot_at")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        if not isinstance(reboot_at, (int, float)):
+            return {}
+        kernel_start = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        marks = {"frozen": float(reboot_at), "kernel_start": kernel_start}
+        try:
+            with open("/proc/1/stat") as f:
+                ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # starttime, in clock ticks since boot
+            marks["booted"] = kernel_start + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+        return {"marks": marks, "clock": "CLOCK_REALTIME (the new kernel's, set at its boot from the machine's clock)"}
 
     def features(self, device: str | None = None) -> dict:
         import os
