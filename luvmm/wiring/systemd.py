@@ -65,9 +65,9 @@ nothing.  The agent is DefaultDependencies=no too: restoring VMMs wait for it.
 update record, the compiled bytecode -- in /var/lib/luvmm
 (StateDirectory=, 0700): on disk, so it outlives a kexec, as it must.  The
 per-boot markers in /run/luvmm (RuntimeDirectory=, 0700,
-RuntimeDirectoryPreserve=yes: kept while the units restart).  The agent's
-and the VMMs' sockets are in the state dir for now, as on the emulated host
-(liveupdate.state.StateDir), not in /run/luvmm.
+RuntimeDirectoryPreserve=yes: kept while the units restart), and so are the
+agent's and the VMMs' sockets (liveupdate.state.StateDir puts them in
+``$RUNTIME_DIRECTORY``): a socket is a thing of one boot.
 
 Not on the restore path: only `luvmm host install` imports this module.
 """

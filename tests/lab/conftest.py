@@ -117,3 +117,11 @@ def lab_selftests(lab_kernel, tmp_path_factory):
     """Two boots: the upstream LUO selftests with their stage protocol."""
     shared = tmp_path_factory.mktemp("lab-selftests")
     return lab_run(lab_kernel, shared, [sys.executable, "-m", "tests.lab.guest_selftests"])
+
+
+@pytest.fixture(scope="session")
+def lab_real_host(lab_kernel, tmp_path_factory):
+    """Four boots, three real kexecs: luvmm's own commands on the real LUO
+    kernel, with two edu functions (tests/lab/guest_real_host.py)."""
+    shared = tmp_path_factory.mktemp("lab-real-host")
+    return lab_run(lab_kernel, shared, [sys.executable, "-m", "tests.lab.guest_real_host"], devices=2, timeout=840)

@@ -1,0 +1,129 @@
+"""Runs inside the lab guest at every boot: luvmm on a real LUO kernel, the way
+an operator drives it -- its own commands, as processes -- across three real
+kexecs.
+
+Stage 1 (the cold boot): `luvmm boot` (the host has no systemd), a VM with
+the first edu function passed through (`luvmm vm start --host real`), then
+two updates that must roll back and leave the VM as it was -- a kernel
+image that does not exist, and a second VM whose VMM refuses prepare --
+and the first real update (`luvmm update --host real --kernel ...`), which
+kexecs.  Stages 2 and 3: `luvmm boot` restores the VM, `luvmm update --last`
+gives the report, then the next update.  Stage 4: the last report, and the
+VM is stopped.  Each stage writes ``real-host-N.json`` to the shared dir
+before it updates; tests/lab/test_lab_real_host.py asserts.
+
+    python -m tests.lab.guest_real_host
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+from luvmm.lab import guest
+
+VM, REFUSER = "lab-a", "lab-b"
+UPDATES = 3
+RUNTIME = "/run/luvmm"
+
+
+def state_dir() -> str:
+    return guest.path("state")  # on the shared dir: on disk, it outlives the kexec
+
+
+def luvmm(*args: str, check: bool = False, timeout: float = 300) -> dict:
+    """A `luvmm` command as an operator runs it: its exit status, stdout and stderr."""
+    env = dict(os.environ, LUVMM_HOST="real", LUVMM_STATE_DIR=state_dir(), LUVMM_RUNTIME_DIR=RUNTIME)
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "luvmm", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    out = {"argv": list(args), "rc": done.returncode, "stdout": done.stdout[-4000:], "stderr": done.stderr[-4000:],
+           "seconds": round(time.time() - started, 3)}
+    if check and done.returncode:
+        raise RuntimeError(f"luvmm {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return out
+
+
+def status(name: str = VM) -> dict:
+    got = luvmm("vm", "status", name, "--json", check=True)
+    return json.loads(got["stdout"])[name]
+
+
+def wait_counters(after: dict | None, timeout: float = 120) -> dict:
+    """The VM's status once its driver completed a few more transfers than ``after``."""
+    base = (after or {}).get("mailbox", {}).get("completed", 0)
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status()
+        if st["mailbox"]["completed"] >= base + 2 and not st.get("prepared"):
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the guest's transfers did not go on: {st['mailbox']}")
+        time.sleep(0.2)  # polling another process's guest counters
+
+
+def kexec_loaded() -> bool:
+    from liveupdate.kexec import kernel_loaded
+
+    return kernel_loaded()
+
+
+def stage1(record: dict) -> None:
+    record["boot"] = luvmm("boot", check=True)
+    record["start"] = luvmm("vm", "start", VM, "--device", guest.devices()[0], "--guest", "synthetic",
+                            "--memory", "32M", check=True)
+    record["status_started"] = first = wait_counters(None)
+    # Rollback 1: an image that does not exist -- refused before anything is paused.
+    record["missing_image"] = luvmm("update", "--kernel", "/nonexistent/bzImage")
+    record["status_after_missing_image"] = after = wait_counters(first)
+    record["loaded_after_missing_image"] = kexec_loaded()
+    # Rollback 2: a second VM whose VMM refuses prepare: the kernel was loaded,
+    # both VMs were asked, the update rolls back and the kernel is unloaded.
+    from liveupdate.state import StateDir
+    from luvmm.wiring import real_units
+    from vmm import manage
+    from vmm.config import VmConfig
+
+    state = StateDir(state_dir())
+    manage.start(state, VmConfig(REFUSER, memory=32 << 20, device=guest.devices()[1], guest="synthetic"),
+                 real_units(state), env={"LUVMM_VMM_FAULT": "refuse-prepare"}, host="real")
+    record["refused"] = luvmm("update", "--kernel", os.environ["LUVMM_LAB_KERNEL"])
+    record["loaded_after_refusal"] = kexec_loaded()
+    record["status_after_refusal"] = wait_counters(after)
+    record["refuser_after_refusal"] = status(REFUSER)
+    record["stop_refuser"] = luvmm("vm", "stop", REFUSER, check=True)
+
+
+def later_stage(record: dict) -> None:
+    record["boot"] = luvmm("boot", check=True)
+    record["last"] = luvmm("update", "--last", "--json", "--timeout", "120")
+    record["status"] = wait_counters(None)
+
+
+def main() -> int:
+    n = guest.stage()
+    record: dict = {"stage": n}
+    try:
+        stage1(record) if n == 1 else later_stage(record)
+        if n <= UPDATES:
+            record["update_asked_at"] = time.time()
+            guest.save(f"real-host-{n}.json", record)
+            os.sync()
+            # Does not return when it works: the agent kexecs, this process dies with the old kernel.
+            record["update"] = luvmm("update", "--kernel", os.environ["LUVMM_LAB_KERNEL"], "--reuse-cmdline")
+            record["error"] = f"the update did not kexec: {record['update']['stderr'].strip()[-500:]}"
+        else:
+            record["stop"] = luvmm("vm", "stop", VM)
+            record["boot_stop"] = luvmm("boot", "--stop")
+    except Exception:
+        record["error"] = traceback.format_exc()
+    guest.save(f"real-host-{n}.json", record)
+    return 1 if "error" in record else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""In the lab: luvmm on a real LUO kernel (mainline: memfds preserved, not
+the device), driven by its own commands -- `luvmm boot`, `luvmm vm start
+--host real` with QEMU's edu passed through, `luvmm update --host real
+--kernel` three times, `luvmm update --last` after each boot -- and the two
+rollbacks that must leave the VM as it was.  Guest side:
+tests/lab/guest_real_host.py."""
+
+import json
+
+import pytest
+
+from liveupdate.update import PHASES
+from tests.lab.guest_real_host import UPDATES, VM
+
+
+@pytest.fixture(scope="module")
+def stages(lab_real_host):
+    out = []
+    for n in range(1, UPDATES + 2):
+        record = lab_real_host.json(f"real-host-{n}.json")
+        assert "error" not in record, f"stage {n} failed in the guest:\n{record['error']}\n" \
+                                      f"{lab_real_host.result.stdout[-3000:]}"
+        out.append(record)
+    return out
+
+
+def reports(stages):
+    """Each update's record and this VM's report in it, as `luvmm update --last --json` printed them."""
+    out = []
+    for record in stages[1:]:
+        last = record["last"]
+        assert last["rc"] in (0, 4), last  # 4: the VM kept, its device reset (mainline)
+        summary = json.loads(last["stdout"])
+        (update,) = summary["updates"]
+        out.append((summary, update, update["reports"][VM]))
+    return out
+
+
+def test_three_real_kexecs_four_boots(lab_real_host, stages):
+    boots = lab_real_host.result.boots
+    assert [b["stage"] for b in boots] == [1, 2, 3, 4]
+    assert all(b["devices"] and len(b["devices"]) == 2 for b in boots)
+    assert lab_real_host.result.status == 0
+
+
+def test_the_vm_is_restored_after_each_kexec_with_its_counters_going_on(stages):
+    before = stages[0]["status_after_refusal"]["mailbox"]
+    for record in stages[1:]:
+        st = record["status"]
+        assert st["boot"] in ("kexec", "restart"), st
+        assert not st["crash"]
+        mb = st["mailbox"]
+        # The guest's own counters, kept in its RAM: they went on from where they were.
+        assert mb["completed"] > before["completed"] and mb["heartbeat"] > before["heartbeat"]
+        assert mb["submitted"] >= mb["completed"] and mb["verify_failures"] == 0 and mb["errors"] == 0
+        before = mb
+
+
+def test_each_report_the_device_reset_dma_resumed_nothing_corrupted(stages):
+    for summary, update, report in reports(stages):
+        assert update["phase"] == "done"
+        assert report.get("error") is None
+        assert report["device_preserved"] is False and report["device_reset"] is True  # mainline keeps memfds only
+        assert report["dma_corrupted"] == 0 and report["dma_lost"] == 0 and report["dma_errors"] == 0
+        assert report["guest_progressed"] is True
+        assert report["mailbox_after"]["completed"] > report["mailbox_at_pause"]["completed"]
+        assert report["dma_redone"] in (0, 1)
+        assert summary["cycles"][0]["vm"] == VM
+
+
+def test_each_report_has_its_phases_including_the_new_kernels_boot(stages):
+    for _, update, report in reports(stages):
+        phases = report["phases_s"]
+        assert list(phases) == [p for p in PHASES if p in phases]
+        assert {"pause", "save", "freeze", "kexec", "spawn", "retrieve", "map", "device_reattach", "resume"} <= set(phases)
+        assert phases["kexec"] > 0.5  # the new kernel's boot, from the reboot call to its first process
+        assert report["blackout_s"] >= phases["kexec"]
+        assert report["measured_by"]["heartbeat_gap_s"] and report["heartbeat_gap_s"] > 0
+
+
+def test_an_image_that_does_not_exist_leaves_the_vm_running(stages):
+    s1 = stages[0]
+    missing = s1["missing_image"]
+    assert missing["rc"] == 1 and "/nonexistent/bzImage" in missing["stderr"] and "Traceback" not in missing["stderr"]
+    assert s1["status_after_missing_image"]["mailbox"]["completed"] > s1["status_started"]["mailbox"]["completed"]
+    assert not s1["loaded_after_missing_image"]
+
+
+def test_a_vmm_that_refuses_prepare_rolls_back_every_vm(stages):
+    s1 = stages[0]
+    refused = s1["refused"]
+    assert refused["rc"] == 1 and "Traceback" not in refused["stderr"], refused
+    assert "refused" in refused["stderr"]
+    assert not s1["loaded_after_refusal"]  # the kernel loaded for it was unloaded
+    after = s1["status_after_refusal"]
+    assert after["mailbox"]["completed"] > s1["status_after_missing_image"]["mailbox"]["completed"]
+    assert not after["prepared"] and s1["refuser_after_refusal"]["guest_state"] == "running"
