@@ -111,6 +111,7 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
         check_fits(state, config)
     argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name,
                                  *(("--host", host) if host != "emulated" else ()))
+    state.ensure()  # a real host's state dir is made by its first VM (0700)
     try:
         state.make_dir("vms")
         state.make_dir(f"vms/{config.name}")
