@@ -33,12 +33,12 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
     from vmm.config import VmConfig
 
     real = is_real(args)
-    if real and args.device == "auto":
-        raise CliError("--host real: name the device to pass through (--device BDF, a PCI function bound to "
-                       "vfio-pci, as lspci -D prints it)", exitcodes.USAGE)
-    if real:
+    if real:  # any PCI function, named: no "first free DSA" on a real host
         from devices.vfio import is_bdf
 
+        if args.device == "auto":
+            raise CliError("--host real: name the device to pass through (--device BDF, a PCI function bound to "
+                           "vfio-pci, as lspci -D prints it)", exitcodes.USAGE)
         if not is_bdf(args.device):
             raise CliError(f"--device {args.device}: not a PCI address (DDDD:BB:DD.F, as lspci -D prints it)",
                            exitcodes.USAGE)
