@@ -139,7 +139,8 @@ def metrics_url(listen: str) -> str:
 
 
 HOSTS = ("emulated", "real")
-#: A real host's state dir (the units of `luvmm host install` use it): on a disk, it outlives a kexec.
+#: A real host's state dir: on a disk, it outlives a kexec.  The units of `luvmm host install` run with it
+#: (luvmm.wiring.systemd.STATE_DIR, not imported here: `luvmm --help` stays fast; a test holds them equal).
 REAL_STATE_DIR = "/var/lib/luvmm"
 
 

@@ -59,6 +59,10 @@ def test_update_options_of_a_real_host_are_checked_before_anything(cli):
 
 
 def test_luvmm_host_real_defaults_to_var_lib_luvmm(cli):
+    from luvmm.cli.common import REAL_STATE_DIR
+    from luvmm.wiring.systemd import STATE_DIR
+
+    assert REAL_STATE_DIR == STATE_DIR == "/var/lib/luvmm"  # the CLI's default is the units' state dir
     existed = os.path.exists("/var/lib/luvmm")
     real = {"LUVMM_HOST": "real", "LUVMM_STATE_DIR": ""}
     proc = cli("vm", "status", "nope", env=real, status=exitcodes.FAILED)
