@@ -10,13 +10,18 @@ from liveupdate.agent_client import AgentError, wait_for_agent
 from liveupdate.state import StateDir
 
 
-def update_once(state: StateDir, *, timeout: float = 60.0) -> dict:
-    """One live update; returns the agent's record of it, with each VMM's report."""
+def update_once(state: StateDir, *, timeout: float = 60.0, on_started=None) -> dict:
+    """One live update; returns the agent's record of it, with each VMM's
+    report.  ``on_started({"update": ID, "vms": [...]})`` is called once the
+    agent has prepared every VM and goes on to the kexec (on a real host,
+    which this process does not outlive)."""
     client, hello = wait_for_agent(state, timeout)
     try:
         started = client.call({"op": "update", "timeout": timeout})[0]
     finally:
         client.close()
+    if on_started is not None:
+        on_started(started)
     deadline = time.monotonic() + timeout
     while True:
         # The agent of the new kernel; if it dies before it answers, the one

@@ -93,11 +93,14 @@ GIB = float(1 << 30)
 
 
 def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: dict | None = None,
-          overcommit: bool = False) -> dict:
+          overcommit: bool = False, host: str = "emulated") -> dict:
     """Write the VM's config and unit, start it, wait until its guest runs
     and its control plane is up.  A VM that does not come up whole (its
     guest crashed, its metrics endpoint could not be served) is stopped and
-    removed: VmError says why."""
+    removed: VmError says why.  ``host``: the kind of host its VMM runs on
+    ("emulated", or "real": the running kernel; its unit's ``--host``)."""
+    if host not in ("emulated", "real"):
+        raise ValueError(f"host {host!r}: emulated or real")
     try:
         config.check()
     except ValueError as e:
@@ -106,7 +109,9 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
         raise VmError(f"VM {config.name!r} exists")
     if not overcommit:
         check_fits(state, config)
-    argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name)
+    argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name,
+                                 *(("--host", host) if host != "emulated" else ()))
+    state.ensure()  # a real host's state dir is made by its first VM (0700)
     try:
         state.make_dir("vms")
         state.make_dir(f"vms/{config.name}")
@@ -121,16 +126,19 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
         raise VmError(f"cannot write the VM's definition in {state.path}: {e.strerror or e}") from None
     try:
         units.start(unit_name(config.name))
-        st = _wait_running(state, config, units, wait)
+        st = _wait_running(state, config, units, wait, host)
         if st.get("metrics_error"):
             raise VmError(f"{st['metrics_error']}: the VM was not started")
         return st
     except BaseException:
-        stop(state, config.name, units)  # a VM that did not start leaves no unit behind
+        try:
+            stop(state, config.name, units)  # a VM that did not start leaves no unit behind
+        except OSError:  # init cannot stop what it could not start (no such unit): the error is the start's
+            shutil.rmtree(state.vm_dir(config.name), ignore_errors=True)
         raise
 
 
-def _wait_running(state: StateDir, config: VmConfig, units, wait: float) -> dict:
+def _wait_running(state: StateDir, config: VmConfig, units, wait: float, host: str = "emulated") -> dict:
     deadline = time.monotonic() + wait
     last = "not started"
     while time.monotonic() < deadline:
@@ -146,6 +154,9 @@ def _wait_running(state: StateDir, config: VmConfig, units, wait: float) -> dict
             unit = next((u for u in units.list() if u["name"] == unit_name(config.name)), None)
             if unit and unit["returncode"] is not None:
                 log = state.logs / f"{unit_name(config.name)}.log"
+                if not log.exists() and host == "real":  # systemd: the unit's output is in the journal
+                    raise VmError(f"the VMM exited with {unit['returncode']} (see journalctl -u "
+                                  f"{unit.get('unit') or f'luvmm-vm@{config.name}'})") from None
                 lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
                 cause = next((ln for ln in reversed(lines) if ln and not ln.startswith((" ", "---"))), "")
                 raise VmError(f"the VMM exited with {unit['returncode']}: {cause} (see {log})") from None

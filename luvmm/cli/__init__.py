@@ -9,6 +9,10 @@ Conventions, the same for every command (README.md):
 * a mistake on the command line is one line on stderr and exit status 2;
   anything else that fails is one line ``luvmm CMD: why`` and a non-zero
   status from :mod:`luvmm.exitcodes` -- never a traceback;
+* ``--host emulated|real`` (default ``$LUVMM_HOST``, else emulated) on
+  every command that talks to a host: the emulated host's daemon, or this
+  machine's kernel and init with its state in /var/lib/luvmm; a command
+  that only an emulated host has refuses a real one (exit status 2);
 * ``--json`` prints the command's result as one JSON document on stdout
   instead of the text (messages stay on stderr);
 * sizes are ``N[K|M|G|T]`` (powers of two) everywhere;
@@ -27,7 +31,7 @@ import sys
 
 from luvmm import __version__, exitcodes
 from luvmm.cli import bench, demo, host, lab, update, uapi, vm
-from luvmm.cli.common import CliError, Parser, say
+from luvmm.cli.common import CliError, Parser, resolve_host, say
 
 #: The commands, in the order `luvmm --help` lists them.
 COMMANDS = (uapi, demo, host, vm, update, bench, lab)
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     what = " ".join(x for x in (args.command, *(getattr(args, a, None) for a in
                                                 ("host_command", "vm_command", "bench", "lab_command"))) if x)
     try:
+        resolve_host(args)
         return args.func(args)
     except BrokenPipeError:  # `luvmm uapi | head`
         sys.stderr.close()

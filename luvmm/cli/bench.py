@@ -16,6 +16,7 @@ from luvmm.cli.common import (
     guest_arg,
     guest_memories,
     guest_memory,
+    host_arg,
     json_arg,
     memory_args,
     pick_guest,
@@ -81,6 +82,9 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+BENCH_EMULATED_ONLY = "the benchmarks run on a fresh emulated host of their own only"
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print figures",
                            description="Benchmarks. Each prints a table, or with --json its figures as JSON.")
@@ -107,6 +111,7 @@ def add_parser(sub) -> None:
     profile_arg(blackout)
     bandwidth_arg(blackout)
     json_arg(blackout, "the `luvmm update --json` document", to_file=True)
+    host_arg(blackout, BENCH_EMULATED_ONLY)
     blackout.set_defaults(func=_cmd_bench_blackout)
     scale = bench_sub.add_parser(
         "scale", help="blackout against guest RAM and against the number of VMs per kexec",
@@ -121,6 +126,7 @@ def add_parser(sub) -> None:
     guest_arg(scale, auto=False)
     bandwidth_arg(scale)
     json_arg(scale, "{memory: {bytes: blackout}, vms: {n: blackout}}", to_file=True)
+    host_arg(scale, BENCH_EMULATED_ONLY)
     scale.set_defaults(func=_cmd_bench_scale)
     soak = bench_sub.add_parser(
         "soak", help="N live updates in a row: DMA damage, fd leaks, memory growth",
@@ -133,6 +139,7 @@ def add_parser(sub) -> None:
     guest_arg(soak)
     bandwidth_arg(soak)
     json_arg(soak, "{cycles, dma_errors, dma_lost, dma_corrupted, fds_leaked, rss_growth_bytes, blackout_s, ...}", to_file=True)
+    host_arg(soak, BENCH_EMULATED_ONLY)
     soak.set_defaults(func=_cmd_bench_soak)
     chaos = bench_sub.add_parser(
         "chaos", help="live updates of two VMs with random kills, stalls and a full disk",
@@ -146,4 +153,5 @@ def add_parser(sub) -> None:
     chaos.add_argument("--memory", type=guest_memory, default=64 << 20, metavar="SIZE",
                        help="each VM's RAM (default 64M)")
     json_arg(chaos, "{cycles, seed, actions, updates_ok, updates_failed, vms_lost, stuck_updates, dma_*, ...}", to_file=True)
+    host_arg(chaos, BENCH_EMULATED_ONLY)
     chaos.set_defaults(func=_cmd_bench_chaos)

@@ -138,10 +138,45 @@ def metrics_url(listen: str) -> str:
 # --- shared options and output ----------------------------------------------------------------
 
 
+HOSTS = ("emulated", "real")
+#: A real host's state dir: on a disk, it outlives a kexec.  The units of `luvmm host install` run with it
+#: (luvmm.wiring.systemd.STATE_DIR, not imported here: `luvmm --help` stays fast; a test holds them equal).
+REAL_STATE_DIR = "/var/lib/luvmm"
+
+
+def host_arg(p: argparse.ArgumentParser, emulated_only: str | None = None) -> None:
+    """``--host emulated|real`` (default ``$LUVMM_HOST``, else emulated),
+    resolved once for every command by :func:`resolve_host` into
+    ``args.host``.  ``emulated_only``: why the command has no real-host
+    form -- a real host, asked for, is refused with it (exit status 2)."""
+    what = ("an emulated host only: --host real is refused" if emulated_only else
+            "real: this machine's kernel and init, state in /var/lib/luvmm; emulated: the emulated host daemon")
+    p.add_argument("--host", choices=HOSTS, help=f"{what} (default: $LUVMM_HOST, else emulated)")
+    p.set_defaults(emulated_only=emulated_only)
+
+
+def resolve_host(args: argparse.Namespace) -> None:
+    """``args.host``: "emulated" or "real", from --host or $LUVMM_HOST; CliError
+    (exit status 2) for a bad $LUVMM_HOST or a real host where the command
+    has none.  Called by luvmm.cli.main for every command with --host."""
+    if not hasattr(args, "host"):
+        return
+    source = f"--host {args.host}"
+    if args.host is None:
+        args.host = os.environ.get("LUVMM_HOST") or "emulated"
+        source = f"LUVMM_HOST={args.host}"
+        if args.host not in HOSTS:
+            raise CliError(f"{source}: not emulated or real", exitcodes.USAGE)
+    if args.host == "real" and getattr(args, "emulated_only", None):
+        raise CliError(f"{source}: {args.emulated_only}" +
+                       (" (--host emulated overrides it)" if source.startswith("LUVMM_HOST") else ""),
+                       exitcodes.USAGE)
+
+
 def state_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR",
-                   help="the emulated host's state dir (default: $LUVMM_STATE_DIR, else $XDG_RUNTIME_DIR/luvmm, "
-                        "else /tmp/luvmm-UID)")
+                   help="the host's state dir (default: $LUVMM_STATE_DIR, else on a real host "
+                        f"{REAL_STATE_DIR}, on the emulated host $XDG_RUNTIME_DIR/luvmm, else /tmp/luvmm-UID)")
 
 
 def json_arg(p: argparse.ArgumentParser, what: str, to_file: bool = False) -> None:
@@ -239,20 +274,78 @@ def progress():
     return lambda line: print(f"  {line}", file=sys.stderr, flush=True)
 
 
-def state_of(args: argparse.Namespace):
-    from liveupdate.state import StateDir, default_state_dir
+def is_real(args: argparse.Namespace) -> bool:
+    return getattr(args, "host", None) == "real"
 
-    return StateDir(args.state_dir or default_state_dir())
+
+def state_dir_of(args: argparse.Namespace) -> str:
+    """--state-dir, else $LUVMM_STATE_DIR, else the host's default (:data:`REAL_STATE_DIR` on a real host)."""
+    from liveupdate.state import default_state_dir
+
+    if args.state_dir:
+        return args.state_dir
+    if is_real(args):
+        return os.environ.get("LUVMM_STATE_DIR") or REAL_STATE_DIR
+    return default_state_dir()
+
+
+def state_of(args: argparse.Namespace):
+    from liveupdate.state import StateDir
+
+    return StateDir(state_dir_of(args))
 
 
 def running_host(args: argparse.Namespace):
-    """The state dir of the running host, or CliError: never starts one."""
+    """The state dir of the host a command reads or acts on, or CliError:
+    never starts a host, never creates a state dir.  The emulated host: its
+    daemon must be running.  A real host runs as long as this command does:
+    its state dir, checked as safe if it is there."""
+    if is_real(args):
+        state = state_of(args)
+        if state.exists():
+            state.check_safe()
+        return state
     from liveupdate.emu.hostctl import HostError, find
 
     try:
-        return find(args.state_dir)
+        return find(state_dir_of(args))
     except HostError as e:
         raise CliError(str(e)) from None
+
+
+def check_host(args: argparse.Namespace, device: str | None) -> dict:
+    """What the host's kernel offers a live update of ``device``
+    (liveupdate.check.check: `luvmm host check`), the preservation probed by
+    the LUO agent where it holds /dev/liveupdate."""
+    from liveupdate.check import check
+    from luvmm.wiring import connect
+
+    state = running_host(args)
+    host, services = connect(args.host, None if is_real(args) else state.socket)
+
+    def ask_agent(device):
+        if not os.path.exists(state.agent_socket):
+            return None
+        from liveupdate.agent_client import AgentClient
+
+        try:
+            client = AgentClient(state)
+        except OSError:
+            return None
+        try:
+            return client.call({"op": "check", "device": device})[0]
+        except OSError as e:
+            return {"error": f"the agent's check: {e.strerror or e}"}
+        finally:
+            client.close()
+
+    try:
+        result = check(host, services.machine, device, ask_agent)
+    finally:
+        if not is_real(args):
+            host.close_connection()
+    result["host"] = args.host
+    return result
 
 
 class Connection:

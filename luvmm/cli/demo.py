@@ -6,7 +6,7 @@ import argparse
 import os
 
 from luvmm import exitcodes
-from luvmm.cli.common import guest_arg, listen_address, memory_args, pick_guest, positive_int, profile_arg, say
+from luvmm.cli.common import guest_arg, host_arg, listen_address, memory_args, pick_guest, positive_int, profile_arg, say
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -51,4 +51,5 @@ def add_parser(sub) -> None:
     demo.add_argument("--keep", action="store_true", help="leave the host and the VM running afterwards")
     demo.add_argument("--state-dir", metavar="DIR", help="the demo host's state dir (default: a new one in /tmp, "
                                                          "removed afterwards)")
+    host_arg(demo, "`luvmm demo` runs on an emulated host of its own only")
     demo.set_defaults(func=_cmd_demo)

@@ -11,7 +11,9 @@ from luvmm.cli.common import (
     Connection,
     Parser,
     bandwidth_arg,
+    check_host,
     device_count,
+    host_arg,
     json_arg,
     metrics_port_arg,
     metrics_url,
@@ -74,43 +76,13 @@ def _cmd_host_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_host_check(args: argparse.Namespace) -> int:
-    import os
-
     from devices.vfio import is_bdf
-    from liveupdate.check import check, format_check
-    from luvmm.wiring import connect
+    from liveupdate.check import format_check
 
     if args.device is not None and not is_bdf(args.device):
         raise CliError(f"--device {args.device}: not a PCI address (DDDD:BB:DD.F, as lspci -D prints it)",
                        exitcodes.USAGE)
-    kind = args.host or os.environ.get("LUVMM_HOST") or "emulated"
-    if kind not in ("emulated", "real"):
-        raise CliError(f"LUVMM_HOST={kind}: not emulated or real", exitcodes.USAGE)
-    state = running_host(args) if kind == "emulated" else None
-    host, services = connect(kind, state.socket if state else None)
-
-    def ask_agent(device):
-        if state is None or not os.path.exists(state.agent_socket):
-            return None
-        from liveupdate.agent_client import AgentClient
-
-        try:
-            client = AgentClient(state)
-        except OSError:
-            return None
-        try:
-            return client.call({"op": "check", "device": device})[0]
-        except OSError as e:
-            return {"error": f"the agent's check: {e.strerror or e}"}
-        finally:
-            client.close()
-
-    try:
-        result = check(host, services.machine, args.device, ask_agent)
-    finally:
-        if kind == "emulated":
-            host.close_connection()
-    result["host"] = kind
+    result = check_host(args, args.device)
     print_json(result) if args.json else print(format_check(result))
     if result["dma_continuity"]:
         return exitcodes.OK
@@ -213,15 +185,20 @@ def add_parser(sub) -> None:
     bandwidth_arg(start)
     start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
     metrics_port_arg(start, "the host's (devices, kexecs, units)")
+    host_arg(start, "`luvmm host start` starts an emulated host; a real host's agent and VMs are its init's "
+                    "(`luvmm host install` writes the systemd units)")
     start.set_defaults(func=_cmd_host_start)
     stop = host_sub.add_parser("stop", help="stop the emulated host (its units are killed)",
                                description="Stop the emulated host: its units are killed and its files removed; "
                                            "the definitions of its VMs stay (a host started there boots them).")
     state_dir_arg(stop)
+    host_arg(stop, "`luvmm host stop` stops an emulated host; on a real host `luvmm vm stop NAME` stops a VM")
     stop.set_defaults(func=_cmd_host_stop)
     status = host_sub.add_parser("status", help="devices, open files, sessions, units, kexec count")
     state_dir_arg(status)
     json_arg(status, "the status")
+    host_arg(status, "`luvmm host status` is the emulated host daemon's; on a real host: `luvmm vm status`, "
+                     "`luvmm host check`")
     status.set_defaults(func=_cmd_host_status)
     chk = host_sub.add_parser(
         "check", help="what the running kernel offers a live update, and what each missing piece means",
@@ -230,8 +207,7 @@ def add_parser(sub) -> None:
                     "is changed -- kexec_file_load, an IOMMU, the device bound to vfio-pci and its IOMMU group; "
                     "for each missing piece, what it means for a VM. Exit status 0: an update keeps the VM, its "
                     "device and its DMA; 4: it keeps the VM, the device is reset; 1: no live update possible.")
-    chk.add_argument("--host", choices=("emulated", "real"),
-                     help="the running kernel (real) or the emulated host (default: $LUVMM_HOST, else emulated)")
+    host_arg(chk)
     chk.add_argument("--device", metavar="BDF", help="the PCI function to check (default: the first bound to vfio-pci)")
     state_dir_arg(chk)
     json_arg(chk, "{findings: [{name, present, detail, consequence}], vm_survives, dma_continuity}")
@@ -249,6 +225,7 @@ def add_parser(sub) -> None:
     faults.add_argument("spec", nargs="*", metavar="FAULT", help="faults to add, e.g. freeze:memfd-v1=fail")
     faults.add_argument("--clear", action="store_true", help="remove every fault first")
     json_arg(faults, "the faults in force")
+    host_arg(faults, "faults are injected into the emulated kernel only")
     faults.set_defaults(func=_cmd_host_faults)
     kexec = host_sub.add_parser(
         "kexec", help="reboot the emulated kernel with kexec (LUO preserves sessions)",
@@ -258,6 +235,8 @@ def add_parser(sub) -> None:
     state_dir_arg(kexec)
     kexec.add_argument("--force", action="store_true", help="kexec even though VMs run (they are lost)")
     json_arg(kexec, "what the kexec did")
+    host_arg(kexec, "no bare kexec of a real host: `luvmm update --host real --kernel IMAGE` live-updates it "
+                    "with its VMs")
     kexec.set_defaults(func=_cmd_host_kexec)
     install = host_sub.add_parser(
         "install", help="write a real host's systemd units (the agent, a VMM per VM, luvmm.target)",

@@ -11,6 +11,8 @@ from luvmm.cli.common import (
     DEFAULT_DSA_BANDWIDTH,
     Parser,
     guest_arg,
+    host_arg,
+    is_real,
     json_arg,
     memory_args,
     metrics_port_arg,
@@ -27,12 +29,19 @@ from luvmm.cli.common import (
 
 
 def _cmd_vm_start(args: argparse.Namespace) -> int:
-    from liveupdate.emu import hostctl
-    from liveupdate.emu.services import EmulatedUnits
-    from liveupdate.emu.hostctl import ensure
     from vmm import manage
     from vmm.config import VmConfig
 
+    real = is_real(args)
+    if real:  # any PCI function, named: no "first free DSA" on a real host
+        from devices.vfio import is_bdf
+
+        if args.device == "auto":
+            raise CliError("--host real: name the device to pass through (--device BDF, a PCI function bound to "
+                           "vfio-pci, as lspci -D prints it)", exitcodes.USAGE)
+        if not is_bdf(args.device):
+            raise CliError(f"--device {args.device}: not a PCI address (DDDD:BB:DD.F, as lspci -D prints it)",
+                           exitcodes.USAGE)
     guest = pick_guest(args.guest)
     config = VmConfig(args.name, memory=args.memory, vcpus=args.vcpus, device=args.device, guest=guest,
                       metrics=args.metrics_port)
@@ -45,30 +54,53 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
         raise CliError(f"VM {args.name!r} exists in {state.path}")
     if not args.overcommit:
         manage.check_fits(state, config)  # before a host is started for it
-    started = not hostctl.running(state)
-    ensure(args.state_dir, say=say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
-    try:
-        with Connection(state) as host:
-            st = manage.start(state, config, EmulatedUnits(host), overcommit=args.overcommit)
-    except BaseException:
-        if started and not state.vm_names():  # a host started for a VM that did not start goes too
-            hostctl.stop(state)
-        raise
-    print(f"VM {args.name} running (pid {st['pid']}, {args.memory >> 20} MiB, {args.vcpus} vCPU, DSA {st['bdf']}, "
+    if real:
+        from luvmm.wiring import real_units
+
+        st = manage.start(state, config, real_units(state), overcommit=args.overcommit, host="real")
+    else:
+        st = _start_emulated(args, state, config)
+    device = f"device {st['bdf']}" if real else f"DSA {st['bdf']}"
+    print(f"VM {args.name} running (pid {st['pid']}, {args.memory >> 20} MiB, {args.vcpus} vCPU, {device}, "
           f"{guest} guest)")
     if st.get("metrics_port") is not None:
         print(f"Prometheus metrics on http://{metrics_url(args.metrics_port)}/metrics")
     return exitcodes.OK
 
 
-def _cmd_vm_stop(args: argparse.Namespace) -> int:
+def _start_emulated(args: argparse.Namespace, state, config) -> dict:
+    """Start the VM on the emulated host, starting one (and saying so) if none runs."""
     from liveupdate.emu import hostctl
     from liveupdate.emu.services import EmulatedUnits
+    from vmm import manage
+
+    started = not hostctl.running(state)
+    hostctl.ensure(state.path, say=say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
+    try:
+        with Connection(state) as host:
+            return manage.start(state, config, EmulatedUnits(host), overcommit=args.overcommit)
+    except BaseException:
+        if started and not state.vm_names():  # a host started for a VM that did not start goes too
+            hostctl.stop(state)
+        raise
+
+
+def _cmd_vm_stop(args: argparse.Namespace) -> int:
     from vmm import manage
 
     state = state_of(args)
     if not state.exists() or args.name not in state.vm_names():
         raise CliError(f"no VM {args.name!r} in {state.path}")
+    if is_real(args):
+        from luvmm.wiring import real_units
+
+        state.check_safe()
+        manage.stop(state, args.name, real_units(state))
+        print(f"VM {args.name} stopped")
+        return exitcodes.OK
+    from liveupdate.emu import hostctl
+    from liveupdate.emu.services import EmulatedUnits
+
     if not hostctl.running(state):
         manage.stop(state, args.name, None)
         state.clean()  # what the stopped host kept for it
@@ -107,11 +139,11 @@ def _cmd_vm_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
     else:
-        print(_format_vm_status(out))
+        print(_format_vm_status(out, "device" if is_real(args) else "DSA"))
     return exitcodes.OK if all(_vm_ok(st) for st in out.values()) else exitcodes.FAILED
 
 
-def _format_vm_status(out: dict[str, dict]) -> str:
+def _format_vm_status(out: dict[str, dict], device: str = "DSA") -> str:
     lines = []
     for name, st in out.items():
         if "error" in st:
@@ -120,18 +152,23 @@ def _format_vm_status(out: dict[str, dict]) -> str:
         mb = st["mailbox"]
         paused = " (paused for an update)" if st.get("prepared") else ""
         lines.append(f"{name}: pid {st['pid']} ({st['boot']} boot), guest {st['guest_state']}{paused}, "
-                     f"DSA {st['bdf']}, heartbeat {mb['heartbeat']}, batches {mb['completed']}/{mb['submitted']} "
+                     f"{device} {st['bdf']}, heartbeat {mb['heartbeat']}, batches {mb['completed']}/{mb['submitted']} "
                      f"({mb['descs_ok']} descriptors ok, {mb['errors']} errors, {mb['verify_failures']} corrupted), "
                      f"interrupts {st['interrupts']}" + (f", CRASHED: {st['crash']}" if st["crash"] else ""))
     return "\n".join(lines)
 
 
 def _cmd_vm_list(args: argparse.Namespace) -> int:
-    from liveupdate.emu import hostctl
-
     state = state_of(args)
     names = state.vm_names() if state.exists() else []
-    up = hostctl.running(state)
+    if is_real(args):
+        if state.exists():
+            state.check_safe()
+        up = True  # a real host runs as long as this command does
+    else:
+        from liveupdate.emu import hostctl
+
+        up = hostctl.running(state)
     states = _vm_states(state, names) if up else {}
     rows = [{"name": n, "state": ("running" if _vm_ok(states[n]) else "not running") if up else "host stopped"}
             for n in names]
@@ -144,21 +181,27 @@ def _cmd_vm_list(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    vm = sub.add_parser("vm", help="VMs with a passed-through DSA: start, stop, status, list",
+    vm = sub.add_parser("vm", help="VMs with a passed-through PCI device (a DSA on the emulated host): start, stop, "
+                                   "status, list",
                         description="VMs are units of their host: init starts them again, in restore mode, "
-                                    "after every kexec, and on the same RAM and device when their VMM dies.")
+                                    "after every kexec, and on the same RAM and device when their VMM dies. "
+                                    "With --host real, this machine's VMs: their VMMs are systemd units "
+                                    "(luvmm-vm@NAME.service), their state in /var/lib/luvmm.")
     vm_sub = vm.add_subparsers(dest="vm_command", metavar="ACTION", parser_class=Parser)
     vm_sub.required = True
     name_help = "the VM's name: 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
-    vm_start = vm_sub.add_parser("start", help="start a VM (its guest drives a passed-through DSA)",
+    vm_start = vm_sub.add_parser("start", help="start a VM (its guest drives a passed-through device)",
                                  description="Start a VM on the host (an emulated host is started there if none "
-                                             "runs). Returns once its guest runs.")
+                                             "runs; on a real host, its unit luvmm-vm@NAME.service is enabled and "
+                                             "started). Returns once its guest runs.")
     vm_start.add_argument("name", type=vm_name_arg, help=name_help)
+    host_arg(vm_start)
     state_dir_arg(vm_start)
     memory_args(vm_start)
     vm_start.add_argument("--vcpus", type=vcpu_count, default=1, help="vCPUs, 1-16 (default 1)")
     vm_start.add_argument("--device", default="auto", metavar="BDF|auto",
-                          help="the DSA to pass through (default auto: the first free one)")
+                          help="the PCI function to pass through: on the emulated host a DSA (default auto: the "
+                               "first free one); on a real host required, a function bound to vfio-pci")
     guest_arg(vm_start)
     metrics_port_arg(vm_start, "the VM's (blackout, phases, DMA continuity, guest counters)")
     vm_start.set_defaults(func=_cmd_vm_start)
@@ -166,16 +209,19 @@ def add_parser(sub) -> None:
                                 description="Stop a VM and remove it: its VMM, its unit, its LUO session and what "
                                             "the agent keeps for it, its device (free for another VM).")
     vm_stop.add_argument("name", type=vm_name_arg, help=name_help)
+    host_arg(vm_stop)
     state_dir_arg(vm_stop)
     vm_stop.set_defaults(func=_cmd_vm_stop)
     vm_status = vm_sub.add_parser("status", help="guest counters, device, interrupts, last update",
                                   description="Each VM's guest counters, device, interrupts and last update. Exit "
                                               "status 1 if a VM named does not exist, or one is not running.")
     vm_status.add_argument("name", nargs="?", type=vm_name_arg, help="one VM (default: every VM of the host)")
+    host_arg(vm_status)
     state_dir_arg(vm_status)
     json_arg(vm_status, "{NAME: status}")
     vm_status.set_defaults(func=_cmd_vm_status)
     vm_list = vm_sub.add_parser("list", help="the VMs defined on the host, and whether they run")
+    host_arg(vm_list)
     state_dir_arg(vm_list)
     json_arg(vm_list, '[{"name", "state"}]')
     vm_list.set_defaults(func=_cmd_vm_list)

@@ -7,7 +7,7 @@ is handed."""
 from __future__ import annotations
 
 from luvmm.host import Host
-from luvmm.services import Services
+from luvmm.services import Services, Units
 
 
 def connect(kind: str, socket_path: str | None = None, state_dir: str | None = None) -> tuple[Host, Services]:
@@ -26,3 +26,10 @@ def connect(kind: str, socket_path: str | None = None, state_dir: str | None = N
 
     host = connect_emulated(socket_path)
     return host, services_for(host)
+
+
+def real_units(state) -> "Units":
+    """A real host's init for the VMs of ``state``: systemd (`luvmm host install`)."""
+    from luvmm.services import SystemdUnits
+
+    return SystemdUnits()
