@@ -48,7 +48,8 @@ PHASES = ("preserve", "pause", "save", "freeze", "kexec", "spawn", "start-up", "
           "vcpu_restore", "device_reattach", "resume")
 
 CYCLE_KEYS = ("blackout_s", "phases_s", "heartbeat_gap_s", "dma_completed_during_blackout", "dma_max_gap_s",
-              "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed", "device_reset")
+              "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed", "device_reset", "device_preserved",
+              "dma_redone", "measured_by")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -143,7 +144,8 @@ def cycle_line(n: int, total: int, record: dict) -> str:
         parts.append(f"{c['vm']}: blackout {ms(c['blackout_s'])} ms, {c['dma_completed_during_blackout']} DMA "
                      f"completions while paused, errors/lost/corrupted "
                      f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']}"
-                     + (", device reset" if c.get("device_reset") else ""))
+                     + (", device reset" if c.get("device_reset") else "")
+                     + (f" ({c['dma_redone']} transfer(s) redone)" if c.get("dma_redone") else ""))
     return f"update {n}/{total}: " + "; ".join(parts)
 
 

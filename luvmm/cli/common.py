@@ -142,6 +142,8 @@ HOSTS = ("emulated", "real")
 #: A real host's state dir: on a disk, it outlives a kexec.  The units of `luvmm host install` run with it
 #: (luvmm.wiring.systemd.STATE_DIR, not imported here: `luvmm --help` stays fast; a test holds them equal).
 REAL_STATE_DIR = "/var/lib/luvmm"
+#: A real host's sockets (liveupdate.state.runtime_dir): what RuntimeDirectory= gives luvmm's systemd units.
+REAL_RUNTIME_DIR = "/run/luvmm"
 
 
 def host_arg(p: argparse.ArgumentParser, emulated_only: str | None = None) -> None:
@@ -171,6 +173,9 @@ def resolve_host(args: argparse.Namespace) -> None:
         raise CliError(f"{source}: {args.emulated_only}" +
                        (" (--host emulated overrides it)" if source.startswith("LUVMM_HOST") else ""),
                        exitcodes.USAGE)
+    if args.host == "real":
+        # Where a real host's sockets are, for this command and what it starts (`luvmm boot`'s init, its units).
+        os.environ.setdefault("LUVMM_RUNTIME_DIR", REAL_RUNTIME_DIR)
 
 
 def state_dir_arg(p: argparse.ArgumentParser) -> None:
