@@ -1,11 +1,19 @@
-"""Init: the emulated host's userspace supervisor.
+"""Init: luvmm's own init -- the userspace supervisor of a host's units.
 
-It starts every unit of the state dir's ``units/`` (the agent, one VMM per VM)
-at boot and again after every kexec, with the environment a unit needs to
-find its host (``LUVMM_HOST_SOCKET``, ``LUVMM_STATE_DIR``) and to know how it
-was started (``LUVMM_BOOT`` = ``cold`` or ``kexec``, ``LUVMM_GENERATION``).
-At kexec it SIGKILLs each unit's whole process group: a process of the old
-kernel does not survive, and neither does anything it did not preserve.
+Two hosts run it: the emulated host's daemon (liveupdate.emu.daemon, which
+kills every unit at each of its emulated kexecs and starts them again), and
+`luvmm boot` (liveupdate.boot) on a real host without systemd, over the real
+kernel.  On a host with systemd, systemd plays this part with the same
+policy (luvmm/wiring/systemd.py).
+
+It starts every unit of the state dir's ``units/`` (the agent, one VMM per
+VM) with the environment a unit needs to find its host (what its host adds:
+``LUVMM_HOST_SOCKET`` on the emulated host, ``LUVMM_INIT_SOCKET`` under
+`luvmm boot`; and ``LUVMM_STATE_DIR``) and to know how it was started
+(``LUVMM_BOOT`` = ``cold`` or ``kexec``, ``LUVMM_GENERATION``).
+:meth:`Init.kill_all` SIGKILLs each unit's whole process group: at an
+emulated kexec (a process of the old kernel does not survive, and neither
+does anything it did not preserve) and when the host stops.
 
 A unit with ``"restart": "on-failure"`` (systemd's Restart=on-failure) that
 exits with a failure or is killed is started again with ``LUVMM_BOOT=restart``
@@ -30,10 +38,14 @@ process of no unit stores nothing.
 Init is a **child subreaper** (PR_SET_CHILD_SUBREAPER): a process that forks
 out of its unit is re-parented to init, not to pid 1, so it still belongs to
 no operator (:meth:`Init.unit_of`), and init reaps it when it exits.  And a
-unit does not outlive the machine: its process gets SIGKILL when the daemon
-dies (PR_SET_PDEATHSIG: set by the unit itself where it says so, ``"pdeathsig":
+unit does not outlive its init: its process gets SIGKILL when init dies
+(PR_SET_PDEATHSIG: set by the unit itself where it says so, ``"pdeathsig":
 "self"``, as luvmm's own units do; else through util-linux's setpriv), as
 every process of a real machine stops with it.
+
+Its control requests (``units``, ``unit-of``, ``unit-start``, ``unit-stop``:
+:meth:`Init.request`, authorized by :func:`authorize`) are served by its
+host on that host's socket; luvmm.services.InitUnits is their client.
 """
 
 from __future__ import annotations
@@ -47,6 +59,8 @@ import struct
 import time
 
 import trio
+
+from liveupdate.state import check_unit_name
 
 log = logging.getLogger("luvmm.init")
 EX_CONFIG = 78  # sysexits.h: a unit that exits so is not restarted
@@ -114,16 +128,49 @@ class UnitProcess:
             signal.pidfd_send_signal(self.pidfd, sig)
 
 
+#: Who may ask what of init (:func:`authorize`): reading its units is anyone's
+#: on its socket; which unit a process is, the agent's (it authorizes its
+#: VMMs by it) and the operator's; starting and stopping units, the operator's.
+ANYONE_OPS = frozenset({"units"})
+AGENT_OPS = frozenset({"unit-of"})
+OPERATOR_OPS = frozenset({"unit-start", "unit-stop"})
+OPS = ANYONE_OPS | AGENT_OPS | OPERATOR_OPS
+
+
+def authorize(op: str, peer) -> bool:
+    """Whether ``peer`` (luvmm.peer.Peer; its ``unit`` None: the operator,
+    a process of no unit) may ask init for ``op`` (one of :data:`OPS`):
+    the README's trust model, the same on every host init runs on."""
+    if op in ANYONE_OPS:
+        return True
+    if op in AGENT_OPS:
+        return peer.unit in (None, "agent")
+    return op in OPERATOR_OPS and peer.unit is None
+
+
 class Init:
-    def __init__(self, state, daemon):
+    """``generation``: a callable giving the host's generation now (its
+    kernel's: the emulated host counts its kexecs), in each unit's
+    ``LUVMM_GENERATION`` -- what tells an old kernel's processes from the
+    new one's.  ``unit_env``: what the host adds to every unit's
+    environment so that it finds its host (``LUVMM_HOST_SOCKET``,
+    ``LUVMM_INIT_SOCKET``)."""
+
+    #: Variables of init's own environment that are never a unit's: each
+    #: host sets its own (unit_env), and the fd store's are per start.
+    _NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+                      "LUVMM_HOST_SOCKET", "LUVMM_INIT_SOCKET")
+
+    def __init__(self, state, *, generation=lambda: 0, unit_env: dict[str, str] | None = None):
         self.state = state
-        self.daemon = daemon
+        self.generation = generation
+        self.unit_env = dict(unit_env or {})
         self.procs: dict[str, UnitProcess] = {}
         self.started: dict[str, float] = {}
         self.starts: dict[str, int] = {}
         self.restarts: dict[str, list[float]] = {}  # recent restarts, for the limit
         self.restart_count: dict[str, int] = {}
-        self.nursery: trio.Nursery | None = None  # the daemon's: it watches units for the restart policy
+        self.nursery: trio.Nursery | None = None  # its host's: it watches units for the restart policy
         #: unit name -> {fd name: fd}: each unit's file descriptor store.
         self.fdstores: dict[str, dict[str, int]] = {}
         #: main pids of units that exited lately -> unit: a notification sent just before dying counts.
@@ -150,9 +197,12 @@ class Init:
         # again during the blackout.
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(self.state.path) + "/pycache"
+        for name in self._NOT_INHERITED:
+            env.pop(name, None)
         env.update({str(k): str(v) for k, v in unit.get("env", {}).items()})
-        env.update(LUVMM_HOST_SOCKET=self.state.socket, LUVMM_STATE_DIR=self.state.path, LUVMM_BOOT=boot,
-                   LUVMM_GENERATION=str(self.daemon.generation), LUVMM_UNIT=unit["name"],
+        env.update(self.unit_env)
+        env.update(LUVMM_STATE_DIR=self.state.path, LUVMM_BOOT=boot,
+                   LUVMM_GENERATION=str(self.generation()), LUVMM_UNIT=unit["name"],
                    LUVMM_INIT_PID=str(os.getpid()))
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
             env.pop(name, None)
@@ -189,7 +239,7 @@ class Init:
         try:
             try:
                 os.write(log_fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} start ({boot}, generation "
-                                 f"{self.daemon.generation}) ---\n".encode())
+                                 f"{self.generation()}) ---\n".encode())
             except OSError as e:
                 self._log_failed(name, e)
             if stored:
@@ -373,6 +423,37 @@ class Init:
         self.flush_fdstore(name)  # stopped: its stored files go (systemd flushes the store at stop)
         return {"name": name, "returncode": proc.returncode}
 
+    async def stop_all(self) -> list[dict]:
+        """Stop every unit as :meth:`stop_unit` does (SIGTERM, SIGKILL after
+        5 s), all at once, then whatever escaped them: its host is going."""
+        results: list[dict] = []
+
+        async def one(name: str) -> None:
+            results.append(await self.stop_unit(name))
+
+        async with trio.open_nursery() as nursery:
+            for name in list(self.procs):
+                nursery.start_soon(one, name)
+        self.kill_members(before_generation=self.generation() + 1)
+        for name in list(self.fdstores):
+            self.flush_fdstore(name)
+        return sorted(results, key=lambda r: r["name"])
+
+    async def request(self, request: dict):
+        """The reply's value to one of init's requests (:data:`OPS`, already
+        authorized and checked against its schema): what a host's control
+        socket answers for init."""
+        op = request["op"]
+        if op == "units":
+            return self.status()
+        if op == "unit-of":
+            return self.unit_of(int(request["pid"]))
+        if op == "unit-start":
+            return await self.start_unit(check_unit_name(request["name"]))
+        if op == "unit-stop":
+            return await self.stop_unit(check_unit_name(request["name"]))
+        raise ValueError(f"not a request of init: {op[:40]!r}")
+
     def members(self, *, unit: str | None = None, before_generation: int | None = None) -> list[int]:
         """Processes of this machine's units found by the environment init
         gave them (a fork keeps it, whatever its session or parent): of
@@ -513,7 +594,7 @@ class Init:
         stops) all of them."""
         for proc in procs:
             await proc.wait()
-        self.kill_members(before_generation=self.daemon.generation + (1 if everything else 0))
+        self.kill_members(before_generation=self.generation() + (1 if everything else 0))
 
 
     def status(self) -> list[dict]:
