@@ -176,6 +176,8 @@ class Init:
         #: main pids of units that exited lately -> unit: a notification sent just before dying counts.
         self._exited: dict[int, str] = {}
         self.notify_sock: socket.socket | None = None
+        #: Set by stop_all: its host is going, no unit starts again.
+        self.stopping = False
         #: Why the last write of a unit's log failed (a full disk), or None.
         self.log_error: str | None = None
         try:
@@ -378,7 +380,7 @@ class Init:
                     f"status {code}", f" in {delay:.2f} s" if delay else "")
         if delay:
             await trio.sleep(delay)  # the restart's own delay (RestartSec=), not a wait for something
-            if name in self.procs and self.procs[name] is not proc or \
+            if self.stopping or self.procs.get(name) is not proc or \
                     not any(u["name"] == name for u in self.state.read_units()):
                 return  # started or stopped meanwhile
         self._start(unit, "restart")
@@ -427,6 +429,7 @@ class Init:
         """Stop every unit as :meth:`stop_unit` does (SIGTERM, SIGKILL after
         5 s), all at once, then whatever escaped them: its host is going."""
         results: list[dict] = []
+        self.stopping = True
 
         async def one(name: str) -> None:
             results.append(await self.stop_unit(name))
