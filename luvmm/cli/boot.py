@@ -69,6 +69,10 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     pid = boot.running(state) if os.path.isdir(state.path) else None
     if pid is not None:
         raise CliError(str(boot.AlreadyRunning(state, pid if pid > 0 else None)))
+    from liveupdate.emu import hostctl
+
+    if os.path.isdir(state.path) and hostctl.running(state):  # its init's notify.sock, its agent.sock
+        raise CliError(f"an emulated host runs in {state.path}: `luvmm boot` needs a state dir of its own")
     created = _ensure(state)
     wrote_agent = False
     try:

@@ -102,13 +102,15 @@ def test_boot_starts_the_units_answers_on_its_socket_and_stops_without_leftovers
     assert "stopped" in stopped.stdout
     assert not alive(pid) and not alive(again["pid"])
     assert init_files(state) == []
-    units.client.close()
 
     # Again in the same boot: cold (what the kexec handed over was the first init's).
     os.unlink(report)
     out = cli("boot", "--state-dir", state.path).stdout
     assert "cold boot" in out, out
-    assert wait_for("report from the unit", lambda: read_report(report))["env"]["LUVMM_BOOT"] == "cold"
+    cold = wait_for("report from the unit", lambda: read_report(report))
+    assert cold["env"]["LUVMM_BOOT"] == "cold"
+    assert units.unit_of(cold["pid"]) == "vm-t"  # the client of the init that went connects to the new one
+    units.client.close()
     cli("boot", "--stop", "--state-dir", state.path)
     assert init_files(state) == []
     assert cli("boot", "--stop", "--state-dir", state.path).stderr.startswith("luvmm boot: no luvmm init is running")

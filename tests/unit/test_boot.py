@@ -77,3 +77,23 @@ def test_the_agent_unit_is_written_once_for_the_real_host(state):
     state.write_unit("agent", ["/bin/true"])  # the operator's own stays
     assert not boot.agent_unit(state)
     assert next(u for u in state.read_units() if u["name"] == "agent")["argv"] == ["/bin/true"]
+
+
+def test_a_real_hosts_units_are_luvmm_boots_init_where_it_started_them_else_systemd(state, monkeypatch):
+    from luvmm.services import InitUnits, SystemdUnits
+    from luvmm.wiring import connect, real_units
+
+    monkeypatch.setenv("LUVMM_INIT_SOCKET", state.init_socket)
+    units = connect("real")[1].units
+    assert isinstance(units, InitUnits) and units.client.path == state.init_socket
+    monkeypatch.delenv("LUVMM_INIT_SOCKET")
+    assert isinstance(connect("real")[1].units, SystemdUnits)
+    state.write_file("init.sock", b"")  # a file where no init answers: not an init
+    assert isinstance(real_units(state), SystemdUnits)
+
+
+def test_boots_default_state_dir_is_the_systemd_units_one():
+    from luvmm.cli.boot import DEFAULT_STATE_DIR
+    from luvmm.wiring.systemd import STATE_DIR
+
+    assert DEFAULT_STATE_DIR == STATE_DIR
