@@ -177,14 +177,16 @@ def clean(state: StateDir) -> list[str]:
 
 class BootInit:
     """luvmm's init with its sockets, over the real kernel.  ``boot``: how
-    its units start (:func:`boot_kind`); ``started(info)`` is called once
-    the socket answers and every unit is spawned (``info``: pid, boot,
-    units)."""
+    its units start (:func:`boot_kind`).  :meth:`run` reports it started
+    (``{pid, boot, units}``) once its socket listens and every unit is
+    spawned; a unit that cannot be spawned is logged and left stopped, not
+    the end of the host's other units (``keep_going``)."""
 
     def __init__(self, state: StateDir, boot: str):
         self.state = state
         self.boot = boot
-        self.init = Init(state, generation=lambda: GENERATION, unit_env={"LUVMM_INIT_SOCKET": state.init_socket})
+        self.init = Init(state, generation=lambda: GENERATION, unit_env={"LUVMM_INIT_SOCKET": state.init_socket},
+                         keep_going=True)
         self.units: list[str] = []
         import trio
 

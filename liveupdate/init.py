@@ -154,15 +154,21 @@ class Init:
     ``LUVMM_GENERATION`` -- what tells an old kernel's processes from the
     new one's.  ``unit_env``: what the host adds to every unit's
     environment so that it finds its host (``LUVMM_HOST_SOCKET``,
-    ``LUVMM_INIT_SOCKET``)."""
+    ``LUVMM_INIT_SOCKET``).  ``keep_going``: a unit that cannot be spawned
+    at boot or at a restart (its program is gone) is logged and left
+    stopped, and init goes on with the others -- a real host's init must not
+    leave the agent and every VM down for one broken unit file; without it
+    the error is the caller's (the emulated host's daemon fails at once)."""
 
     #: Variables of init's own environment that are never a unit's: each
     #: host sets its own (unit_env), and the fd store's are per start.
     _NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
                       "LUVMM_HOST_SOCKET", "LUVMM_INIT_SOCKET")
 
-    def __init__(self, state, *, generation=lambda: 0, unit_env: dict[str, str] | None = None):
+    def __init__(self, state, *, generation=lambda: 0, unit_env: dict[str, str] | None = None,
+                 keep_going: bool = False):
         self.state = state
+        self.keep_going = keep_going
         self.generation = generation
         self.unit_env = dict(unit_env or {})
         self.procs: dict[str, UnitProcess] = {}
@@ -383,7 +389,15 @@ class Init:
             if self.stopping or self.procs.get(name) is not proc or \
                     not any(u["name"] == name for u in self.state.read_units()):
                 return  # started or stopped meanwhile
-        self._start(unit, "restart")
+        self._start_or_log(unit, "restart")
+
+    def _start_or_log(self, unit: dict, boot: str) -> None:
+        try:
+            self._start(unit, boot)
+        except OSError as e:
+            if not self.keep_going:
+                raise
+            log.error("unit %s cannot start: %s", unit["name"], e)
 
     async def start_all(self, boot: str) -> None:
         # VMMs first: after a kexec each has its interpreter to start before it
@@ -392,7 +406,7 @@ class Init:
         units.sort(key=lambda unit: unit["name"] == "agent")
         for unit in units:
             if unit["name"] not in self.procs or self.procs[unit["name"]].returncode is not None:
-                self._start(unit, boot)
+                self._start_or_log(unit, boot)
 
     async def start_unit(self, name: str) -> dict:
         unit = next((u for u in self.state.read_units() if u["name"] == name), None)

@@ -183,6 +183,7 @@ def _daemon(state, timeout: float) -> int:
     try:
         client.call({"op": "hello"})
     except OSError as e:
+        _kill(state)
         raise CliError(f"luvmm's init (pid {pid}) does not answer on {state.init_socket}: {e.strerror}") from None
     finally:
         client.close()

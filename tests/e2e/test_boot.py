@@ -116,21 +116,23 @@ def test_boot_starts_the_units_answers_on_its_socket_and_stops_without_leftovers
     assert cli("boot", "--stop", "--state-dir", state.path).stderr.startswith("luvmm boot: no luvmm init is running")
 
 
-def test_boot_in_the_foreground_stops_on_sigterm(cli):
+def test_boot_in_the_foreground_stops_on_sigterm_and_a_unit_that_cannot_start_stops_no_other(cli):
     state = StateDir(cli.state)
     report = os.path.join(cli.root, "report.json")
     vm_like_unit(state, report)
+    state.write_unit("vm-gone", [os.path.join(cli.root, "no-such-program")], pdeathsig="self")
     cli.keep(state.path)
     cli.keep(report)
     proc = subprocess.Popen(LUVMM + ["boot", "--foreground", "--state-dir", state.path], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli.env, cwd=cli.root)
     try:
         line = proc.stdout.readline()  # the one line, once it serves
-        assert f"(pid {proc.pid}, kexec boot)" in line, line or proc.stderr.read()
+        assert f"(pid {proc.pid}, kexec boot): started agent, vm-t;" in line, line or proc.stderr.read()
         found = wait_for("report from the unit", lambda: read_report(report))
         assert found["env"]["LUVMM_INIT_PID"] == str(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        assert "unit vm-gone cannot start" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
