@@ -157,3 +157,9 @@ def test_boot_refusals_are_one_line_and_leave_nothing(cli, tmp_path):
     line = cli.error_line(cli("boot", "--state-dir", str(missing), status=1))
     assert "cannot use" in line and not missing.parent.exists()
     assert not os.path.exists(cli.state)  # nothing started, nothing made where it was not asked
+
+
+def test_boot_help_says_what_it_does(cli):
+    out = cli("boot", "--help").stdout
+    for what in ("init.sock", "boot.log", "/var/lib/luvmm", "--foreground", "--stop", "after a kexec", "cold"):
+        assert what in out, what
