@@ -97,3 +97,15 @@ def test_boots_default_state_dir_is_the_systemd_units_one():
     from luvmm.wiring.systemd import STATE_DIR
 
     assert DEFAULT_STATE_DIR == STATE_DIR
+
+
+def test_a_state_dir_that_cannot_be_made_is_one_line_with_a_hint_for_a_user(monkeypatch, capsys, tmp_path):
+    from luvmm.cli import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    where = tmp_path / "none" / "state"
+    assert main(["boot", "--state-dir", str(where)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"luvmm boot: cannot use {where} as a state dir")
+    assert "runs as root; or give --state-dir" in err[0]
+    assert not where.parent.exists()
