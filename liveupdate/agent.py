@@ -83,7 +83,7 @@ VM_OPS = frozenset({"create-session", "retrieve-session", "register", "restored"
 #: The operator's requests: only a process of no unit may make them (``release``: its VM's unit too).
 OPERATOR_OPS = frozenset({"update", "result", "status", "release", "abandon", "check"})
 NAMED_OPS = VM_OPS | {"release"}
-#: unit_of's answer for a process that left its unit (liveupdate.emu.init.ORPHAN).
+#: unit_of's answer for a process that left its unit (liveupdate.init.ORPHAN).
 ORPHAN = "?orphan"
 _UNKNOWN = object()  # a connection whose peer was not looked up yet
 

@@ -9,9 +9,10 @@ up on the very same RAM, iommufd and device (DMA never stopped).
   ``$LISTEN_FDNAMES`` and meant for ``$LISTEN_PID``.
 
 systemd keeps the store while the unit is restarted after a failure and
-flushes it when the unit is stopped (FileDescriptorStoreMax= bounds it); the
-emulated host's init (liveupdate.emu.init) does the same.  Either way the store
-lives in init, not in the LUO agent: an agent that dies takes nothing with it.
+flushes it when the unit is stopped (FileDescriptorStoreMax= bounds it);
+luvmm's own init (liveupdate.init: the emulated host's, `luvmm boot`'s) does
+the same.  Either way the store lives in init, not in the LUO agent: an
+agent that dies takes nothing with it.
 
 A VM's store holds its files under the names of :meth:`vmm.vm.Vm.files` and
 ``meta``, a sealed memfd with what the files are (JSON).  Lean: the restore

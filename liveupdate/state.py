@@ -1,7 +1,9 @@
 """The state dir: the emulated host's "disk".
 
 Layout: ``host.sock`` (the daemon's control socket, mode 0600), ``agent.sock``, ``notify.sock`` (init's sd_notify socket),
-``host.pid``, ``host.log``, ``units/NAME.json`` (what init starts), ``logs/``
+``host.pid``, ``host.log``; on a real host under `luvmm boot` instead of the
+daemon's: ``init.sock``, ``boot.pid``, ``boot.log`` and ``boot.id`` (the
+kernel's boot it last started in); ``units/NAME.json`` (what init starts), ``logs/``
 (each unit's output), ``vms/NAME/`` (per-VM files of the VMM), ``.luvmm-state``
 (whether luvmm created the directory).  A directory luvmm creates is 0700:
 only its owner reaches the host; one the user points at is used as it is,
@@ -172,7 +174,8 @@ class StateError(RuntimeError):
 MARKER = ".luvmm-state"
 #: The state's own directories and files (check_safe refuses a symlink in their place).
 STATE_DIRS = ("units", "logs", "vms", "agent", "pycache")
-STATE_FILES = (MARKER, "host.log", "host.pid", "host.sock", "agent.sock", "notify.sock", "agent/update.json")
+STATE_FILES = (MARKER, "host.log", "host.pid", "host.sock", "agent.sock", "notify.sock", "agent/update.json",
+               "init.sock", "boot.pid", "boot.log", "boot.id")
 
 
 def runtime_dir() -> str | None:
@@ -213,6 +216,11 @@ class StateDir:
     def vmm_socket(self, name: str) -> str:
         """The VMM of ``name``'s control socket (``status``, ``stop``)."""
         return os.path.join(self.runtime, "vms", check_vm_name(name), "vmm.sock")
+
+    @property
+    def init_socket(self) -> str:
+        """`luvmm boot`'s control socket (liveupdate.boot)."""
+        return os.path.join(self.runtime, "init.sock")
 
     @property
     def pidfile(self) -> str:

@@ -5,6 +5,7 @@ reply holds.  Servers check every request against this before anything else
 so a handler reads fields it knows are there.
 
     HOST    host.sock, the emulated host's daemon (liveupdate.emu.daemon)
+    INIT    init.sock, luvmm's init under `luvmm boot` (liveupdate.boot)
     AGENT   agent.sock, the LUO agent (liveupdate.agent)
     CHANNEL a VMM's channel to the agent, where the agent asks (vmm.control)
     VMM     vms/NAME/vmm.sock, a VMM's own socket (vmm.control)
@@ -40,6 +41,11 @@ HOST = {
                 "{completions, max_completion_gap_s, heartbeat_changes?, heartbeat_max_gap_s?}"),
     "timeline": (_req(bdf=str, t0=NUMBER + (str,), t1=NUMBER + (str,), bin_s=NUMBER + (str,),
                       iova=(OPTIONAL_INT, None)), "{t0, bin_s, bytes, completions, heartbeat_changes?}"),
+}
+
+INIT = {
+    "hello": (_req(), "{pid, boot, state_dir, units}"),
+    **{op: HOST[op] for op in ("units", "unit-of", "unit-start", "unit-stop")},
 }
 
 AGENT = {

@@ -3,9 +3,10 @@ explicit interfaces that the entry points pass in (luvmm.wiring) -- never
 found by probing the host object.
 
 * :class:`Units`: the host's init -- start, stop and list units, and say
-  which unit a process belongs to (the agent authorizes by it).  The
-  emulated host's init (liveupdate.emu.services); systemd on a real host,
-  whose units are cgroups a process cannot leave (:class:`SystemdUnits`).
+  which unit a process belongs to (the agent authorizes by it).  luvmm's
+  own init (liveupdate.init) on the emulated host or under `luvmm boot`,
+  over its host's control socket (:class:`InitUnits`); systemd on a real
+  host, whose units are cgroups a process cannot leave (:class:`SystemdUnits`).
 * :class:`Observer`: an observer on the machine's bus -- DMA completions and
   a guest heartbeat seen from outside the software being measured.  Only an
   emulated machine has one; on a real host it is None and the figures that
@@ -77,6 +78,87 @@ class Services:
     def __init__(self, *, units: Units | None = None, observer: Observer | None = None,
                  machine: MachineInfo | None = None):
         self.units, self.observer, self.machine = units, observer, machine
+
+
+class InitUnits(Units):
+    """luvmm's own init (liveupdate.init), over the control socket of the
+    host that runs it: the emulated host's ``host.sock`` (its client,
+    liveupdate.emu.client), or `luvmm boot`'s ``init.sock``
+    (:class:`InitClient`).  ``client.call(request)`` returns (the reply's
+    value, fds) or raises OSError; init answers ``unit-start``,
+    ``unit-stop``, ``units`` and ``unit-of``."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def start(self, name: str) -> dict:
+        return self.client.call({"op": "unit-start", "name": name})[0]
+
+    def stop(self, name: str) -> dict:
+        return self.client.call({"op": "unit-stop", "name": name})[0]
+
+    def list(self) -> list[dict]:
+        return self.client.call({"op": "units"})[0]
+
+    def unit_of(self, pid: int) -> str | None:
+        return self.client.call({"op": "unit-of", "pid": pid})[0]
+
+
+class InitClient:
+    """A client of `luvmm boot`'s control socket (``init.sock`` in its state
+    dir; a unit finds it in ``$LUVMM_INIT_SOCKET``).  It connects at its
+    first request, and again after init went away (it was restarted): a
+    unit outlives nothing of init's, but the CLI's client may.  One request
+    at a time (a lock: the agent asks from more than one thread).  Lean, as
+    this module must be: luvmm.rpc and ``_socket``, imported when first used."""
+
+    def __init__(self, path: str, *, timeout: float = 60.0):
+        import _thread
+
+        self.path, self.timeout = path, timeout
+        self._sock = None
+        self._lock = _thread.allocate_lock()
+
+    def _connect(self):
+        import _socket
+
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"no luvmm init answers at {self.path}: {e.strerror}") from None
+        return sock
+
+    def call(self, request: dict, fds: list[int] = (), *, timeout: float | None = None) -> tuple[object, list[int]]:
+        """(the reply's value, its fds), or OSError with the reply's errno
+        (ECONNRESET: init went away, ETIMEDOUT: it did not answer)."""
+        import errno
+
+        from luvmm import rpc
+
+        with self._lock:
+            while True:
+                fresh = self._sock is None
+                if fresh:
+                    self._sock = self._connect()
+                try:
+                    return rpc.call(self._sock, request, fds, timeout=timeout or self.timeout, who="luvmm's init")
+                except rpc.RpcError as e:
+                    if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT):
+                        self._close()  # a connection whose reply may yet come is not asked again
+                    if fresh or e.errno != errno.ECONNRESET:
+                        raise OSError(e.errno, e.strerror) from None
+                    # An init gone since the last request (restarted): once more, on a new connection.
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
 
 
 class SystemdUnits(Units):

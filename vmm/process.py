@@ -35,7 +35,7 @@ from vmm.config import VmConfig  # noqa: E402
 from vmm.vm import Clock, Vm  # noqa: E402
 
 IMPORTED = time.time()
-EX_CONFIG = 78  # liveupdate.emu.init.EX_CONFIG (not imported: the restore path does not import init)
+EX_CONFIG = 78  # liveupdate.init.EX_CONFIG (not imported: the restore path does not import init)
 
 def load_config(state: StateDir, name: str) -> VmConfig:
     import json

@@ -6,9 +6,10 @@
   device files; it is replaced at every kexec by a new one built from the KHO
   image alone.  Each emulated file is served by a task in the kernel's own
   nursery, so dropping the kernel cancels them all.
-* **Init** (:class:`liveupdate.emu.init.Init`) starts the units (the agent and one
-  VMM per VM) from unit files in the state dir, SIGKILLs them at kexec and
-  starts them again after it.
+* **Init** (:class:`liveupdate.init.Init`, luvmm's own) starts the units (the
+  agent and one VMM per VM) from unit files in the state dir; the daemon
+  SIGKILLs them at kexec (a process does not outlive its kernel) and has
+  init start them again after it.
 
 A malformed message gets an error reply and the daemon goes on serving; an
 unexpected failure inside a request is logged and answered with EIO.
@@ -48,12 +49,12 @@ from luvmm.wire import (
 )
 from luvmm.uapi.pci_regs import PCI_COMMAND_MASTER
 from liveupdate.emu import faults
-from liveupdate.emu.init import Init
 from liveupdate.emu.kernel import kho
 from liveupdate.emu.kernel.core import Kernel, KernelError, KernelPanic
 from liveupdate.emu.machine import Machine
 from liveupdate.emu.observer import Observer
-from liveupdate.state import StateDir, StateError, check_unit_name
+from liveupdate.init import Init
+from liveupdate.state import StateDir, StateError
 
 log = logging.getLogger("luvmm.host")
 
@@ -106,7 +107,7 @@ class HostDaemon:
         self.kernel: Kernel | None = None
         self._kernel_nursery: trio.Nursery | None = None
         self._kernel_scope: trio.CancelScope | None = None
-        self.init = Init(state, self)
+        self.init = Init(state, generation=lambda: self.generation, unit_env={"LUVMM_HOST_SOCKET": state.socket})
         self.kexec_count = 0
         self.kexec_refused = 0
         self.kho_refused = 0
@@ -369,20 +370,14 @@ class HostDaemon:
             iova = request.get("iova")
             return self.observer.timeline(str(request["bdf"]), _time(request["t0"]), _time(request["t1"]),
                                           _time(request["bin_s"]), None if iova is None else _int(iova)), []
-        if op == "units":
-            return self.init.status(), []
-        if op == "unit-of":
-            return self.init.unit_of(int(request["pid"])), []
+        if op in ("units", "unit-of", "unit-start", "unit-stop"):
+            return await self.init.request(request), []
         if op == "faults":
             if request.get("clear"):
                 self.faults.clear()
             if request.get("set"):
                 self.faults.set(str(request["set"]))
             return self.faults.describe(), []
-        if op == "unit-start":
-            return await self.init.start_unit(check_unit_name(request["name"])), []
-        if op == "unit-stop":
-            return await self.init.stop_unit(check_unit_name(request["name"])), []
         raise KernelError(errno.EINVAL, f"unknown request {op!r}")
 
     # --- kexec --------------------------------------------------------------------------------------

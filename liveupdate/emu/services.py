@@ -4,24 +4,11 @@ of its kernel and of the last kexec."""
 
 from __future__ import annotations
 
-from luvmm.services import MachineInfo, Observer, Services, Units
+from luvmm.services import InitUnits, MachineInfo, Observer, Services
 
-
-class EmulatedUnits(Units):
-    def __init__(self, client):
-        self.client = client
-
-    def start(self, name: str) -> dict:
-        return self.client.call({"op": "unit-start", "name": name})[0]
-
-    def stop(self, name: str) -> dict:
-        return self.client.call({"op": "unit-stop", "name": name})[0]
-
-    def list(self) -> list[dict]:
-        return self.client.call({"op": "units"})[0]
-
-    def unit_of(self, pid: int) -> str | None:
-        return self.client.call({"op": "unit-of", "pid": pid})[0]
+#: The emulated host's init is luvmm's own (liveupdate.init), reached over
+#: host.sock: the product's client of any such init.
+EmulatedUnits = InitUnits
 
 
 class EmulatedObserver(Observer):
@@ -71,4 +58,4 @@ class EmulatedMachine(MachineInfo):
 
 def services_for(client) -> Services:
     """The services of the emulated host that ``client`` (liveupdate.emu.client) speaks to."""
-    return Services(units=EmulatedUnits(client), observer=EmulatedObserver(client), machine=EmulatedMachine(client))
+    return Services(units=InitUnits(client), observer=EmulatedObserver(client), machine=EmulatedMachine(client))

@@ -1,6 +1,7 @@
 """The `luvmm` command line: a package of small command modules (uapi, demo,
-host, vm, update, bench, lab) over the same APIs a user's script would call
-(vmm.manage, liveupdate.update, luvmm.tools); ``common`` holds what they share.
+host, boot, vm, update, bench, lab) over the same APIs a user's script would
+call (vmm.manage, liveupdate.update, luvmm.tools); ``common`` holds what they
+share.
 
 Each subcommand imports what it needs when it runs, so `luvmm --help` and the
 restore path stay fast.
@@ -30,11 +31,11 @@ import argparse
 import sys
 
 from luvmm import __version__, exitcodes
-from luvmm.cli import bench, demo, host, lab, update, uapi, vm
+from luvmm.cli import bench, boot, demo, host, lab, update, uapi, vm
 from luvmm.cli.common import CliError, Parser, resolve_host, say
 
 #: The commands, in the order `luvmm --help` lists them.
-COMMANDS = (uapi, demo, host, vm, update, bench, lab)
+COMMANDS = (uapi, demo, host, boot, vm, update, bench, lab)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,21 +6,25 @@ is handed."""
 
 from __future__ import annotations
 
+import os
+
 from luvmm.host import Host
 from luvmm.services import Services, Units
 
 
 def connect(kind: str, socket_path: str | None = None, state_dir: str | None = None) -> tuple[Host, Services]:
-    """``kind`` "real": the running kernel and systemd (``state_dir``: where
-    the agent keeps its record of the last update, whose reboot the
-    machine's last_kexec times); "emulated": the emulated host whose control
-    socket is ``socket_path``."""
+    """``kind`` "real": the running kernel, and its init -- `luvmm boot`'s
+    when it started this unit (it says where it answers in
+    ``$LUVMM_INIT_SOCKET``), else systemd (``state_dir``: where the agent
+    keeps its record of the last update, whose reboot the machine's
+    last_kexec times); "emulated": the emulated host whose control socket
+    is ``socket_path``."""
     if kind == "real":
         from luvmm.host import RealHost
-        from luvmm.services import SystemdUnits
         from luvmm.wiring.real import RealMachine
 
-        return RealHost(), Services(units=SystemdUnits(), machine=RealMachine(state_dir))
+        return RealHost(), Services(units=_real_init(os.environ.get("LUVMM_INIT_SOCKET")),
+                                    machine=RealMachine(state_dir))
     from liveupdate.emu.client import connect as connect_emulated
     from liveupdate.emu.services import services_for
 
@@ -28,8 +32,28 @@ def connect(kind: str, socket_path: str | None = None, state_dir: str | None = N
     return host, services_for(host)
 
 
-def real_units(state) -> "Units":
-    """A real host's init for the VMs of ``state``: systemd (`luvmm host install`)."""
+def _real_init(init_socket: str | None) -> Units:
+    if init_socket:
+        from luvmm.services import InitClient, InitUnits
+
+        return InitUnits(InitClient(init_socket))
     from luvmm.services import SystemdUnits
 
     return SystemdUnits()
+
+
+def real_units(state) -> Units:
+    """A real host's init, for a command acting on the VMs of ``state``
+    (a liveupdate.state.StateDir): `luvmm boot`'s when its init answers on
+    ``init.sock`` in the state dir, else systemd's.  Asked, not guessed
+    from the file: a socket left by an init that died (or by the kernel
+    before a kexec) is no init."""
+    from luvmm.services import InitClient, InitUnits, SystemdUnits
+
+    client = InitClient(state.init_socket, timeout=10.0)
+    try:
+        client.call({"op": "hello"})
+    except OSError:
+        client.close()
+        return SystemdUnits()
+    return InitUnits(client)

@@ -15,7 +15,7 @@ site-packages appended to sys.path, no site initialisation, no runpy, the
 cyclic GC off until the restore path is done), with ``--host real
 --state-dir /var/lib/luvmm``.
 
-**The policy is the emulated init's** (liveupdate.emu.init):
+**The policy is luvmm's own init's** (liveupdate.init):
 Restart=on-failure, except after EX_CONFIG (78: what the unit was asked to
 run cannot run -- a VM that cannot start is not restarted in a loop);
 luvmm's units are never given up on (StartLimitBurst=0), restarted after a
@@ -85,7 +85,7 @@ TARGET = "luvmm.target"
 STATE_DIR = "/var/lib/luvmm"
 RUNTIME_DIR = "/run/luvmm"
 UNIT_DIR = "etc/systemd/system"
-#: EX_CONFIG (sysexits.h): a unit that exits so is not restarted (liveupdate.emu.init, vmm.process).
+#: EX_CONFIG (sysexits.h): a unit that exits so is not restarted (liveupdate.init, vmm.process).
 EX_CONFIG = 78
 #: A VM unit's FileDescriptorStoreMax= (vmm.manage.FDSTORE_MAX: its files and their meta, with room to spare).
 FDSTORE_MAX = 8
@@ -98,7 +98,7 @@ RESTART_FIXED_DELAY_S = RESTART_MAX_DELAY_S / 8
 SYSTEMD_RESTART_STEPS = 254
 #: The agent's StartupCPUWeight= (a VMM has systemd's default, 100).
 AGENT_STARTUP_CPU_WEIGHT = 20
-STOP_TIMEOUT_S = 5  # liveupdate.emu.init.Init.stop_unit: SIGTERM, then SIGKILL after 5 s
+STOP_TIMEOUT_S = 5  # liveupdate.init.Init.stop_unit: SIGTERM, then SIGKILL after 5 s
 _INSTANCE = "@LUVMM-INSTANCE@"  # stands for %i until the ExecStart line is quoted
 
 

@@ -1,11 +1,19 @@
-"""Init: the emulated host's userspace supervisor.
+"""Init: luvmm's own init -- the userspace supervisor of a host's units.
 
-It starts every unit of the state dir's ``units/`` (the agent, one VMM per VM)
-at boot and again after every kexec, with the environment a unit needs to
-find its host (``LUVMM_HOST_SOCKET``, ``LUVMM_STATE_DIR``) and to know how it
-was started (``LUVMM_BOOT`` = ``cold`` or ``kexec``, ``LUVMM_GENERATION``).
-At kexec it SIGKILLs each unit's whole process group: a process of the old
-kernel does not survive, and neither does anything it did not preserve.
+Two hosts run it: the emulated host's daemon (liveupdate.emu.daemon, which
+kills every unit at each of its emulated kexecs and starts them again), and
+`luvmm boot` (liveupdate.boot) on a real host without systemd, over the real
+kernel.  On a host with systemd, systemd plays this part with the same
+policy (luvmm/wiring/systemd.py).
+
+It starts every unit of the state dir's ``units/`` (the agent, one VMM per
+VM) with the environment a unit needs to find its host (what its host adds:
+``LUVMM_HOST_SOCKET`` on the emulated host, ``LUVMM_INIT_SOCKET`` under
+`luvmm boot`; and ``LUVMM_STATE_DIR``) and to know how it was started
+(``LUVMM_BOOT`` = ``cold`` or ``kexec``, ``LUVMM_GENERATION``).
+:meth:`Init.kill_all` SIGKILLs each unit's whole process group: at an
+emulated kexec (a process of the old kernel does not survive, and neither
+does anything it did not preserve) and when the host stops.
 
 A unit with ``"restart": "on-failure"`` (systemd's Restart=on-failure) that
 exits with a failure or is killed is started again with ``LUVMM_BOOT=restart``
@@ -30,10 +38,14 @@ process of no unit stores nothing.
 Init is a **child subreaper** (PR_SET_CHILD_SUBREAPER): a process that forks
 out of its unit is re-parented to init, not to pid 1, so it still belongs to
 no operator (:meth:`Init.unit_of`), and init reaps it when it exits.  And a
-unit does not outlive the machine: its process gets SIGKILL when the daemon
-dies (PR_SET_PDEATHSIG: set by the unit itself where it says so, ``"pdeathsig":
+unit does not outlive its init: its process gets SIGKILL when init dies
+(PR_SET_PDEATHSIG: set by the unit itself where it says so, ``"pdeathsig":
 "self"``, as luvmm's own units do; else through util-linux's setpriv), as
 every process of a real machine stops with it.
+
+Its control requests (``units``, ``unit-of``, ``unit-start``, ``unit-stop``:
+:meth:`Init.request`, authorized by :func:`authorize`) are served by its
+host on that host's socket; luvmm.services.InitUnits is their client.
 """
 
 from __future__ import annotations
@@ -47,6 +59,8 @@ import struct
 import time
 
 import trio
+
+from liveupdate.state import check_unit_name
 
 log = logging.getLogger("luvmm.init")
 EX_CONFIG = 78  # sysexits.h: a unit that exits so is not restarted
@@ -114,21 +128,62 @@ class UnitProcess:
             signal.pidfd_send_signal(self.pidfd, sig)
 
 
+#: Who may ask what of init (:func:`authorize`): reading its units is anyone's
+#: on its socket; which unit a process is, the agent's (it authorizes its
+#: VMMs by it) and the operator's; starting and stopping units, the operator's.
+ANYONE_OPS = frozenset({"units"})
+AGENT_OPS = frozenset({"unit-of"})
+OPERATOR_OPS = frozenset({"unit-start", "unit-stop"})
+OPS = ANYONE_OPS | AGENT_OPS | OPERATOR_OPS
+
+
+def authorize(op: str, peer) -> bool:
+    """Whether ``peer`` (luvmm.peer.Peer; its ``unit`` None: the operator,
+    a process of no unit) may ask init for ``op`` (one of :data:`OPS`):
+    the README's trust model, the same on every host init runs on."""
+    if op in ANYONE_OPS:
+        return True
+    if op in AGENT_OPS:
+        return peer.unit in (None, "agent")
+    return op in OPERATOR_OPS and peer.unit is None
+
+
 class Init:
-    def __init__(self, state, daemon):
+    """``generation``: a callable giving the host's generation now (its
+    kernel's: the emulated host counts its kexecs), in each unit's
+    ``LUVMM_GENERATION`` -- what tells an old kernel's processes from the
+    new one's.  ``unit_env``: what the host adds to every unit's
+    environment so that it finds its host (``LUVMM_HOST_SOCKET``,
+    ``LUVMM_INIT_SOCKET``).  ``keep_going``: a unit that cannot be spawned
+    at boot or at a restart (its program is gone) is logged and left
+    stopped, and init goes on with the others -- a real host's init must not
+    leave the agent and every VM down for one broken unit file; without it
+    the error is the caller's (the emulated host's daemon fails at once)."""
+
+    #: Variables of init's own environment that are never a unit's: each
+    #: host sets its own (unit_env), and the fd store's are per start.
+    _NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+                      "LUVMM_HOST_SOCKET", "LUVMM_INIT_SOCKET")
+
+    def __init__(self, state, *, generation=lambda: 0, unit_env: dict[str, str] | None = None,
+                 keep_going: bool = False):
         self.state = state
-        self.daemon = daemon
+        self.keep_going = keep_going
+        self.generation = generation
+        self.unit_env = dict(unit_env or {})
         self.procs: dict[str, UnitProcess] = {}
         self.started: dict[str, float] = {}
         self.starts: dict[str, int] = {}
         self.restarts: dict[str, list[float]] = {}  # recent restarts, for the limit
         self.restart_count: dict[str, int] = {}
-        self.nursery: trio.Nursery | None = None  # the daemon's: it watches units for the restart policy
+        self.nursery: trio.Nursery | None = None  # its host's: it watches units for the restart policy
         #: unit name -> {fd name: fd}: each unit's file descriptor store.
         self.fdstores: dict[str, dict[str, int]] = {}
         #: main pids of units that exited lately -> unit: a notification sent just before dying counts.
         self._exited: dict[int, str] = {}
         self.notify_sock: socket.socket | None = None
+        #: Set by stop_all: its host is going, no unit starts again.
+        self.stopping = False
         #: Why the last write of a unit's log failed (a full disk), or None.
         self.log_error: str | None = None
         try:
@@ -150,9 +205,12 @@ class Init:
         # again during the blackout.
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(self.state.path) + "/pycache"
+        for name in self._NOT_INHERITED:
+            env.pop(name, None)
         env.update({str(k): str(v) for k, v in unit.get("env", {}).items()})
-        env.update(LUVMM_HOST_SOCKET=self.state.socket, LUVMM_STATE_DIR=self.state.path, LUVMM_BOOT=boot,
-                   LUVMM_GENERATION=str(self.daemon.generation), LUVMM_UNIT=unit["name"],
+        env.update(self.unit_env)
+        env.update(LUVMM_STATE_DIR=self.state.path, LUVMM_BOOT=boot,
+                   LUVMM_GENERATION=str(self.generation()), LUVMM_UNIT=unit["name"],
                    LUVMM_INIT_PID=str(os.getpid()))
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
             env.pop(name, None)
@@ -162,7 +220,7 @@ class Init:
 
     @property
     def notify_path(self) -> str:
-        return os.path.join(self.state.path, "notify.sock")
+        return os.path.join(self.state.runtime, "notify.sock")
 
     def _open_log(self, name: str) -> int:
         """The unit's log, or /dev/null when it cannot be written (a full or
@@ -189,7 +247,7 @@ class Init:
         try:
             try:
                 os.write(log_fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} start ({boot}, generation "
-                                 f"{self.daemon.generation}) ---\n".encode())
+                                 f"{self.generation()}) ---\n".encode())
             except OSError as e:
                 self._log_failed(name, e)
             if stored:
@@ -218,7 +276,7 @@ class Init:
     # --- the file descriptor store (sd_notify) ------------------------------------------------
 
     def listen_notify(self) -> None:
-        path = self.notify_path
+        path = self.state.runtime_path("notify.sock")
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -328,10 +386,18 @@ class Init:
                     f"status {code}", f" in {delay:.2f} s" if delay else "")
         if delay:
             await trio.sleep(delay)  # the restart's own delay (RestartSec=), not a wait for something
-            if name in self.procs and self.procs[name] is not proc or \
+            if self.stopping or self.procs.get(name) is not proc or \
                     not any(u["name"] == name for u in self.state.read_units()):
                 return  # started or stopped meanwhile
-        self._start(unit, "restart")
+        self._start_or_log(unit, "restart")
+
+    def _start_or_log(self, unit: dict, boot: str) -> None:
+        try:
+            self._start(unit, boot)
+        except OSError as e:
+            if not self.keep_going:
+                raise
+            log.error("unit %s cannot start: %s", unit["name"], e)
 
     async def start_all(self, boot: str) -> None:
         # VMMs first: after a kexec each has its interpreter to start before it
@@ -340,7 +406,7 @@ class Init:
         units.sort(key=lambda unit: unit["name"] == "agent")
         for unit in units:
             if unit["name"] not in self.procs or self.procs[unit["name"]].returncode is not None:
-                self._start(unit, boot)
+                self._start_or_log(unit, boot)
 
     async def start_unit(self, name: str) -> dict:
         unit = next((u for u in self.state.read_units() if u["name"] == name), None)
@@ -372,6 +438,38 @@ class Init:
         self.kill_members(unit=name)  # KillMode=control-group: whatever left the unit's process group too
         self.flush_fdstore(name)  # stopped: its stored files go (systemd flushes the store at stop)
         return {"name": name, "returncode": proc.returncode}
+
+    async def stop_all(self) -> list[dict]:
+        """Stop every unit as :meth:`stop_unit` does (SIGTERM, SIGKILL after
+        5 s), all at once, then whatever escaped them: its host is going."""
+        results: list[dict] = []
+        self.stopping = True
+
+        async def one(name: str) -> None:
+            results.append(await self.stop_unit(name))
+
+        async with trio.open_nursery() as nursery:
+            for name in list(self.procs):
+                nursery.start_soon(one, name)
+        self.kill_members(before_generation=self.generation() + 1)
+        for name in list(self.fdstores):
+            self.flush_fdstore(name)
+        return sorted(results, key=lambda r: r["name"])
+
+    async def request(self, request: dict):
+        """The reply's value to one of init's requests (:data:`OPS`, already
+        authorized and checked against its schema): what a host's control
+        socket answers for init."""
+        op = request["op"]
+        if op == "units":
+            return self.status()
+        if op == "unit-of":
+            return self.unit_of(int(request["pid"]))
+        if op == "unit-start":
+            return await self.start_unit(check_unit_name(request["name"]))
+        if op == "unit-stop":
+            return await self.stop_unit(check_unit_name(request["name"]))
+        raise ValueError(f"not a request of init: {op[:40]!r}")
 
     def members(self, *, unit: str | None = None, before_generation: int | None = None) -> list[int]:
         """Processes of this machine's units found by the environment init
@@ -513,7 +611,7 @@ class Init:
         stops) all of them."""
         for proc in procs:
             await proc.wait()
-        self.kill_members(before_generation=self.daemon.generation + (1 if everything else 0))
+        self.kill_members(before_generation=self.generation() + (1 if everything else 0))
 
 
     def status(self) -> list[dict]:
