@@ -179,10 +179,10 @@ STATE_FILES = (MARKER, "host.log", "host.pid", "host.sock", "agent.sock", "notif
 
 
 def runtime_dir() -> str | None:
-    """Where a host's sockets go when not in its state dir: ``$LUVMM_RUNTIME_DIR``
-    (luvmm's real-host commands default it to /run/luvmm), else systemd's
+    """Where a real host's sockets go: ``$LUVMM_RUNTIME_DIR`` (luvmm's
+    real-host commands default it to /run/luvmm), else systemd's
     ``$RUNTIME_DIRECTORY`` (a luvmm unit's RuntimeDirectory=: /run/luvmm).
-    None: in the state dir (the emulated host's)."""
+    None: in the state dir."""
     found = os.environ.get("LUVMM_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     return os.path.abspath(found) if found else None
 
@@ -196,7 +196,13 @@ class StateDir:
 
     def __init__(self, path: str, runtime: str | None = None):
         self.path = os.path.abspath(path)
-        self.runtime = os.path.abspath(runtime) if runtime else (runtime_dir() or self.path)
+        self.runtime = os.path.abspath(runtime) if runtime else self.path
+
+    @classmethod
+    def of_host(cls, path: str, kind: str) -> "StateDir":
+        """A ``kind`` ("real" or "emulated") host's state dir: a real host's
+        sockets in :func:`runtime_dir`; the emulated host keeps its own beside its state."""
+        return cls(path, runtime_dir() if kind == "real" else None)
 
     def runtime_path(self, *parts: str) -> str:
         """A socket's path in the runtime dir, its directories made (0700) if missing."""

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_init()
     args = parse_unit_args(sys.argv[1:] if argv is None else argv)
     name = args["name"]
-    state = StateDir(args["state_dir"])
+    state = StateDir.of_host(args["state_dir"], args["host"])
     clock = Clock()
     clock.mark("process_start", PROCESS_START)
     clock.mark("imported", IMPORTED)

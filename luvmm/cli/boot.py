@@ -26,7 +26,7 @@ DEFAULT_STATE_DIR = "/var/lib/luvmm"
 def _state(args: argparse.Namespace):
     from liveupdate.state import StateDir
 
-    return StateDir(args.state_dir or os.environ.get("LUVMM_STATE_DIR") or DEFAULT_STATE_DIR)
+    return StateDir.of_host(args.state_dir or os.environ.get("LUVMM_STATE_DIR") or DEFAULT_STATE_DIR, "real")
 
 
 def _ensure(state) -> bool:
@@ -60,7 +60,7 @@ def _build_uapi_cache() -> None:
 def _cmd_boot(args: argparse.Namespace) -> int:
     from liveupdate import boot
 
-    if args.host not in (None, "real"):
+    if args.host != "real":
         raise CliError(f"--host {args.host}: `luvmm boot` runs luvmm's init over the real kernel; the emulated "
                        "host has its own (`luvmm host start`)", exitcodes.USAGE)
     state = _state(args)
@@ -297,12 +297,13 @@ def add_parser(sub) -> None:
         description="Start luvmm's own init over the real kernel, as luvmm's systemd units would on a host "
                     "with systemd: it writes the agent's unit if there is none, starts every unit of the state "
                     "dir (the agent, each VM's VMM), restarts them when they fail, keeps their fd stores, and "
-                    "answers on DIR/init.sock. The first `luvmm boot` since the kernel booted starts them as "
+                    "answers on init.sock (in the runtime dir: $LUVMM_RUNTIME_DIR, default /run/luvmm). The first `luvmm boot` since the kernel booted starts them as "
                     "after a kexec (a VM restores from the sessions the old kernel handed over, or boots cold "
                     "if there are none); one again in the same boot starts them cold. It daemonizes (log in "
                     "DIR/boot.log) and returns once the init answers; one init per state dir.")
-    p.add_argument("--host", metavar="real",
-                   help="the host it runs on: only real (the running kernel) is meaningful here")
+    p.add_argument("--host", metavar="real", default="real",
+                   help="the host it runs on: only real (the running kernel, the default whatever $LUVMM_HOST "
+                        "says) is meaningful here")
     p.add_argument("--state-dir", metavar="DIR",
                    help=f"the state dir (default: $LUVMM_STATE_DIR, else {DEFAULT_STATE_DIR})")
     p.add_argument("--foreground", action="store_true",

@@ -297,7 +297,7 @@ def state_dir_of(args: argparse.Namespace) -> str:
 def state_of(args: argparse.Namespace):
     from liveupdate.state import StateDir
 
-    return StateDir(state_dir_of(args))
+    return StateDir.of_host(state_dir_of(args), getattr(args, "host", None) or "emulated")
 
 
 def running_host(args: argparse.Namespace):

@@ -18,7 +18,7 @@ from luvmm.wiring import connect
 def main(argv: list[str] | None = None) -> int:
     die_with_init()
     args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
-    state = StateDir(args["state_dir"])
+    state = StateDir.of_host(args["state_dir"], args["host"])
     host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
     agent = Agent(host, state, services.units, boot=unit_boot())
     listener, early = agent.fast_restore()

@@ -52,14 +52,14 @@ def vm_like_unit(state: StateDir, report: str) -> None:
 
 def init_files(state: StateDir) -> list[str]:
     return [name for name in ("init.sock", "notify.sock", "boot.pid", "agent.sock")
-            if os.path.lexists(os.path.join(state.path, name))]
+            if os.path.lexists(os.path.join(state.runtime, name))]
 
 
 def test_boot_starts_the_units_answers_on_its_socket_and_stops_without_leftovers(cli):
     from luvmm.services import InitUnits
     from luvmm.wiring import real_units
 
-    state = StateDir(cli.state)
+    state = StateDir(cli.state, cli.runtime)
     report = os.path.join(cli.root, "report.json")
     vm_like_unit(state, report)
     cli.keep(state.path)  # the state dir stays (a host's units and logs), as on a real host
@@ -68,7 +68,7 @@ def test_boot_starts_the_units_answers_on_its_socket_and_stops_without_leftovers
     out = cli("boot", "--host", "real", "--state-dir", state.path).stdout
     assert "kexec boot" in out and "agent, vm-t" in out, out
     pid = int(out.split("(pid ", 1)[1].split(",")[0])
-    assert alive(pid) and open(os.path.join(state.path, "boot.pid")).read().strip() == str(pid)
+    assert alive(pid) and open(os.path.join(state.runtime, "boot.pid")).read().strip() == str(pid)
     assert os.stat(state.init_socket).st_mode & 0o777 == 0o600
     agent = json.loads((state.units / "agent.json").read_text())
     assert agent["argv"][-1].endswith("['--state-dir', %r, '--host', 'real']))" % state.path), agent["argv"]
@@ -117,7 +117,7 @@ def test_boot_starts_the_units_answers_on_its_socket_and_stops_without_leftovers
 
 
 def test_boot_in_the_foreground_stops_on_sigterm_and_a_unit_that_cannot_start_stops_no_other(cli):
-    state = StateDir(cli.state)
+    state = StateDir(cli.state, cli.runtime)
     report = os.path.join(cli.root, "report.json")
     vm_like_unit(state, report)
     state.write_unit("vm-gone", [os.path.join(cli.root, "no-such-program")], pdeathsig="self")

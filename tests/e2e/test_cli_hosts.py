@@ -222,6 +222,7 @@ def real_update(vm_host, monkeypatch):
 
     state, conn = vm_host
     start_vm(state, conn, "a")
+    monkeypatch.setenv("LUVMM_RUNTIME_DIR", state.path)  # the emulated agent's socket is in its state dir
     calls = []
     monkeypatch.setattr(liveupdate.kexec, "load_kernel", lambda image, **kw: calls.append(("load", image, kw)))
     monkeypatch.setattr(liveupdate.kexec, "unload_kernel", lambda: calls.append(("unload",)))

@@ -88,7 +88,7 @@ def stage1(record: dict) -> None:
     from vmm import manage
     from vmm.config import VmConfig
 
-    state = StateDir(state_dir())
+    state = StateDir.of_host(state_dir(), "real")
     manage.start(state, VmConfig(REFUSER, memory=32 << 20, device=guest.devices()[1], guest="synthetic"),
                  real_units(state), env={"LUVMM_VMM_FAULT": "refuse-prepare"}, host="real")
     record["refused"] = luvmm("update", "--kernel", os.environ["LUVMM_LAB_KERNEL"])

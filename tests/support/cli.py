@@ -43,9 +43,12 @@ class Cli:
     def __init__(self):
         self.root = tempfile.mkdtemp(prefix="lt-")  # short: Unix socket paths are limited
         self.state = os.path.join(self.root, "state")
-        self.env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "LUVMM_STATE_DIR")}
+        #: A real host's sockets (LUVMM_RUNTIME_DIR): here, not in this machine's /run/luvmm.
+        self.runtime = os.path.join(self.root, "run")
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("XDG_RUNTIME_DIR", "LUVMM_STATE_DIR", "LUVMM_RUNTIME_DIR", "RUNTIME_DIRECTORY")}
         # The commands run from this checkout, whichever one pip installed.
-        self.env.update(TMPDIR=self.root, LUVMM_STATE_DIR=self.state,
+        self.env.update(TMPDIR=self.root, LUVMM_STATE_DIR=self.state, LUVMM_RUNTIME_DIR=self.runtime,
                         PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
         self.outputs: list[tuple[list[str], str]] = []
         self.kept: set[str] = set()
@@ -77,8 +80,13 @@ class Cli:
     def leftovers(self) -> tuple[list[str], list[str]]:
         files = []
         for top, dirs, names in os.walk(self.root):
-            for name in dirs + names:
+            # The runtime dir's directories are a host's, as /run/luvmm is (made
+            # once, kept); what must not stay in it are its sockets and pidfiles.
+            in_runtime = top == self.runtime or top.startswith(self.runtime + "/")
+            for name in names if in_runtime else dirs + names:
                 path = os.path.join(top, name)
+                if path == self.runtime:
+                    continue
                 if not any(path == k or path.startswith(k + "/") or k.startswith(path + "/") for k in self.kept):
                     files.append(os.path.relpath(path, self.root))
         # What is left, said briefly: its top two levels.
