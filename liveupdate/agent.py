@@ -137,6 +137,12 @@ class Agent:
         self.reports: dict[str, dict] = {}
         self.reported = self.registered = None  # trio.Events, made when serve() starts
         self.update_file = os.path.join(state.path, "agent", "update.json")
+        #: A real host's TSC rate, measured over this agent's life: it times the kexec (liveupdate.tsc).
+        self.tsc_rate = None
+        if host.kind == "real":
+            from liveupdate import tsc
+
+            self.tsc_rate = tsc.Rate()
         self.disk_error: str | None = None
         self.update = self._load_update()
 
@@ -604,12 +610,17 @@ class Agent:
 
     def _before_reboot(self, update: dict) -> None:
         """On a real host, just before reboot(LINUX_REBOOT_CMD_KEXEC): mark the
-        call (CLOCK_REALTIME: the new kernel's VMMs time its boot from it --
-        LUO's freeze and the jump happen inside the call, unseen from here)
-        and write everything back to disk.  A kexec does not: the page cache
+        call (CLOCK_REALTIME and the TSC, with the TSC's rate: the new
+        kernel's VMMs time its boot from it -- LUO's freeze and the jump
+        happen inside the call, unseen from here) and write everything back
+        to disk.  A kexec does not: the page cache
         of the old kernel -- this record, the VMs' definitions -- is lost
         with it (systemctl kexec syncs for the same reason)."""
-        update["reboot_at"] = time.time()
+        from liveupdate import tsc
+
+        update["tsc_hz"] = self.tsc_rate.hz() if self.tsc_rate is not None else None
+        update["reboot_tsc"] = tsc.mark()
+        update["reboot_at"] = update["reboot_tsc"]["realtime"]
         self._save_update(update)
         os.sync()
 

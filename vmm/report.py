@@ -63,9 +63,13 @@ def update_report(vm, services, marks: dict, saved, after: dict) -> dict:
     at_pause = saved.timestamps.mailbox_at_pause
     inflight = saved.timestamps.inflight_at_pause
     machine = services.machine
-    kexec_marks = machine.last_kexec().get("marks", {}) if machine is not None else {}
+    kexec = machine.last_kexec() if machine is not None else {}
+    kexec_marks = kexec.get("marks", {})
+    # A real host: this kernel's clock is not the old one's; its marks go on the old one's timeline.
+    offset = kexec.get("clock_offset_s") or 0.0
+    marks = {k: v + offset for k, v in marks.items()}
     stopped, resumed = saved_phases["stopped"], marks["resumed"]
-    first_run = vm.first_run or resumed
+    first_run = (vm.first_run + offset) if vm.first_run else resumed
     report = {
         "name": vm.config.name,
         "guest": vm.config.guest,
@@ -85,6 +89,8 @@ def update_report(vm, services, marks: dict, saved, after: dict) -> dict:
         "device_preserved": saved.device.preserved,
         "dma_redone": vm.redone,
         "bus_master_restored": vm.bus_master_restored,
+        "clock": kexec.get("clock"),
+        "clock_offset_s": kexec.get("clock_offset_s"),
         "marks": dict(marks, **{f"host_{k}": v for k, v in kexec_marks.items()},
                       **{f"old_{k}": v for k, v in saved_phases.items() if isinstance(v, float)}),
     }
@@ -97,7 +103,7 @@ def update_report(vm, services, marks: dict, saved, after: dict) -> dict:
                       heartbeat_gap_s=round(window.get("heartbeat_max_gap_s", 0.0), 6),
                       measured_by={k: OBSERVER for k in OBSERVED})
     else:
-        report.update(without_observer(vm))
+        report.update(without_observer(vm, offset))
     return report
 
 
@@ -109,14 +115,17 @@ RECORDS = "completion records in guest RAM that changed while the VM was paused"
 STAMPS = "CLOCK_REALTIME stamps the guest's driver keeps in guest RAM"
 
 
-def without_observer(vm) -> dict:
+def without_observer(vm, clock_offset: float = 0.0) -> dict:
     """What a real host measures with no observer on its bus: DMA
     completions during the blackout from the completion records that
     changed while the guest was paused (vmm.live_update.restore_into counts
     them before the guest runs); the heartbeat and DMA gaps from the stamps
     the guest's driver keeps in its RAM -- edu's driver does
     (vmm/synthetic_edu.py); a DSA guest's do not, and those stay None: not
-    measured.  ``measured_by`` says where each figure came from."""
+    measured.  ``measured_by`` says where each figure came from.  The guest
+    stamps with the host's CLOCK_REALTIME, so its largest gap -- the one
+    across the kexec, between a stamp of each kernel -- is corrected by
+    ``clock_offset`` as the marks are."""
     out = {"dma_completed_during_blackout": vm.completed_while_paused, "dma_max_gap_s": None,
            "heartbeat_gap_s": None}
     measured = {"dma_completed_during_blackout": RECORDS if vm.completed_while_paused is not None else None}
@@ -124,8 +133,8 @@ def without_observer(vm) -> dict:
         from vmm.synthetic_edu import EduRecord
 
         record = EduRecord(vm.view)
-        out["dma_max_gap_s"] = round(record["max_completion_gap_ns"] / 1e9, 6)
-        out["heartbeat_gap_s"] = round(record["max_heartbeat_gap_ns"] / 1e9, 6)
+        out["dma_max_gap_s"] = round(record["max_completion_gap_ns"] / 1e9 + clock_offset, 6)
+        out["heartbeat_gap_s"] = round(record["max_heartbeat_gap_ns"] / 1e9 + clock_offset, 6)
         measured.update(dma_max_gap_s=STAMPS, heartbeat_gap_s=STAMPS)
     out["measured_by"] = {k: measured.get(k) for k in OBSERVED}
     return out

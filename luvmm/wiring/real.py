@@ -29,11 +29,14 @@ class RealMachine(MachineInfo):
         * ``booted``: the first userspace mark of this boot, pid 1's start.
 
         So the report's ``kexec`` phase is the new kernel's boot, from the
-        reboot call to its first process.  The clock across the kexec is
-        the new kernel's CLOCK_REALTIME, which it sets at boot from the
-        machine's clock (an RTC has whole seconds; kvmclock, NTP or PTP do
-        better): ``clock`` says so.  {} when no update's record says it
-        rebooted."""
+        reboot call to its first process.  Across the kexec the new kernel's
+        CLOCK_REALTIME is not the old one's (it is set at boot from the
+        machine's clock: an RTC has whole seconds); ``clock_offset_s`` is
+        how far it is, from the TSC, which a kexec does not reset
+        (liveupdate.tsc): every mark taken in this kernel, these and the
+        VMM's, is corrected by it (None: the TSC could not say, and the
+        marks are as the clocks read).  ``clock`` says which.  {} when no
+        update's record says it rebooted."""
         import json
         import os
         import time
@@ -42,20 +45,29 @@ class RealMachine(MachineInfo):
             return {}
         try:
             with open(os.path.join(self.state_dir, "agent", "update.json")) as f:
-                reboot_at = json.load(f).get("reboot_at")
-        except (OSError, ValueError, AttributeError):
+                record = json.load(f)
+            reboot_at = float(record["reboot_at"])
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
             return {}
-        if not isinstance(reboot_at, (int, float)):
-            return {}
-        kernel_start = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-        marks = {"frozen": float(reboot_at), "kernel_start": kernel_start}
+        from liveupdate import tsc
+
+        before = record.get("reboot_tsc") if isinstance(record.get("reboot_tsc"), dict) else {}
+        offset = tsc.clock_offset(before, record.get("tsc_hz"))
+        kernel_start = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + (offset or 0.0)
+        marks = {"frozen": reboot_at, "kernel_start": kernel_start}
         try:
             with open("/proc/1/stat") as f:
                 ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # starttime, in clock ticks since boot
             marks["booted"] = kernel_start + ticks / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             pass
-        return {"marks": marks, "clock": "CLOCK_REALTIME (the new kernel's, set at its boot from the machine's clock)"}
+        if offset is None:
+            clock = "CLOCK_REALTIME of each kernel (the new one sets it at boot from the machine's clock)"
+        else:
+            clock = (f"CLOCK_REALTIME of the old kernel; the new kernel's marks corrected by {offset:+.3f} s from "
+                     f"the TSC ({'invariant' if before.get('invariant') else 'not said invariant by the CPU'}, "
+                     f"{record['tsc_hz'] / 1e6:.3f} MHz)")
+        return {"marks": marks, "clock": clock, "clock_offset_s": offset}
 
     def features(self, device: str | None = None) -> dict:
         import os
