@@ -236,7 +236,7 @@ class Control:
                 return {"errno": errno.EBUSY, "error": f"{self.name}: already prepared"}
             if FAULT == "refuse-prepare":
                 log.warning("fault injection: the VMM refuses to prepare")
-                return {"errno": errno.EIO, "error": f"{self.name}: prepare refused (fault injection)"}
+                return {"errno": errno.EIO, "error": "prepare refused (fault injection)"}
             try:
                 phases = self.vm.prepare(self.session)
             except OSError as e:

@@ -18,6 +18,7 @@ from luvmm.cli.common import (
     metrics_port_arg,
     metrics_url,
     pick_guest,
+    positive_seconds,
     print_json,
     running_host,
     say,
@@ -57,7 +58,8 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
     if real:
         from luvmm.wiring import real_units
 
-        st = manage.start(state, config, real_units(state), overcommit=args.overcommit, host="real")
+        st = manage.start(state, config, real_units(state), overcommit=args.overcommit, host="real",
+                          wait=args.timeout)
     else:
         st = _start_emulated(args, state, config)
     device = f"device {st['bdf']}" if real else f"DSA {st['bdf']}"
@@ -78,7 +80,7 @@ def _start_emulated(args: argparse.Namespace, state, config) -> dict:
     hostctl.ensure(state.path, say=say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
     try:
         with Connection(state) as host:
-            return manage.start(state, config, EmulatedUnits(host), overcommit=args.overcommit)
+            return manage.start(state, config, EmulatedUnits(host), overcommit=args.overcommit, wait=args.timeout)
     except BaseException:
         if started and not state.vm_names():  # a host started for a VM that did not start goes too
             hostctl.stop(state)
@@ -199,6 +201,8 @@ def add_parser(sub) -> None:
     state_dir_arg(vm_start)
     memory_args(vm_start)
     vm_start.add_argument("--vcpus", type=vcpu_count, default=1, help="vCPUs, 1-16 (default 1)")
+    vm_start.add_argument("--timeout", type=positive_seconds, default=60.0, metavar="SECONDS",
+                          help="how long to wait for its guest to run before giving up on the VM (default 60)")
     vm_start.add_argument("--device", default="auto", metavar="BDF|auto",
                           help="the PCI function to pass through: on the emulated host a DSA (default auto: the "
                                "first free one); on a real host required, a function bound to vfio-pci")

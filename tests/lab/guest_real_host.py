@@ -8,7 +8,7 @@ two updates that must roll back and leave the VM as it was -- a kernel
 image that does not exist, and a second VM whose VMM refuses prepare --
 and the first real update (`luvmm update --host real --kernel ...`), which
 kexecs.  Stages 2 and 3: `luvmm boot` restores the VM, `luvmm update --last`
-gives the report, then the next update.  Stage 4: the last report, and the
+gives the report (``last-N.json``), then the next update.  Stage 4: the last report, and the
 VM is stopped.  Each stage writes ``real-host-N.json`` to the shared dir
 before it updates; tests/lab/test_lab_real_host.py asserts.
 
@@ -17,7 +17,6 @@ before it updates; tests/lab/test_lab_real_host.py asserts.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -29,13 +28,15 @@ from luvmm.lab import guest
 VM, REFUSER = "lab-a", "lab-b"
 UPDATES = 3
 RUNTIME = "/run/luvmm"
+#: What waits for a process gets in the lab: under TCG the guest runs Python a few dozen times slower.
+SLOW = 300
 
 
 def state_dir() -> str:
     return guest.path("state")  # on the shared dir: on disk, it outlives the kexec
 
 
-def luvmm(*args: str, check: bool = False, timeout: float = 300) -> dict:
+def luvmm(*args: str, check: bool = False, timeout: float = 3 * SLOW) -> dict:
     """A `luvmm` command as an operator runs it: its exit status, stdout and stderr."""
     env = dict(os.environ, LUVMM_HOST="real", LUVMM_STATE_DIR=state_dir(), LUVMM_RUNTIME_DIR=RUNTIME)
     started = time.time()
@@ -49,21 +50,30 @@ def luvmm(*args: str, check: bool = False, timeout: float = 300) -> dict:
 
 
 def status(name: str = VM) -> dict:
-    got = luvmm("vm", "status", name, "--json", check=True)
-    return json.loads(got["stdout"])[name]
+    """The VM's status from its VMM's socket, what `luvmm vm status --json`
+    prints (asked in-process: under TCG each command is seconds of Python start-up)."""
+    from liveupdate.state import StateDir
+    from vmm import manage
+
+    return manage.status(StateDir.of_host(state_dir(), "real"), name)
 
 
-def wait_counters(after: dict | None, timeout: float = 120) -> dict:
+def wait_counters(after: dict | None, timeout: float = SLOW) -> dict:
     """The VM's status once its driver completed a few more transfers than ``after``."""
     base = (after or {}).get("mailbox", {}).get("completed", 0)
     deadline = time.monotonic() + timeout
-    while True:
-        st = status()
-        if st["mailbox"]["completed"] >= base + 2 and not st.get("prepared"):
-            return st
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the guest's transfers did not go on: {st['mailbox']}")
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            st = status()
+        except OSError as e:  # between two VMM processes (a restore, a restart)
+            last = str(e)
+        else:
+            if st["mailbox"]["completed"] >= base + 2 and not st.get("prepared"):
+                return st
+            last = str(st["mailbox"])
         time.sleep(0.2)  # polling another process's guest counters
+    raise RuntimeError(f"the guest's transfers did not go on in {timeout} s: {last}")
 
 
 def kexec_loaded() -> bool:
@@ -75,7 +85,7 @@ def kexec_loaded() -> bool:
 def stage1(record: dict) -> None:
     record["boot"] = luvmm("boot", check=True)
     record["start"] = luvmm("vm", "start", VM, "--device", guest.devices()[0], "--guest", "synthetic",
-                            "--memory", "32M", check=True)
+                            "--memory", "32M", "--timeout", str(SLOW), check=True)
     record["status_started"] = first = wait_counters(None)
     # Rollback 1: an image that does not exist -- refused before anything is paused.
     record["missing_image"] = luvmm("update", "--kernel", "/nonexistent/bzImage")
@@ -90,8 +100,8 @@ def stage1(record: dict) -> None:
 
     state = StateDir.of_host(state_dir(), "real")
     manage.start(state, VmConfig(REFUSER, memory=32 << 20, device=guest.devices()[1], guest="synthetic"),
-                 real_units(state), env={"LUVMM_VMM_FAULT": "refuse-prepare"}, host="real")
-    record["refused"] = luvmm("update", "--kernel", os.environ["LUVMM_LAB_KERNEL"])
+                 real_units(state), env={"LUVMM_VMM_FAULT": "refuse-prepare"}, host="real", wait=SLOW)
+    record["refused"] = luvmm("update", "--kernel", os.environ["LUVMM_LAB_KERNEL"], "--timeout", str(SLOW))
     record["loaded_after_refusal"] = kexec_loaded()
     record["status_after_refusal"] = wait_counters(after)
     record["refuser_after_refusal"] = status(REFUSER)
@@ -100,11 +110,12 @@ def stage1(record: dict) -> None:
 
 def later_stage(record: dict) -> None:
     record["boot"] = luvmm("boot", check=True)
-    record["last"] = luvmm("update", "--last", "--json", "--timeout", "120")
+    record["last"] = luvmm("update", "--last", "--json", guest.path(f"last-{record['stage']}.json"), "--timeout", str(SLOW))
     record["status"] = wait_counters(None)
 
 
 def main() -> int:
+    os.environ.update(LUVMM_RUNTIME_DIR=RUNTIME)  # this script's own calls (manage.start) too
     n = guest.stage()
     record: dict = {"stage": n}
     try:
@@ -114,7 +125,8 @@ def main() -> int:
             guest.save(f"real-host-{n}.json", record)
             os.sync()
             # Does not return when it works: the agent kexecs, this process dies with the old kernel.
-            record["update"] = luvmm("update", "--kernel", os.environ["LUVMM_LAB_KERNEL"], "--reuse-cmdline")
+            record["update"] = luvmm("update", "--kernel", os.environ["LUVMM_LAB_KERNEL"], "--reuse-cmdline",
+                                     "--timeout", str(SLOW))
             record["error"] = f"the update did not kexec: {record['update']['stderr'].strip()[-500:]}"
         else:
             record["stop"] = luvmm("vm", "stop", VM)
