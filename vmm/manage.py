@@ -138,20 +138,6 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
         raise
 
 
-#: A VMM that exits this many times in a row while its VM starts is failing, not slow.
-FAILED_STARTS = 3
-
-
-def gives_up(unit: dict) -> bool:
-    """Whether a start waits no longer for a unit whose VMM exited: it exited
-    with EX_CONFIG, or kept failing.  Another exit -- say, a VMM that waited
-    too long for an agent still starting (Python on a slow machine) -- init
-    restarts (Restart=on-failure), and the VM may still come up."""
-    from vmm.process import EX_CONFIG  # a VMM that exits so cannot start the VM; init does not start it again
-
-    return unit["returncode"] == EX_CONFIG or (unit.get("restarts") or 0) >= FAILED_STARTS - 1
-
-
 def _wait_running(state: StateDir, config: VmConfig, units, wait: float, host: str = "emulated") -> dict:
     deadline = time.monotonic() + wait
     last = "not started"
@@ -166,7 +152,7 @@ def _wait_running(state: StateDir, config: VmConfig, units, wait: float, host: s
         except (OSError, ValueError) as e:
             last = str(e)
             unit = next((u for u in units.list() if u["name"] == unit_name(config.name)), None)
-            if unit and unit["returncode"] is not None and gives_up(unit):
+            if unit and unit["returncode"] is not None:
                 log = state.logs / f"{unit_name(config.name)}.log"
                 if not log.exists() and host == "real":  # systemd: the unit's output is in the journal
                     raise VmError(f"the VMM exited with {unit['returncode']} (see journalctl -u "
