@@ -137,12 +137,9 @@ class Agent:
         self.reports: dict[str, dict] = {}
         self.reported = self.registered = None  # trio.Events, made when serve() starts
         self.update_file = os.path.join(state.path, "agent", "update.json")
-        #: A real host's TSC rate, measured over this agent's life: it times the kexec (liveupdate.tsc).
+        #: A real host's TSC rate, measured over this agent's life (from serve() on: not on the
+        #: restore path): it times the kexec (liveupdate.tsc).
         self.tsc_rate = None
-        if host.kind == "real":
-            from liveupdate import tsc
-
-            self.tsc_rate = tsc.Rate()
         self.disk_error: str | None = None
         self.update = self._load_update()
 
@@ -267,6 +264,10 @@ class Agent:
 
     async def serve(self, listener=None, early=(), *, task_status=None) -> None:
         _import_trio()
+        if self.host.kind == "real":
+            from liveupdate import tsc
+
+            self.tsc_rate = tsc.Rate()
         self.reported, self.registered = trio.Event(), trio.Event()
         listener = trio.socket.from_stdlib_socket(listener or listen_seqpacket(self.state.agent_socket))
         async with trio.open_nursery() as nursery:

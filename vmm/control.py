@@ -277,8 +277,8 @@ class Control:
     async def serve_local(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.state.make_dir("vms")
         self.state.make_dir(f"vms/{self.name}")
-        path = self.state.vmm_socket(self.name)
-        self.state.runtime_path("vms", self.name, "vmm.sock")  # its directory, where it is not the state dir
+        # StateDir.vmm_socket's path, its directory made where it is not the state dir.
+        path = self.state.runtime_path("vms", self.name, "vmm.sock")
         listener = trio.socket.from_stdlib_socket(listen_seqpacket(path))
         task_status.started()
         async with trio.open_nursery() as nursery:

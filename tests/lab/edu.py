@@ -1,15 +1,9 @@
 """A driver for QEMU's edu PCI device (hw/misc/edu.c, docs/specs/edu.rst) over a
 VFIO cdev: what the lab's guest-side checks drive through luvmm's handles.
 
-BAR0 (1 MiB): 0x00 identification 0x010000ed, 0x04 liveness (reads back the
-inverse of what was written), 0x24 interrupt status, 0x60 raise, 0x64
-acknowledge, 0x80/0x88/0x90/0x98 DMA source, destination, count, command.
-The DMA engine moves between a bus address (an IOVA here: the device sits
-behind the vIOMMU) and its 4 KiB buffer at 0x40000, 100 ms of QEMU's virtual
-clock after the command; it raises DMA_IRQ (0x100) when asked.  Its addresses
-are masked to 28 bits.  A transfer whose range ends exactly at the end of the
-buffer makes QEMU 7.2 abort (hw_error: its range check wants the end strictly
-inside), so transfers here stay strictly inside.
+Its registers and their rules are devices/edu_regs.py's (the VMM's synthetic
+edu driver uses the same table); the names here are the lab checks' own
+aliases of them.
 """
 
 from __future__ import annotations
