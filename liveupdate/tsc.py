@@ -82,6 +82,14 @@ class Rate:
         return (now - self.tsc) / (mono - self.mono)
 
 
+def hz(window: float = 0.1) -> float | None:
+    """The TSC's rate, measured now over ``window`` seconds (for a VM's cold
+    boot, whose firmware stamps from the TSC: never on the restore path)."""
+    rate = Rate()
+    time.sleep(window)  # the measurement's window, not a wait for anything
+    return rate.hz()
+
+
 def mark() -> dict:
     """A (TSC, CLOCK_REALTIME) pair, taken together."""
     return {"tsc": read(), "realtime": time.time(), "invariant": invariant()}

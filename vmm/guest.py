@@ -28,6 +28,10 @@ MMIO_START, MMIO_END = 0xFE000000, 0xFE200000
 LOW_RAM_LIMIT = 3 << 30
 HIGH_RAM_BASE = 4 << 30
 MAILBOX_MAGIC = 0x584F424D4D56554C
+#: An OUT to this port: the firmware asks the VMM to wait for its device's interrupt (mailbox.h).
+LUVMM_PORT_WAIT_IRQ = 0x0500
+#: How long the VMM waits for it at most: short, so that a pause is never held longer.
+IRQ_WAIT_S = 0.002
 MIN_MEMORY = 32 << 20
 
 # struct mailbox, field by field (u64 each).
@@ -35,10 +39,17 @@ MAILBOX_FIELDS = ("magic", "bar0", "bar2", "dma_base", "slots", "pairs", "xfer",
                   "state", "heartbeat", "submitted", "completed", "descs_ok", "errors", "verify_failures",
                   "last_error", "inflight", "init_error", "recoveries")
 AUX_HEARTBEAT = len(MAILBOX_FIELDS) * 8
+AUX_SLOTS = 16
+#: After aux_heartbeat[16], so that no counter's offset moved when they came: written by the VMM.
+MAILBOX_TAIL_FIELDS = ("driver", "device_resets", "tsc_mult")
+#: The mailbox's ``driver``: which device the firmware drives.
+DRIVERS = {"dsa": 0, "edu": 1}
 GUEST_STATE = {0: "not started", 1: "initialising", 2: "running", 3: "device error"}
 
 
 def offset(field: str) -> int:
+    if field in MAILBOX_TAIL_FIELDS:
+        return MAILBOX_GPA + AUX_HEARTBEAT + 8 * (AUX_SLOTS + MAILBOX_TAIL_FIELDS.index(field))
     return MAILBOX_GPA + 8 * MAILBOX_FIELDS.index(field)
 
 
@@ -72,14 +83,21 @@ def workload_bytes(slots: int, pairs: int, xfer: int) -> int:
     return 0x100000 + slots * 16 * 2 * xfer  # records and lists, then the buffers
 
 
-def load_firmware(ram: memoryview, *, slots: int, pairs: int, xfer: int, init_device: bool = True) -> None:
+def load_firmware(ram: memoryview, *, slots: int, pairs: int, xfer: int, init_device: bool = True,
+                  driver: str = "dsa") -> None:
     with open(FIRMWARE, "rb") as f:
         image = f.read()
     ram[FIRMWARE_GPA:FIRMWARE_GPA + len(image)] = image
     mb = Mailbox(ram)
     for field, value in (("magic", MAILBOX_MAGIC), ("bar0", BAR0_GPA), ("bar2", BAR2_GPA), ("dma_base", DMA_BASE),
-                         ("slots", slots), ("pairs", pairs), ("xfer", xfer), ("init_device", int(init_device))):
+                         ("slots", slots), ("pairs", pairs), ("xfer", xfer), ("init_device", int(init_device)),
+                         ("driver", DRIVERS[driver])):
         mb[field] = value
+
+
+def tsc_mult(hz: float | None) -> int:
+    """The mailbox's ``tsc_mult`` for a TSC of ``hz``: ns = TSC * tsc_mult >> 32 (0: no stamps)."""
+    return int((10**9 << 32) / hz) if hz else 0
 
 
 # The firmware's DMA area (vmm/firmware/fw.c): batch records, then descriptor lists.
@@ -117,3 +135,50 @@ def still_in_flight(ram, at_pause: dict) -> int:
     return sum(1 for slot, pattern in at_pause.items()
                if ram[batch_record(base, int(slot))] == 0
                and struct.unpack_from("<Q", ram, batch_pattern_at(base, int(slot)))[0] == pattern)
+
+
+# --- QEMU's edu: its driver's record at DMA_BASE (struct edu_record in mailbox.h) -------------
+# Both guests' edu drivers keep it -- the firmware's (fw.c) and the synthetic
+# guest's (vmm/synthetic_edu.py) -- and the VMM reads it the same way: what is
+# in flight at a pause, the transfers redone after a device reset, and the
+# stamps of the heartbeat and of each completion (ns; their gaps are what a
+# real host measures with no observer on its bus).
+
+EDU_RECORD_FIELDS = ("seq_in_flight", "phase", "redone", "last_heartbeat_ns", "max_heartbeat_gap_ns",
+                     "last_completion_ns", "max_completion_gap_ns")
+EDU_IDLE, EDU_TO_DEVICE, EDU_FROM_DEVICE = 0, 1, 2
+EDU_SRC_OFFSET, EDU_DST_OFFSET = 0x1000, 0x2000
+#: Bytes per transfer: strictly inside the device's 4 KiB buffer.
+EDU_XFER = 2048
+
+
+class EduRecord:
+    """The edu driver's record, seen through a view of guest RAM."""
+
+    def __init__(self, ram):
+        self.ram = ram
+
+    @staticmethod
+    def offset(field: str) -> int:
+        return DMA_BASE + 8 * EDU_RECORD_FIELDS.index(field)
+
+    def __getitem__(self, field: str) -> int:
+        return struct.unpack_from("<Q", self.ram, self.offset(field))[0]
+
+    def __setitem__(self, field: str, value: int) -> None:
+        struct.pack_into("<Q", self.ram, self.offset(field), value & (1 << 64) - 1)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(zip(EDU_RECORD_FIELDS, struct.unpack_from(f"<{len(EDU_RECORD_FIELDS)}Q", self.ram, DMA_BASE)))
+
+
+def edu_in_flight(ram) -> dict[int, int]:
+    """{0: the transfer's sequence number} while one is in flight, else {}."""
+    seq = EduRecord(ram)["seq_in_flight"]
+    return {0: seq} if seq and Mailbox(ram)["state"] == 2 else {}
+
+
+def edu_still_in_flight(ram, at_pause: dict) -> int:
+    """1 if the transfer in flight at the pause has not completed since."""
+    seq = EduRecord(ram)["seq_in_flight"]
+    return sum(1 for s in at_pause.values() if int(s) == seq)

@@ -1,7 +1,7 @@
 """What a VM runs -- one contract, two guests:
 
 * :class:`FirmwareGuest`: the guest firmware (vmm/firmware) under KVM, its
-  work loop at CPL 3, one KVM vCPU per vCPU;
+  work loop at CPL 3, one KVM vCPU per vCPU; it drives a DSA or QEMU's edu;
 * :class:`SyntheticGuest`: the same DMA workload driven from the host side
   (vmm/synthetic.py), for machines without a usable /dev/kvm.
 
@@ -17,17 +17,22 @@ from __future__ import annotations
 import errno
 
 from luvmm.abi import ffi
+from liveupdate import tsc
 from vmm import guest
+from vmm.guest import EduRecord
 from vmm.kvm import FailEntry, Hlt, InternalError, Interrupted, Io, Kvm, Mmio, Shutdown, Unhandled
 from vmm.machine_state import VcpuState
-from luvmm.uapi.kvm import KVM_CAP_EXIT_ON_EMULATION_FAILURE
-from vmm.x86 import identity_page_tables, page_table_bytes, setup_cpuid, setup_long_mode, user_rflags
+from luvmm.uapi.kvm import KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_EXIT_IO_OUT
+from vmm.x86 import MSR_IA32_TSC, identity_page_tables, page_table_bytes, setup_cpuid, setup_long_mode, user_rflags
 
 
 class Guest:
     kind = ""
     #: Whether a VMM started after one died can run it again on the same RAM and device.
     restartable = False
+    #: The clock an edu driver's stamps in guest RAM are taken on (vmm.guest.EduRecord):
+    #: "realtime" (the host's CLOCK_REALTIME, which a kexec does not carry faithfully) or "tsc".
+    stamps = "realtime"
 
     def boot(self, vm) -> list:
         raise NotImplementedError
@@ -57,6 +62,24 @@ class Guest:
 class FirmwareGuest(Guest):
     kind = "firmware"
     restartable = True
+    stamps = "tsc"
+
+    @staticmethod
+    def _sync_tsc(vm, vcpus) -> None:
+        """Every vCPU's TSC set to the host's, at boot and again on the new
+        vCPUs after a live update: the firmware stamps its heartbeat and its
+        completions from RDTSC, and a new vCPU's TSC would start again near
+        zero -- on the host's (which a kexec does not reset), the gap across
+        the update is the real one.  A KVM that refuses (KVM_SET_MSRS) leaves
+        the stamps off (tsc_mult 0: not measured) rather than the guest."""
+        now = tsc.read()
+        try:
+            if now is None:
+                raise OSError(errno.EOPNOTSUPP, "no TSC to read")
+            for vcpu in vcpus:
+                vcpu.set_msrs({MSR_IA32_TSC: now})
+        except OSError:
+            vm.mailbox["tsc_mult"] = 0
 
     def _create_kvm(self, vm, states: list[VcpuState] = ()) -> list:
         vm.kvm = Kvm(vm.host)
@@ -95,6 +118,9 @@ class FirmwareGuest(Guest):
             regs.rsp = guest.STACK_TOP - 0x10000 * vcpu.id - 8
             regs.rdi = vcpu.id
             vcpu.set_regs(regs)
+        if vm.device.kind == "edu" and not vm.mailbox["tsc_mult"]:
+            vm.mailbox["tsc_mult"] = guest.tsc_mult(tsc.hz())  # edu's driver stamps; the DSA's does not
+        self._sync_tsc(vm, vcpus)
         return vcpus
 
     def step(self, vm, cpu) -> bool:
@@ -105,8 +131,12 @@ class FirmwareGuest(Guest):
         if isinstance(exit, Mmio):
             vm.device.mmio(cpu.id, exit.addr, exit.length, exit.is_write, exit.data)
             return True
-        if isinstance(exit, (Interrupted, Io)):
-            return True  # a kick; or port I/O, which no device here answers (writes ignored)
+        if isinstance(exit, Io):
+            if exit.port == guest.LUVMM_PORT_WAIT_IRQ and exit.direction == KVM_EXIT_IO_OUT:
+                vm.device.wait_interrupt(guest.IRQ_WAIT_S)  # its driver has no handler: we wait for it
+            return True  # other port I/O: no device here answers it (writes ignored)
+        if isinstance(exit, Interrupted):
+            return True  # a kick
         if isinstance(exit, InternalError) and exit.insn and vm.device.movdir64b(cpu, exit.insn, vm.view):
             return True
         reason = {Hlt: "KVM_EXIT_HLT", Shutdown: "KVM_EXIT_SHUTDOWN", FailEntry: "KVM_EXIT_FAIL_ENTRY",
@@ -128,7 +158,21 @@ class FirmwareGuest(Guest):
             regs = ffi.new("struct kvm_regs *")
             ffi.memmove(regs, saved.regs, ffi.sizeof(regs[0]))
             vcpu.set_regs(regs)
+        self._sync_tsc(vm, vcpus)
         return vcpus
+
+    def paused(self, vm) -> None:
+        if vm.device.kind == "edu":  # the DSA's DMA area holds batch records there
+            record = EduRecord(vm.view)
+            record["max_heartbeat_gap_ns"] = record["max_completion_gap_ns"] = 0
+
+    def device_reset(self, vm) -> int:
+        """edu's driver (fw.c) is told through the mailbox: it does the
+        transfer under way again from its start, and counts it in redone."""
+        if vm.device.kind != "edu":
+            return 0
+        vm.mailbox["device_resets"] = vm.mailbox["device_resets"] + 1
+        return int(EduRecord(vm.view)["phase"] != guest.EDU_IDLE)
 
     def recover(self, vm) -> list:
         """The vCPUs' registers died with the VMM: vCPU 0 enters the firmware

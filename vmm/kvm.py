@@ -49,6 +49,8 @@ from luvmm.uapi.kvm import (
     KVM_SET_CPUID2,
     KVM_SET_REGS,
     KVM_SET_SREGS,
+    KVM_GET_MSRS,
+    KVM_SET_MSRS,
     KVM_SET_USER_MEMORY_REGION,
 )
 
@@ -325,6 +327,25 @@ class Vcpu(KernelObject):
 
     def set_sregs(self, sregs) -> None:
         self.ioctl(KVM_SET_SREGS, sregs)
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        """KVM_SET_MSRS: each MSR index to its value.  The kernel returns how
+        many it set and stops at the first it refuses: fewer is an error here,
+        with the refused index (EINVAL, as the kernel's own MSR checks say)."""
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(values),
+                                              "entries": [{"index": i, "data": v} for i, v in values.items()]})
+        done = self.ioctl(KVM_SET_MSRS, msrs)
+        if done != len(values):
+            raise OSError(errno.EINVAL, f"KVM_SET_MSRS: MSR {list(values)[done]:#x} refused")
+
+    def get_msrs(self, indices) -> dict[int, int]:
+        """KVM_GET_MSRS of ``indices``: {index: value}."""
+        indices = list(indices)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": [{"index": i} for i in indices]})
+        done = self.ioctl(KVM_GET_MSRS, msrs)
+        if done != len(indices):
+            raise OSError(errno.EINVAL, f"KVM_GET_MSRS: MSR {indices[done]:#x} refused")
+        return {msrs.entries[n].index: msrs.entries[n].data for n in range(len(indices))}
 
     def io_data(self) -> memoryview:
         """The data bytes of a KVM_EXIT_IO (inside the kvm_run mapping)."""

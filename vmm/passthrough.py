@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import struct
 
 from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
@@ -164,6 +165,24 @@ class Passthrough:
     def irq_fd(self) -> int | None:
         """The eventfd of the device's first vector (edu's only one), or None."""
         return self.eventfds[0] if self.eventfds else None
+
+    def wait_interrupt(self, timeout: float, wake_fd: int | None = None) -> bool:
+        """Wait at most ``timeout`` for the device's interrupt (its first
+        vector; or ``wake_fd``, a kick); True if it came, counted."""
+        fds = [fd for fd in (self.irq_fd(), wake_fd) if fd is not None and fd >= 0]
+        if not fds:
+            return False
+        came = False
+        ready, _, _ = select.select(fds, [], [], timeout)
+        for fd in ready:
+            try:
+                n = os.eventfd_read(fd)
+            except BlockingIOError:
+                continue
+            if fd != wake_fd:
+                self.interrupts += n
+                came = True
+        return came
 
     def ensure_bus_master(self) -> bool:
         """The guest's driver enabled Bus Master Enable before the update, and a

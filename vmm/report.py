@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from liveupdate.update import PHASES  # noqa: F401 -- the phases this module measures
 from vmm import guest
+from vmm.guest import EduRecord
 
 
 def phase_marks(saved_phases: dict, kexec_marks: dict, marks: dict) -> list[tuple[str, float | None]]:
@@ -112,7 +113,8 @@ def update_report(vm, services, marks: dict, saved, after: dict) -> dict:
 OBSERVED = ("dma_completed_during_blackout", "dma_max_gap_s", "heartbeat_gap_s")
 OBSERVER = "the emulated bus observer"
 RECORDS = "completion records in guest RAM that changed while the VM was paused"
-STAMPS = "CLOCK_REALTIME stamps the guest's driver keeps in guest RAM"
+STAMPS = {"realtime": "CLOCK_REALTIME stamps the guest's driver keeps in guest RAM",
+          "tsc": "TSC stamps the guest's driver keeps in guest RAM"}
 
 
 def without_observer(vm, clock_offset: float = 0.0) -> dict:
@@ -120,21 +122,23 @@ def without_observer(vm, clock_offset: float = 0.0) -> dict:
     completions during the blackout from the completion records that
     changed while the guest was paused (vmm.live_update.restore_into counts
     them before the guest runs); the heartbeat and DMA gaps from the stamps
-    the guest's driver keeps in its RAM -- edu's driver does
-    (vmm/synthetic_edu.py); a DSA guest's do not, and those stay None: not
-    measured.  ``measured_by`` says where each figure came from.  The guest
-    stamps with the host's CLOCK_REALTIME, so its largest gap -- the one
-    across the kexec, between a stamp of each kernel -- is corrected by
-    ``clock_offset`` as the marks are."""
+    an edu driver keeps in its guest's RAM (vmm.guest.EduRecord); a DSA
+    guest's do not, and those stay None: not measured.  ``measured_by``
+    says where each figure came from.  The synthetic guest stamps with the
+    host's CLOCK_REALTIME, so its largest gap -- the one across the kexec,
+    between a stamp of each kernel -- is corrected by ``clock_offset`` as the
+    marks are; the firmware stamps from the TSC, which the kexec does not
+    reset (vmm.guests.FirmwareGuest keeps the guest's on the host's), and
+    needs no correction."""
     out = {"dma_completed_during_blackout": vm.completed_while_paused, "dma_max_gap_s": None,
            "heartbeat_gap_s": None}
     measured = {"dma_completed_during_blackout": RECORDS if vm.completed_while_paused is not None else None}
-    if vm.device.kind == "edu":
-        from vmm.synthetic_edu import EduRecord
-
+    stamps = vm.guest.stamps
+    if vm.device.kind == "edu" and (stamps != "tsc" or vm.mailbox["tsc_mult"]):
         record = EduRecord(vm.view)
-        out["dma_max_gap_s"] = round(record["max_completion_gap_ns"] / 1e9 + clock_offset, 6)
-        out["heartbeat_gap_s"] = round(record["max_heartbeat_gap_ns"] / 1e9 + clock_offset, 6)
-        measured.update(dma_max_gap_s=STAMPS, heartbeat_gap_s=STAMPS)
+        offset = clock_offset if stamps == "realtime" else 0.0
+        out["dma_max_gap_s"] = round(record["max_completion_gap_ns"] / 1e9 + offset, 6)
+        out["heartbeat_gap_s"] = round(record["max_heartbeat_gap_ns"] / 1e9 + offset, 6)
+        measured.update(dma_max_gap_s=STAMPS[stamps], heartbeat_gap_s=STAMPS[stamps])
     out["measured_by"] = {k: measured.get(k) for k in OBSERVED}
     return out

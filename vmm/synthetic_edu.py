@@ -12,7 +12,7 @@ interrupt is the device's one MSI vector (vmm.passthrough arms it); a turn
 waits for it, bounded, and reads the command register either way.
 
 What it keeps in guest RAM -- the mailbox, and the record at DMA_BASE
-(EDU_RECORD_FIELDS) -- crosses a live update with the RAM memfd, so its
+(vmm.guest.EduRecord, which the firmware's edu driver keeps too) -- crosses a live update with the RAM memfd, so its
 counters go on where they were; its "registers" (the phase of the transfer
 in flight) go into the machine state like a vCPU's.  The record also holds
 what a real host can measure without an observer on the bus: the largest
@@ -31,7 +31,6 @@ corrupted.
 from __future__ import annotations
 
 import os
-import select
 import struct
 import time
 
@@ -41,7 +40,6 @@ from devices.edu_regs import (
     EDU_CMD_DMA_START,
     EDU_CMD_DMA_TO,
     EDU_DMA_MASK,
-    EDU_DMA_SIZE_MAX,
     EDU_DMA_START,
     EDU_ID,
     EDU_REG_ALIVE,
@@ -55,51 +53,13 @@ from devices.edu_regs import (
 )
 from luvmm.uapi.vfio import VFIO_PCI_BAR0_REGION_INDEX
 from vmm import guest
+from vmm.guest import EduRecord
 from vmm.synthetic import MASK, pattern
 
-#: The driver's record in guest RAM, at DMA_BASE (u64 each).
-EDU_RECORD_FIELDS = ("seq_in_flight", "phase", "redone", "last_heartbeat_ns", "max_heartbeat_gap_ns",
-                     "last_completion_ns", "max_completion_gap_ns")
-SRC_OFFSET, DST_OFFSET = 0x1000, 0x2000
-#: Bytes per transfer: strictly inside the device's 4 KiB buffer.
-XFER = 2048
-IDLE, TO_DEVICE, FROM_DEVICE = 0, 1, 2
-#: How long one turn waits for the interrupt: short, so that a pause is never held longer.
-IRQ_WAIT_S = 0.002
+IRQ_WAIT_S = guest.IRQ_WAIT_S
 BAR0 = VFIO_PCI_BAR0_REGION_INDEX
-
-
-def record_offset(field: str) -> int:
-    return guest.DMA_BASE + 8 * EDU_RECORD_FIELDS.index(field)
-
-
-class EduRecord:
-    """The driver's record, seen through a view of guest RAM."""
-
-    def __init__(self, ram):
-        self.ram = ram
-
-    def __getitem__(self, field: str) -> int:
-        return struct.unpack_from("<Q", self.ram, record_offset(field))[0]
-
-    def __setitem__(self, field: str, value: int) -> None:
-        struct.pack_into("<Q", self.ram, record_offset(field), value & MASK)
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(zip(EDU_RECORD_FIELDS, struct.unpack_from(f"<{len(EDU_RECORD_FIELDS)}Q", self.ram,
-                                                             guest.DMA_BASE)))
-
-
-def in_flight(ram) -> dict[int, int]:
-    """{0: the transfer's sequence number} while one is in flight, else {}."""
-    seq = EduRecord(ram)["seq_in_flight"]
-    return {0: seq} if seq and guest.Mailbox(ram)["state"] == 2 else {}
-
-
-def still_in_flight(ram, at_pause: dict) -> int:
-    """1 if the transfer in flight at the pause has not completed since."""
-    seq = EduRecord(ram)["seq_in_flight"]
-    return sum(1 for s in at_pause.values() if int(s) == seq)
+XFER, SRC_OFFSET, DST_OFFSET = guest.EDU_XFER, guest.EDU_SRC_OFFSET, guest.EDU_DST_OFFSET
+IDLE, TO_DEVICE, FROM_DEVICE = guest.EDU_IDLE, guest.EDU_TO_DEVICE, guest.EDU_FROM_DEVICE
 
 
 class SyntheticEduCpu:
@@ -128,15 +88,7 @@ class SyntheticEduCpu:
     def _wait_done(self) -> bool:
         """Whether the transfer under way is done (after waiting for its
         interrupt at most IRQ_WAIT_S); acknowledges the interrupt."""
-        fds = [fd for fd in (self.vm.device.irq_fd(), self.wake_fd) if fd is not None and fd >= 0]
-        ready, _, _ = select.select(fds, [], [], IRQ_WAIT_S)
-        for fd in ready:
-            try:
-                os.eventfd_read(fd)
-                if fd != self.wake_fd:
-                    self.vm.device.interrupts += 1
-            except BlockingIOError:
-                pass
+        self.vm.device.wait_interrupt(IRQ_WAIT_S, self.wake_fd)
         dev = self._dev()
         if dev.read32(BAR0, EDU_REG_DMA_CMD) & EDU_CMD_DMA_START:
             return False

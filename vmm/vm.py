@@ -5,7 +5,8 @@
     device       vmm.passthrough.Passthrough the passed-through function (a DSA, or
                                             the lab's edu: VFIO cdev + iommufd),
                                             its MMIO and interrupts
-    guest        vmm.guests.Guest           the firmware under KVM, or synthetic
+    guest        vmm.guests.Guest           the firmware under KVM (it drives either
+                                            device), or synthetic
     runner       vmm.vcpus.Runner           the vCPU threads: pause, resume
     live update  vmm.live_update            preserve, prepare, cancel, restore,
                                             recover; the state in vmm.machine_state
@@ -105,17 +106,13 @@ class Vm:
     def in_flight(self) -> dict[int, int]:
         """The guest's DMA in flight, as its driver records it in guest RAM."""
         if self.device.kind == "edu":
-            from vmm import synthetic_edu
-
-            return synthetic_edu.in_flight(self.view)
+            return layout.edu_in_flight(self.view)
         return layout.batches_in_flight(self.view)
 
     def still_in_flight(self, at_pause: dict) -> int:
         """How many of ``at_pause`` (:meth:`in_flight` then) have not completed since."""
         if self.device.kind == "edu":
-            from vmm import synthetic_edu
-
-            return synthetic_edu.still_in_flight(self.view, at_pause)
+            return layout.edu_still_in_flight(self.view, at_pause)
         return layout.still_in_flight(self.view, at_pause)
 
     # --- running ------------------------------------------------------------------------------------
@@ -124,10 +121,7 @@ class Vm:
         cfg = self.config
         self.memory = GuestMemory.create(cfg.name, cfg.memory)
         self.device.wire(self.memory, cfg.device)
-        if self.device.kind != "dsa" and cfg.guest == "firmware":
-            raise ValueError(f"the firmware guest drives a DSA and {self.device.bdf} is QEMU's {self.device.kind}: "
-                             "start the VM with --guest synthetic")
-        layout.load_firmware(self.view, slots=cfg.slots, pairs=cfg.pairs, xfer=cfg.xfer)
+        layout.load_firmware(self.view, slots=cfg.slots, pairs=cfg.pairs, xfer=cfg.xfer, driver=self.device.kind)
         self.vcpus = self.guest.boot(self)
         self.runner.start(self.vcpus, self.step)
 

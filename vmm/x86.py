@@ -37,6 +37,8 @@ EFER_NX = 1 << 11
 X86_EFLAGS_FIXED = 1 << 1
 X86_EFLAGS_IF = 1 << 9
 X86_EFLAGS_IOPL_3 = 3 << 12
+# MSRs (arch/x86/include/asm/msr-index.h)
+MSR_IA32_TSC = 0x00000010
 # Page table entries
 PTE_PRESENT = 1 << 0
 PTE_RW = 1 << 1

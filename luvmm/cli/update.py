@@ -20,7 +20,6 @@ from luvmm.cli.common import (
     progress,
     running_host,
     positive_seconds,
-    say,
     state_dir_arg,
 )
 

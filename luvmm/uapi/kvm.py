@@ -69,6 +69,18 @@ cdef(
         struct kvm_cpuid_entry2 entries[];
     };
 
+    struct kvm_msr_entry {
+        uint32_t index;
+        uint32_t reserved;
+        uint64_t data;
+    };
+
+    struct kvm_msrs {
+        uint32_t nmsrs;
+        uint32_t pad;
+        struct kvm_msr_entry entries[];
+    };
+
     struct kvm_irqfd {
         uint32_t fd;
         uint32_t gsi;
@@ -149,7 +161,8 @@ cdef(
 
 structs(__name__, "struct kvm_userspace_memory_region", "struct kvm_run", "struct kvm_regs",
         "struct kvm_segment", "struct kvm_dtable", "struct kvm_sregs", "struct kvm_irqfd",
-        "struct kvm_ioeventfd", "struct kvm_enable_cap", "struct kvm_cpuid_entry2", "struct kvm_cpuid2")
+        "struct kvm_ioeventfd", "struct kvm_enable_cap", "struct kvm_cpuid_entry2", "struct kvm_cpuid2",
+        "struct kvm_msr_entry", "struct kvm_msrs")
 
 KVMIO = 0xAE
 
@@ -172,6 +185,8 @@ KVM_GET_REGS = ioctl("KVM_GET_REGS", _IOR(KVMIO, 0x81, "struct kvm_regs"))
 KVM_SET_REGS = ioctl("KVM_SET_REGS", _IOW(KVMIO, 0x82, "struct kvm_regs"))
 KVM_GET_SREGS = ioctl("KVM_GET_SREGS", _IOR(KVMIO, 0x83, "struct kvm_sregs"))
 KVM_SET_SREGS = ioctl("KVM_SET_SREGS", _IOW(KVMIO, 0x84, "struct kvm_sregs"))
+KVM_GET_MSRS = ioctl("KVM_GET_MSRS", _IOWR(KVMIO, 0x88, "struct kvm_msrs"))
+KVM_SET_MSRS = ioctl("KVM_SET_MSRS", _IOW(KVMIO, 0x89, "struct kvm_msrs"))
 KVM_SET_CPUID2 = ioctl("KVM_SET_CPUID2", _IOW(KVMIO, 0x90, "struct kvm_cpuid2"))
 
 KVM_API_VERSION = 12

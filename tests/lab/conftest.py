@@ -89,9 +89,9 @@ def precompile(unit_prefix: str) -> None:
 @pytest.fixture(scope="session")
 def lab_devices(lab_kernel, tmp_path_factory):
     """One boot for four groups of checks: VFIO/iommufd/edu and LUO facts
-    (guest_devices.py), tests/unit/test_kvm.py under pytest on the guest's own
-    standard (nested) KVM, recorded as JUnit XML (pytest's plugins are not
-    loaded: test_kvm needs none, and importing them costs half a minute under
+    (guest_devices.py), tests/unit/test_kvm.py and test_firmware_edu.py under
+    pytest on the guest's own standard (nested) KVM, recorded as JUnit XML (pytest's plugins are not
+    loaded: they need none, and importing them costs half a minute under
     TCG), the emulated kernel's LUO rules on the real one (guest_luo_rules.py)
     the firmware guest (guest_firmware.py) and `luvmm host check --host real`."""
     shared = tmp_path_factory.mktemp("lab-devices")
@@ -104,7 +104,7 @@ def lab_devices(lab_kernel, tmp_path_factory):
     cmd = "; ".join([
         step("devices", f"{PY} -m tests.lab.guest_devices"),
         step("kvm", f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {PY} -m pytest -q -p no:cacheprovider -o addopts= "
-                    f"--junitxml={junit} tests/unit/test_kvm.py"),
+                    f"--junitxml={junit} tests/unit/test_kvm.py tests/unit/test_firmware_edu.py"),
         step("luo_rules", f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {PY} -m tests.lab.guest_luo_rules"),
         step("firmware", f"{PY} -m tests.lab.guest_firmware"),
         step("check", f"{PY} -m luvmm host check --host real --json"),

@@ -3,7 +3,9 @@ an operator drives it -- its own commands, as processes -- across three real
 kexecs.
 
 Stage 1 (the cold boot): `luvmm boot` (the host has no systemd), a VM with
-the first edu function passed through (`luvmm vm start --host real`), then
+the first edu function passed through (`luvmm vm start --host real`) --
+the firmware under the lab guest's nested KVM, its edu driver at CPL 3 --
+then
 two updates that must roll back and leave the VM as it was -- a kernel
 image that does not exist, and a second VM whose VMM refuses prepare --
 and the first real update (`luvmm update --host real --kernel ...`), which
@@ -82,9 +84,19 @@ def kexec_loaded() -> bool:
     return kernel_loaded()
 
 
+def guest_kind() -> tuple[str, list]:
+    """The firmware under the lab guest's own KVM (nested: SVM emulated by
+    QEMU) where it has one, else the synthetic guest; and why."""
+    from vmm.kvm import kvm_available
+
+    ok, why = kvm_available()
+    return ("firmware" if ok else "synthetic"), [ok, why]
+
+
 def stage1(record: dict) -> None:
     record["boot"] = luvmm("boot", check=True)
-    record["start"] = luvmm("vm", "start", VM, "--device", guest.devices()[0], "--guest", "synthetic",
+    record["guest"], record["kvm"] = guest_kind()
+    record["start"] = luvmm("vm", "start", VM, "--device", guest.devices()[0], "--guest", record["guest"],
                             "--memory", "32M", "--timeout", str(SLOW), check=True)
     record["status_started"] = first = wait_counters(None)
     # Rollback 1: an image that does not exist -- refused before anything is paused.

@@ -1,6 +1,7 @@
 """In the lab: luvmm on a real LUO kernel (mainline: memfds preserved, not
 the device), driven by its own commands -- `luvmm boot`, `luvmm vm start
---host real` with QEMU's edu passed through, `luvmm update --host real
+--host real` with QEMU's edu passed through to a KVM guest (the lab guest's
+nested KVM), `luvmm update --host real
 --kernel` three times, `luvmm update --last` after each boot -- and the two
 rollbacks that must leave the VM as it was.  Guest side:
 tests/lab/guest_real_host.py."""
@@ -41,6 +42,14 @@ def test_three_real_kexecs_four_boots(lab_real_host, stages):
     assert [b["stage"] for b in boots] == [1, 2, 3, 4]
     assert all(b["devices"] and len(b["devices"]) == 2 for b in boots)
     assert lab_real_host.result.status == 0
+
+
+def test_the_vm_is_a_kvm_guest_where_the_lab_has_nested_kvm(stages):
+    s1 = stages[0]
+    assert s1["guest"] == ("firmware" if s1["kvm"][0] else "synthetic"), s1["kvm"]
+    assert s1["kvm"][0], f"the lab guest has no usable /dev/kvm: {s1['kvm'][1]}"
+    for record in stages[1:]:
+        assert record["status"]["config"]["guest"] == s1["guest"]
 
 
 def test_the_vm_is_restored_after_each_kexec_with_its_counters_going_on(stages):

@@ -7,76 +7,20 @@ bookkeeping: verification, the counters, a reset with a transfer in flight."""
 
 import types
 
-from devices.edu_regs import (
-    EDU_CMD_DMA_FROM,
-    EDU_CMD_DMA_START,
-    EDU_DMA_IRQ,
-    EDU_DMA_START,
-    EDU_ID,
-    EDU_REG_ALIVE,
-    EDU_REG_DMA_CMD,
-    EDU_REG_DMA_COUNT,
-    EDU_REG_DMA_DST,
-    EDU_REG_DMA_SRC,
-    EDU_REG_ID,
-    EDU_REG_INTR_ACK,
-    EDU_REG_INTR_STATUS,
-)
+from tests.support.edu import Edu
 from vmm import guest
-from vmm.synthetic_edu import IDLE, EduRecord, SyntheticEduCpu, in_flight, still_in_flight
-
-
-class Edu:
-    """The stand-in: a transfer completes at the first read of the command
-    register after it was started, unless ``hold`` keeps it under way."""
-
-    def __init__(self, ram):
-        self.ram, self.regs, self.buffer = ram, {}, bytearray(4096)
-        self.hold, self.pending, self.corrupt = False, False, False
-
-    def read32(self, index, offset):
-        if offset == EDU_REG_ID:
-            return EDU_ID
-        if offset == EDU_REG_ALIVE:
-            return ~self.regs.get(EDU_REG_ALIVE, 0) & 0xFFFFFFFF
-        if offset == EDU_REG_DMA_CMD and self.pending and not self.hold:
-            self._transfer()
-        return self.regs.get(offset, 0)
-
-    def write32(self, index, offset, value):
-        if offset == EDU_REG_INTR_ACK:
-            self.regs[EDU_REG_INTR_STATUS] = self.regs.get(EDU_REG_INTR_STATUS, 0) & ~value
-        else:
-            self.regs[offset] = value
-
-    def write64(self, index, offset, value):
-        self.regs[offset] = value
-        if offset == EDU_REG_DMA_CMD and value & EDU_CMD_DMA_START:
-            self.pending = True
-
-    def _transfer(self):
-        src, dst, count, cmd = (self.regs[r] for r in (EDU_REG_DMA_SRC, EDU_REG_DMA_DST, EDU_REG_DMA_COUNT,
-                                                       EDU_REG_DMA_CMD))
-        if cmd & EDU_CMD_DMA_FROM:
-            data = bytes(self.buffer[src - EDU_DMA_START:src - EDU_DMA_START + count])
-            if self.corrupt:
-                data = bytes([data[0] ^ 1]) + data[1:]
-            self.ram[dst:dst + count] = data
-        else:
-            self.buffer[dst - EDU_DMA_START:dst - EDU_DMA_START + count] = self.ram[src:src + count]
-        self.regs[EDU_REG_DMA_CMD] = cmd & ~EDU_CMD_DMA_START
-        self.regs[EDU_REG_INTR_STATUS] = self.regs.get(EDU_REG_INTR_STATUS, 0) | EDU_DMA_IRQ
-        self.pending = False
-
-    def reset(self):
-        """What a function reset does: the transfer under way and the buffer are gone."""
-        self.regs, self.buffer, self.pending = {}, bytearray(4096), False
+from vmm.passthrough import Passthrough
+from vmm.guest import EduRecord
+from vmm.guest import edu_in_flight as in_flight
+from vmm.guest import edu_still_in_flight as still_in_flight
+from vmm.synthetic_edu import IDLE, SyntheticEduCpu
 
 
 def vm_with_edu():
     ram = memoryview(bytearray(4 << 20))
     edu = Edu(ram)
-    device = types.SimpleNamespace(irq_fd=lambda: None, interrupts=0)
+    device = Passthrough(None)  # its interrupt wait, over the stand-in (no vector armed)
+    device.dev, device.kind = edu, "edu"
     vm = types.SimpleNamespace(view=ram, dev=edu, device=device, mailbox=guest.Mailbox(ram))
     return vm, edu, SyntheticEduCpu(vm)
 

@@ -1,5 +1,6 @@
 /*
- * luvmm guest firmware: drives the passed-through Intel DSA like a driver,
+ * luvmm guest firmware: drives the passed-through device like a driver --
+ * an Intel DSA, or (mailbox driver = DRIVER_EDU) the lab's QEMU edu, below --
  * at CPL 3, polling (no interrupts), with general-purpose registers only (the
  * VMM saves kvm_regs/kvm_sregs across a live update, not FPU state).
  *
@@ -9,6 +10,9 @@
  * batch's pattern with Check Result), so the device itself verifies every
  * copy; count successes, errors and verification failures in the mailbox and
  * bump the heartbeat.  Other vCPUs bump their own heartbeat.
+ *
+ * With no interrupt handler, the edu driver waits for its device's
+ * interrupt by asking the VMM to (an OUT to LUVMM_PORT_WAIT_IRQ).
  *
  * Portal submissions are eight 8-byte stores to the WQ's portal; the VMM
  * combines them into one 64-byte descriptor write.
@@ -50,6 +54,24 @@ typedef unsigned char u8;
 #define IDXD_OP_FLAG_CR 0x0080
 #define DSA_COMP_SUCCESS 1
 #define DSA_COMP_SUCCESS_PRED 2
+
+/* hw/misc/edu.c, docs/specs/edu.rst (devices/edu_regs.py) */
+#define EDU_REG_ID 0x00
+#define EDU_REG_ALIVE 0x04
+#define EDU_REG_DMA_SRC 0x80
+#define EDU_REG_DMA_DST 0x88
+#define EDU_REG_DMA_COUNT 0x90
+#define EDU_REG_DMA_CMD 0x98
+#define EDU_REG_INTR_STATUS 0x24
+#define EDU_REG_INTR_ACK 0x64
+#define EDU_CMD_DMA_START 0x01
+#define EDU_CMD_DMA_TO 0x00
+#define EDU_CMD_DMA_FROM 0x02
+#define EDU_CMD_DMA_IRQ 0x04
+#define EDU_ID 0x010000edu /* version 0x100 << 16 | magic 0xed */
+#define EDU_DMA_START 0x40000
+#define EDU_DMA_MASK ((1ULL << 28) - 1)
+#define EDU_ALIVE_PROBE 0x4c55564du
 
 #define MAX_SLOTS 64
 #define MAX_PAIRS 16
@@ -278,9 +300,163 @@ static void recover(void)
 	MB->recoveries++;
 }
 
+/*
+ * QEMU's edu: one transfer at a time, polled.  A transfer moves a pattern
+ * from a source buffer into the device's buffer and back into a destination
+ * buffer, and the firmware compares the two: a "batch" of the mailbox's
+ * counters, two descriptors' worth.  Its record (struct edu_record) says what
+ * is in flight and holds the stamps of the heartbeat and of each completion,
+ * taken from the TSC (the VMM keeps the guest's TSC on the host's, across a
+ * live update too) -- the gaps a real host measures with no observer on its
+ * bus.  When the device came back reset (the kernel could not preserve it)
+ * the VMM bumps device_resets before the vCPUs run again: the transfer under
+ * way is lost with the device's state and is done again from its start, as a
+ * PCI driver's reset_done handler would -- counted in redone, never as
+ * corrupted.
+ */
+#define EDU ((volatile struct edu_record *)MB->dma_base)
+
+static u64 edu_next_seq = 1;
+
+static u64 now_ns(void)
+{
+	u32 lo, hi;
+
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return (u64)(((unsigned __int128)((u64)hi << 32 | lo) * MB->tsc_mult) >> 32);
+}
+
+static void stamp(volatile unsigned long long *last, volatile unsigned long long *max)
+{
+	u64 now;
+
+	if (!MB->tsc_mult)
+		return;
+	now = now_ns();
+	if (*last && now > *last && now - *last > *max)
+		*max = now - *last;
+	*last = now;
+}
+
+static void edu_beat(void)
+{
+	stamp(&EDU->last_heartbeat_ns, &EDU->max_heartbeat_gap_ns);
+	MB->heartbeat++;
+}
+
+static void wait_irq(void)
+{
+	__asm__ volatile("outb %%al, %%dx" : : "a"(0), "d"((unsigned short)LUVMM_PORT_WAIT_IRQ) : "memory");
+}
+
+/* One DMA, to its end (its interrupt, then the run bit); 0 if the device was reset meanwhile. */
+static int edu_dma(u64 src, u64 dst, u32 direction, u64 epoch)
+{
+	u64 bar0 = MB->bar0;
+	u32 status;
+
+	wr64(bar0 + EDU_REG_DMA_SRC, src);
+	wr64(bar0 + EDU_REG_DMA_DST, dst);
+	wr64(bar0 + EDU_REG_DMA_COUNT, EDU_XFER);
+	wr64(bar0 + EDU_REG_DMA_CMD, EDU_CMD_DMA_START | EDU_CMD_DMA_IRQ | direction);
+	while (rd32(bar0 + EDU_REG_DMA_CMD) & EDU_CMD_DMA_START) {
+		if (MB->device_resets != epoch)
+			return 0;
+		edu_beat();
+		wait_irq();
+	}
+	status = rd32(bar0 + EDU_REG_INTR_STATUS);
+	if (status)
+		wr32(bar0 + EDU_REG_INTR_ACK, status);
+	return MB->device_resets == epoch;
+}
+
+static int edu_init(void)
+{
+	u64 bar0 = MB->bar0;
+	u32 id = rd32(bar0 + EDU_REG_ID);
+
+	if (id != EDU_ID) {
+		MB->init_error = id;
+		return -1;
+	}
+	wr32(bar0 + EDU_REG_ALIVE, EDU_ALIVE_PROBE);
+	if (rd32(bar0 + EDU_REG_ALIVE) != ~EDU_ALIVE_PROBE) {
+		MB->init_error = 0xa11e;
+		return -1;
+	}
+	return 0;
+}
+
+static void edu_main(void)
+{
+	u64 base = MB->dma_base, src = base + EDU_SRC_OFFSET, dst = base + EDU_DST_OFFSET;
+	volatile u64 *s = (volatile u64 *)src, *d = (volatile u64 *)dst;
+	u64 seq, pat, epoch, i, ok;
+
+	if (MB->state == 2 && !MB->init_device) {
+		/* A new VMM restarted us on the RAM and device we had: the
+		 * transfer under way (if any) is done again; the counters agree
+		 * with it whatever instruction the last VMM stopped us at. */
+		MB->inflight = EDU->seq_in_flight ? 1 : 0;
+		MB->submitted = MB->completed + MB->inflight;
+		MB->recoveries++;
+	}
+	MB->state = 1;
+	if (edu_init()) {
+		MB->state = 3;
+		for (;;)
+			MB->heartbeat++;
+	}
+	MB->state = 2;
+	for (;;) {
+		epoch = MB->device_resets;
+		if (!EDU->seq_in_flight) {
+			MB->submitted++;
+			MB->inflight++;
+			EDU->seq_in_flight = edu_next_seq++;
+		}
+		seq = EDU->seq_in_flight;
+		pat = pattern(seq);
+		EDU->phase = EDU_TO_DEVICE;
+		for (i = 0; i < EDU_XFER / 8; i++) {
+			s[i] = pat;
+			d[i] = ~pat; /* the copy back must overwrite this */
+		}
+		if (!edu_dma(src & EDU_DMA_MASK, EDU_DMA_START, EDU_CMD_DMA_TO, epoch))
+			goto redo;
+		EDU->phase = EDU_FROM_DEVICE;
+		if (!edu_dma(EDU_DMA_START, dst & EDU_DMA_MASK, EDU_CMD_DMA_FROM, epoch))
+			goto redo;
+		for (ok = 1, i = 0; i < EDU_XFER / 8; i++)
+			if (d[i] != pat)
+				ok = 0;
+		if (ok) {
+			MB->descs_ok += 2; /* the two DMAs, to the device and back */
+		} else {
+			MB->errors++;
+			MB->verify_failures++;
+			MB->last_error = seq;
+		}
+		EDU->phase = EDU_IDLE;
+		EDU->seq_in_flight = 0;
+		MB->completed++;
+		MB->inflight--;
+		stamp(&EDU->last_completion_ns, &EDU->max_completion_gap_ns);
+		edu_beat();
+		continue;
+redo:
+		EDU->redone++;
+		EDU->phase = EDU_IDLE;
+	}
+}
+
 void main0(void)
 {
 	u64 s, slots;
+
+	if (MB->driver == DRIVER_EDU)
+		edu_main();
 
 	if (MB->state == 2 && !MB->init_device)
 		recover(); /* a new VMM restarted us on the RAM and device we had */

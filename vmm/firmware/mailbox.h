@@ -32,6 +32,39 @@ struct mailbox {
 	unsigned long long init_error;	/* CMDSTS error of a failed init command */
 	unsigned long long recoveries;	/* restarts by a new VMM on the same RAM and device */
 	unsigned long long aux_heartbeat[16]; /* one per secondary vCPU */
+	/* after the counters so that their offsets never move; written by the VMM */
+	unsigned long long driver;	/* DRIVER_DSA, or DRIVER_EDU: QEMU's edu */
+	unsigned long long device_resets; /* bumped when the device came back reset */
+	unsigned long long tsc_mult;	/* ns = TSC * tsc_mult >> 32; 0: no stamps */
 };
+
+/*
+ * A write to this I/O port asks the VMM to wait for the device's interrupt
+ * (bounded) before it runs the vCPU again: the firmware runs at CPL 3 with no
+ * interrupt handler and cannot HLT, and polling a register that takes 100 ms
+ * to change would keep a host CPU busy in VM exits.
+ */
+#define LUVMM_PORT_WAIT_IRQ 0x0500
+
+#define DRIVER_DSA 0
+#define DRIVER_EDU 1
+
+/* The edu driver's record, at dma_base (vmm/guest.py: EDU_RECORD_FIELDS). */
+struct edu_record {
+	unsigned long long seq_in_flight;	/* the transfer under way, 0 if none */
+	unsigned long long phase;		/* EDU_IDLE, EDU_TO_DEVICE, EDU_FROM_DEVICE */
+	unsigned long long redone;		/* transfers started again after a device reset */
+	unsigned long long last_heartbeat_ns;
+	unsigned long long max_heartbeat_gap_ns;
+	unsigned long long last_completion_ns;
+	unsigned long long max_completion_gap_ns;
+};
+
+#define EDU_IDLE 0
+#define EDU_TO_DEVICE 1
+#define EDU_FROM_DEVICE 2
+#define EDU_SRC_OFFSET 0x1000		/* from dma_base */
+#define EDU_DST_OFFSET 0x2000
+#define EDU_XFER 2048			/* strictly inside the device's 4 KiB buffer */
 
 #endif

@@ -52,6 +52,8 @@ int main(void)
 	IOCTL(KVM_SET_REGS);
 	IOCTL(KVM_GET_SREGS);
 	IOCTL(KVM_SET_SREGS);
+	IOCTL(KVM_GET_MSRS);
+	IOCTL(KVM_SET_MSRS);
 	IOCTL(KVM_SET_CPUID2);
 	SIZE(kvm_userspace_memory_region);
 	SIZE(kvm_run);
@@ -64,6 +66,8 @@ int main(void)
 	SIZE(kvm_enable_cap);
 	SIZE(kvm_cpuid_entry2);
 	SIZE(kvm_cpuid2);
+	SIZE(kvm_msr_entry);
+	SIZE(kvm_msrs);
 #ifdef VFIO_DEVICE_GET_INFO
 	IOCTL(VFIO_DEVICE_GET_INFO);
 	IOCTL(VFIO_DEVICE_GET_REGION_INFO);
