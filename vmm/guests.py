@@ -68,16 +68,29 @@ class FirmwareGuest(Guest):
     def _sync_tsc(vm, vcpus) -> None:
         """Every vCPU's TSC set to the host's, at boot and again on the new
         vCPUs after a live update: the firmware stamps its heartbeat and its
-        completions from RDTSC, and a new vCPU's TSC would start again near
-        zero -- on the host's (which a kexec does not reset), the gap across
-        the update is the real one.  A KVM that refuses (KVM_SET_MSRS) leaves
-        the stamps off (tsc_mult 0: not measured) rather than the guest."""
-        now = tsc.read()
+        completions from RDTSC, and a new vCPU's TSC would start again at
+        zero -- on the host's, which a kexec does not reset, the gap across
+        the update is the real one.  By the offset (KVM_VCPU_TSC_OFFSET 0),
+        not by writing MSR_IA32_TSC: KVM turns such a write into an offset
+        through its TSC scaling ratio, which it leaves at 0 when its default
+        rate is below the TSC's and the CPU cannot scale (kvm_set_tsc_khz
+        fails before it sets one: "user requested TSC rate below hardware
+        speed", seen in the lab's nested KVM after the TSC's calibration was
+        refined upwards), and the guest's TSC is then the host's *plus* the
+        value written.  The MSR only where KVM has no such attribute; a KVM
+        that refuses both leaves the stamps off (tsc_mult 0: not measured)
+        rather than the guest."""
         try:
-            if now is None:
-                raise OSError(errno.EOPNOTSUPP, "no TSC to read")
             for vcpu in vcpus:
-                vcpu.set_msrs({MSR_IA32_TSC: now})
+                try:
+                    vcpu.set_tsc_offset(0)
+                except OSError as e:
+                    if e.errno not in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
+                        raise
+                    now = tsc.read()
+                    if now is None:
+                        raise OSError(errno.EOPNOTSUPP, "no TSC to read") from e
+                    vcpu.set_msrs({MSR_IA32_TSC: now})
         except OSError:
             vm.mailbox["tsc_mult"] = 0
 

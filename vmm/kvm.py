@@ -50,7 +50,10 @@ from luvmm.uapi.kvm import (
     KVM_SET_REGS,
     KVM_SET_SREGS,
     KVM_GET_MSRS,
+    KVM_SET_DEVICE_ATTR,
     KVM_SET_MSRS,
+    KVM_VCPU_TSC_CTRL,
+    KVM_VCPU_TSC_OFFSET,
     KVM_SET_USER_MEMORY_REGION,
 )
 
@@ -327,6 +330,17 @@ class Vcpu(KernelObject):
 
     def set_sregs(self, sregs) -> None:
         self.ioctl(KVM_SET_SREGS, sregs)
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """KVM_SET_DEVICE_ATTR KVM_VCPU_TSC_CTRL/KVM_VCPU_TSC_OFFSET: the
+        guest's TSC is the host's plus ``offset`` (two's complement).  Unlike
+        a write of MSR_IA32_TSC, which KVM turns into an offset through its
+        view of the TSC's scaling, this is the offset the CPU applies: ENXIO
+        where KVM has no such attribute."""
+        value = ffi.new("uint64_t *", offset & (1 << 64) - 1)
+        attr = ffi.new("struct kvm_device_attr *", {"group": KVM_VCPU_TSC_CTRL, "attr": KVM_VCPU_TSC_OFFSET,
+                                                     "addr": int(ffi.cast("uintptr_t", value))})
+        self.ioctl(KVM_SET_DEVICE_ATTR, attr)
 
     def set_msrs(self, values: dict[int, int]) -> None:
         """KVM_SET_MSRS: each MSR index to its value.  The kernel returns how

@@ -81,6 +81,13 @@ cdef(
         struct kvm_msr_entry entries[];
     };
 
+    struct kvm_device_attr {
+        uint32_t flags;
+        uint32_t group;
+        uint64_t attr;
+        uint64_t addr;
+    };
+
     struct kvm_irqfd {
         uint32_t fd;
         uint32_t gsi;
@@ -162,7 +169,7 @@ cdef(
 structs(__name__, "struct kvm_userspace_memory_region", "struct kvm_run", "struct kvm_regs",
         "struct kvm_segment", "struct kvm_dtable", "struct kvm_sregs", "struct kvm_irqfd",
         "struct kvm_ioeventfd", "struct kvm_enable_cap", "struct kvm_cpuid_entry2", "struct kvm_cpuid2",
-        "struct kvm_msr_entry", "struct kvm_msrs")
+        "struct kvm_msr_entry", "struct kvm_msrs", "struct kvm_device_attr")
 
 KVMIO = 0xAE
 
@@ -188,6 +195,9 @@ KVM_SET_SREGS = ioctl("KVM_SET_SREGS", _IOW(KVMIO, 0x84, "struct kvm_sregs"))
 KVM_GET_MSRS = ioctl("KVM_GET_MSRS", _IOWR(KVMIO, 0x88, "struct kvm_msrs"))
 KVM_SET_MSRS = ioctl("KVM_SET_MSRS", _IOW(KVMIO, 0x89, "struct kvm_msrs"))
 KVM_SET_CPUID2 = ioctl("KVM_SET_CPUID2", _IOW(KVMIO, 0x90, "struct kvm_cpuid2"))
+KVM_SET_DEVICE_ATTR = ioctl("KVM_SET_DEVICE_ATTR", _IOW(KVMIO, 0xe1, "struct kvm_device_attr"))
+KVM_GET_DEVICE_ATTR = ioctl("KVM_GET_DEVICE_ATTR", _IOW(KVMIO, 0xe2, "struct kvm_device_attr"))
+KVM_HAS_DEVICE_ATTR = ioctl("KVM_HAS_DEVICE_ATTR", _IOW(KVMIO, 0xe3, "struct kvm_device_attr"))
 
 KVM_API_VERSION = 12
 
@@ -230,6 +240,10 @@ KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
 # struct kvm_cpuid_entry2 flags; the most entries KVM takes (arch/x86/include/asm/kvm_host.h).
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
 KVM_MAX_CPUID_ENTRIES = 256
+
+# vCPU device attributes (arch/x86/include/uapi/asm/kvm.h): the TSC's offset from the host's.
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1

@@ -85,6 +85,9 @@ def test_each_report_has_its_phases_including_the_new_kernels_boot(lab_real_host
         assert phases["kexec"] > 0.5  # the new kernel's boot, from the reboot call to its first process
         assert report["blackout_s"] >= phases["kexec"]
         assert report["measured_by"]["heartbeat_gap_s"] and report["heartbeat_gap_s"] > 0
+        # The guest's own stamps (its TSC, kept on the host's) agree with the host's marks.
+        assert abs(report["heartbeat_gap_s"] - report["blackout_s"]) < 2.0, (report["heartbeat_gap_s"],
+                                                                              report["blackout_s"])
         assert report["clock"]  # which clock timed the kexec: the TSC's correction, or the two kernels' own
 
 

@@ -54,6 +54,9 @@ int main(void)
 	IOCTL(KVM_SET_SREGS);
 	IOCTL(KVM_GET_MSRS);
 	IOCTL(KVM_SET_MSRS);
+	IOCTL(KVM_SET_DEVICE_ATTR);
+	IOCTL(KVM_GET_DEVICE_ATTR);
+	IOCTL(KVM_HAS_DEVICE_ATTR);
 	IOCTL(KVM_SET_CPUID2);
 	SIZE(kvm_userspace_memory_region);
 	SIZE(kvm_run);
@@ -68,6 +71,7 @@ int main(void)
 	SIZE(kvm_cpuid2);
 	SIZE(kvm_msr_entry);
 	SIZE(kvm_msrs);
+	SIZE(kvm_device_attr);
 #ifdef VFIO_DEVICE_GET_INFO
 	IOCTL(VFIO_DEVICE_GET_INFO);
 	IOCTL(VFIO_DEVICE_GET_REGION_INFO);
