@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 
 from luvmm.abi import ffi
-from liveupdate import tsc
 from vmm import guest
 from vmm.guest import EduRecord
 from vmm.kvm import FailEntry, Hlt, InternalError, Interrupted, Io, Kvm, Mmio, Shutdown, Unhandled
@@ -87,6 +86,8 @@ class FirmwareGuest(Guest):
                 except OSError as e:
                     if e.errno not in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
                         raise
+                    from liveupdate import tsc  # not on the restore path where KVM has the attribute
+
                     now = tsc.read()
                     if now is None:
                         raise OSError(errno.EOPNOTSUPP, "no TSC to read") from e
@@ -132,6 +133,8 @@ class FirmwareGuest(Guest):
             regs.rdi = vcpu.id
             vcpu.set_regs(regs)
         if vm.device.kind == "edu" and not vm.mailbox["tsc_mult"]:
+            from liveupdate import tsc  # a cold boot's: the restore path finds it in guest RAM
+
             vm.mailbox["tsc_mult"] = guest.tsc_mult(tsc.hz())  # edu's driver stamps; the DSA's does not
         self._sync_tsc(vm, vcpus)
         return vcpus

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import struct
 
 from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
@@ -172,6 +171,8 @@ class Passthrough:
         fds = [fd for fd in (self.irq_fd(), wake_fd) if fd is not None and fd >= 0]
         if not fds:
             return False
+        import select  # only an edu driver waits: not on a DSA guest's restore path
+
         came = False
         ready, _, _ = select.select(fds, [], [], timeout)
         for fd in ready:
