@@ -1,3 +1,3 @@
-from luvmm.cli import main
+from luvmm.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "live update (LUO/KHO + kexec).",
         epilog="Exit status: 0 all good; 1 failed (nothing changed, or put back); 2 bad command line; "
                "3 live updates done but DMA damaged or the guest stuck; 4 live updates done, the VM kept, its "
-               "device reset by the kernel (DMA stopped); 130 interrupted.")
+               "device reset by the kernel (DMA stopped); 130 interrupted (Ctrl-C, SIGTERM, SIGHUP).")
     parser.add_argument("--version", action="version", version=f"luvmm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
@@ -62,6 +62,31 @@ def _expected_errors() -> tuple[type, ...]:
     from vmm.manage import VmError
 
     return CliError, HostError, StateError, VmError, AgentError
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (`kill`, a CI job's timeout, a service manager) and SIGHUP
+    (the terminal went away) end a command the way Ctrl-C does: as a
+    KeyboardInterrupt, so that what it started is stopped and what it made
+    is removed on the way out -- a demo's or a benchmark's embedded host and
+    its temp dir, a half-started VM -- instead of the process vanishing and
+    leaving them running.  Only where the signal has its default action (not
+    under nohup, which ignores SIGHUP)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, interrupt)
+
+
+def entry() -> int:
+    """The `luvmm` process (its console script, ``python -m luvmm``): the
+    signals that end it are its own to set, not those of a caller of main."""
+    _terminate_as_interrupt()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ fixture) that nothing is left behind and nothing printed a traceback."""
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -388,6 +389,21 @@ def test_ctrl_c_in_demo_writes_the_report_so_far_and_leaks_nothing(cli):
     assert os.path.exists(os.path.join(report, "index.html"))
     state = re.search(r"Starting an emulated host in (\S+) ", run.output).group(1)
     assert state.startswith(cli.root) and not os.path.exists(state)  # its temp dir went with its host
+
+
+def test_a_demo_killed_by_sigterm_stops_its_host_and_leaks_nothing(cli):
+    """`kill PID` (or a CI job's timeout) ends a command as Ctrl-C does: its
+    embedded host is stopped, its temp dir removed, no process left behind
+    (the fixture checks), where the default action would leave them running."""
+    report = os.path.join(cli.root, "report")
+    cli.keep(report)
+    run = cli.spawn_on_pty("demo", "--cycles", "30", "--memory", "64M", "--report", report)
+    run.expect(r"update 1: blackout")
+    os.kill(run.proc.pid, signal.SIGTERM)
+    assert run.wait() == exitcodes.INTERRUPTED, run.output
+    assert "Traceback" not in run.output and "interrupted" in run.output
+    state = re.search(r"Starting an emulated host in (\S+) ", run.output).group(1)
+    assert state.startswith(cli.root) and not os.path.exists(state)
 
 
 def test_demo_whose_vm_cannot_start_leaks_no_temp_dir(cli):
