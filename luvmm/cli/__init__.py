@@ -75,7 +75,14 @@ def _terminate_as_interrupt() -> None:
     import signal
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        # Through whatever handles SIGINT now: inside trio.run that is trio's,
+        # which raises KeyboardInterrupt only where its internals are not
+        # protected (else it delivers it to the main task at a checkpoint).
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) == signal.SIG_DFL:
