@@ -49,7 +49,6 @@ from luvmm.uapi.kvm import (
     KVM_SET_CPUID2,
     KVM_SET_REGS,
     KVM_SET_SREGS,
-    KVM_GET_MSRS,
     KVM_SET_DEVICE_ATTR,
     KVM_SET_MSRS,
     KVM_VCPU_TSC_CTRL,
@@ -351,15 +350,6 @@ class Vcpu(KernelObject):
         done = self.ioctl(KVM_SET_MSRS, msrs)
         if done != len(values):
             raise OSError(errno.EINVAL, f"KVM_SET_MSRS: MSR {list(values)[done]:#x} refused")
-
-    def get_msrs(self, indices) -> dict[int, int]:
-        """KVM_GET_MSRS of ``indices``: {index: value}."""
-        indices = list(indices)
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": [{"index": i} for i in indices]})
-        done = self.ioctl(KVM_GET_MSRS, msrs)
-        if done != len(indices):
-            raise OSError(errno.EINVAL, f"KVM_GET_MSRS: MSR {indices[done]:#x} refused")
-        return {msrs.entries[n].index: msrs.entries[n].data for n in range(len(indices))}
 
     def io_data(self) -> memoryview:
         """The data bytes of a KVM_EXIT_IO (inside the kvm_run mapping)."""

@@ -192,12 +192,9 @@ KVM_GET_REGS = ioctl("KVM_GET_REGS", _IOR(KVMIO, 0x81, "struct kvm_regs"))
 KVM_SET_REGS = ioctl("KVM_SET_REGS", _IOW(KVMIO, 0x82, "struct kvm_regs"))
 KVM_GET_SREGS = ioctl("KVM_GET_SREGS", _IOR(KVMIO, 0x83, "struct kvm_sregs"))
 KVM_SET_SREGS = ioctl("KVM_SET_SREGS", _IOW(KVMIO, 0x84, "struct kvm_sregs"))
-KVM_GET_MSRS = ioctl("KVM_GET_MSRS", _IOWR(KVMIO, 0x88, "struct kvm_msrs"))
 KVM_SET_MSRS = ioctl("KVM_SET_MSRS", _IOW(KVMIO, 0x89, "struct kvm_msrs"))
 KVM_SET_CPUID2 = ioctl("KVM_SET_CPUID2", _IOW(KVMIO, 0x90, "struct kvm_cpuid2"))
 KVM_SET_DEVICE_ATTR = ioctl("KVM_SET_DEVICE_ATTR", _IOW(KVMIO, 0xe1, "struct kvm_device_attr"))
-KVM_GET_DEVICE_ATTR = ioctl("KVM_GET_DEVICE_ATTR", _IOW(KVMIO, 0xe2, "struct kvm_device_attr"))
-KVM_HAS_DEVICE_ATTR = ioctl("KVM_HAS_DEVICE_ATTR", _IOW(KVMIO, 0xe3, "struct kvm_device_attr"))
 
 KVM_API_VERSION = 12
 
