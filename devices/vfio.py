@@ -31,6 +31,10 @@ from luvmm.uapi.vfio import (
     VFIO_IRQ_SET_DATA_NONE,
     VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_REGION_INFO_CAP_MSIX_MAPPABLE,
+    VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+    VFIO_REGION_INFO_FLAG_CAPS,
+    VFIO_REGION_INFO_FLAG_MMAP,
 )
 
 VFIO_CDEV_DIR = "/dev/vfio/devices"
@@ -72,6 +76,56 @@ def cdev_path_for_bdf(host: Host, bdf: str) -> str:
     return f"{VFIO_CDEV_DIR}/{entries[0]}"
 
 
+class RegionInfo:
+    """What VFIO_DEVICE_GET_REGION_INFO says of a region, its capability
+    chain read: where it is in the device fd (``offset``), its ``size`` and
+    ``flags``, and what may be mmapped of it -- ``mmap_areas``, (offset,
+    size) pairs inside the region: the VFIO_REGION_INFO_CAP_SPARSE_MMAP
+    areas where the kernel lists them, else all of it where it says
+    VFIO_REGION_INFO_FLAG_MMAP, else none.  ``msix_mappable``:
+    VFIO_REGION_INFO_CAP_MSIX_MAPPABLE (the MSI-X table in it may be mapped
+    too; a VMM that virtualises the table traps it anyway)."""
+
+    __slots__ = ("index", "flags", "size", "offset", "mmap_areas", "msix_mappable")
+
+    def __init__(self, index: int, flags: int, size: int, offset: int, mmap_areas: list[tuple[int, int]],
+                 msix_mappable: bool = False):
+        self.index, self.flags, self.size, self.offset = index, flags, size, offset
+        self.mmap_areas, self.msix_mappable = mmap_areas, msix_mappable
+
+    @property
+    def mmap(self) -> bool:
+        return bool(self.flags & VFIO_REGION_INFO_FLAG_MMAP)
+
+    def __repr__(self) -> str:
+        return (f"RegionInfo(index={self.index}, flags={self.flags:#x}, size={self.size:#x}, "
+                f"offset={self.offset:#x}, mmap_areas={[(hex(o), hex(s)) for o, s in self.mmap_areas]})")
+
+
+def parse_region_caps(info: RegionInfo, buf: bytes, cap_offset: int) -> None:
+    """Walk the capability chain of a VFIO_DEVICE_GET_REGION_INFO answer
+    (``buf``: the whole argsz bytes), as include/uapi/linux/vfio.h lays it
+    out: each struct vfio_info_cap_header names the next by its offset from
+    the start of the struct, 0 ending the chain."""
+    header = ffi.sizeof("struct vfio_info_cap_header")
+    sparse_fixed = ffi.sizeof("struct vfio_region_info_cap_sparse_mmap")
+    area = ffi.sizeof("struct vfio_region_sparse_mmap_area")
+    seen = set()
+    offset = cap_offset
+    while offset and offset not in seen and offset + header <= len(buf):
+        seen.add(offset)
+        cap_id, _version, nxt = struct.unpack_from("=HHI", buf, offset)
+        if cap_id == VFIO_REGION_INFO_CAP_SPARSE_MMAP and offset + sparse_fixed <= len(buf):
+            (count,) = struct.unpack_from("=I", buf, offset + header)
+            count = min(count, (len(buf) - offset - sparse_fixed) // area)
+            info.mmap_areas = [struct.unpack_from("=QQ", buf, offset + sparse_fixed + i * area)
+                               for i in range(count)]
+            info.mmap_areas = [(o, s) for o, s in info.mmap_areas if s and o + s <= info.size]
+        elif cap_id == VFIO_REGION_INFO_CAP_MSIX_MAPPABLE:
+            info.msix_mappable = True
+        offset = nxt
+
+
 class VfioDevice(KernelObject):
     """A VFIO device cdev fd."""
 
@@ -100,6 +154,23 @@ class VfioDevice(KernelObject):
         self.ioctl(VFIO_DEVICE_GET_REGION_INFO, info)
         self._regions[index] = (info.offset, info.size)
         return info
+
+    def region_info(self, index: int) -> RegionInfo:
+        """VFIO_DEVICE_GET_REGION_INFO with its capabilities: asked once with
+        the bare struct; where the kernel says VFIO_REGION_INFO_FLAG_CAPS and
+        needs a larger argsz (it reports how much), asked again with that."""
+        info = self.get_region_info(index)
+        region = RegionInfo(index, info.flags, info.size, info.offset,
+                            [(0, info.size)] if info.flags & VFIO_REGION_INFO_FLAG_MMAP and info.size else [])
+        base = ffi.sizeof("struct vfio_region_info")
+        if info.flags & VFIO_REGION_INFO_FLAG_CAPS and info.argsz > base:
+            buf = bytearray(info.argsz)
+            struct.pack_into("=III", buf, 0, info.argsz, 0, index)
+            self.host.ioctl(self.fd, VFIO_DEVICE_GET_REGION_INFO, buf)
+            flags, _, cap_offset = struct.unpack_from("=III", buf, 4)
+            if flags & VFIO_REGION_INFO_FLAG_CAPS and cap_offset:
+                parse_region_caps(region, bytes(buf), cap_offset)
+        return region
 
     def get_irq_info(self, index: int):
         info = new_arg("struct vfio_irq_info", index=index)

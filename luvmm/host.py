@@ -155,6 +155,15 @@ class Host(abc.ABC):
              prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE, flags: int = _mmap.MAP_SHARED) -> _mmap.mmap:
         """mmap(2) of ``fd`` (memfds, the vCPU's kvm_run, mmap-able regions)."""
 
+    def region_access(self, fd: int) -> tuple[str, int]:
+        """How a device file's regions are reached by code that runs without
+        this process's Python (the vCPU run loop in C): ``("syscall", 0)``,
+        pread(2)/pwrite(2) at the region's offset, as on a real kernel; or
+        ``("wire", op)``, an emulated file's socket, where a write may be
+        posted as one message of request ``op`` (luvmm.wire) while a read
+        needs the reply, which only this host object waits for."""
+        return ("syscall", 0)
+
     @abc.abstractmethod
     def listdir(self, path: str) -> list[str]:
         """Directory entries (sysfs: /sys/bus/pci/devices/<BDF>/vfio-dev)."""

@@ -17,7 +17,10 @@ Two kinds of SOCK_SEQPACKET sockets (message boundaries and SCM_RIGHTS):
   the kernel left it, read data) and the fds the kernel returns.  The tag is
   the request's: a file outlives the process that made a request on it when
   the file was passed on (an fd store, SCM_RIGHTS), and the next holder must
-  tell a reply meant for the dead one from its own.
+  tell a reply meant for the dead one from its own.  An ``OP_PWRITE_POSTED``
+  request gets no reply at all: it is a posted MMIO write (the vCPU run loop
+  in C sends it for a guest's store to a trapped BAR), sent whole in one
+  message by any thread while another waits for its own reply.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from luvmm.abi import IoctlDef, ffi
 OP_IOCTL = 1
 OP_PREAD = 2
 OP_PWRITE = 3
+#: A pwrite with no reply: a posted MMIO write, as the vCPU run loop (vmm/runloop.c)
+#: sends one for a trapped BAR store.  Its errors are dropped, as a bus drops them.
+OP_PWRITE_POSTED = 4
 
 REQUEST = struct.Struct("<BxxxIQI")
 REPLY = struct.Struct("<iII")

@@ -5,8 +5,10 @@
 * :class:`SyntheticGuest`: the same DMA workload driven from the host side
   (vmm/synthetic.py), for machines without a usable /dev/kvm.
 
-A guest boots its vCPUs (``boot``), runs one turn of a vCPU (``step``: False
-when the vCPU stopped for good), saves and restores their state as machine
+A guest boots its vCPUs (``boot``), is given its device once both are there
+(``attach_device``: BARs mapped into the guest, the run loops told what
+traps), runs one turn of a vCPU (``step``: False when the vCPU stopped for
+good), saves and restores their state as machine
 state sections (``save``, ``restore``), and -- if it keeps what it knows in
 guest RAM, as the firmware does -- starts again on the same RAM and device
 after its VMM died (``recover``).  The VMM never asks which class a vCPU is.
@@ -15,13 +17,15 @@ after its VMM died (``recover``).  The VMM never asks which class a vCPU is.
 from __future__ import annotations
 
 import errno
+import os
 
 from luvmm.abi import ffi
 from vmm import guest
 from vmm.guest import EduRecord
 from vmm.kvm import FailEntry, Hlt, InternalError, Interrupted, Io, Kvm, Mmio, Shutdown, Unhandled
 from vmm.machine_state import VcpuState
-from luvmm.uapi.kvm import KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_EXIT_IO_OUT
+from luvmm.uapi.kvm import KVM_CAP_EXIT_ON_EMULATION_FAILURE
+from vmm.runloop import EXIT_DEVICE_ERROR
 from vmm.x86 import MSR_IA32_TSC, identity_page_tables, page_table_bytes, setup_cpuid, setup_long_mode, user_rflags
 
 
@@ -35,6 +39,9 @@ class Guest:
 
     def boot(self, vm) -> list:
         raise NotImplementedError
+
+    def attach_device(self, vm) -> None:
+        """The VM's device is wired and its vCPUs exist: connect the two."""
 
     def step(self, vm, cpu) -> bool:
         raise NotImplementedError
@@ -139,22 +146,49 @@ class FirmwareGuest(Guest):
         self._sync_tsc(vm, vcpus)
         return vcpus
 
+    def attach_device(self, vm) -> None:
+        """The device's mappable BAR areas into the guest as KVM memory slots
+        (no exit for them), and a run loop in C per vCPU for the rest: the
+        trapped BAR ranges, the wait-for-interrupt port (the firmware's
+        driver has no interrupt handler: the loop waits on the device's
+        eventfd for it), with a write-combining buffer saved at the pause."""
+        from vmm.runloop import RunLoop
+
+        vm.device.map_bars(vm.vmfd)
+        ram = [(gpa, length, vm.memory.addr + off) for gpa, off, length in vm.memory.ranges()]
+        loops = []
+        for vcpu in vm.vcpus:
+            loop = RunLoop(vcpu.fd, vcpu.kvm_run_addr)
+            loop.configure(vm.device.traps(), irq_fd=vm.device.irq_fd(), wait_port=guest.LUVMM_PORT_WAIT_IRQ,
+                           wait_s=guest.IRQ_WAIT_S, ram=ram)
+            held = vm.device.portal.pop(vcpu.id, None)
+            if held is not None:
+                loop.set_portal_state(*held)
+            vcpu.loop = loop
+            loops.append(loop)
+        vm.device.loops = loops
+
     def step(self, vm, cpu) -> bool:
+        """One return of the vCPU's run loop: only what the loop left to the
+        VMM -- a kick, the MSI-X table, an access outside the BARs, the end
+        of the guest (an emulation failure the loop could not serve, as a
+        MOVDIR64B it does, is one)."""
         try:
-            exit = cpu.run_exit()
+            reason = cpu.run(cpu.loop)
         except OSError as e:
             return vm.crashed(cpu, f"KVM_RUN failed: {e}")
+        if reason < 0:
+            return vm.crashed(cpu, f"KVM_RUN failed: {os.strerror(-reason)}")
+        if reason == EXIT_DEVICE_ERROR:
+            return vm.crashed(cpu, f"device access failed: {os.strerror(cpu.loop.error)}")
+        exit = cpu.exit_of(reason)
         if isinstance(exit, Mmio):
             vm.device.mmio(cpu.id, exit.addr, exit.length, exit.is_write, exit.data)
             return True
         if isinstance(exit, Io):
-            if exit.port == guest.LUVMM_PORT_WAIT_IRQ and exit.direction == KVM_EXIT_IO_OUT:
-                vm.device.wait_interrupt(guest.IRQ_WAIT_S)  # its driver has no handler: we wait for it
-            return True  # other port I/O: no device here answers it (writes ignored)
+            return True  # the loop serves port I/O; none is left for here
         if isinstance(exit, Interrupted):
             return True  # a kick
-        if isinstance(exit, InternalError) and exit.insn and vm.device.movdir64b(cpu, exit.insn, vm.view):
-            return True
         reason = {Hlt: "KVM_EXIT_HLT", Shutdown: "KVM_EXIT_SHUTDOWN", FailEntry: "KVM_EXIT_FAIL_ENTRY",
                   InternalError: "KVM_EXIT_INTERNAL_ERROR"}.get(type(exit))
         if reason is None:

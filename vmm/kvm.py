@@ -252,9 +252,18 @@ class Vcpu(KernelObject):
         #: The ``struct kvm_cpuid2`` bytes last given to KVM_SET_CPUID2 (the
         #: kernel has KVM_GET_CPUID2 too; keeping them spares a syscall).
         self.cpuid = b""
+        #: The VMM's run loop for this vCPU (vmm.runloop.RunLoop), once it runs it in C.
+        self.loop = None
 
-    def run(self) -> int:
-        """KVM_RUN once; returns ``kvm_run.exit_reason``.
+    @property
+    def kvm_run_addr(self) -> int:
+        """Where this process mapped the vCPU's ``struct kvm_run``."""
+        return int(ffi.cast("uintptr_t", self.kvm_run))
+
+    def run(self, loop=None) -> int:
+        """KVM_RUN once -- or, given the VMM's run ``loop`` (vmm.runloop),
+        as many times as the loop serves the exits itself; returns
+        ``kvm_run.exit_reason`` (a loop may return its own codes too).
 
         A kick returns KVM_EXIT_INTR (the kernel's own exit reason for a
         signal) with immediate_exit cleared, ready for the next entry.
@@ -262,6 +271,8 @@ class Vcpu(KernelObject):
         with self._thread_lock:
             self._thread_id = _thread.get_ident()
         try:
+            if loop is not None:
+                return loop.run()
             self.host.ioctl(self.fd, KVM_RUN, 0)
         except InterruptedError:
             self.kvm_run.immediate_exit = 0
@@ -273,7 +284,10 @@ class Vcpu(KernelObject):
 
     def run_exit(self) -> VcpuExit:
         """KVM_RUN once; why it returned, as a typed :class:`VcpuExit`."""
-        reason = self.run()
+        return self.exit_of(self.run())
+
+    def exit_of(self, reason: int) -> VcpuExit:
+        """The exit KVM_RUN returned with ``reason``, typed (read from kvm_run)."""
         run = self.kvm_run
         if reason == KVM_EXIT_MMIO:
             mmio = run.mmio

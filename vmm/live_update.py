@@ -7,7 +7,8 @@
   the state memfd; :func:`cancel` -- resume as it was (rollback);
 * after the kexec, :func:`restore_into` -- retrieve the files, map RAM,
   rebuild KVM and the vCPUs, re-bind and re-attach the device, re-arm
-  MSI-X, resume: the guest runs again before anything slow is imported;
+  MSI-X, map its BARs into the guest from the retrieved device fd, resume:
+  the guest runs again before anything slow is imported;
 * :func:`files` / :func:`leave_files` -- the VM's files for its unit's fd
   store, and :func:`recover_into`: a VMM started after one died picks them up.
 
@@ -134,6 +135,7 @@ def restore_into(vm, session, state_fd: int, state: MachineState, clock) -> None
         # The kernel kept the RAM, not the device: open it again and tell the guest's driver it was reset.
         vm.device.rewire(vm.memory, state.device)
         vm.redone = vm.guest.device_reset(vm)
+    vm.guest.attach_device(vm)  # its BARs mapped into the guest, the run loops told what traps
     clock.mark("device_reattached")
     # What the device completed while the guest was paused: the transfers in
     # flight at the pause that are done now, before the guest runs (and reaps them).
@@ -182,5 +184,6 @@ def recover_into(vm, meta: dict, fds: dict[str, int], clock) -> None:
     vm.device.adopt(fds["iommufd"], fds["device"], DeviceWiring.from_dict(meta["device"]))
     vm.preserved = set(meta["preserved"])
     vm.vcpus = vm.guest.recover(vm)
+    vm.guest.attach_device(vm)
     vm.runner.start(vm.vcpus, vm.step)
     clock.mark("recovered")

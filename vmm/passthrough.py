@@ -1,14 +1,17 @@
 """The passed-through PCI function: its VFIO cdev bound to an iommufd whose
 IOAS maps guest RAM at IOVA = GPA and whose HWPT the device is attached to;
 its MSI-X vectors (a DSA's) or its MSI vector (QEMU's edu, the lab's
-device) on eventfds; its BARs in guest-physical space.  Which of the two
-it is, the function's own vendor and device IDs say (``kind``).
+device) on eventfds; its BARs in guest-physical space (vmm/bars.py: what
+VFIO lets the VMM mmap is mapped into the guest, the rest traps and is
+served by the vCPU run loop in C).  Which device it is, the function's own
+vendor and device IDs say (``kind``).
 
-A guest's MMIO exits on BAR0 become region reads and writes; on BAR2 (the
-DSA's portals) the eight 8-byte stores of one descriptor are combined into a
-single 64-byte write, as MOVDIR64B does in one go on real hardware (and a
-MOVDIR64B that KVM could not emulate is done here).  The write-combining
-buffers are part of the machine state: a pause may fall between two stores.
+What still comes back to this module's Python is rare: the virtual MSI-X
+table, a read of a trapped register on the emulated host (it needs its
+socket's reply), an access outside every BAR, any access to a test's
+stand-in device (no fd the run loop could use).  The run loop's
+write-combining buffers are part of the machine state: a pause may fall
+between two stores of a descriptor.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import struct
 
 from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
 from devices.iommufd import IommuFd
-from devices.vfio import VfioDevice
+from devices.vfio import RegionInfo, VfioDevice
 from luvmm.abi import ffi
-from devices.edu_regs import EDU_BAR_SIZE, PCI_DEVICE_ID_EDU, PCI_VENDOR_ID_QEMU
+from devices.edu_regs import PCI_DEVICE_ID_EDU, PCI_VENDOR_ID_QEMU
 from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
@@ -36,13 +39,17 @@ from luvmm.uapi.vfio import (
     VFIO_PCI_BAR2_REGION_INDEX,
     VFIO_PCI_MSI_IRQ_INDEX,
 )
-from vmm import guest, movdir64b
+from vmm import bars, guest
 from vmm.machine_state import DeviceWiring
 
-BAR0_SIZE, BAR2_SIZE = 64 << 10, 128 << 10
 MSIX_VECTORS = 9
 #: The kinds of device a guest here drives: (vendor, device) -> kind.
 KINDS = {(PCI_VENDOR_ID_QEMU, PCI_DEVICE_ID_EDU): "edu"}
+#: Each kind's BARs in the guest: (name, BAR index, GPA, portals?).  Each
+#: BAR's room ends where the next one (or the MMIO window) starts.
+GUEST_BARS = {"dsa": (("bar0", VFIO_PCI_BAR0_REGION_INDEX, guest.BAR0_GPA, False),
+                      ("portals", VFIO_PCI_BAR2_REGION_INDEX, guest.BAR2_GPA, True)),
+              "edu": (("bar0", VFIO_PCI_BAR0_REGION_INDEX, guest.BAR0_GPA, False),)}
 
 
 class Passthrough:
@@ -55,10 +62,16 @@ class Passthrough:
         self.eventfds: list[int] = []
         self.msix_armed = False
         self.interrupts = 0
-        self.portal_writes = 0
         self.mmio_unhandled = 0
-        #: vCPU id -> (64-byte buffer, mask of the bytes written, portal line)
+        #: Set at restore: vCPU id -> (64-byte buffer, mask of the bytes written,
+        #: portal line), for the run loops (which hold them while the guest runs).
         self.portal: dict[int, tuple[bytearray, int, int]] = {}
+        #: The BARs as the guest sees them (bars.GuestBar), once the device is open.
+        self.bars: list[bars.GuestBar] = []
+        self.msix_table: bars.MsixTable | None = None
+        self.maps = bars.BarMaps()
+        #: The vCPUs' run loops (vmm.runloop.RunLoop), which serve the traps.
+        self.loops: list = []
         #: After a restore: the device came back with Bus Master Enable clear, and the VMM set it again.
         self.bus_master_restored = False
         #: "dsa" or "edu" (KINDS): what the function's IDs say it is.
@@ -110,6 +123,7 @@ class Passthrough:
                 continue
             self.dev, self.bdf = dev, bdf
             self.kind = self._identify()
+            self.plan_bars()
             return
         if last is not None and last.errno in (errno.EINVAL, errno.EBUSY) and device == "auto":
             raise OSError(errno.EBUSY, f"every DSA of the host is passed through to another VM "
@@ -125,6 +139,7 @@ class Passthrough:
         self.dev_id = self.dev.bind_iommufd(self.iommufd)
         self.dev.attach_pt(self.hwpt)
         self.kind = self._identify()
+        self.plan_bars()
         self.arm_msix()
         self.bus_master_restored = self.ensure_bus_master()
 
@@ -134,7 +149,43 @@ class Passthrough:
         self.dev = VfioDevice(self.host, device_fd)
         self.bdf, self.ioas, self.hwpt, self.dev_id = wiring.bdf, wiring.ioas, wiring.hwpt, wiring.dev_id
         self.kind = self._identify()
+        self.plan_bars()
         self.arm_msix()
+
+    # --- the BARs in guest-physical space ----------------------------------------------------------
+
+    def plan_bars(self) -> None:
+        """What of each BAR is mapped into the guest and what traps
+        (vmm/bars.py), from what VFIO says of the device's regions."""
+        room = {guest.BAR0_GPA: guest.BAR2_GPA - guest.BAR0_GPA, guest.BAR2_GPA: guest.MMIO_END - guest.BAR2_GPA}
+        planned = []
+        for name, index, gpa, portal in GUEST_BARS[self.kind]:
+            region = self._region_info(index)
+            if not region.size or region.size > room[gpa]:
+                raise OSError(errno.ENODEV, f"{self.bdf}: BAR{index} of {region.size:#x} bytes does not fit the "
+                                            f"guest's {room[gpa]:#x} at {gpa:#x}")
+            planned.append(bars.GuestBar(name, index, gpa, region, portal))
+        msix = bars.find_msix(self.dev.config_read) if self.kind == "dsa" else None
+        fd = getattr(self.dev, "fd", -1)
+        self.msix_table = bars.plan(planned, msix, fd=fd, access=self.host.region_access(fd) if fd >= 0 else ("", 0))
+        self.bars = planned
+
+    def _region_info(self, index: int) -> RegionInfo:
+        return self.dev.region_info(index)  # a VfioDevice; a test's stand-in says the same of itself
+
+    def map_bars(self, vmfd) -> None:
+        """mmap each mappable area from the device fd and give it to ``vmfd``
+        (a new KVM VM: a cold boot's, a restore's) as a memory slot."""
+        self.maps.close()
+        self.maps.install(self.host, vmfd, self.dev.fd, self.bars)
+
+    def traps(self) -> list:
+        """What the vCPU run loops serve, in the order they try them."""
+        return [trap for bar in self.bars for trap in bar.traps]
+
+    def guest_path(self) -> list[dict]:
+        """Each BAR: what is mapped, what traps and how (vm status)."""
+        return [bar.describe() for bar in self.bars]
 
     def wiring(self) -> DeviceWiring:
         return DeviceWiring(self.bdf, self.ioas, self.hwpt, self.dev_id, self.msix_armed)
@@ -207,78 +258,59 @@ class Passthrough:
         return self.dev.read32(VFIO_PCI_BAR0_REGION_INDEX, IDXD_GENSTATS_OFFSET) & 3 == IDXD_DEVICE_STATE_ENABLED
 
     def count_interrupts(self) -> int:
+        """Interrupts the device raised: read from its eventfds here, and
+        those the run loops took while their guest waited for one."""
         for fd in self.eventfds:
             try:
                 self.interrupts += os.eventfd_read(fd)
             except BlockingIOError:
                 pass
-        return self.interrupts
+        return self.interrupts + sum(loop.interrupts for loop in self.loops)
+
+    @property
+    def portal_writes(self) -> int:
+        """Whole descriptors the guest wrote to a trapped portal (the run loops combine them)."""
+        return sum(loop.portal_writes for loop in self.loops)
 
     # --- the guest's accesses -----------------------------------------------------------------------
 
     def mmio(self, vcpu_id: int, addr: int, length: int, is_write: bool, data) -> None:
-        """A guest access to guest-physical ``addr`` (a KVM MMIO exit; ``data``
-        is the exit's buffer: what to write, or where the read goes)."""
-        bar0 = EDU_BAR_SIZE if self.kind == "edu" else BAR0_SIZE
-        if guest.BAR0_GPA <= addr < guest.BAR0_GPA + bar0:
-            off = addr - guest.BAR0_GPA
-            if is_write:
-                self.dev.region_write(VFIO_PCI_BAR0_REGION_INDEX, off, bytes(data)[:length])
+        """A guest access the run loop handed back (``data`` is the exit's
+        buffer: what to write, or where the read goes): the virtual MSI-X
+        table; a BAR the loop cannot reach (a read on the emulated host, a
+        stand-in device); or an address outside every BAR."""
+        for bar in self.bars:
+            if not bar.gpa <= addr < bar.gpa + bar.size:
+                continue
+            off = addr - bar.gpa
+            table = next((t for t in bar.traps if t.name == "msix-table"), None)
+            if table is not None and table.gpa <= addr < table.gpa + table.size:
+                if is_write:
+                    self.msix_table.write(addr - table.gpa, bytes(ffi.buffer(data, length)))
+                else:
+                    ffi.memmove(data, self.msix_table.read(addr - table.gpa, length), length)
+            elif bar.portal and not is_write:
+                ffi.memmove(data, bytes(length), length)  # portals read as zero
+            elif is_write:
+                self.dev.region_write(bar.index, off, bytes(ffi.buffer(data, length)))
             else:
-                ffi.memmove(data, self.dev.region_read(VFIO_PCI_BAR0_REGION_INDEX, off, length), length)
-        elif self.kind == "dsa" and guest.BAR2_GPA <= addr < guest.BAR2_GPA + BAR2_SIZE:
-            if is_write:
-                self.portal_store(vcpu_id, addr - guest.BAR2_GPA, bytes(data)[:length])
-            else:
-                ffi.memmove(data, bytes(length), length)
-        else:
-            self.mmio_unhandled += 1
-            if not is_write:
-                ffi.memmove(data, b"\xff" * length, length)
-
-    def portal_store(self, vcpu_id: int, off: int, data: bytes) -> None:
-        """Combine a guest's stores into whole 64-byte descriptors."""
-        line = off & ~63
-        buf, mask, base = self.portal.get(vcpu_id, (None, 0, -1))
-        if base != line:
-            buf, mask = bytearray(64), 0
-        pos = off - line
-        if pos + len(data) > 64:
-            return  # a store across two portal lines: dropped, as the device would
-        bits = ((1 << len(data)) - 1) << pos
-        if mask & bits:  # a store to bytes already written: a new descriptor began
-            buf, mask = bytearray(64), 0
-        buf[pos:pos + len(data)] = data
-        mask |= bits
-        if mask == (1 << 64) - 1:
-            self.dev.region_write(VFIO_PCI_BAR2_REGION_INDEX, line, bytes(buf))
-            self.portal_writes += 1
-            self.portal.pop(vcpu_id, None)
-        else:
-            self.portal[vcpu_id] = (buf, mask, line)
-
-    def movdir64b(self, vcpu, insn: bytes, view) -> bool:
-        """A MOVDIR64B to a portal that KVM could not emulate: do it (64 bytes
-        from guest memory in one portal write) and step over it; False if it
-        is not one."""
-        regs = vcpu.get_regs()
-        try:
-            dest, src, length = movdir64b.decode(insn, regs)
-            src_gpa = movdir64b.translate(view, vcpu.get_sregs().cr3, src)
-        except (movdir64b.NotMovdir64b, struct.error, IndexError):
-            return False
-        if not guest.BAR2_GPA <= dest < guest.BAR2_GPA + BAR2_SIZE or dest % 64:
-            return False
-        self.dev.region_write(VFIO_PCI_BAR2_REGION_INDEX, dest - guest.BAR2_GPA, bytes(view[src_gpa:src_gpa + 64]))
-        self.portal_writes += 1
-        regs.rip += length
-        vcpu.set_regs(regs)
-        return True
+                ffi.memmove(data, self.dev.region_read(bar.index, off, length), length)
+            return
+        self.mmio_unhandled += 1
+        if not is_write:
+            ffi.memmove(data, b"\xff" * length, length)
 
     def portal_state(self) -> dict:
-        return {str(v): [buf.hex(), mask, line] for v, (buf, mask, line) in self.portal.items()}
+        """The write-combining buffers (machine state): the run loops', or this module's."""
+        state = {str(v): [buf.hex(), mask, line] for v, (buf, mask, line) in self.portal.items()}
+        for vcpu_id, loop in enumerate(self.loops):
+            held = loop.portal_state()
+            if held is not None:
+                state[str(vcpu_id)] = [held[0].hex(), held[1], held[2]]
+        return state
 
     def close(self) -> None:
+        self.maps.close()
         for fd in self.eventfds:
             os.close(fd)
         self.eventfds = []

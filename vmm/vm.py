@@ -123,6 +123,7 @@ class Vm:
         self.device.wire(self.memory, cfg.device)
         layout.load_firmware(self.view, slots=cfg.slots, pairs=cfg.pairs, xfer=cfg.xfer, driver=self.device.kind)
         self.vcpus = self.guest.boot(self)
+        self.guest.attach_device(self)
         self.runner.start(self.vcpus, self.step)
 
     def step(self, cpu) -> bool:

@@ -32,6 +32,7 @@ from luvmm.wire import (
     OP_IOCTL,
     OP_PREAD,
     OP_PWRITE,
+    OP_PWRITE_POSTED,
     REPLY,
     REQUEST,
     ioctl_fd_offsets,
@@ -257,11 +258,17 @@ class EmulatedHost(Host):
                 break
         return done
 
+    def region_access(self, fd: int) -> tuple[str, int]:
+        if self.is_emulated(fd):
+            return ("wire", OP_PWRITE_POSTED)
+        return self.real.region_access(fd)
+
     def mmap(self, fd: int, length: int, offset: int = 0, *,
              prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE, flags: int = _mmap.MAP_SHARED) -> _mmap.mmap:
         if self.is_emulated(fd):
-            # Emulated regions do not set VFIO_REGION_INFO_FLAG_MMAP.
-            raise OSError(errno.ENODEV, "emulated device regions cannot be mmapped; use pread/pwrite")
+            # vfio_pci_core_mmap: EINVAL for a region without
+            # VFIO_REGION_INFO_FLAG_MMAP, which no emulated region has.
+            raise OSError(errno.EINVAL, "this region does not offer mmap (no VFIO_REGION_INFO_FLAG_MMAP)")
         return self.real.mmap(fd, length, offset, prot=prot, flags=flags)
 
     def listdir(self, path: str) -> list[str]:

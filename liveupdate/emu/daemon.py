@@ -39,6 +39,7 @@ from luvmm.wire import (
     OP_IOCTL,
     OP_PREAD,
     OP_PWRITE,
+    OP_PWRITE_POSTED,
     REPLY,
     REQUEST,
     ProtocolError,
@@ -232,6 +233,8 @@ class HostDaemon:
                     result, err, payload, out_fds = self._file_request(kernel, file, data, fds)
                 finally:
                     close_fds(fds)
+                if data[0] == OP_PWRITE_POSTED:
+                    continue  # posted: no reply, its error (if any) dropped as a bus drops it
                 stall = kernel.take_stall()
                 if stall:
                     await trio.sleep(stall)  # an injected stall: this caller waits, the machine runs on
@@ -273,7 +276,7 @@ class HostDaemon:
             if op == OP_PREAD:
                 out = file.pread(arg32, arg64)
                 return len(out), 0, out, []
-            if op == OP_PWRITE:
+            if op in (OP_PWRITE, OP_PWRITE_POSTED):
                 if len(payload) != arg32:
                     raise KernelError(errno.EINVAL)
                 return file.pwrite(bytes(payload), arg64), 0, b"", []

@@ -88,6 +88,24 @@ cdef(
         uint64_t addr;
     };
 
+    struct kvm_stats_header {
+        uint32_t flags;
+        uint32_t name_size;
+        uint32_t num_desc;
+        uint32_t id_offset;
+        uint32_t desc_offset;
+        uint32_t data_offset;
+    };
+
+    struct kvm_stats_desc {
+        uint32_t flags;
+        int16_t exponent;
+        uint16_t size;
+        uint32_t offset;
+        uint32_t bucket_size;
+        char name[];
+    };
+
     struct kvm_irqfd {
         uint32_t fd;
         uint32_t gsi;
@@ -169,7 +187,8 @@ cdef(
 structs(__name__, "struct kvm_userspace_memory_region", "struct kvm_run", "struct kvm_regs",
         "struct kvm_segment", "struct kvm_dtable", "struct kvm_sregs", "struct kvm_irqfd",
         "struct kvm_ioeventfd", "struct kvm_enable_cap", "struct kvm_cpuid_entry2", "struct kvm_cpuid2",
-        "struct kvm_msr_entry", "struct kvm_msrs", "struct kvm_device_attr")
+        "struct kvm_msr_entry", "struct kvm_msrs", "struct kvm_device_attr", "struct kvm_stats_header",
+        "struct kvm_stats_desc")
 
 KVMIO = 0xAE
 
@@ -195,6 +214,8 @@ KVM_SET_SREGS = ioctl("KVM_SET_SREGS", _IOW(KVMIO, 0x84, "struct kvm_sregs"))
 KVM_SET_MSRS = ioctl("KVM_SET_MSRS", _IOW(KVMIO, 0x89, "struct kvm_msrs"))
 KVM_SET_CPUID2 = ioctl("KVM_SET_CPUID2", _IOW(KVMIO, 0x90, "struct kvm_cpuid2"))
 KVM_SET_DEVICE_ATTR = ioctl("KVM_SET_DEVICE_ATTR", _IOW(KVMIO, 0xe1, "struct kvm_device_attr"))
+# Returns an fd: a binary stats file (struct kvm_stats_header, descriptors, u64 data).
+KVM_GET_STATS_FD = ioctl("KVM_GET_STATS_FD", _IO(KVMIO, 0xce))
 
 KVM_API_VERSION = 12
 
@@ -206,7 +227,18 @@ KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_IRQFD = 32
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_BINARY_STATS_FD = 203
 KVM_CAP_EXIT_ON_EMULATION_FAILURE = 204
+
+# struct kvm_stats_desc.flags
+KVM_STATS_TYPE_SHIFT = 0
+KVM_STATS_TYPE_MASK = 0xF << KVM_STATS_TYPE_SHIFT
+KVM_STATS_TYPE_CUMULATIVE = 0x0 << KVM_STATS_TYPE_SHIFT
+KVM_STATS_TYPE_INSTANT = 0x1 << KVM_STATS_TYPE_SHIFT
+KVM_STATS_TYPE_PEAK = 0x2 << KVM_STATS_TYPE_SHIFT
+KVM_STATS_UNIT_SHIFT = 4
+KVM_STATS_UNIT_MASK = 0xF << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNIT_NONE = 0x0 << KVM_STATS_UNIT_SHIFT
 
 # exit_reason values.
 KVM_EXIT_UNKNOWN = 0

@@ -27,6 +27,24 @@ cdef(
         uint64_t offset;
     };
 
+    struct vfio_info_cap_header {
+        uint16_t id;
+        uint16_t version;
+        uint32_t next;
+    };
+
+    struct vfio_region_sparse_mmap_area {
+        uint64_t offset;
+        uint64_t size;
+    };
+
+    struct vfio_region_info_cap_sparse_mmap {
+        struct vfio_info_cap_header header;
+        uint32_t nr_areas;
+        uint32_t reserved;
+        struct vfio_region_sparse_mmap_area areas[];
+    };
+
     struct vfio_irq_info {
         uint32_t argsz;
         uint32_t flags;
@@ -66,7 +84,8 @@ cdef(
     """
 )
 
-structs(__name__, "struct vfio_device_info", "struct vfio_region_info", "struct vfio_irq_info",
+structs(__name__, "struct vfio_device_info", "struct vfio_region_info", "struct vfio_info_cap_header",
+        "struct vfio_region_sparse_mmap_area", "struct vfio_region_info_cap_sparse_mmap", "struct vfio_irq_info",
         "struct vfio_irq_set", "struct vfio_device_bind_iommufd",
         "struct vfio_device_attach_iommufd_pt", "struct vfio_device_detach_iommufd_pt")
 
@@ -103,6 +122,11 @@ VFIO_REGION_INFO_FLAG_READ = 1 << 0
 VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
 VFIO_REGION_INFO_FLAG_MMAP = 1 << 2
 VFIO_REGION_INFO_FLAG_CAPS = 1 << 3
+
+# Region info capabilities (struct vfio_info_cap_header.id), chained from cap_offset.
+VFIO_REGION_INFO_CAP_SPARSE_MMAP = 1
+VFIO_REGION_INFO_CAP_TYPE = 2
+VFIO_REGION_INFO_CAP_MSIX_MAPPABLE = 3
 
 # struct vfio_irq_info.flags
 VFIO_IRQ_INFO_EVENTFD = 1 << 0

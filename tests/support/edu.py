@@ -9,7 +9,10 @@ edu does is checked in the lab (tests/lab/test_lab_real_host.py)."""
 import os
 import struct
 
+from devices.vfio import RegionInfo
+from luvmm.uapi.vfio import VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE
 from devices.edu_regs import (
+    EDU_BAR_SIZE,
     EDU_CMD_DMA_FROM,
     EDU_CMD_DMA_START,
     EDU_DMA_IRQ,
@@ -77,6 +80,14 @@ class Edu:
         self.regs, self.buffer, self.pending = {}, bytearray(4096), False
 
     # --- the VFIO region interface (vmm.passthrough.Passthrough.mmio) -----------------------------
+
+    #: No fd: the run loop cannot reach this stand-in, and hands every access to it back to the VMM.
+    fd = -1
+
+    def region_info(self, index):
+        """BAR0: edu's 1 MiB of registers, which a VMM may not map (no
+        VFIO_REGION_INFO_FLAG_MMAP): each access is served by Passthrough.mmio."""
+        return RegionInfo(index, VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE, EDU_BAR_SIZE, 0, [])
 
     def region_read(self, index, offset, length):
         value = self.read32(index, offset)

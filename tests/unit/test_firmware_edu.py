@@ -38,6 +38,8 @@ def fw(kvm_ok):
     edu.msi_fd = vm.device.irq_fd()
     guest.load_firmware(vm.view, slots=1, pairs=1, xfer=4096, driver="edu")
     vm.vcpus = vm.guest.boot(vm)
+    vm.device.plan_bars()
+    vm.guest.attach_device(vm)
     yield vm, edu
     for vcpu in vm.vcpus:
         vcpu.close()
@@ -78,9 +80,9 @@ def test_a_reset_device_gets_the_transfer_under_way_again_not_a_corrupted_one(fw
     edu.hold = True
     record = EduRecord(vm.view)
     run_until(vm, lambda: record["phase"] != EDU_IDLE and edu.pending, "a transfer held by the device")
-    # Its driver waits for the interrupt through the VMM (LUVMM_PORT_WAIT_IRQ),
-    # which takes those of the transfers before.
-    run_until(vm, lambda: vm.device.interrupts > 0, "the VMM waiting for the device's interrupt")
+    # Its driver waits for the interrupt through the VMM (LUVMM_PORT_WAIT_IRQ):
+    # the run loop polls the device's eventfd, and takes those of the transfers before.
+    run_until(vm, lambda: vm.vcpus[0].loop.interrupts > 0, "the run loop waiting for the device's interrupt")
     inflight, before = vm.in_flight(), vm.mailbox.snapshot()
     edu.reset()  # what the new kernel's vfio-pci did to it: the transfer is gone
     edu.hold = False
@@ -105,6 +107,7 @@ def test_the_stamps_measure_a_blackout_across_a_restore_on_new_vcpus(fw):
     blackout = 0.3
     time.sleep(blackout)  # the blackout being measured
     vm.vcpus = vm.guest.restore(vm, states)  # a new KVM VM, new vCPUs: their TSC set to the host's
+    vm.guest.attach_device(vm)
     before = vm.mailbox["completed"]
     run_until(vm, lambda: vm.mailbox["completed"] > before, "a transfer after the restore")
     gap = record["max_heartbeat_gap_ns"] / 1e9

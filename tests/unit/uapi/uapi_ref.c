@@ -55,6 +55,7 @@ int main(void)
 	IOCTL(KVM_SET_MSRS);
 	IOCTL(KVM_SET_DEVICE_ATTR);
 	IOCTL(KVM_SET_CPUID2);
+	IOCTL(KVM_GET_STATS_FD);
 	SIZE(kvm_userspace_memory_region);
 	SIZE(kvm_run);
 	SIZE(kvm_regs);
@@ -69,6 +70,8 @@ int main(void)
 	SIZE(kvm_msr_entry);
 	SIZE(kvm_msrs);
 	SIZE(kvm_device_attr);
+	SIZE(kvm_stats_header);
+	SIZE(kvm_stats_desc);
 #ifdef VFIO_DEVICE_GET_INFO
 	IOCTL(VFIO_DEVICE_GET_INFO);
 	IOCTL(VFIO_DEVICE_GET_REGION_INFO);
@@ -77,6 +80,9 @@ int main(void)
 	IOCTL(VFIO_DEVICE_RESET);
 	SIZE(vfio_device_info);
 	SIZE(vfio_region_info);
+	SIZE(vfio_info_cap_header);
+	SIZE(vfio_region_sparse_mmap_area);
+	SIZE(vfio_region_info_cap_sparse_mmap);
 	SIZE(vfio_irq_info);
 	SIZE(vfio_irq_set);
 #endif

@@ -1,0 +1,62 @@
+"""Builds ``vmm._runloop``, the vCPU run loop in C (vmm/runloop.c), with
+cffi's API mode: at install time (setup.py's ``cffi_modules``), or in place
+by :func:`build` when the module is missing or older than its source (a
+checkout edited since it was installed).  The declarations are runloop.h's,
+between its CDEF markers, so the C compiler and cffi read the same text."""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+
+import cffi
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ("runloop.c", "runloop.h")
+
+
+def source_crc() -> int:
+    """Identifies the C sources (what the built module was compiled from)."""
+    crc = 0
+    for name in SOURCES:
+        with open(os.path.join(HERE, name), "rb") as f:
+            crc = zlib.crc32(f.read(), crc)
+    return crc
+
+
+def marker(crc: int | None = None) -> str:
+    return f"luvmm-runloop-crc={source_crc() if crc is None else crc:08x}"
+
+
+def _cdef() -> str:
+    with open(os.path.join(HERE, "runloop.h")) as f:
+        text = f.read()
+    body = text.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
+    # Array sizes by their #define (cffi's parser has no preprocessor).
+    defines = dict(re.findall(r"#define\s+(\w+)\s+(\w+)", body))
+    return re.sub(r"\[(\w+)\]", lambda m: f"[{defines.get(m.group(1), m.group(1))}]", body)
+
+
+def ffibuilder() -> cffi.FFI:
+    ffi = cffi.FFI()
+    ffi.cdef(_cdef())
+    with open(os.path.join(HERE, "runloop.c")) as f:
+        source = f.read()
+    # The sources' CRC, findable in the built file without loading it (vmm/runloop.py).
+    ident = f'__attribute__((used)) static const char luvmm_runloop_id[] = "{marker()}";\n'
+    ffi.set_source("vmm._runloop", ident + source,
+                   include_dirs=[HERE], extra_compile_args=["-O2", "-Wall"])
+    return ffi
+
+
+def build() -> None:
+    """Compile ``vmm._runloop`` in place (beside this file)."""
+    import contextlib
+    import io
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="luvmm-runloop-") as tmp, \
+            contextlib.redirect_stdout(io.StringIO()):
+        built = ffibuilder().compile(tmpdir=tmp, verbose=False)
+        os.replace(built, os.path.join(HERE, os.path.basename(built)))
