@@ -5,6 +5,7 @@ Guest-physical map (IOVA = GPA for the device):
     0x0000_1000  page tables (identity map of the low 4 GiB, 2 MiB pages, user-accessible)
     0x0000_8000  mailbox page (vmm/firmware/mailbox.h)
     0x0001_0000  firmware image (vmm/firmware/fw.bin)
+    0x0008_0000  the pace ring (64 KiB: the guest's record of its own progress)
     0x0020_0000  top of the stack (grows down)
     0x0020_0000  DMA area: completion records, descriptor lists, buffers
     0xFE00_0000  DSA BAR0 (64 KiB), 0xFE10_0000 DSA BAR2 (128 KiB): MMIO
@@ -40,11 +41,18 @@ MAILBOX_FIELDS = ("magic", "bar0", "bar2", "dma_base", "slots", "pairs", "xfer",
                   "last_error", "inflight", "init_error", "recoveries")
 AUX_HEARTBEAT = len(MAILBOX_FIELDS) * 8
 AUX_SLOTS = 16
-#: After aux_heartbeat[16], so that no counter's offset moved when they came: written by the VMM.
-MAILBOX_TAIL_FIELDS = ("driver", "device_resets", "tsc_mult")
+#: After aux_heartbeat[16], so that no counter's offset moved when they came: the first
+#: four written by the VMM, the last two by the guest.
+MAILBOX_TAIL_FIELDS = ("driver", "device_resets", "tsc_mult", "pace_period_ns", "pace_head", "movdir64b")
 #: The mailbox's ``driver``: which device the firmware drives.
 DRIVERS = {"dsa": 0, "edu": 1}
 GUEST_STATE = {0: "not started", 1: "initialising", 2: "running", 3: "device error"}
+
+
+#: The guest's pace ring (mailbox.h): (ns, heartbeat) every pace_period_ns.
+PACE_RING_GPA = 0x80000
+PACE_RING_ENTRIES = 4096
+PACE_PERIOD_NS = 1_000_000
 
 
 def offset(field: str) -> int:
@@ -98,6 +106,23 @@ def load_firmware(ram: memoryview, *, slots: int, pairs: int, xfer: int, init_de
 def tsc_mult(hz: float | None) -> int:
     """The mailbox's ``tsc_mult`` for a TSC of ``hz``: ns = TSC * tsc_mult >> 32 (0: no stamps)."""
     return int((10**9 << 32) / hz) if hz else 0
+
+
+def tsc_ns(tsc: int, mult: int) -> int:
+    """A TSC value on the guest's clock (ns), as the firmware converts its own."""
+    return (tsc * mult) >> 32
+
+
+def pace_ring(ram) -> list[tuple[int, int]]:
+    """The guest's pace ring, oldest first: [(ns, heartbeat)] -- what its
+    driver recorded of its own progress (mailbox.h), [] if it keeps none.
+    The oldest slot may be the one being written: it is left out."""
+    head = Mailbox(ram)["pace_head"]
+    count = min(head, PACE_RING_ENTRIES - 1)
+    out = []
+    for i in range(head - count, head):
+        out.append(struct.unpack_from("<QQ", ram, PACE_RING_GPA + 16 * (i % PACE_RING_ENTRIES)))
+    return out
 
 
 # The firmware's DMA area (vmm/firmware/fw.c): batch records, then descriptor lists.

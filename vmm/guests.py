@@ -139,10 +139,12 @@ class FirmwareGuest(Guest):
             regs.rsp = guest.STACK_TOP - 0x10000 * vcpu.id - 8
             regs.rdi = vcpu.id
             vcpu.set_regs(regs)
-        if vm.device.kind == "edu" and not vm.mailbox["tsc_mult"]:
+        if not vm.mailbox["tsc_mult"]:
             from liveupdate import tsc  # a cold boot's: the restore path finds it in guest RAM
 
-            vm.mailbox["tsc_mult"] = guest.tsc_mult(tsc.hz())  # edu's driver stamps; the DSA's does not
+            # Both drivers keep the pace ring from the TSC; edu's stamps its gaps too.
+            vm.mailbox["tsc_mult"] = guest.tsc_mult(tsc.hz())
+            vm.mailbox["pace_period_ns"] = guest.PACE_PERIOD_NS
         self._sync_tsc(vm, vcpus)
         return vcpus
 

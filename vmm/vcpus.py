@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 import _thread
 
+from vmm.runloop import rdtsc
+
 
 class Monitor:
     """A lock with threading.Condition's notify_all/wait_for, on _thread alone."""
@@ -72,6 +74,9 @@ class Runner:
         self.cpus: list = []
         self.last_stop = 0.0
         self.first_run = 0.0
+        #: The same two moments on the TSC (what the guest stamps its pace with).
+        self.last_stop_tsc = 0
+        self.first_run_tsc = 0
         self.crash: GuestCrash | None = None
 
     def start(self, cpus: list, step, *, paused: bool = False) -> None:
@@ -103,14 +108,14 @@ class Runner:
                 return False
             if self._pause:
                 self._parked += 1
-                self.last_stop = max(self.last_stop, time.time())
+                self.last_stop, self.last_stop_tsc = max(self.last_stop, time.time()), max(self.last_stop_tsc, rdtsc())
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: not self._pause or self._stop)
                 self._parked -= 1
                 if self._stop:
                     return False
                 if not self.first_run:
-                    self.first_run = time.time()
+                    self.first_run, self.first_run_tsc = time.time(), rdtsc()
         return True
 
     def crashed(self, vcpu_id: int, reason: str, rip: int = 0) -> None:
@@ -124,7 +129,7 @@ class Runner:
         """Stop every vCPU; returns when the last one has left KVM_RUN (that time)."""
         with self._cond:
             self._pause = True
-            self.last_stop = 0.0
+            self.last_stop, self.last_stop_tsc = 0.0, 0
             for cpu in self.cpus:
                 cpu.kick()
             self._cond.wait_for(lambda: self._parked >= len(self.cpus))
@@ -132,7 +137,7 @@ class Runner:
 
     def resume(self) -> float:
         with self._cond:
-            self.first_run = 0.0
+            self.first_run, self.first_run_tsc = 0.0, 0
             self._pause = False
             now = time.time()
             self._cond.notify_all()

@@ -14,8 +14,13 @@
  * With no interrupt handler, the edu driver waits for its device's
  * interrupt by asking the VMM to (an OUT to LUVMM_PORT_WAIT_IRQ).
  *
- * Portal submissions are eight 8-byte stores to the WQ's portal; the VMM
- * combines them into one 64-byte descriptor write.
+ * Portal submissions are one MOVDIR64B where CPUID says the CPU has it (a
+ * real DSA's portal takes nothing else), else eight 8-byte stores, which
+ * the VMM combines into one 64-byte descriptor write (the portal traps).
+ *
+ * vCPU 0 keeps a record of its pace in guest RAM (the pace ring, mailbox.h):
+ * what a real host, with no observer on its bus, measures the guest's
+ * outage after a live update from.
  *
  * Restartable: everything the loop knows lives in guest RAM (the mailbox,
  * slot_seq[], the journal), and the counters of a submit or a reap change
@@ -97,6 +102,72 @@ struct record {
 	u64 fault_addr;
 	u64 op[2];
 };
+
+static int movdir64b_ok;
+
+static void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	*a = leaf;
+	*c = 0;
+	__asm__ volatile("cpuid" : "+a"(*a), "=b"(*b), "+c"(*c), "=d"(*d));
+}
+
+/* CPUID.(EAX=7,ECX=0):ECX[bit 28]: MOVDIR64B. */
+static void detect_cpu(void)
+{
+	u32 a, b, c, d;
+
+	cpuid(0, &a, &b, &c, &d);
+	if (a >= 7) {
+		cpuid(7, &a, &b, &c, &d);
+		movdir64b_ok = (c >> 28) & 1;
+	}
+	MB->movdir64b = movdir64b_ok;
+}
+
+/* One descriptor to a portal: 64 bytes in one write, or eight stores the VMM combines. */
+static void portal_write(u64 portal, const void *desc)
+{
+	const u64 *words = desc;
+	u64 i;
+
+	__asm__ volatile("" ::: "memory");
+	if (movdir64b_ok) {
+		__asm__ volatile("movdir64b (%1), %0" : : "r"(portal), "r"(desc) : "memory");
+		return;
+	}
+	for (i = 0; i < 8; i++)
+		((volatile u64 *)portal)[i] = words[i];
+}
+
+static u64 now_ns(void)
+{
+	u32 lo, hi;
+
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return (u64)(((unsigned __int128)((u64)hi << 32 | lo) * MB->tsc_mult) >> 32);
+}
+
+/* The pace ring: (ns, heartbeat) every pace_period_ns (mailbox.h). */
+static u64 pace_last;
+
+static void pace(void)
+{
+	volatile struct pace_entry *e;
+	u64 now;
+
+	if (!MB->tsc_mult || !MB->pace_period_ns)
+		return;
+	now = now_ns();
+	if (now - pace_last < MB->pace_period_ns)
+		return;
+	pace_last = now;
+	e = (volatile struct pace_entry *)PACE_RING_GPA + MB->pace_head % PACE_RING_ENTRIES;
+	e->ns = now;
+	e->heartbeat = MB->heartbeat;
+	__asm__ volatile("" ::: "memory");
+	MB->pace_head++;
+}
 
 static inline u32 rd32(u64 addr) { return *(volatile u32 *)addr; }
 static inline u64 rd64(u64 addr) { return *(volatile u64 *)addr; }
@@ -221,9 +292,7 @@ static void submit(u64 s)
 {
 	u64 seq = next_seq++, pairs = MB->pairs, xfer = MB->xfer, pat = pattern(seq), p, i;
 	u64 list = desc_list(s);
-	volatile u64 *portal = (volatile u64 *)MB->bar2;
 	struct desc batch;
-	u64 *words = (u64 *)&batch;
 
 	for (p = 0; p < pairs; p++) {
 		u64 *src = (u64 *)buffer(s, p, 0);
@@ -246,8 +315,7 @@ static void submit(u64 s)
 	journal.submitted++;
 	journal.inflight++;
 	commit();
-	for (i = 0; i < 8; i++)
-		portal[i] = words[i];
+	portal_write(MB->bar2, &batch);
 }
 
 static void reap(u64 s)
@@ -274,9 +342,8 @@ static void reap(u64 s)
 static void recover(void)
 {
 	volatile struct record *drained = (volatile struct record *)drain_record();
-	volatile u64 *portal = (volatile u64 *)MB->bar2;
 	struct desc drain;
-	u64 *words = (u64 *)&drain, s, i;
+	u64 s;
 
 	if (journal.valid) {
 		apply();
@@ -284,9 +351,7 @@ static void recover(void)
 	}
 	drained->status = 0;
 	put_desc((u64)&drain, DSA_OPCODE_DRAIN, IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_RCR, drain_record(), 0, 0, 0, 0);
-	__asm__ volatile("" ::: "memory");
-	for (i = 0; i < 8; i++)
-		portal[i] = words[i];
+	portal_write(MB->bar2, &drain);
 	while (!drained->status)
 		;
 	for (s = 0; s < MAX_SLOTS; s++) {
@@ -318,14 +383,6 @@ static void recover(void)
 
 static u64 edu_next_seq = 1;
 
-static u64 now_ns(void)
-{
-	u32 lo, hi;
-
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return (u64)(((unsigned __int128)((u64)hi << 32 | lo) * MB->tsc_mult) >> 32);
-}
-
 static void stamp(volatile unsigned long long *last, volatile unsigned long long *max)
 {
 	u64 now;
@@ -342,6 +399,7 @@ static void edu_beat(void)
 {
 	stamp(&EDU->last_heartbeat_ns, &EDU->max_heartbeat_gap_ns);
 	MB->heartbeat++;
+	pace();
 }
 
 static void wait_irq(void)
@@ -455,6 +513,7 @@ void main0(void)
 {
 	u64 s, slots;
 
+	detect_cpu();
 	if (MB->driver == DRIVER_EDU)
 		edu_main();
 
@@ -476,6 +535,7 @@ void main0(void)
 				reap(s);
 		}
 		MB->heartbeat++;
+		pace();
 	}
 }
 

@@ -36,6 +36,24 @@ struct mailbox {
 	unsigned long long driver;	/* DRIVER_DSA, or DRIVER_EDU: QEMU's edu */
 	unsigned long long device_resets; /* bumped when the device came back reset */
 	unsigned long long tsc_mult;	/* ns = TSC * tsc_mult >> 32; 0: no stamps */
+	unsigned long long pace_period_ns; /* the pace ring's period; 0: no ring */
+	/* written by the guest */
+	unsigned long long pace_head;	/* entries written to the pace ring since boot */
+	unsigned long long movdir64b;	/* 1: descriptors go to the portal by MOVDIR64B */
+};
+
+/*
+ * The guest's own record of its pace, for a host with no observer on its bus
+ * (a real one): every pace_period_ns of its TSC clock, vCPU 0's loop appends
+ * (ns, heartbeat) at pace_head % PACE_RING_ENTRIES, then bumps pace_head.
+ * The VMM reads it after a live update (guest_recovery_s, guest_lost_s).
+ */
+#define PACE_RING_GPA 0x80000UL
+#define PACE_RING_ENTRIES 4096
+
+struct pace_entry {
+	unsigned long long ns;
+	unsigned long long heartbeat;
 };
 
 /*
