@@ -41,7 +41,7 @@ from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
 from luvmm import leanjson, rpc, schema
 from luvmm.peer import identify
 from liveupdate.luo import LiveUpdate, Session
-from liveupdate.state import StateDir, check_vm_name, record_imports
+from liveupdate.state import StateDir, check_vm_name, guests_first, record_imports
 
 _IN_PROGRESS = ("kexec", "rolling-back", "restoring")
 #: A restoring update whose VMs have not all reported this long after its
@@ -254,6 +254,9 @@ class Agent:
                     retrieved[fd] = str(request["name"])
                 elif "ok" in reply and request["op"] == "resumed":
                     expected.discard(str(request["name"]))
+        # Every restored guest runs (or its VMM is gone): from here this
+        # process yields to the vCPUs, and keeps off their CPUs.
+        guests_first()
         if self.update and self.update.get("phase") in ("restoring", "done", "failed") and self.boot == "kexec":
             record_imports("agent-served-restore")
         # Hand everything over as the socket.socket objects trio wraps.

@@ -50,6 +50,15 @@ def _notify(message: str, fds: list[int] = ()) -> None:
         sock.close()
 
 
+def ready() -> None:
+    """``READY=1``: the unit is up -- a VMM says so once its guest runs
+    (again).  Nothing where no init listens."""
+    try:
+        _notify("READY=1")
+    except OSError:
+        pass
+
+
 def store(files: dict[str, int], meta: dict | None = None) -> None:
     """Leave ``{name: fd}`` (and ``meta``) in this unit's store, replacing
     what was stored under those names.  The fds stay ours too."""

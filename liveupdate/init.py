@@ -179,6 +179,9 @@ class Init:
         self.nursery: trio.Nursery | None = None  # its host's: it watches units for the restart policy
         #: unit name -> {fd name: fd}: each unit's file descriptor store.
         self.fdstores: dict[str, dict[str, int]] = {}
+        #: Units whose current process said READY=1 (sd_notify), and when.
+        self.ready: dict[str, float] = {}
+        self.ready_changed = trio.Event()
         #: main pids of units that exited lately -> unit: a notification sent just before dying counts.
         self._exited: dict[int, str] = {}
         self.notify_sock: socket.socket | None = None
@@ -267,6 +270,7 @@ class Init:
             for fd in moved:
                 os.close(fd)
         self.procs[name] = proc
+        self.ready.pop(name, None)  # not until this process says so (READY=1)
         self.started[name] = time.time()
         self.starts[name] = self.starts.get(name, 0) + 1
         if unit.get("restart") == "on-failure" and self.nursery is not None:
@@ -329,6 +333,11 @@ class Init:
             for fd in fds:
                 os.close(fd)
             return
+        if fields.get("READY") == "1":
+            # sd_notify's READY=1: a VMM says so once its guest runs again.
+            self.ready[unit] = time.time()
+            self.ready_changed.set()
+            self.ready_changed = trio.Event()
         name = fields.get("FDNAME", "stored")
         store = self.fdstores.setdefault(unit, {})
         if fields.get("FDSTOREREMOVE") == "1":
@@ -407,6 +416,21 @@ class Init:
         for unit in units:
             if unit["name"] not in self.procs or self.procs[unit["name"]].returncode is not None:
                 self._start_or_log(unit, boot)
+
+    async def wait_ready(self, names, timeout: float) -> set[str]:
+        """Wait until each unit of ``names`` said READY=1, or its process
+        ended, for at most ``timeout``; returns those that did neither."""
+        waiting = set(names)
+        with trio.move_on_after(timeout):
+            while True:
+                waiting = {n for n in waiting if n not in self.ready
+                           and n in self.procs and self.procs[n].returncode is None}
+                if not waiting:
+                    break
+                changed = self.ready_changed
+                with trio.move_on_after(0.05):  # a unit that exits says nothing: looked at again
+                    await changed.wait()
+        return waiting
 
     async def start_unit(self, name: str) -> dict:
         unit = next((u for u in self.state.read_units() if u["name"] == name), None)

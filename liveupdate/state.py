@@ -136,6 +136,92 @@ def record_imports(point: str) -> None:
             f.write("\n".join(sorted(sys.modules)) + "\n")
 
 
+#: The nice value of a VMM's and the agent's work once the guests run again.
+GUESTS_FIRST_NICE = 10
+#: The CPUs the guests' vCPUs run on, which luvmm's own work keeps off
+#: ("0,2-3"; unset: no CPU is set apart).  The emulated host sets it for its
+#: units from `luvmm host start --guest-cpus`; on a real host, the units'
+#: environment (`luvmm host install --guest-cpus`).
+GUEST_CPUS_ENV = "LUVMM_GUEST_CPUS"
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """A CPU list as the kernel writes them (cpuset.cpus, isolcpus=):
+    "0,2-3" -> {0, 2, 3}; ValueError for anything else."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad CPU list {text!r}: want numbers and ranges, as in 0,2-3")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first or last >= 4096:
+            raise ValueError(f"bad CPU range {part!r} in {text!r}")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def guest_cpus() -> frozenset[int]:
+    """The CPUs set apart for vCPUs (GUEST_CPUS_ENV), those of them this
+    process may use; empty where none are."""
+    text = os.environ.get(GUEST_CPUS_ENV, "").strip()
+    if not text:
+        return frozenset()
+    try:
+        return parse_cpu_list(text) & frozenset(range(os.cpu_count() or 1))
+    except ValueError:
+        return frozenset()
+
+
+def _set_affinity(cpus) -> None:
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:
+        pass  # outside this process's cpuset: the scheduler's choice stands
+
+
+def use_every_cpu() -> None:
+    """The restore path: while the vCPUs are not running, every CPU is
+    theirs to rebuild the VM on -- including the guest CPUs the process that
+    started this one (the emulated host's daemon) keeps off."""
+    if os.environ.get(GUEST_CPUS_ENV):
+        _set_affinity(range(os.cpu_count() or 1))
+
+
+def pin_vcpu() -> None:
+    """A vCPU thread: onto the guest CPUs, where they are set apart."""
+    cpus = guest_cpus()
+    if cpus:
+        _set_affinity(cpus)
+
+
+def keep_off_guest_cpus() -> None:
+    """This thread, and those it starts from now on, off the guest CPUs
+    (if any other CPU is left)."""
+    cpus = guest_cpus()
+    if cpus:
+        rest = frozenset(range(os.cpu_count() or 1)) - cpus
+        if rest:
+            _set_affinity(rest)
+
+
+def guests_first() -> None:
+    """Once the guests run again: the calling thread -- and the threads it
+    starts from now on -- yields to the vCPU threads, which were started
+    before.  What the VMM and the agent still have to do (their control
+    planes' imports, a Prometheus scrape, a status request) competes with
+    the guest for the CPU, not for a lock (the vCPUs run in C): at nice
+    GUESTS_FIRST_NICE it takes a tenth of a CPU the guest wants, and where
+    CPUs are set apart for the guests (GUEST_CPUS_ENV) none of theirs.  Not
+    before the resume: during the blackout the restore is the guest's path.
+    Raising one's nice value needs no privilege (lowering it back would)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, max(GUESTS_FIRST_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
+    except OSError:
+        pass  # a seccomp'd or odd environment: the guest shares the CPU as before
+    keep_off_guest_cpus()
+
+
 UNIT_USAGE = "usage: ... --state-dir DIR [--name NAME] [--host emulated|real]"
 
 

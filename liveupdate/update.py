@@ -47,9 +47,15 @@ def update_once(state: StateDir, *, timeout: float = 60.0, on_started=None) -> d
 PHASES = ("preserve", "pause", "save", "freeze", "kexec", "spawn", "start-up", "retrieve", "map",
           "vcpu_restore", "device_reattach", "resume")
 
-CYCLE_KEYS = ("blackout_s", "phases_s", "heartbeat_gap_s", "dma_completed_during_blackout", "dma_max_gap_s",
+CYCLE_KEYS = ("blackout_s", "guest_lost_s", "guest_recovery_s", "guest_pace_before_hz", "guest_pace_after_hz",
+              "phases_s", "heartbeat_gap_s", "dma_completed_during_blackout", "dma_max_gap_s",
               "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed", "device_reset", "device_preserved",
               "dma_redone", "measured_by")
+#: The outage the guest saw (vmm.pace), summed up as the blackout is -- over
+#: the cycles that measured it: None where none did.
+GUEST_OUTAGE = ("guest_lost_s", "guest_recovery_s")
+#: vmm.pace.LOST_HORIZON_S, as tables say it (this module does not import the VMM's).
+LOST_HORIZON_MS = 500
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -75,6 +81,28 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
 
+def not_recovered(cycle: dict) -> bool:
+    """The guest's outage was measured, and its heartbeat was not back at
+    pace within the horizon the report waits for (vmm.pace)."""
+    return cycle.get("guest_lost_s") is not None and cycle.get("guest_recovery_s") is None
+
+
+def recovery_ms(cycle: dict) -> str:
+    """``guest_recovery_s`` for a table: ms, ">500" not back within the horizon, "-" not measured."""
+    return f">{LOST_HORIZON_MS}" if not_recovered(cycle) else ms(cycle.get("guest_recovery_s"))
+
+
+def outage_measured_by(summary: dict) -> str | None:
+    """Where the guest's outage figures of a run came from (report's
+    ``measured_by``), or None: not measured."""
+    sources = []
+    for c in summary["cycles"]:
+        source = (c.get("measured_by") or {}).get("guest_lost_s")
+        if source and source not in sources:
+            sources.append(source)
+    return " and ".join(sources) or None
+
+
 def phase_values(summary: dict) -> dict[str, list[float]]:
     """Each phase's times over the cycles, in the order they were first seen."""
     phases: dict[str, list[float]] = {}
@@ -85,7 +113,8 @@ def phase_values(summary: dict) -> dict[str, list[float]]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """The `luvmm update --json` document: one entry per VM per cycle, and the blackout percentiles."""
+    """The `luvmm update --json` document: one entry per VM per cycle, and
+    the percentiles of the blackout and of the outage the guest saw."""
     cycles = []
     for n, record in enumerate(records, 1):
         for vm in record["vms"]:
@@ -98,9 +127,16 @@ def summarize(records: list[dict]) -> dict:
             cycles.append(entry)
     blackouts = [c["blackout_s"] for c in cycles if c.get("blackout_s") is not None]
     first = next((r["reports"][v] for r in records for v in r["vms"] if v in r["reports"]), {})
+    outage = {}
+    for key in GUEST_OUTAGE:
+        values = [c[key] for c in cycles if c.get(key) is not None]
+        outage[key] = percentiles(values) if values else None
+    # Measured, and not back at pace within the horizon: left out of guest_recovery_s's percentiles.
+    outage["guest_not_recovered"] = sum(1 for c in cycles if not_recovered(c))
     return {
         "cycles": cycles,
         "blackout_s": percentiles(blackouts),
+        **outage,
         "guest": first.get("guest"),
         "memory_bytes": first.get("memory_bytes"),
         "kernel_profile": first.get("kernel_profile"),
@@ -141,7 +177,9 @@ def cycle_line(n: int, total: int, record: dict) -> str:
         if "error" in c:
             parts.append(f"{c['vm']}: {c['error']}")
             continue
-        parts.append(f"{c['vm']}: blackout {ms(c['blackout_s'])} ms, {c['dma_completed_during_blackout']} DMA "
+        lost = "not measured" if c.get("guest_lost_s") is None else f"{ms(c['guest_lost_s'])} ms"
+        parts.append(f"{c['vm']}: blackout {ms(c['blackout_s'])} ms, guest lost {lost}, "
+                     f"{c['dma_completed_during_blackout']} DMA "
                      f"completions while paused, errors/lost/corrupted "
                      f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']}"
                      + (", device reset" if c.get("device_reset") else "")
@@ -151,28 +189,42 @@ def cycle_line(n: int, total: int, record: dict) -> str:
 
 def format_cycles(summary: dict) -> str:
     """The update table, for people: it fits 80 columns (a VM name over 12
-    characters pushes its row), and so do the wrapped summary lines."""
-    row = "{:>5} {:<12} {:>8} {:>8} {:>7} {:>9} {:>11} {:>5}"
-    lines = [row.format("cycle", "vm", "blackout", "DMA in", "max DMA", "heartbeat", "DMA errors/", "guest"),
-             row.format("", "", "ms", "blackout", "gap ms", "gap ms", "lost/corrupt", "on")]
+    characters pushes its row), and so do the wrapped summary lines.  Beside
+    each blackout, what the guest lost after it and how long it took to be
+    back at pace ("-": not measured); the heartbeat's longest gap is in
+    ``--json``."""
+    import textwrap
+
+    row = "{:>5} {:<12} {:>8} {:>7} {:>8} {:>8} {:>7} {:>12} {:>5}"
+    lines = [row.format("cycle", "vm", "blackout", "guest", "guest", "DMA in", "max DMA", "DMA errors/", "guest"),
+             row.format("", "", "ms", "lost ms", "recov ms", "blackout", "gap ms", "lost/corrupt", "on")]
     for c in summary["cycles"]:
         if "error" in c:
             lines.append(f"{c['cycle']:>5} {c['vm']:<12} {c['error']}")
             continue
-        lines.append(row.format(c["cycle"], c["vm"], ms(c["blackout_s"]), str(c["dma_completed_during_blackout"]),
-                                ms(c["dma_max_gap_s"]), ms(c["heartbeat_gap_s"]),
-                                f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']}",
+        lines.append(row.format(c["cycle"], c["vm"], ms(c["blackout_s"]), ms(c.get("guest_lost_s")),
+                                recovery_ms(c), str(c["dma_completed_during_blackout"]),
+                                ms(c["dma_max_gap_s"]), f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']}",
                                 {True: "yes", False: "NO"}.get(c["guest_progressed"], "-")))
-    b = summary["blackout_s"]
-    n = sum(1 for c in summary["cycles"] if c.get("blackout_s") is not None)
-    lines.append(f"blackout p50 {b['p50'] * 1000:.1f} ms, {p99_label(n)} {b['p99'] * 1000:.1f} ms, "
-                 f"max {b['max'] * 1000:.1f} ms")
-    lines.append(f"({summary['guest']} guest, {(summary['memory_bytes'] or 0) >> 20} MiB RAM, "
-                 f"kernel profile {summary['kernel_profile']})")
+    for key, what in (("blackout_s", "blackout"), ("guest_lost_s", "guest lost"),
+                      ("guest_recovery_s", "guest recovery")):
+        b = summary.get(key)
+        n = sum(1 for c in summary["cycles"] if c.get(key) is not None)
+        late = summary.get("guest_not_recovered") if key == "guest_recovery_s" else 0
+        late_text = f"{late} update(s) not back at pace within {LOST_HORIZON_MS} ms" if late else ""
+        if b is None:
+            lines.append(f"{what}: {late_text or 'not measured'}")
+            continue
+        lines += textwrap.wrap(f"{what} p50 {b['p50'] * 1000:.1f} ms, {p99_label(n)} {b['p99'] * 1000:.1f} ms, "
+                               f"max {b['max'] * 1000:.1f} ms" + (f"; {late_text}" if late else ""), 80,
+                               subsequent_indent="  ")
+    source = outage_measured_by(summary)
+    lines += textwrap.wrap(f"({summary['guest']} guest, {(summary['memory_bytes'] or 0) >> 20} MiB RAM, "
+                           f"kernel profile {summary['kernel_profile']}; the guest's outage "
+                           + (f"measured by {source})" if source else
+                              "not measured: no observer on the bus, no pace ring in guest RAM)"), 80)
     phases = phase_values(summary)
     if phases:
-        import textwrap
-
         text = "phases (p50 ms): " + ", ".join(f"{k} {percentile(v, 50) * 1000:.1f}" for k, v in phases.items())
         lines += textwrap.wrap(text, 80, subsequent_indent="  ")
     return "\n".join(lines)

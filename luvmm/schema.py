@@ -39,8 +39,11 @@ HOST = {
     "watch": (_req(bdf=str, iova=int), "true"),
     "observe": (_req(bdf=str, t0=NUMBER + (str,), t1=NUMBER + (str,), iova=(OPTIONAL_INT, None)),
                 "{completions, max_completion_gap_s, heartbeat_changes?, heartbeat_max_gap_s?}"),
+    "heartbeat": (_req(bdf=str, t0=NUMBER + (str,), t1=NUMBER + (str,), iova=int),
+                  "[[time, value]]: the watched word where it changed, and where it stood before a change"),
     "timeline": (_req(bdf=str, t0=NUMBER + (str,), t1=NUMBER + (str,), bin_s=NUMBER + (str,),
-                      iova=(OPTIONAL_INT, None)), "{t0, bin_s, bytes, completions, heartbeat_changes?}"),
+                      iova=(OPTIONAL_INT, None)),
+                 "{t0, bin_s, bytes, completions, heartbeat_changes?, heartbeat_pace_hz?}"),
 }
 
 INIT = {

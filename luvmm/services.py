@@ -54,6 +54,12 @@ class Observer:
     def timeline(self, bdf: str, t0: float, t1: float, bin_s: float, iova: int | None = None) -> dict:
         raise NotImplementedError
 
+    def heartbeat(self, bdf: str, t0: float, t1: float, iova: int) -> list[tuple[float, int]]:
+        """The watched word at ``iova`` over [t0, t1]: [(time, value)] where it
+        changed, and where it stood before a change (vmm.pace reads a guest's
+        outage from them)."""
+        raise NotImplementedError
+
 
 class MachineInfo:
     def kernel_profile(self) -> str | None:

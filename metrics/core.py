@@ -20,6 +20,12 @@ class Histogram:
         self.counts[i] += 1
         self.total += value
 
+    def observe_beyond(self, at_least: float) -> None:
+        """An observation past the last bound, known only to be at least
+        ``at_least``: counted in +Inf, ``at_least`` in the sum (a lower bound)."""
+        self.counts[-1] += 1
+        self.total += at_least
+
     @property
     def count(self) -> int:
         return sum(self.counts)

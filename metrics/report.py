@@ -13,6 +13,9 @@ The plots:
 * dma_timeline.png: DMA throughput and guest activity over the whole run,
   the blackouts shaded: DMA goes on while the guest is paused;
 * blackout_zoom.png: the same around each blackout, in 5 ms bins;
+* guest_pace.png: the guest's heartbeat pace around each update (10 ms
+  bins, against its pace before the pause), and what it lost after the
+  resume -- the outage the guest saw, which a short blackout can hide;
 * blackout_per_cycle.png: each update's blackout, split into its phases;
 * phases.png: the median time of each phase.
 """
@@ -27,7 +30,7 @@ import math
 import os
 import time
 
-from liveupdate.update import ms, p99_label, percentile, phase_values
+from liveupdate.update import LOST_HORIZON_MS, ms, outage_measured_by, p99_label, percentile, phase_values, recovery_ms
 from liveupdate.update import PHASES
 
 EMULATED_NOTE = ("the emulated host (luvmm's emulated DSA, IOMMU, VFIO, iommufd, LUO/KHO and kexec): its kexec takes "
@@ -111,6 +114,49 @@ def plot_zooms(timeline: dict, summary: dict):
     return fig
 
 
+def plot_paces(timeline: dict, summary: dict):
+    """The heartbeat's pace around each update, as a share of its pace over
+    the 400 ms before the pause; what the guest lost after the resume shaded
+    (vmm.pace: the deficit under 100%, over half a second)."""
+    import matplotlib.pyplot as plt
+
+    rule = timeline.get("pace_rule") or {}  # vmm.pace's, as the demo gathered them
+    horizon, recovered = rule.get("horizon_s", 0.5), rule.get("recovered", 0.8)
+    paces, windows = timeline.get("paces", [])[:8], timeline["blackouts"][:8]
+    cycles = {c["cycle"]: c for c in summary["cycles"] if "error" not in c}
+    cols = min(len(paces), 4) or 1
+    rows = max(1, math.ceil(len(paces) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(paces):]:
+        ax.set_visible(False)
+    for ax, p, w in zip(axes.flat, paces, windows):
+        c = cycles.get(w["cycle"], {})
+        before = c.get("guest_pace_before_hz")
+        raw = p.get("heartbeat_pace_hz") or []
+        xs = [(p["t0"] + (i + 0.5) * p["bin_s"] - w["start"]) * 1000 for i in range(len(raw))]
+        ys = [math.nan if v is None else (100.0 * v / before if before else v) for v in raw]
+        resumed = (w["end"] - w["start"]) * 1000
+        ax.axvspan(0, resumed, color=BLACKOUT_COLOR, alpha=0.3, label="VM paused")
+        ax.step(xs, ys, where="mid", color=GUEST_COLOR, lw=1.2, label="heartbeat pace")
+        if before:
+            after = [(x, y) for x, y in zip(xs, ys) if resumed <= x <= resumed + horizon * 1000]
+            ax.fill_between([x for x, _ in after], [min(y, 100.0) if y == y else 100.0 for _, y in after], 100.0,
+                            step="mid", color=BLACKOUT_COLOR, alpha=0.15, label="guest time lost")
+            ax.axhline(100, color="k", lw=0.6)
+            ax.axhline(100 * recovered, color="k", ls="--", lw=0.6, label=f"{recovered:.0%} of the pace before")
+            ax.set_ylim(0, 130)
+        lost = c.get("guest_lost_s")
+        ax.set_title(f"update {w['cycle']}: guest lost {ms(lost)} ms\nback at pace {recovery_ms(c)} ms after the resume",
+                     fontsize=9)
+        ax.set_xlabel("ms from the pause", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].set_ylabel("% of the pace before the pause")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    return fig
+
+
 def plot_blackouts(summary: dict):
     import matplotlib.pyplot as plt
 
@@ -171,7 +217,10 @@ def verdict(summary: dict, meta: dict) -> tuple[str, str]:
     bad = {k: sum(c[k] for c in cycles) for k in ("dma_errors", "dma_lost", "dma_corrupted")}
     b = summary["blackout_s"]
     tail = (f"Blackout p50 {b['p50'] * 1000:.1f} ms, {p99_label(len(cycles))} {b['p99'] * 1000:.1f} ms, "
-            f"max {b['max'] * 1000:.1f} ms over {len(cycles)} live update(s).")
+            f"max {b['max'] * 1000:.1f} ms over {len(cycles)} live update(s)")
+    lost = summary.get("guest_lost_s")
+    tail += (f"; the guest lost p50 {lost['p50'] * 1000:.1f} ms, max {lost['max'] * 1000:.1f} ms after the resume."
+             if lost else "; the guest's own outage was not measured.")
     damage = f"{bad['dma_errors']} DMA errors, {bad['dma_lost']} lost, {bad['dma_corrupted']} corrupted."
     if not cycles:
         return "bad", f"No live update completed ({failed} failed)."
@@ -188,10 +237,39 @@ def verdict(summary: dict, meta: dict) -> tuple[str, str]:
     return "warn", f"DMA stopped during {len(cycles) - flowing} of {len(cycles)} blackouts. {damage} {tail}{note}"
 
 
+def _headline(summary: dict) -> str:
+    """The figures a reader looks for first, side by side: the blackout the
+    VMM controls, and what the guest lost after it (the one that stands out)."""
+    late = summary.get("guest_not_recovered") or 0
+
+    def figure(key: str, what: str, note: str) -> str:
+        p = summary.get(key)
+        if p is not None:
+            value, detail = f"{p['p50'] * 1000:.1f} ms", f"p50; max {p['max'] * 1000:.1f} ms"
+        elif key == "guest_recovery_s" and late:
+            value, detail = f"> {LOST_HORIZON_MS} ms", "in every update measured"
+        else:
+            value, detail = "not measured", ""
+        return (f"<div class='figure' id='{key}'><div class='value'>{html.escape(value)}</div>"
+                f"<div class='what'>{html.escape(what)}</div><div class='note'>{html.escape(detail)}</div>"
+                f"<div class='note'>{html.escape(note)}</div></div>")
+
+    source = outage_measured_by(summary)
+    return ("<div class='figures'>"
+            + figure("blackout_s", "blackout", "last vCPU stopped to first vCPU running again")
+            + figure("guest_lost_s", "guest time lost",
+                     "after the resume, at the heartbeat's pace before the pause"
+                     + (f" (measured by {source})" if source else ""))
+            + figure("guest_recovery_s", "back at pace", "resume to the heartbeat at 80% of its pace before"
+                     + (f"; {late} update(s) not back within {LOST_HORIZON_MS} ms" if late else ""))
+            + "</div>")
+
+
 def _table(summary: dict) -> str:
     """Two tables that fit the page (no scrolling at 1024 px and up): each
     update's DMA continuity, and each update's phases."""
-    head = ("<tr><th>update</th><th>VM</th><th>blackout ms</th><th>DMA during blackout</th>"
+    head = ("<tr><th>update</th><th>VM</th><th>blackout ms</th><th>guest lost ms</th><th>back at pace ms</th>"
+            "<th>DMA during blackout</th>"
             "<th>longest DMA gap ms</th><th>heartbeat gap ms</th><th>errors / lost / corrupted</th>"
             "<th>guest went on</th></tr>")
     phase_head = "<tr><th>update</th><th>VM</th>" + "".join(
@@ -200,10 +278,11 @@ def _table(summary: dict) -> str:
     for c in summary["cycles"]:
         first = f"<td>{c['cycle']}</td><td>{html.escape(str(c['vm']))}</td>"
         if "error" in c:
-            rows.append(f"<tr>{first}<td colspan='6'>{html.escape(c['error'])}</td></tr>")
+            rows.append(f"<tr>{first}<td colspan='8'>{html.escape(c['error'])}</td></tr>")
             continue
         rows.append(
-            f"<tr>{first}<td>{ms(c['blackout_s'])}</td><td>{c['dma_completed_during_blackout']}</td>"
+            f"<tr>{first}<td>{ms(c['blackout_s'])}</td><td><b>{ms(c.get('guest_lost_s'))}</b></td>"
+            f"<td>{html.escape(recovery_ms(c))}</td><td>{c['dma_completed_during_blackout']}</td>"
             f"<td>{ms(c['dma_max_gap_s'])}</td><td>{ms(c['heartbeat_gap_s'])}</td>"
             f"<td>{c['dma_errors']} / {c['dma_lost']} / {c['dma_corrupted']}</td>"
             f"<td>{'yes' if c['guest_progressed'] else 'NO'}</td></tr>")
@@ -227,16 +306,25 @@ table.phases th {{ width: 5.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 dl {{ display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }}
 dt {{ font-weight: bold; }}
+.figures {{ display: flex; flex-wrap: wrap; gap: 1em; margin: 1em 0; }}
+.figure {{ flex: 1 1 14em; padding: 0.6em 1em; border: 1px solid #ccc; border-radius: 6px; }}
+.figure .value {{ font-size: 2em; font-weight: bold; }}
+.figure .what {{ font-weight: bold; }}
+.figure .note {{ font-size: 0.85em; color: #555; }}
+#guest_lost_s {{ border: 2px solid #d62728; }}
 </style></head>
 <body data-plots-rendered="0/{nplots}">
 <h1>Live update with a passed-through DSA</h1>
 <p class="verdict {vclass}" id="verdict">{vtext}</p>
+{headline}
 <dl>{meta}</dl>
 {plots}
 <h2>Every update</h2>
 {table}
-<p>Blackout: last vCPU stopped to first vCPU running again. DMA and heartbeat are seen by an observer on the
-emulated machine's bus, not by the software being measured. Figures in <a href="summary.json">summary.json</a>.</p>
+<p>Blackout: last vCPU stopped to first vCPU running again. Guest lost: the guest time lost in the half second
+after the resume, at the pace its heartbeat kept over the 400 ms before the pause; back at pace: from the resume
+until that pace, over 50 ms, is back to 80% of it. DMA and heartbeat are seen by an observer on the emulated
+machine's bus, not by the software being measured. Figures in <a href="summary.json">summary.json</a>.</p>
 <script>
 window.addEventListener("load", function () {{
   var plots = document.querySelectorAll("img.plot"), ok = 0;
@@ -265,6 +353,8 @@ def write_report(directory: str, summary: dict, timeline: dict, meta: dict) -> s
     figures = [("dma_timeline.png", "DMA throughput and guest activity over the run, blackouts shaded",
                 lambda: plot_timeline(timeline, meta["started"])),
                ("blackout_zoom.png", "Around each blackout (5 ms bins)", lambda: plot_zooms(timeline, summary)),
+               ("guest_pace.png", "The guest's heartbeat pace around each update, and the time it lost",
+                lambda: plot_paces(timeline, summary)),
                ("blackout_per_cycle.png", "Blackout per live update, by phase", lambda: plot_blackouts(summary)),
                ("phases.png", "Median time of each phase", lambda: plot_phases(summary))]
     if not timeline["blackouts"]:
@@ -293,7 +383,7 @@ def write_report(directory: str, summary: dict, timeline: dict, meta: dict) -> s
              f", {meta['duration_s']:.1f} s"}
     page = PAGE.format(nplots=len(plots), vclass=vclass, vtext=html.escape(vtext),
                        meta="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items()),
-                       plots="\n".join(plots), table=_table(summary))
+                       headline=_headline(summary), plots="\n".join(plots), table=_table(summary))
     index = os.path.join(directory, "index.html")
     with open(index, "w") as f:
         f.write(page)

@@ -22,6 +22,8 @@ from liveupdate.update import PHASES
 
 BLACKOUT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: The guest's outage (vmm.pace): from nothing to its horizon, half a second.
+OUTAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 RESULTS = ("success", "rolled_back")
 
 #: name -> (type, help), the names as a scraper sees them (README lists them all).
@@ -38,7 +40,15 @@ METRICS = {
     "luvmm_dma_errors_total": ("counter", "DMA completions with an error status during live updates"),
     "luvmm_dma_lost_total": ("counter", "DMA batches in flight at the pause that never completed"),
     "luvmm_dma_corrupted_total": ("counter", "DMA copies the device's own verification found wrong after a live update"),
+    "luvmm_guest_lost_seconds": (
+        "histogram", "Guest time lost after a live update's resume, at its heartbeat's pace before the pause"),
+    "luvmm_guest_recovery_seconds": (
+        "histogram", "Resume to the guest's heartbeat back at 80% of its pace before the pause, over 50 ms "
+                     "(+Inf: not back within the half second measured)"),
     "luvmm_last_blackout_seconds": ("gauge", "Blackout of the last live update"),
+    "luvmm_last_guest_lost_seconds": ("gauge", "Guest time lost after the last live update's resume"),
+    "luvmm_last_guest_recovery_seconds": (
+        "gauge", "Resume to the guest's heartbeat back at pace, in the last live update"),
     "luvmm_last_dma_completions_during_blackout": (
         "gauge", "DMA descriptors completed during the last live update's blackout"),
     "luvmm_vm_memory_bytes": ("gauge", "Guest RAM"),
@@ -62,11 +72,16 @@ class UpdateStats:
         self.phases = {p: Histogram(PHASE_BUCKETS) for p in PHASES}
         self.heartbeat_gap = Histogram(BLACKOUT_BUCKETS)
         self.dma_gap = Histogram(BLACKOUT_BUCKETS)
+        self.guest_lost = Histogram(OUTAGE_BUCKETS)
+        self.guest_recovery = Histogram(OUTAGE_BUCKETS)
         self.updates = dict.fromkeys(RESULTS, 0)
         self.dma_completed_during_blackout = 0
         self.dma_errors = self.dma_lost = self.dma_corrupted = 0
         self.last_blackout_s: float | None = None
         self.last_dma_completed_during_blackout: int | None = None
+        #: The last update's guest outage; None where it was not measured (no series then).
+        self.last_guest_lost_s: float | None = None
+        self.last_guest_recovery_s: float | None = None
 
     def record(self, report: dict) -> None:
         """A restored VM's report (vmm.report.update_report)."""
@@ -79,6 +94,14 @@ class UpdateStats:
             self.heartbeat_gap.observe(report["heartbeat_gap_s"])
         if report.get("dma_max_gap_s") is not None:
             self.dma_gap.observe(report["dma_max_gap_s"])
+        self.last_guest_lost_s = report.get("guest_lost_s")
+        self.last_guest_recovery_s = report.get("guest_recovery_s")
+        if self.last_guest_lost_s is not None:
+            self.guest_lost.observe(self.last_guest_lost_s)
+            if self.last_guest_recovery_s is not None:
+                self.guest_recovery.observe(self.last_guest_recovery_s)
+            else:  # measured, and not back at pace within the horizon (vmm.pace): at least that long
+                self.guest_recovery.observe_beyond(OUTAGE_BUCKETS[-1])
         if report.get("dma_completed_during_blackout") is not None:
             self.dma_completed_during_blackout += report["dma_completed_during_blackout"]
             self.last_dma_completed_during_blackout = report["dma_completed_during_blackout"]
@@ -98,6 +121,8 @@ class UpdateStats:
             "dma_errors": self.dma_errors, "dma_lost": self.dma_lost, "dma_corrupted": self.dma_corrupted,
             "last_blackout_s": self.last_blackout_s,
             "last_dma_completed_during_blackout": self.last_dma_completed_during_blackout,
+            "guest_lost": self.guest_lost.to_dict(), "guest_recovery": self.guest_recovery.to_dict(),
+            "last_guest_lost_s": self.last_guest_lost_s, "last_guest_recovery_s": self.last_guest_recovery_s,
         }
 
     @classmethod
@@ -114,6 +139,11 @@ class UpdateStats:
             setattr(s, key, int(d[key]))
         s.last_blackout_s = d.get("last_blackout_s")
         s.last_dma_completed_during_blackout = d.get("last_dma_completed_during_blackout")
+        # Not in the files of a luvmm that did not measure the guest's outage: they start empty.
+        s.guest_lost = Histogram.from_dict(OUTAGE_BUCKETS, d.get("guest_lost"))
+        s.guest_recovery = Histogram.from_dict(OUTAGE_BUCKETS, d.get("guest_recovery"))
+        s.last_guest_lost_s = d.get("last_guest_lost_s")
+        s.last_guest_recovery_s = d.get("last_guest_recovery_s")
         return s
 
     @classmethod
@@ -168,11 +198,15 @@ class VmmCollector:
         yield updates
         yield histogram("luvmm_guest_heartbeat_gap_seconds", s.heartbeat_gap)
         yield histogram("luvmm_dma_longest_gap_seconds", s.dma_gap)
+        yield histogram("luvmm_guest_lost_seconds", s.guest_lost)
+        yield histogram("luvmm_guest_recovery_seconds", s.guest_recovery)
         for name, value in (("luvmm_dma_completions_during_blackout_total", s.dma_completed_during_blackout),
                             ("luvmm_dma_errors_total", s.dma_errors), ("luvmm_dma_lost_total", s.dma_lost),
                             ("luvmm_dma_corrupted_total", s.dma_corrupted),
                             ("luvmm_vm_memory_bytes", self.memory_bytes),
                             ("luvmm_last_blackout_seconds", s.last_blackout_s),
+                            ("luvmm_last_guest_lost_seconds", s.last_guest_lost_s),
+                            ("luvmm_last_guest_recovery_seconds", s.last_guest_recovery_s),
                             ("luvmm_last_dma_completions_during_blackout", s.last_dma_completed_during_blackout)):
             if value is not None:  # no "last" before the first update
                 f = metric(name)

@@ -26,6 +26,7 @@ from luvmm import rpc, schema
 from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
 from liveupdate.luo import Session
 from vmm import guest
+from vmm.exits import ExitStats
 from vmm.report import update_report
 
 log = logging.getLogger("luvmm.vmm")
@@ -59,6 +60,7 @@ class Control:
         self.preserve_error: str | None = None
         #: Why the incoming session is not finished yet (FINISH failed); retried until it is.
         self.finish_error: str | None = None
+        self.exits = ExitStats(vm)
 
     # --- metrics -------------------------------------------------------------------------------
 
@@ -116,13 +118,26 @@ class Control:
             log.warning("the device came back with Bus Master Enable clear: set again, its DMA went on")
         finished = await self._finish(incoming)
         self.clock.mark("finished")
+        # The guest's outage is measured over a horizon after the resume
+        # (vmm.pace): the report waits for it to pass, and for the observer's
+        # last samples of it.  The guest runs meanwhile -- its vCPUs do not
+        # need this process's attention -- and the next update waits for it.
+        import time
+
+        from vmm.pace import LOST_HORIZON_S
+        from vmm.report import OBSERVER_LAG_S
+
+        resumed = vm.first_run or self.clock.marks["resumed"]
+        await trio.sleep(max(0.0, resumed + LOST_HORIZON_S + OBSERVER_LAG_S - time.time()))
         report = update_report(vm, self.services, self.clock.marks, saved, after)
         report["finish_error"] = self.finish_error
         self.last_report = report
         self.stats.record(report)
         self._save_stats()
         await trio.to_thread.run_sync(self.agent.restored, self.name, report)
-        log.info("restored: blackout %.1f ms, %d DMA completions during it", report["blackout_s"] * 1000,
+        lost = report.get("guest_lost_s")
+        log.info("restored: blackout %.1f ms, guest lost %s, %s DMA completions during it",
+                 report["blackout_s"] * 1000, "not measured" if lost is None else f"{lost * 1000:.1f} ms",
                  report["dma_completed_during_blackout"])
         return report, finished
 
@@ -272,7 +287,13 @@ class Control:
                 "portal_writes": vm.portal_writes, "updates_prepared": self.updates,
                 "ready": self.ready, "prepared": self.prepared, "metrics_port": self.metrics_port, "metrics_error": self.metrics_error,
                 "preserve_error": self.preserve_error, "finish_error": self.finish_error,
-                "last_update": self.last_report}
+                "last_update": self.last_report, "exits": self.exits.status(), "guest_path": vm.device.guest_path()}
+
+    async def sample_exits(self) -> None:
+        """The exit counts every second: `vm status` shows their rates over the last one."""
+        while True:
+            self.exits.sample()
+            await trio.sleep(1.0)  # the rate's interval, not a wait for anything
 
     async def serve_local(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.state.make_dir("vms")
@@ -328,6 +349,8 @@ def run_control_plane(vm, host, services, state, name, agent, clock, restored, b
                 if vm.config.metrics is not None:
                     control.metrics_port = await nursery.start(control.serve_metrics)
                 control.ready = True
+
+                nursery.start_soon(control.sample_exits)
 
                 async def on_signal():
                     async for _ in signals:

@@ -91,6 +91,13 @@ def workload_bytes(slots: int, pairs: int, xfer: int) -> int:
     return 0x100000 + slots * 16 * 2 * xfer  # records and lists, then the buffers
 
 
+def working_set(slots: int, pairs: int, xfer: int) -> tuple[int, int]:
+    """The GPA range the firmware touches as it runs: its page tables,
+    mailbox, image, pace ring and stacks, and its DMA area (the restore
+    faults it in before the guest resumes: vmm.memory.GuestMemory.populate)."""
+    return 0, DMA_BASE + workload_bytes(slots, pairs, xfer)
+
+
 def load_firmware(ram: memoryview, *, slots: int, pairs: int, xfer: int, init_device: bool = True,
                   driver: str = "dsa") -> None:
     with open(FIRMWARE, "rb") as f:

@@ -43,6 +43,10 @@ class Guest:
     def attach_device(self, vm) -> None:
         """The VM's device is wired and its vCPUs exist: connect the two."""
 
+    def working_set(self, vm) -> tuple[int, int]:
+        """The GPA range the guest touches as it runs (none: (0, 0))."""
+        return 0, 0
+
     def step(self, vm, cpu) -> bool:
         raise NotImplementedError
 
@@ -148,6 +152,10 @@ class FirmwareGuest(Guest):
         self._sync_tsc(vm, vcpus)
         return vcpus
 
+    def working_set(self, vm) -> tuple[int, int]:
+        cfg = vm.config
+        return guest.working_set(cfg.slots, cfg.pairs, cfg.xfer)
+
     def attach_device(self, vm) -> None:
         """The device's mappable BAR areas into the guest as KVM memory slots
         (no exit for them), and a run loop in C per vCPU for the rest: the
@@ -167,6 +175,10 @@ class FirmwareGuest(Guest):
             if held is not None:
                 loop.set_portal_state(*held)
             vcpu.loop = loop
+            try:
+                vcpu.open_stats()  # now: once the vCPU runs, its ioctls wait for its exits
+            except OSError:
+                pass  # a KVM without binary stats: the run loop's counts still say where the exits go
             loops.append(loop)
         vm.device.loops = loops
 

@@ -36,6 +36,7 @@ from luvmm.uapi.kvm import (
     KVM_GET_API_VERSION,
     KVM_GET_REGS,
     KVM_GET_SREGS,
+    KVM_GET_STATS_FD,
     KVM_GET_SUPPORTED_CPUID,
     KVM_GET_VCPU_MMAP_SIZE,
     KVM_INTERNAL_ERROR_EMULATION,
@@ -54,6 +55,8 @@ from luvmm.uapi.kvm import (
     KVM_VCPU_TSC_CTRL,
     KVM_VCPU_TSC_OFFSET,
     KVM_SET_USER_MEMORY_REGION,
+    KVM_STATS_TYPE_CUMULATIVE,
+    KVM_STATS_TYPE_MASK,
 )
 
 class VcpuExit:
@@ -254,6 +257,7 @@ class Vcpu(KernelObject):
         self.cpuid = b""
         #: The VMM's run loop for this vCPU (vmm.runloop.RunLoop), once it runs it in C.
         self.loop = None
+        self._stats = None  # (stats fd, data offset, [(name, offset)]), once asked
 
     @property
     def kvm_run_addr(self) -> int:
@@ -365,12 +369,53 @@ class Vcpu(KernelObject):
         if done != len(values):
             raise OSError(errno.EINVAL, f"KVM_SET_MSRS: MSR {list(values)[done]:#x} refused")
 
+    def open_stats(self) -> None:
+        """KVM_GET_STATS_FD: this vCPU's binary stats file (Documentation/
+        virt/kvm/api.rst), its descriptors read once (they do not change).
+        Before the vCPU runs: every vCPU ioctl takes the vCPU's mutex, which
+        KVM_RUN holds for as long as the guest runs without an exit -- asked
+        of a running vCPU, it would wait for the next exit (forever, for a
+        guest in a loop with none).  Reading the file takes no lock."""
+        if self._stats is not None:
+            return
+        fd = self.ioctl(KVM_GET_STATS_FD)
+        try:
+            header = ffi.new("struct kvm_stats_header *")
+            ffi.memmove(header, os.pread(fd, ffi.sizeof(header[0]), 0), ffi.sizeof(header[0]))
+            step = ffi.sizeof("struct kvm_stats_desc") + header.name_size
+            raw = os.pread(fd, step * header.num_desc, header.desc_offset)
+            fields = []
+            for i in range(header.num_desc):
+                desc = ffi.from_buffer("struct kvm_stats_desc *", raw[i * step:(i + 1) * step])
+                if desc.flags & KVM_STATS_TYPE_MASK == KVM_STATS_TYPE_CUMULATIVE and desc.size == 1:
+                    name = raw[i * step + ffi.sizeof("struct kvm_stats_desc"):(i + 1) * step]
+                    fields.append((name.split(b"\0", 1)[0].decode(), desc.offset))
+            self._stats = (fd, header.data_offset, fields)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def stats(self) -> dict[str, int]:
+        """KVM's own statistics of this vCPU, the cumulative counters by
+        KVM's names -- ``exits``, ``mmio_exits``, ``io_exits``,
+        ``signal_exits``, ``halt_exits``, ``insn_emulation``...; {} where
+        :meth:`open_stats` was not called (or KVM has no binary stats)."""
+        if self._stats is None:
+            return {}
+        fd, base, fields = self._stats
+        size = max(offset for _, offset in fields) + 8 if fields else 0
+        data = os.pread(fd, size, base)
+        return {name: int.from_bytes(data[offset:offset + 8], "little") for name, offset in fields}
+
     def io_data(self) -> memoryview:
         """The data bytes of a KVM_EXIT_IO (inside the kvm_run mapping)."""
         io = self.kvm_run.io
         return memoryview(self._run_map)[io.data_offset:io.data_offset + io.size * io.count]
 
     def close(self) -> None:
+        if self._stats is not None:
+            os.close(self._stats[0])
+            self._stats = None
         if self.kvm_run is not None:
             ffi.release(self.kvm_run)  # drop the buffer export before unmapping
             self.kvm_run = None

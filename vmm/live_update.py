@@ -93,12 +93,14 @@ def prepare(vm, session, clock) -> dict:
     clock.mark("preserved")
     clock.mark("pause_start")
     clock.mark("stopped", vm.runner.pause())
+    vm.device.flush_posted()  # the guest's last stores reach the device before its state is read
     mailbox_at_pause = vm.mailbox.snapshot()
     inflight = vm.in_flight()
     vm.guest.paused(vm)  # the gaps it measures in guest RAM start from here
     vm.device.disarm_msix()  # kernels of the reset-on-freeze kind refuse the reboot otherwise
     state = machine_state_of(vm, Timestamps(dict(clock.marks), mailbox_at_pause,
-                                            {str(k): v for k, v in inflight.items()}))
+                                            {str(k): v for k, v in inflight.items()},
+                                            {"stopped": vm.runner.last_stop_tsc}))  # the pause on the pace ring's clock
     clock.mark("saved", machine_state.write(vm.state_memfd, state))
     return clock.marks
 
@@ -125,6 +127,7 @@ def restore_into(vm, session, state_fd: int, state: MachineState, clock) -> None
     vm.state_memfd = state_fd
     clock.mark("retrieved")
     vm.memory = GuestMemory(session.retrieve_fd(RAM_TOKEN), vm.config.memory)
+    vm.memory.populate(*vm.guest.working_set(vm))  # its first touches, not a KVM fault each
     clock.mark("mapped")
     vm.vcpus = vm.guest.restore(vm, state.vcpus)
     clock.mark("vcpus_restored")

@@ -16,8 +16,9 @@ Cloud Hypervisor's Snapshottable do the same, one section per part):
                              ids, armed MSI-X (the files are in the session)
     guest       GuestState   the VM's config, the portal write-combining
                              buffers, the mailbox and interrupt counts at the pause
-    timestamps  Timestamps   the phase marks taken so far (CLOCK_REALTIME), and
-                             what was in flight at the pause
+    timestamps  Timestamps   the phase marks taken so far (CLOCK_REALTIME), the
+                             pause on the TSC (optional), and what was in
+                             flight at the pause
 
 A blob that is short, has the wrong magic or an unknown version, fails its
 checksum, or whose sections do not have their fields is refused with a
@@ -168,21 +169,32 @@ class GuestState:
 
 class Timestamps:
     """The phase marks taken so far (``prepare``, ``stopped``, ``saved``...:
-    CLOCK_REALTIME) and what the guest had in flight at the pause."""
+    CLOCK_REALTIME) and what the guest had in flight at the pause.  ``tsc``
+    (optional, {"stopped": TSC}): the pause on the clock the guest stamps its
+    pace ring with (vmm.guest.pace_ring), which the new VMM measures the
+    guest's outage on where no observer watches its heartbeat; a blob
+    without it (an older VMM's) restores the same, its outage not measured."""
 
-    __slots__ = ("marks", "mailbox_at_pause", "inflight_at_pause")
+    __slots__ = ("marks", "mailbox_at_pause", "inflight_at_pause", "tsc")
 
-    def __init__(self, marks: dict, mailbox_at_pause: dict | None = None, inflight_at_pause: dict | None = None):
+    def __init__(self, marks: dict, mailbox_at_pause: dict | None = None, inflight_at_pause: dict | None = None,
+                 tsc: dict | None = None):
         self.marks, self.mailbox_at_pause, self.inflight_at_pause = marks, mailbox_at_pause or {}, inflight_at_pause or {}
+        self.tsc = tsc or {}
 
     def to_dict(self) -> dict:
-        return {"marks": self.marks, "mailbox_at_pause": self.mailbox_at_pause,
-                "inflight_at_pause": self.inflight_at_pause}
+        out = {"marks": self.marks, "mailbox_at_pause": self.mailbox_at_pause,
+               "inflight_at_pause": self.inflight_at_pause}
+        if self.tsc:
+            out["tsc"] = self.tsc
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Timestamps:
+        tsc = d.get("tsc") if isinstance(d.get("tsc"), dict) else {}
         return cls(_field(d, "marks", dict, "timestamps"), d.get("mailbox_at_pause") or {},
-                   d.get("inflight_at_pause") or {})
+                   d.get("inflight_at_pause") or {},
+                   {k: v for k, v in tsc.items() if type(v) is int and v > 0})  # optional: what is not a TSC is left out
 
 
 class MachineState:

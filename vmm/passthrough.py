@@ -236,6 +236,16 @@ class Passthrough:
                 came = True
         return came
 
+    def flush_posted(self) -> None:
+        """Wait until every posted write the vCPUs made has reached the
+        device: a read of the function behind them, as PCI ordering
+        guarantees a read completion never passes a posted write (on the
+        emulated host the writes queue on the device's socket, and the
+        read's reply comes after them).  After the pause: a descriptor the
+        guest stored must be in the device before the kexec, not in flight."""
+        if self.dev is not None and getattr(self.dev, "fd", -1) >= 0:
+            self.dev.config_read(PCI_COMMAND, 2)
+
     def ensure_bus_master(self) -> bool:
         """The guest's driver enabled Bus Master Enable before the update, and a
         preserved device keeps it -- unless the new kernel cleared it, which

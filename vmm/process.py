@@ -29,7 +29,15 @@ import sys  # noqa: E402
 from liveupdate import fdstore  # noqa: E402
 from liveupdate.agent_client import wait_for_agent  # noqa: E402
 from liveupdate.luo import Session  # noqa: E402
-from liveupdate.state import StateDir, die_with_init, parse_unit_args, record_imports, unit_boot  # noqa: E402
+from liveupdate.state import (  # noqa: E402
+    StateDir,
+    die_with_init,
+    guests_first,
+    parse_unit_args,
+    use_every_cpu,
+    record_imports,
+    unit_boot,
+)
 from luvmm.wiring import connect  # noqa: E402
 from vmm.config import VmConfig  # noqa: E402
 from vmm.vm import Clock, Vm  # noqa: E402
@@ -45,6 +53,7 @@ def load_config(state: StateDir, name: str) -> VmConfig:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_init()
+    use_every_cpu()  # the restore's: the vCPUs pin themselves, the rest leaves them once they run
     args = parse_unit_args(sys.argv[1:] if argv is None else argv)
     name = args["name"]
     state = StateDir.of_host(args["state_dir"], args["host"])
@@ -77,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             agent.restored(name, {"name": name, "error": error})
             return EX_CONFIG
         record_imports("vmm-resumed")
+        # The guest runs: from here this thread (and what it starts) yields to
+        # its vCPUs, and tells init (the emulated host gives their CPUs back).
+        guests_first()
+        fdstore.ready()
         agent.resumed(name)
         # At once, not when the control plane is up: a VMM that dies from
         # here on is started again on these files (Vm.recover), the guest
@@ -110,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vmm[{name}]: cannot start the VM: {e}", file=sys.stderr)
             return EX_CONFIG  # init does not restart a VM that cannot start
         clock.mark("booted")
+    if incoming_fd is None:  # booted or restarted: the guest runs
+        guests_first()
+        fdstore.ready()
     gc.enable()  # off since the unit started (liveupdate.state.python_unit)
-    # Only now the slow parts: logging, trio and the control plane.  The
-    # vCPU threads need the GIL for every MMIO exit (8 per portal write):
-    # hand it over within 0.5 ms, not the default 5, or the imports below
-    # stall the guest for a hundred milliseconds after the resume.
-    sys.setswitchinterval(0.0005)
+    # Only now the slow parts: logging, trio and the control plane.  They
+    # hold the GIL, and the guest does not care: its vCPUs run in the run
+    # loop in C (vmm/runloop.c), which serves its device's exits without it.
+    # Nor do they take its CPU (guests_first).
     import logging
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vmm[{name}] %(levelname)s %(message)s")

@@ -16,13 +16,23 @@ and the new VMM:
     vcpu_restore     -> KVM and the vCPUs rebuilt
     device_reattach  -> device bound, attached, interrupts re-armed
     resume           -> first vCPU running again                 (blackout ends)
+
+And the outage the guest itself saw after the resume (vmm.pace):
+``guest_recovery_s`` and ``guest_lost_s``, from its heartbeat's pace --
+sampled on the bus by the emulated host's observer, or read from the pace
+ring the guest's firmware keeps in its RAM where no observer watches.
+The control plane asks for the report once the horizon they are measured
+over has passed (vmm.control).
 """
 
 from __future__ import annotations
 
+import time
+
 from liveupdate.update import PHASES  # noqa: F401 -- the phases this module measures
-from vmm import guest
+from vmm import guest, pace
 from vmm.guest import EduRecord
+from vmm.runloop import rdtsc
 
 
 def phase_marks(saved_phases: dict, kexec_marks: dict, marks: dict) -> list[tuple[str, float | None]]:
@@ -103,8 +113,13 @@ def update_report(vm, services, marks: dict, saved, after: dict) -> dict:
                       dma_max_gap_s=round(window["max_completion_gap_s"], 6),
                       heartbeat_gap_s=round(window.get("heartbeat_max_gap_s", 0.0), 6),
                       measured_by={k: OBSERVER for k in OBSERVED})
+        outage = observed_outage(vm, observer, stopped, first_run, at_pause.get("heartbeat"))
     else:
         report.update(without_observer(vm, offset))
+        outage = ring_outage(vm, saved, marks["resumed"] - offset)
+    measured_by = outage.pop("measured_by")
+    report.update(outage)
+    report["measured_by"].update(measured_by)
     return report
 
 
@@ -115,6 +130,63 @@ OBSERVER = "the emulated bus observer"
 RECORDS = "completion records in guest RAM that changed while the VM was paused"
 STAMPS = {"realtime": "CLOCK_REALTIME stamps the guest's driver keeps in guest RAM",
           "tsc": "TSC stamps the guest's driver keeps in guest RAM"}
+
+
+#: The guest's own view of the outage (vmm.pace), and where it comes from.
+PACE_FIGURES = ("guest_recovery_s", "guest_lost_s", "guest_pace_before_hz", "guest_pace_after_hz")
+PACE_RING = "the pace ring the guest's firmware keeps in guest RAM (TSC)"
+#: Asked of the observer past the horizon: it samples every millisecond, and a little late.
+OBSERVER_LAG_S = 0.05
+
+
+def _outage(samples, stopped: float, resumed: float, at_pause: int | None, source: str) -> dict:
+    """vmm.pace.outage's figures, ``measured_by`` ``source`` where the
+    samples gave the pace before the pause to measure against (else every
+    figure is None, and so is its ``measured_by``: not measured).  Measured,
+    a ``guest_recovery_s`` of None says that the guest was not back at pace
+    within the horizon the report waited for (vmm.pace.LOST_HORIZON_S)."""
+    figures = pace.outage(samples, stopped, resumed, at_pause=at_pause) if samples else dict.fromkeys(PACE_FIGURES)
+    measured = figures["guest_pace_before_hz"] is not None
+    figures["measured_by"] = dict.fromkeys(PACE_FIGURES, source if measured else None)
+    return figures
+
+
+def observed_outage(vm, observer, stopped: float, resumed: float, at_pause: int | None) -> dict:
+    """The outage from the heartbeat the observer sampled on the bus: over
+    the pace before the pause, and the horizon after the resume (two
+    windows, the blackout between them -- it may be long -- left out: the
+    heartbeat stands still at ``at_pause`` there)."""
+    iova = guest.offset("heartbeat")
+    try:
+        samples = (observer.heartbeat(vm.bdf, stopped - pace.BEFORE_S - OBSERVER_LAG_S, stopped, iova)
+                   + observer.heartbeat(vm.bdf, resumed, resumed + pace.LOST_HORIZON_S + OBSERVER_LAG_S, iova))
+    except (OSError, ValueError):  # not watched: not measured
+        samples = []
+    return _outage(samples, stopped, resumed, at_pause, OBSERVER)
+
+
+def ring_outage(vm, saved, resumed_at: float) -> dict:
+    """The outage from the pace ring the guest's firmware keeps in its RAM,
+    on its TSC clock: the pause and the first run go on it through the
+    TSC marks of the vCPU runners (the old VMM's, saved; this one's).  A
+    vCPU that ran before it ever parked leaves no first-run mark: the
+    resume's CLOCK_REALTIME mark (``resumed_at``, this kernel's) goes on
+    the TSC clock by a (TSC, CLOCK_REALTIME) pair taken now.  A guest that
+    keeps no ring (the synthetic guest; a KVM whose TSC could not be set,
+    tsc_mult 0), or a state saved without the pause's mark: None, not
+    measured."""
+    mult = vm.mailbox["tsc_mult"]
+    stopped = saved.timestamps.tsc.get("stopped")
+    if not (mult and stopped):
+        return _outage([], 0.0, 0.0, None, PACE_RING)
+    if vm.runner.first_run_tsc:
+        resumed = guest.tsc_ns(vm.runner.first_run_tsc, mult) / 1e9
+    else:
+        now_tsc, now = rdtsc(), time.time()
+        resumed = guest.tsc_ns(now_tsc, mult) / 1e9 - (now - resumed_at)
+    samples = [(ns / 1e9, heartbeat) for ns, heartbeat in guest.pace_ring(vm.view)]
+    return _outage(samples, guest.tsc_ns(stopped, mult) / 1e9, resumed,
+                   saved.timestamps.mailbox_at_pause.get("heartbeat"), PACE_RING)
 
 
 def without_observer(vm, clock_offset: float = 0.0) -> dict:

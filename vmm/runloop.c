@@ -47,6 +47,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
@@ -400,9 +401,18 @@ int luvmm_serve(struct luvmm_loop *l)
 	return (int)run->exit_reason;
 }
 
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 int luvmm_run(struct luvmm_loop *l)
 {
 	struct kvm_run *run = l->run;
+	uint64_t t0, dt;
 	int ret;
 
 	for (;;) {
@@ -416,7 +426,12 @@ int luvmm_run(struct luvmm_loop *l)
 			}
 			return -errno;
 		}
+		t0 = now_ns();
 		ret = luvmm_serve(l);
+		dt = now_ns() - t0;
+		l->serve_ns += dt;
+		if (dt > l->max_serve_ns)
+			l->max_serve_ns = dt;
 		if (ret != LUVMM_SERVED)
 			return ret;
 	}

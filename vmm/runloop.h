@@ -68,6 +68,8 @@ struct luvmm_loop {
 	uint64_t irq_waits;
 	uint64_t interrupts;	/* interrupt eventfd counts read while waiting */
 	uint64_t io_ignored;
+	uint64_t serve_ns;	/* time spent here serving exits (not in KVM_RUN) */
+	uint64_t max_serve_ns;	/* the longest of them */
 	int32_t error;
 };
 

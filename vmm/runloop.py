@@ -32,10 +32,10 @@ def _built_current() -> bool:
     """Whether a built vmm._runloop is there and was compiled from these
     sources: its file carries their CRC (runloop_build.marker), read
     without loading it -- a module once loaded cannot be replaced."""
-    from importlib.machinery import EXTENSION_SUFFIXES
+    import _imp  # built in: importlib.machinery's EXTENSION_SUFFIXES without importlib
 
     want = f"luvmm-runloop-crc={_source_crc():08x}".encode()
-    for suffix in EXTENSION_SUFFIXES:
+    for suffix in _imp.extension_suffixes():
         try:
             with open(os.path.join(HERE, "_runloop" + suffix), "rb") as f:
                 return want in f.read()
@@ -176,6 +176,7 @@ class RunLoop:
                 "to_vmm": loop.handed, "portal_writes": loop.portal_writes, "movdir64b": loop.movdir64b,
                 "irq_waits": loop.irq_waits,
                 "interrupts": loop.interrupts, "io_ignored": loop.io_ignored,
+                "serve_s": loop.serve_ns / 1e9, "max_serve_s": loop.max_serve_ns / 1e9,
                 "traps": [{"name": t.name or TRAP_KINDS[t.kind], "reads": loop.traps[i].reads,
                            "writes": loop.traps[i].writes} for i, t in enumerate(self.traps)]}
 

@@ -56,7 +56,13 @@ def build() -> None:
     import io
     import tempfile
 
+    import glob
+
     with tempfile.TemporaryDirectory(prefix="luvmm-runloop-") as tmp, \
             contextlib.redirect_stdout(io.StringIO()):
         built = ffibuilder().compile(tmpdir=tmp, verbose=False)
-        os.replace(built, os.path.join(HERE, os.path.basename(built)))
+        target = os.path.join(HERE, os.path.basename(built))
+        os.replace(built, target)
+    for other in glob.glob(os.path.join(HERE, "_runloop.*.so")):  # an install's build, now stale
+        if other != target:
+            os.unlink(other)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import _thread
 
+from liveupdate.state import pin_vcpu
 from vmm.runloop import rdtsc
 
 
@@ -92,14 +93,22 @@ class Runner:
             _thread.start_new_thread(self._thread_main, (cpu, step, done))
 
     def _thread_main(self, cpu, step, done) -> None:
+        pin_vcpu()
         try:
             while True:
                 if (self._pause or self._stop) and not self._park():
                     return
+                if not self.first_run:
+                    self._ran()  # a thread started after resume() never parks: it is the first to run
                 if not step(cpu):
                     return
         finally:
             done.release()
+
+    def _ran(self) -> None:
+        with self._cond:
+            if not self.first_run and not self._pause:
+                self.first_run, self.first_run_tsc = time.time(), rdtsc()
 
     def _park(self) -> bool:
         """Park this vCPU thread while the VM is paused; False when it must stop."""
@@ -114,8 +123,6 @@ class Runner:
                 self._parked -= 1
                 if self._stop:
                     return False
-                if not self.first_run:
-                    self.first_run, self.first_run_tsc = time.time(), rdtsc()
         return True
 
     def crashed(self, vcpu_id: int, reason: str, rip: int = 0) -> None:

@@ -55,7 +55,7 @@ from liveupdate.emu.kernel.core import Kernel, KernelError, KernelPanic
 from liveupdate.emu.machine import Machine
 from liveupdate.emu.observer import Observer
 from liveupdate.init import Init
-from liveupdate.state import StateDir, StateError
+from liveupdate.state import StateDir, StateError, keep_off_guest_cpus, use_every_cpu
 
 log = logging.getLogger("luvmm.host")
 
@@ -63,7 +63,7 @@ PROFILES = ("continuous-dma", "reset-on-freeze")
 
 
 #: Who may ask what on host.sock (HostDaemon.authorize).
-ANYONE_OPS = frozenset({"open", "listdir", "status", "units", "watch", "observe", "timeline"})
+ANYONE_OPS = frozenset({"open", "listdir", "status", "units", "watch", "observe", "timeline", "heartbeat"})
 AGENT_OPS = frozenset({"kexec", "unit-of"})
 OPERATOR_OPS = frozenset({"stop", "faults", "unit-start", "unit-stop"})
 #: What a halted machine (a kernel panic at boot) cannot do: EIO.
@@ -132,6 +132,10 @@ class HostDaemon:
     # --- life cycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # The emulated machine and kernel are Python on this machine's CPUs; a
+        # real device and its DMA take none of the guests'.  Off the guest
+        # CPUs, the DSA engines for good, this thread -- the kernel, init, the
+        # observer -- but during a kexec (self.kexec: the guests are paused).
         self.machine.start()
         listener = self._listen()
         try:
@@ -373,6 +377,9 @@ class HostDaemon:
             iova = request.get("iova")
             return self.observer.timeline(str(request["bdf"]), _time(request["t0"]), _time(request["t1"]),
                                           _time(request["bin_s"]), None if iova is None else _int(iova)), []
+        if op == "heartbeat":
+            return self.observer.heartbeat(str(request["bdf"]), _time(request["t0"]), _time(request["t1"]),
+                                           _int(request["iova"])), []
         if op in ("units", "unit-of", "unit-start", "unit-stop"):
             return await self.init.request(request), []
         if op == "faults":
@@ -391,11 +398,15 @@ class HostDaemon:
             started = time.monotonic()
             marks = {"reboot": time.time()}
             kernel = self.kernel
+            # The guests are paused (their VMMs prepared them): their CPUs are
+            # free for the kexec and the restore, until they run again.
+            use_every_cpu()
             try:
                 clear_bus_master = await self._kexec_faults()
                 tree = kernel.freeze()  # a KernelError here: nothing happened, the caller gets the errno
             except KernelError:
                 self.kexec_refused += 1
+                keep_off_guest_cpus()
                 raise
             stall = kernel.take_stall()
             if stall:
@@ -429,16 +440,27 @@ class HostDaemon:
             if self.panic is not None:
                 self.last_kexec = {"generation": self.generation, "kho_bytes": len(image),
                                    "kho_error": self.last_kho_error, "panic": self.panic, "marks": marks}
+                keep_off_guest_cpus()  # a halted machine runs no guest, nor restores one
                 await self.init.reap(dying)
                 return self.last_kexec
             await self.init.start_all(boot="kexec")
             marks["spawned"] = time.time()
+            self._nursery.start_soon(self._off_guest_cpus_when_ready)
             await self.init.reap(dying)  # off the blackout's path: the units already run
             marks["reaped"] = time.time()
             self.kexec_seconds.append(time.monotonic() - started)
             self.last_kexec = {"generation": self.generation, "seconds": self.kexec_seconds[-1],
                                "kho_bytes": len(image), "kho_error": self.last_kho_error, "marks": marks}
             return self.last_kexec
+
+    async def _off_guest_cpus_when_ready(self, timeout: float = 10.0) -> None:
+        """Back off the guest CPUs once every restored VMM says its guest
+        runs again (READY=1), or gave up (exited), or ``timeout``."""
+        vms = [u["name"] for u in self.state.read_units() if u["name"].startswith("vm-")]
+        try:
+            await self.init.wait_ready(vms, timeout)
+        finally:
+            keep_off_guest_cpus()
 
     async def _kexec_faults(self) -> bool:
         """Injected faults at the reboot call (liveupdate.emu.faults); True if the
@@ -514,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.setswitchinterval(0.0005)  # keep serving while the DSA engines run Python
+    keep_off_guest_cpus()  # before any thread starts: they inherit it (HostDaemon.run says why)
     state = StateDir(args.state_dir)
     raise_fd_limit()
 

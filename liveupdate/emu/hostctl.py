@@ -7,7 +7,14 @@ import select
 import subprocess
 import sys
 
-from liveupdate.state import StateDir, default_state_dir, RESTART_MAX_DELAY_S, python_unit
+from liveupdate.state import (
+    GUEST_CPUS_ENV,
+    RESTART_MAX_DELAY_S,
+    StateDir,
+    default_state_dir,
+    parse_cpu_list,
+    python_unit,
+)
 
 
 class HostError(RuntimeError):
@@ -77,9 +84,15 @@ def running(state: StateDir) -> bool:
 
 def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
           dsa_bandwidth: float | None = None, agent: bool = True, timeout: float = 30.0,
-          env: dict | None = None, metrics_port: str | int | None = None) -> int:
+          env: dict | None = None, metrics_port: str | int | None = None, guest_cpus: str | None = None) -> int:
     """Start a daemon in the background; returns its pid once it serves.
-    A daemon that cannot start leaves the state dir as it found it."""
+    A daemon that cannot start leaves the state dir as it found it.
+    ``guest_cpus``: the CPUs set apart for the guests' vCPUs ("0,2-3"),
+    which the daemon -- the machine and its kernel, emulated in Python --
+    and luvmm's own work keep off (liveupdate.state.guests_first)."""
+    if guest_cpus:
+        parse_cpu_list(guest_cpus)  # ValueError: the caller's mistake, before anything starts
+        env = dict(env or {}, **{GUEST_CPUS_ENV: guest_cpus})
     if running(state):
         raise HostError(f"an emulated host is already running in {state.path}")
     state.ensure()  # StateError: not a directory, read-only, writable by others

@@ -24,6 +24,10 @@ class EmulatedObserver(Observer):
     def timeline(self, bdf: str, t0: float, t1: float, bin_s: float, iova: int | None = None) -> dict:
         return self.client.call({"op": "timeline", "bdf": bdf, "t0": t0, "t1": t1, "bin_s": bin_s, "iova": iova})[0]
 
+    def heartbeat(self, bdf: str, t0: float, t1: float, iova: int) -> list[tuple[float, int]]:
+        points = self.client.call({"op": "heartbeat", "bdf": bdf, "t0": t0, "t1": t1, "iova": iova})[0]
+        return [(t, value) for t, value in points]
+
 
 class EmulatedMachine(MachineInfo):
     def __init__(self, client):

@@ -11,6 +11,7 @@ from luvmm.cli.common import (
     Parser,
     bandwidth_arg,
     check_json_file,
+    guest_cpus_arg,
     count_list,
     emit,
     guest_arg,
@@ -39,11 +40,12 @@ def _cmd_bench_dsa(args: argparse.Namespace) -> int:
 
 def _cmd_bench_blackout(args: argparse.Namespace) -> int:
     check_json_file(args.json)
-    from luvmm.tools.bench import run_blackout
+    from luvmm.tools.bench import guest_cpus_for, run_blackout
 
     summary = run_blackout(memory=args.memory, cycles=args.cycles, vms=args.vms, guest=args.guest,
                            profile=args.kernel_profile, dsa_bandwidth=args.dsa_bandwidth,
-                           overcommit=args.overcommit, progress=progress())
+                           overcommit=args.overcommit, guest_cpus=guest_cpus_for(args.guest_cpus, args.vms),
+                           progress=progress())
     return report_updates(summary, args.json)
 
 
@@ -103,13 +105,16 @@ def add_parser(sub) -> None:
     blackout = bench_sub.add_parser(
         "blackout", help="live-update blackout over N cycles on a fresh emulated host",
         description="Start a fresh emulated host and VM(s), run N live updates through the agent, print each "
-                    "cycle's blackout, phases and DMA continuity, and the p50/p99/max.")
+                    "cycle's blackout, the guest time lost after it and the time until the guest was back at "
+                    "pace (the bus observer's view of its heartbeat), phases and DMA continuity, and the "
+                    "p50/p99/max of the blackout and of the guest's outage.")
     memory_args(blackout)
     blackout.add_argument("--cycles", type=positive_int, default=20, help="live updates (default 20)")
     blackout.add_argument("--vms", type=positive_int, default=1, help="VMs updated in each kexec (default 1)")
     guest_arg(blackout, auto=False)
     profile_arg(blackout)
     bandwidth_arg(blackout)
+    guest_cpus_arg(blackout, "auto")
     json_arg(blackout, "the `luvmm update --json` document", to_file=True)
     host_arg(blackout, BENCH_EMULATED_ONLY)
     blackout.set_defaults(func=_cmd_bench_blackout)

@@ -257,6 +257,35 @@ def bandwidth_arg(p: argparse.ArgumentParser) -> None:
                         "slow enough that work queued before a live update outlasts its blackout)")
 
 
+def cpu_list(text: str) -> str:
+    """A CPU list ("0,2-3"), checked."""
+    from liveupdate.state import parse_cpu_list
+
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    missing = cpus - set(os.sched_getaffinity(0))
+    if missing:
+        raise argparse.ArgumentTypeError(f"CPU {min(missing)} is not one this process may run on")
+    return text
+
+
+def guest_cpus_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--guest-cpus: the CPUs set apart for the guests' vCPUs."""
+    if default == "auto":
+        p.add_argument("--guest-cpus", type=lambda t: t if t in ("auto", "none") else cpu_list(t), default="auto",
+                       metavar="LIST|auto|none",
+                       help="CPUs set apart for the vCPUs, which the emulated host and luvmm's own processes keep "
+                            "off once the guests run (auto, the default: the highest-numbered CPUs, one per vCPU, "
+                            "leaving one to the rest; none: share every CPU)")
+    else:
+        p.add_argument("--guest-cpus", type=cpu_list, metavar="LIST",
+                       help="CPUs set apart for the guests' vCPUs (e.g. 1 or 2-3), which the emulated host -- its "
+                            "DSA engines and kernel are Python on this machine -- and luvmm's own processes keep "
+                            "off once the guests run (default: none, every CPU shared)")
+
+
 def metrics_port_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=listen_address,
                    help=f"serve {what} Prometheus metrics over HTTP at /metrics (on loopback unless ADDRESS "

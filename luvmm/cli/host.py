@@ -11,6 +11,7 @@ from luvmm.cli.common import (
     Connection,
     Parser,
     bandwidth_arg,
+    guest_cpus_arg,
     check_host,
     device_count,
     host_arg,
@@ -40,7 +41,7 @@ def _cmd_host_start(args: argparse.Namespace) -> int:
     earlier = state.vm_names() if state.exists() else []
     pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
                         dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent,
-                        metrics_port=args.metrics_port)
+                        metrics_port=args.metrics_port, guest_cpus=args.guest_cpus)
     print(f"emulated host running in {state.path} (pid {pid}, {args.devices} DSA, kernel profile "
           f"{args.kernel_profile}); control socket {state.socket}")
     if earlier:
@@ -183,6 +184,7 @@ def add_parser(sub) -> None:
     start.add_argument("--devices", type=device_count, default=1, help="number of DSA functions, 1-64 (default 1)")
     profile_arg(start)
     bandwidth_arg(start)
+    guest_cpus_arg(start)
     start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
     metrics_port_arg(start, "the host's (devices, kexecs, units)")
     host_arg(start, "`luvmm host start` starts an emulated host; a real host's agent and VMs are its init's "

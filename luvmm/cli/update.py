@@ -261,7 +261,9 @@ def add_parser(sub) -> None:
     update = sub.add_parser(
         "update", help="live-update the host: prepare every VM, kexec, collect reports; or the last update's report",
         description="Ask the LUO agent for live updates: every VM's VMM prepares (pause, save, preserve), the "
-                    "host kexecs, the VMMs restore and report. On a real host (--host real) the new kernel is "
+                    "host kexecs, the VMMs restore and report: each VM's blackout, the guest time lost after it "
+                    "(guest_lost_s) and the time until the guest was back at pace (guest_recovery_s), its DMA. "
+                    "On a real host (--host real) the new kernel is "
                     "--kernel IMAGE, loaded before any VM is paused; this command ends with the old kernel, and "
                     "`luvmm update --last` on the new one shows the report. Exit status: 0 DMA intact, 1 an "
                     "update failed (rolled back), 3 DMA damaged, 4 the device was reset.")
@@ -289,5 +291,6 @@ def add_parser(sub) -> None:
     mode.add_argument("--abandon", action="store_true",
                       help="fail the update under way instead (one whose restored VMs never all reported): "
                            "the VMs are left as they are, the next update can start")
-    json_arg(update, '{"cycles": [...], "blackout_s": {"p50", "p99", "max"}, ...}', to_file=True)
+    json_arg(update, '{"cycles": [...], "blackout_s": {"p50", "p99", "max"}, "guest_lost_s": {...}, '
+                     '"guest_recovery_s": {...}, ...}', to_file=True)
     update.set_defaults(func=_cmd_update)

@@ -157,7 +157,48 @@ def _format_vm_status(out: dict[str, dict], device: str = "DSA") -> str:
                      f"{device} {st['bdf']}, heartbeat {mb['heartbeat']}, batches {mb['completed']}/{mb['submitted']} "
                      f"({mb['descs_ok']} descriptors ok, {mb['errors']} errors, {mb['verify_failures']} corrupted), "
                      f"interrupts {st['interrupts']}" + (f", CRASHED: {st['crash']}" if st["crash"] else ""))
+        lines += [f"  {line}" for line in _format_exits(st.get("exits")) + _format_path(st.get("guest_path"))]
     return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("KVM_EXIT_")
+
+
+def _format_exits(exits: dict | None) -> list[str]:
+    """Where the VMM still is in the guest's path: the vCPU exits, per second
+    (over the last second) and since the vCPUs started."""
+    if not exits:
+        return []
+    rate = exits.get("per_second") or {}
+    kvm, kvm_rate = exits["kvm"], rate.get("kvm", {})
+    vmm, vmm_rate = exits["vmm"], rate.get("vmm", {})
+
+    def pair(total, per_s) -> str:
+        return f"{total}" if per_s is None else f"{per_s:g}/s ({total})"
+
+    out = []
+    if kvm:
+        out.append("KVM exits: " + ", ".join(f"{name} {pair(kvm[name], kvm_rate.get(name))}"
+                                              for name in ("exits", "mmio_exits", "io_exits", "signal_exits",
+                                                           "halt_exits", "insn_emulation") if name in kvm))
+    out.append("to the VMM: " + (", ".join(f"{_short(n)} {pair(v, vmm_rate.get(n))}" for n, v in sorted(vmm.items()))
+                                 or "none")
+               + f"; to its Python {pair(exits['to_vmm'], rate.get('to_vmm'))}")
+    return out
+
+
+def _format_path(path: list | None) -> list[str]:
+    """Each BAR: how much of it is mapped into the guest, what traps and who serves it."""
+    out = []
+    for bar in path or ():
+        names = {"vmm": "the VMM (MSI-X table)", "region": "run loop", "portal": "run loop, portal"}
+        traps = ", ".join(f"{off:#x}-{off + size:#x} {names.get(how, how)}" for off, size, how in bar["trapped"])
+        out.append(f"BAR{bar['bar']} ({bar['name']}, {bar['size'] >> 10} KiB at {bar['gpa']:#x}): "
+                   f"{bar['mapped_bytes'] >> 10} KiB mapped into the guest"
+                   + (f", trapped: {traps}" if traps else "")
+                   + ("" if bar["mmap"] else " (VFIO offers no mmap)"))
+    return out
 
 
 def _cmd_vm_list(args: argparse.Namespace) -> int:

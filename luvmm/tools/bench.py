@@ -19,22 +19,43 @@ from liveupdate.agent_client import AgentError
 from liveupdate.update import cycle_line, percentile, percentiles, summarize, update_once
 from liveupdate.emu.client import connect
 from liveupdate.emu.services import EmulatedUnits
-from vmm import manage
+from vmm import manage, pace
 from vmm.config import VmConfig
+
+
+def guest_cpus_for(spec: str | None, vcpus: int) -> str | None:
+    """The CPU list a run sets apart for its guests' vCPUs: ``spec`` as
+    given, none for "none", and for "auto" the highest-numbered CPUs, one per
+    vCPU, leaving at least one to everything else (none on a 1-CPU machine).
+    On a machine of few CPUs the emulated host itself -- the DSA engines and
+    the kernel, in Python -- and luvmm's processes starting after a kexec
+    would otherwise run on the guest's CPU: what the guest loses to that is
+    a machine too small for the measurement, not what luvmm does to it."""
+    if spec in (None, "", "none"):
+        return None
+    if spec != "auto":
+        return spec
+    allowed = sorted(os.sched_getaffinity(0))
+    take = min(vcpus, len(allowed) - 1)
+    return ",".join(map(str, allowed[-take:])) if take > 0 else None
 
 
 @contextlib.contextmanager
 def bench_host(*, memory: int, vms: int = 1, guest: str = "firmware", profile: str = "continuous-dma",
-               dsa_bandwidth: int = 64 << 20, overcommit: bool = False):
-    """A fresh emulated host running ``vms`` VMs (bench0, bench1, ...); yields its state dir."""
+               dsa_bandwidth: int = 64 << 20, overcommit: bool = False, metrics: str | None = None,
+               guest_cpus: str | None = None):
+    """A fresh emulated host running ``vms`` VMs (bench0, bench1, ...); yields
+    its state dir.  ``metrics``: where bench0 serves its Prometheus metrics;
+    ``guest_cpus``: the CPUs set apart for the vCPUs (guest_cpus_for)."""
     state = StateDir(tempfile.mkdtemp(prefix="luvmm-bench-"))
     try:
-        hostctl.start(state, devices=vms, profile=profile, dsa_bandwidth=dsa_bandwidth)
+        hostctl.start(state, devices=vms, profile=profile, dsa_bandwidth=dsa_bandwidth, guest_cpus=guest_cpus)
         host = connect(state.socket)
         try:
             for i in range(vms):
-                manage.start(state, VmConfig(f"bench{i}", memory=memory, guest=guest), EmulatedUnits(host),
-                             overcommit=overcommit)
+                manage.start(state, VmConfig(f"bench{i}", memory=memory, guest=guest,
+                                             metrics=metrics if i == 0 else None),
+                             EmulatedUnits(host), overcommit=overcommit)
         finally:
             host.close_connection()
         yield state
@@ -43,18 +64,25 @@ def bench_host(*, memory: int, vms: int = 1, guest: str = "firmware", profile: s
         shutil.rmtree(state.path, ignore_errors=True)
 
 
+#: Before each update the guest runs this long: the window its pace before the
+#: pause is taken over (vmm.pace.BEFORE_S), and a little more, so that an
+#: update's guest_lost_s is not measured against the crawl after the last one.
+SETTLE_S = pace.BEFORE_S + 0.1
+
+
 def run_blackout(*, memory: int, cycles: int, vms: int = 1, guest: str = "firmware",
                  profile: str = "continuous-dma", dsa_bandwidth: int = 64 << 20, overcommit: bool = False,
-                 progress=None) -> dict:
-    """``cycles`` live updates; ``progress(line)``, if given, after each."""
+                 guest_cpus: str | None = None, progress=None) -> dict:
+    """``cycles`` live updates, ``SETTLE_S`` apart; ``progress(line)``, if given, after each."""
     with bench_host(memory=memory, vms=vms, guest=guest, profile=profile, dsa_bandwidth=dsa_bandwidth,
-                    overcommit=overcommit) as state:
+                    overcommit=overcommit, guest_cpus=guest_cpus) as state:
         records = []
         for n in range(1, cycles + 1):
+            time.sleep(SETTLE_S)  # pacing: the guest at its pace before each pause, for guest_lost_s
             records.append(update_once(state, timeout=120))
             if progress:
                 progress(cycle_line(n, cycles, records[-1]))
-        return summarize(records)
+        return dict(summarize(records), guest_cpus=guest_cpus)
 
 
 def _daemon_usage(state: StateDir) -> dict:

@@ -21,10 +21,10 @@ import trio
 from liveupdate.emu import hostctl
 from liveupdate.agent_client import AgentError
 from liveupdate.state import StateDir
-from liveupdate.update import summarize, update_once
+from liveupdate.update import recovery_ms, summarize, update_once
 from liveupdate.emu.client import connect
 from liveupdate.emu.services import EmulatedUnits
-from vmm import guest, manage
+from vmm import guest, manage, pace
 from liveupdate.update import PHASES
 from vmm.config import VmConfig
 
@@ -34,6 +34,9 @@ SETTLE_S = 0.6
 VIEW_PERIOD_S = 0.1
 OVERVIEW_BINS, OVERVIEW_MIN_BIN_S = 600, 0.02  # the whole run's timeline
 ZOOM_S, ZOOM_BIN_S = 0.15, 0.005  # around each blackout
+#: The heartbeat's pace around each update: the pre-pause window it is
+#: compared with, and the horizon after the resume (vmm.pace), in 10 ms bins.
+PACE_BEFORE_S, PACE_AFTER_S, PACE_BIN_S = 0.45, 0.55, 0.01
 
 
 class DemoError(RuntimeError):
@@ -86,7 +89,10 @@ class TerminalView:
         from metrics.report import dma_flowing
 
         verdict = "DMA kept flowing" if dma_flowing(entry) else "DMA STOPPED"
-        self.say(f"  update {n}: blackout {entry['blackout_s'] * 1000:.1f} ms, {verdict} "
+        lost = entry.get("guest_lost_s")
+        guest_line = ("guest lost not measured" if lost is None else
+                      f"guest lost {lost * 1000:.1f} ms (back at pace {recovery_ms(entry)} ms after the resume)")
+        self.say(f"  update {n}: blackout {entry['blackout_s'] * 1000:.1f} ms, {guest_line}, {verdict} "
                  f"({entry['dma_completed_during_blackout']} descriptors completed while the VM was paused, "
                  f"longest DMA gap {entry['dma_max_gap_s'] * 1000:.1f} ms), errors/lost/corrupted "
                  f"{entry['dma_errors']}/{entry['dma_lost']}/{entry['dma_corrupted']}")
@@ -233,18 +239,26 @@ async def _updates(host, bdf: str, state: StateDir, cycles: int, out, records: l
 
 
 def _timelines(host, bdf: str, summary: dict, t0: float, t1: float) -> dict:
-    """The bus observer's DMA and heartbeat timelines: the whole run, and a
-    zoom around each blackout."""
+    """The bus observer's DMA and heartbeat timelines: the whole run, a
+    zoom around each blackout, and the heartbeat's pace around each update
+    (from before the window its pre-pause pace is taken over to past the
+    horizon its guest_lost_s is measured over)."""
     iova = guest.offset("heartbeat")
     bin_s = max((t1 - t0) / OVERVIEW_BINS, OVERVIEW_MIN_BIN_S)
     overview = host.call({"op": "timeline", "bdf": bdf, "t0": t0, "t1": t1, "bin_s": bin_s, "iova": iova})[0]
-    windows, zooms = [], []
+    windows, zooms, paces = [], [], []
     for c in summary["cycles"]:
         if "error" in c:
             continue
         report = summary["updates"][c["cycle"] - 1]["reports"][c["vm"]]
         start = report["marks"]["old_stopped"]
-        windows.append({"cycle": c["cycle"], "start": start, "end": start + c["blackout_s"]})
+        end = start + c["blackout_s"]
+        windows.append({"cycle": c["cycle"], "start": start, "end": end})
         zooms.append(host.call({"op": "timeline", "bdf": bdf, "t0": start - ZOOM_S,
-                                "t1": start + c["blackout_s"] + ZOOM_S, "bin_s": ZOOM_BIN_S, "iova": iova})[0])
-    return {"overview": overview, "blackouts": windows, "zooms": zooms, "sample_period_s": 0.001}
+                                "t1": end + ZOOM_S, "bin_s": ZOOM_BIN_S, "iova": iova})[0])
+        paces.append(host.call({"op": "timeline", "bdf": bdf, "t0": start - PACE_BEFORE_S,
+                                "t1": end + PACE_AFTER_S, "bin_s": PACE_BIN_S, "iova": iova})[0])
+    rule = {"before_s": pace.BEFORE_S, "window_s": pace.WINDOW_S, "recovered": pace.RECOVERED,
+            "horizon_s": pace.LOST_HORIZON_S}
+    return {"overview": overview, "blackouts": windows, "zooms": zooms, "paces": paces, "pace_rule": rule,
+            "sample_period_s": 0.001}

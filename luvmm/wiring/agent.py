@@ -11,17 +11,18 @@ import os
 import sys
 
 from liveupdate.agent import Agent, _import_trio, log
-from liveupdate.state import StateDir, die_with_init, parse_unit_args, unit_boot
+from liveupdate.state import StateDir, die_with_init, parse_unit_args, unit_boot, use_every_cpu
 from luvmm.wiring import connect
 
 
 def main(argv: list[str] | None = None) -> int:
     die_with_init()
+    use_every_cpu()  # serving the restoring VMMs, every CPU; once their guests run, none of theirs
     args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
     state = StateDir.of_host(args["state_dir"], args["host"])
     host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
     agent = Agent(host, state, services.units, boot=unit_boot())
-    listener, early = agent.fast_restore()
+    listener, early = agent.fast_restore()  # ends with guests_first(): its imports must not take their CPU
     gc.enable()  # off since the unit started (liveupdate.state.python_unit)
     import logging as _logging
 

@@ -169,6 +169,15 @@ def test_update_last_prints_the_last_updates_report(cli):
     assert last["cycles"] == update["cycles"] and last["updates"][0]["id"] == update["updates"][0]["id"]
     text = cli("update", "--last").stdout
     assert "blackout p50" in text and "    1 a " in text
+    # The next update, of a guest that ran since the first: the outage the guest saw, measured by the bus
+    # observer, beside the blackout.
+    second = json.loads(cli("update", "--json").stdout)
+    cycle = second["cycles"][0]
+    assert 0 <= cycle["guest_lost_s"] <= 0.5 and cycle["guest_pace_before_hz"] > 0
+    assert cycle["guest_recovery_s"] is None or 0 <= cycle["guest_recovery_s"] <= 0.5
+    assert {cycle["measured_by"][k] for k in ("guest_lost_s", "guest_recovery_s")} == {"the emulated bus observer"}
+    assert second["guest_lost_s"] == {k: cycle["guest_lost_s"] for k in ("p50", "p99", "max")}
+    assert "guest lost p50" in cli("update", "--last").stdout
     # With the agent gone, its record on disk.
     from liveupdate.emu.client import connect
     from liveupdate.state import StateDir
@@ -178,7 +187,7 @@ def test_update_last_prints_the_last_updates_report(cli):
         host.call({"op": "unit-stop", "name": "agent"})
     finally:
         host.close_connection()
-    assert json.loads(cli("update", "--last", "--json").stdout)["cycles"] == update["cycles"]
+    assert json.loads(cli("update", "--last", "--json").stdout)["cycles"] == second["cycles"]
     cli("vm", "stop", "a")
     cli("host", "stop")
 

@@ -11,7 +11,7 @@ import tempfile
 import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-PLOTS = ("dma_timeline", "blackout_zoom", "blackout_per_cycle", "phases")
+PLOTS = ("dma_timeline", "blackout_zoom", "guest_pace", "blackout_per_cycle", "phases")
 
 
 def run_demo(report_dir, *args, timeout=240):
@@ -31,8 +31,10 @@ def demo_report(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_demo_shows_dma_flowing_through_every_blackout(demo_report):
     report, out = demo_report
-    # The live view: one line per update with the blackout, the DMA during it and the phases.
-    assert len(re.findall(r"update \d: blackout [\d.]+ ms, DMA kept flowing", out)) == 3, out
+    # The live view: one line per update with the blackout, what the guest lost after it, the DMA during it
+    # and the phases.
+    assert len(re.findall(r"update \d: blackout [\d.]+ ms, guest (lost [\d.]+ ms \(back at pace (>?[\d.]+) ms "
+                          r"after the resume\)|lost not measured), DMA kept flowing", out)) == 3, out
     assert len(re.findall(r"phases ms: .*spawn [\d.]+ .*resume [\d.]+", out)) == 3, out
     assert "DMA kept flowing while the VM was paused in every one of the 3 live updates" in out
     assert f"file://{report}/index.html" in out
@@ -43,9 +45,15 @@ def test_demo_shows_dma_flowing_through_every_blackout(demo_report):
     for c in cycles:
         assert c["dma_completed_during_blackout"] > 0 and c["guest_progressed"]
         assert c["dma_errors"] == c["dma_lost"] == c["dma_corrupted"] == 0
+    # The guest ran before each update (the demo paces them): its outage was measured every time, and the
+    # report shows it beside the blackout, and its pace around each update.
+    assert all(0 <= c["guest_lost_s"] <= 0.5 for c in cycles)
+    assert summary["summary"]["guest_lost_s"]["max"] == max(c["guest_lost_s"] for c in cycles)
     for w in summary["blackouts"]:
         assert 0 < w["end"] - w["start"] < 2
     page = (report / "index.html").read_text()
+    assert re.search(r"id='guest_lost_s'><div class='value'>[\d.]+ ms</div><div class='what'>guest time lost", page)
+    assert "the guest lost p50" in summary["verdict"]["text"]
     for name in PLOTS:
         png = (report / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000

@@ -30,7 +30,7 @@ from tests.support.helpers import units
 ROOT = Path(__file__).resolve().parent.parent.parent
 REPORT = {"blackout_s": 0.045, "phases_s": {"pause": 0.0002, "spawn": 0.015}, "heartbeat_gap_s": 0.09,
           "dma_max_gap_s": 0.012, "dma_completed_during_blackout": 11, "dma_errors": 0, "dma_lost": 1,
-          "dma_corrupted": 0}
+          "dma_corrupted": 0, "guest_lost_s": 0.0031, "guest_recovery_s": 0.002}
 MAILBOX = {"heartbeat": 10, "submitted": 40, "completed": 8, "inflight": 32, "errors": 0, "verify_failures": 0,
            "recoveries": 1}
 
@@ -70,6 +70,20 @@ def test_update_stats_survive_a_save_and_refuse_a_damaged_file(tmp_path):
     assert again.blackout.count == 2 and again.phases["spawn"].count == 2 and again.phases["save"].count == 0
     assert again.last_blackout_s == 0.3 and again.dma_completed_during_blackout == 22
     assert UpdateStats.load(str(tmp_path / "none.json")).updates == {"success": 0, "rolled_back": 0}
+    assert again.guest_lost.count == 2 and again.last_guest_lost_s == 0.0031
+    # A report that could not measure the guest's outage: no "last" for it, the histograms as they were.
+    stats.record(dict(REPORT, guest_lost_s=None, guest_recovery_s=None))
+    assert stats.last_guest_lost_s is None and stats.guest_lost.count == 2 and stats.guest_recovery.count == 2
+    # Measured, and not back at pace within the half second: in +Inf, the half second in the sum.
+    stats.record(dict(REPORT, guest_lost_s=0.3, guest_recovery_s=None))
+    assert stats.guest_recovery.buckets()[-2:] == [("0.5", 2), ("+Inf", 3)]
+    assert stats.guest_recovery.total == pytest.approx(0.504) and stats.last_guest_recovery_s is None
+    # The file of a luvmm that did not measure it still loads, its counters carrying on.
+    old = {k: v for k, v in stats.to_dict().items() if not k.startswith(("guest_", "last_guest_"))}
+    Path(path).write_text(json.dumps(old))
+    loaded = UpdateStats.load(path)
+    assert loaded.updates == {"success": 4, "rolled_back": 1} and loaded.blackout.count == 4
+    assert loaded.guest_lost.count == 0 and loaded.last_guest_lost_s is None
     Path(path).write_text('{"version": 1, "blackout": {"counts": [1]')
     with pytest.raises(ValueError, match="damaged metrics state"):
         UpdateStats.load(path)
@@ -92,6 +106,11 @@ def test_vmm_exposition_follows_prometheus_naming():
     assert value(text, "luvmm_dma_lost_total", vm="a") == 1
     assert value(text, "luvmm_guest_batches_completed_total", vm="a") == 8
     assert value(text, "luvmm_vm_memory_bytes", vm="a") == 1 << 30
+    assert value(text, "luvmm_last_guest_lost_seconds", vm="a") == pytest.approx(0.0031)
+    assert value(text, "luvmm_last_guest_recovery_seconds", vm="a") == pytest.approx(0.002)
+    assert value(text, "luvmm_guest_lost_seconds_bucket", vm="a", le="0.0025") == 0
+    assert value(text, "luvmm_guest_lost_seconds_bucket", vm="a", le="0.005") == 1
+    assert value(text, "luvmm_guest_recovery_seconds_count", vm="a") == 1
     names = {fam.name for fam in text_string_to_metric_families(text)}
     # Every declared metric is exported, and counters carry _total, time is in _seconds.
     assert {n.removesuffix("_total") for n in VMM_METRICS} == names
@@ -218,6 +237,10 @@ def test_endpoints_of_a_host_and_a_vmm_count_on_across_live_updates(kvm_ok):
         for phase in PHASES[1:]:
             assert value(after_vm, "luvmm_live_update_phase_seconds_count", vm="m", phase=phase) == 2
         assert value(after_vm, "luvmm_dma_completions_during_blackout_total", vm="m") > 0
+        # The first update came right after the VM started: too soon for a pace before its pause.
+        # The second's outage was measured, and is what the "last" gauges say.
+        assert value(after_vm, "luvmm_guest_lost_seconds_count", vm="m") >= 1
+        assert 0 <= value(after_vm, "luvmm_last_guest_lost_seconds", vm="m") <= 0.5
         for bad in ("luvmm_dma_errors_total", "luvmm_dma_lost_total", "luvmm_dma_corrupted_total"):
             assert value(after_vm, bad, vm="m") == 0
         assert value(after_vm, "luvmm_guest_batches_completed_total", vm="m") > \

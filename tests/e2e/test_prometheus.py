@@ -128,6 +128,9 @@ def test_prometheus_scrapes_the_demo_and_answers_for_blackout_and_dma_continuity
     p50 = prom.scalar("histogram_quantile(0.5, sum by (le) (luvmm_blackout_seconds_bucket))")
     assert 0 < p50 < 1
     assert 0 < prom.scalar("luvmm_last_blackout_seconds") < 1
+    # Beside it, the outage the guest saw (the demo lets its guest run before each update: every one measured).
+    assert prom.scalar("luvmm_guest_lost_seconds_count") == CYCLES
+    assert 0 <= prom.scalar("luvmm_last_guest_lost_seconds") <= 0.5
     phases = {r["metric"]["phase"] for r in prom.query("luvmm_live_update_phase_seconds_count > 0")}
     assert {"freeze", "kexec", "spawn", "start-up", "device_reattach", "resume"} <= phases
     # DMA continuity: the device completed work while the VM was paused, nothing was damaged,

@@ -44,8 +44,8 @@ def alive(state) -> None:
 
 # Requests a client may send; "stop" and "kexec" are left out: they are
 # honoured (stopping the daemon is not a crash).
-OPS = ["hello", "open", "listdir", "status", "watch", "observe", "timeline", "units", "unit-start", "unit-stop",
-       "faults", "no-such-op"]
+OPS = ["hello", "open", "listdir", "status", "watch", "observe", "timeline", "heartbeat", "units", "unit-start",
+       "unit-stop", "faults", "no-such-op"]
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
                            | st.text(max_size=30), lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
