@@ -136,8 +136,6 @@ def record_imports(point: str) -> None:
             f.write("\n".join(sorted(sys.modules)) + "\n")
 
 
-#: The nice value of a VMM's and the agent's work once the guests run again.
-GUESTS_FIRST_NICE = 10
 #: The CPUs the guests' vCPUs run on, which luvmm's own work keeps off
 #: ("0,2-3"; unset: no CPU is set apart).  The emulated host sets it for its
 #: units from `luvmm host start --guest-cpus`; on a real host, the units'
@@ -188,8 +186,16 @@ def use_every_cpu() -> None:
         _set_affinity(range(os.cpu_count() or 1))
 
 
-def pin_vcpu() -> None:
-    """A vCPU thread: onto the guest CPUs, where they are set apart."""
+PR_SET_NAME = 15  # include/uapi/linux/prctl.h
+
+
+def pin_vcpu(index: int) -> None:
+    """A vCPU thread: named ``vcpuN`` (what `top -H` and /proc show, as
+    QEMU's "CPU N/KVM"), and onto the guest CPUs where they are set apart."""
+    from luvmm.abi import ffi, libc
+
+    name = ffi.new("char[]", f"vcpu{index}".encode())  # kept alive across the call
+    libc.prctl(PR_SET_NAME, ffi.cast("unsigned long", ffi.cast("uintptr_t", name)), 0, 0, 0)
     cpus = guest_cpus()
     if cpus:
         _set_affinity(cpus)
@@ -207,18 +213,14 @@ def keep_off_guest_cpus() -> None:
 
 def guests_first() -> None:
     """Once the guests run again: the calling thread -- and the threads it
-    starts from now on -- yields to the vCPU threads, which were started
-    before.  What the VMM and the agent still have to do (their control
-    planes' imports, a Prometheus scrape, a status request) competes with
-    the guest for the CPU, not for a lock (the vCPUs run in C): at nice
-    GUESTS_FIRST_NICE it takes a tenth of a CPU the guest wants, and where
-    CPUs are set apart for the guests (GUEST_CPUS_ENV) none of theirs.  Not
-    before the resume: during the blackout the restore is the guest's path.
-    Raising one's nice value needs no privilege (lowering it back would)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, max(GUESTS_FIRST_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
-    except OSError:
-        pass  # a seccomp'd or odd environment: the guest shares the CPU as before
+    starts from now on -- keeps off the CPUs set apart for the vCPUs
+    (GUEST_CPUS_ENV), where any are.  What the VMM and the agent still have
+    to do (their control planes' imports, a Prometheus scrape, a status
+    request) competes with the guest for the CPU, not for a lock: the vCPUs
+    run in C.  Not before the resume: during the blackout the restore is
+    the guest's path, and every CPU is its.  Not by a lower priority
+    either: the same threads prepare the next update (pause, save, the
+    agent's freeze), which is the next blackout's path."""
     keep_off_guest_cpus()
 
 

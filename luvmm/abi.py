@@ -30,6 +30,7 @@ LIBC_CDEF = """
     long syscall(long number, ...);
     int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
     int getppid(void);
+    int madvise(void *addr, size_t length, int advice);
 """
 
 #: The modules that declare uAPI structs (each owns its cdefs).

@@ -79,16 +79,22 @@ def plot_timeline(timeline: dict, t0: float):
     return fig
 
 
-def plot_zooms(timeline: dict, summary: dict):
+def _grid(n: int):
+    """A figure of ``n`` small plots, four to a row (one per update)."""
     import matplotlib.pyplot as plt
 
+    cols = min(n, 4) or 1
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def plot_zooms(timeline: dict, summary: dict):
     zooms, windows = timeline["zooms"][:8], timeline["blackouts"][:8]
     cycles = {c["cycle"]: c for c in summary["cycles"] if "error" not in c}
-    cols = min(len(zooms), 4) or 1
-    rows = max(1, math.ceil(len(zooms) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[len(zooms):]:
-        ax.set_visible(False)
+    fig, axes = _grid(len(zooms))
     for ax, z, w in zip(axes.flat, zooms, windows):
         xs = [(z["t0"] + (i + 0.5) * z["bin_s"] - w["start"]) * 1000 for i in range(len(z["bytes"]))]
         ax.bar(xs, _mib_per_s(z), width=z["bin_s"] * 1000, color=DMA_COLOR, label="DMA MiB/s")
@@ -118,17 +124,11 @@ def plot_paces(timeline: dict, summary: dict):
     """The heartbeat's pace around each update, as a share of its pace over
     the 400 ms before the pause; what the guest lost after the resume shaded
     (vmm.pace: the deficit under 100%, over half a second)."""
-    import matplotlib.pyplot as plt
-
     rule = timeline.get("pace_rule") or {}  # vmm.pace's, as the demo gathered them
     horizon, recovered = rule.get("horizon_s", 0.5), rule.get("recovered", 0.8)
     paces, windows = timeline.get("paces", [])[:8], timeline["blackouts"][:8]
     cycles = {c["cycle"]: c for c in summary["cycles"] if "error" not in c}
-    cols = min(len(paces), 4) or 1
-    rows = max(1, math.ceil(len(paces) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[len(paces):]:
-        ax.set_visible(False)
+    fig, axes = _grid(len(paces))
     for ax, p, w in zip(axes.flat, paces, windows):
         c = cycles.get(w["cycle"], {})
         before = c.get("guest_pace_before_hz")

@@ -97,22 +97,23 @@ class MsixLocation:
         return (self.vectors + 63) // 64 * 8
 
 
-def find_msix(config_read) -> MsixLocation | None:
-    """The MSI-X capability, found by walking config space's capability list
-    (``config_read(offset, length) -> bytes``); None if the function has none."""
-    if not struct.unpack("<H", config_read(PCI_STATUS, 2))[0] & PCI_STATUS_CAP_LIST:
+def find_msix(config: bytes) -> MsixLocation | None:
+    """The MSI-X capability, found by walking the capability list of the
+    function's config space (its first 256 bytes, read at once: on the
+    emulated host each read is a round trip, and this is the restore's
+    path); None if the function has none."""
+    if len(config) < 64 or not struct.unpack_from("<H", config, PCI_STATUS)[0] & PCI_STATUS_CAP_LIST:
         return None
-    pos, seen = config_read(PCI_CAPABILITY_LIST, 1)[0] & ~3, set()
-    while pos and pos not in seen and pos < 256:
+    pos, seen = config[PCI_CAPABILITY_LIST] & ~3, set()
+    while pos and pos not in seen and pos + 12 <= len(config):
         seen.add(pos)
-        cap_id, nxt = config_read(pos, 2)
-        if cap_id == PCI_CAP_ID_MSIX:
-            flags = struct.unpack("<H", config_read(pos + PCI_MSIX_FLAGS, 2))[0]
-            table, pba = struct.unpack("<II", config_read(pos + PCI_MSIX_TABLE, 8))
+        if config[pos] == PCI_CAP_ID_MSIX:
+            flags = struct.unpack_from("<H", config, pos + PCI_MSIX_FLAGS)[0]
+            table, pba = struct.unpack_from("<II", config, pos + PCI_MSIX_TABLE)
             assert PCI_MSIX_PBA == PCI_MSIX_TABLE + 4
             return MsixLocation((flags & PCI_MSIX_FLAGS_QSIZE) + 1, table & PCI_MSIX_TABLE_BIR,
                                 table & PCI_MSIX_TABLE_OFFSET, pba & PCI_MSIX_PBA_BIR, pba & PCI_MSIX_PBA_OFFSET)
-        pos = config_read(pos + PCI_CAP_LIST_NEXT, 1)[0] & ~3 if nxt else 0
+        pos = config[pos + PCI_CAP_LIST_NEXT] & ~3
     return None
 
 

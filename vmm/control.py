@@ -131,6 +131,9 @@ class Control:
         await trio.sleep(max(0.0, resumed + LOST_HORIZON_S + OBSERVER_LAG_S - time.time()))
         report = update_report(vm, self.services, self.clock.marks, saved, after)
         report["finish_error"] = self.finish_error
+        # Where the VMM was in the guest's path since the resume: its vCPUs'
+        # exits, KVM's and the run loop's counts (vm status shows them live).
+        report["exits"] = self.exits.counts() or None
         self.last_report = report
         self.stats.record(report)
         self._save_stats()

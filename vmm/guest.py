@@ -91,11 +91,24 @@ def workload_bytes(slots: int, pairs: int, xfer: int) -> int:
     return 0x100000 + slots * 16 * 2 * xfer  # records and lists, then the buffers
 
 
-def working_set(slots: int, pairs: int, xfer: int) -> tuple[int, int]:
-    """The GPA range the firmware touches as it runs: its page tables,
-    mailbox, image, pace ring and stacks, and its DMA area (the restore
-    faults it in before the guest resumes: vmm.memory.GuestMemory.populate)."""
-    return 0, DMA_BASE + workload_bytes(slots, pairs, xfer)
+def working_set(slots: int, pairs: int, xfer: int) -> list[tuple[int, int]]:
+    """The GPA ranges the firmware touches as it runs: its page tables,
+    mailbox, image, pace ring and stacks, its DMA area's records and lists,
+    and each slot's buffers -- ``pairs`` of its 16 pairs (fw.c: buffer()) --
+    merged where they touch.  The restore faults them in as it rebuilds the
+    VM (vmm.memory.GuestMemory.populate)."""
+    buffers = DMA_BASE + 0x100000
+    ranges = [(0, buffers)]
+    for s in range(slots):
+        start = buffers + s * MAX_PAIRS * 2 * xfer
+        ranges.append((start, start + pairs * 2 * xfer))
+    merged: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def load_firmware(ram: memoryview, *, slots: int, pairs: int, xfer: int, init_device: bool = True,

@@ -43,9 +43,9 @@ class Guest:
     def attach_device(self, vm) -> None:
         """The VM's device is wired and its vCPUs exist: connect the two."""
 
-    def working_set(self, vm) -> tuple[int, int]:
-        """The GPA range the guest touches as it runs (none: (0, 0))."""
-        return 0, 0
+    def working_set(self, vm) -> list[tuple[int, int]]:
+        """The GPA ranges the guest touches as it runs (none: [])."""
+        return []
 
     def step(self, vm, cpu) -> bool:
         raise NotImplementedError
@@ -152,7 +152,9 @@ class FirmwareGuest(Guest):
         self._sync_tsc(vm, vcpus)
         return vcpus
 
-    def working_set(self, vm) -> tuple[int, int]:
+    def working_set(self, vm) -> list[tuple[int, int]]:
+        if vm.device.kind == "edu":  # its record and buffers sit at DMA_BASE, in the first range
+            return guest.working_set(0, 0, 0)
         cfg = vm.config
         return guest.working_set(cfg.slots, cfg.pairs, cfg.xfer)
 

@@ -371,29 +371,27 @@ class Vcpu(KernelObject):
 
     def open_stats(self) -> None:
         """KVM_GET_STATS_FD: this vCPU's binary stats file (Documentation/
-        virt/kvm/api.rst), its descriptors read once (they do not change).
-        Before the vCPU runs: every vCPU ioctl takes the vCPU's mutex, which
-        KVM_RUN holds for as long as the guest runs without an exit -- asked
-        of a running vCPU, it would wait for the next exit (forever, for a
-        guest in a loop with none).  Reading the file takes no lock."""
-        if self._stats is not None:
-            return
-        fd = self.ioctl(KVM_GET_STATS_FD)
-        try:
-            header = ffi.new("struct kvm_stats_header *")
-            ffi.memmove(header, os.pread(fd, ffi.sizeof(header[0]), 0), ffi.sizeof(header[0]))
-            step = ffi.sizeof("struct kvm_stats_desc") + header.name_size
-            raw = os.pread(fd, step * header.num_desc, header.desc_offset)
-            fields = []
-            for i in range(header.num_desc):
-                desc = ffi.from_buffer("struct kvm_stats_desc *", raw[i * step:(i + 1) * step])
-                if desc.flags & KVM_STATS_TYPE_MASK == KVM_STATS_TYPE_CUMULATIVE and desc.size == 1:
-                    name = raw[i * step + ffi.sizeof("struct kvm_stats_desc"):(i + 1) * step]
-                    fields.append((name.split(b"\0", 1)[0].decode(), desc.offset))
-            self._stats = (fd, header.data_offset, fields)
-        except BaseException:
-            os.close(fd)
-            raise
+        virt/kvm/api.rst).  Before the vCPU runs: every vCPU ioctl takes the
+        vCPU's mutex, which KVM_RUN holds for as long as the guest runs
+        without an exit -- asked of a running vCPU, it would wait for the
+        next exit (forever, for a guest in a loop with none).  Reading the
+        file takes no lock: its descriptors are read at the first
+        :meth:`stats`, not on the restore's path."""
+        if self._stats is None:
+            self._stats = (self.ioctl(KVM_GET_STATS_FD), None, None)
+
+    def _stats_layout(self, fd: int) -> tuple[int, list[tuple[str, int]]]:
+        header = ffi.new("struct kvm_stats_header *")
+        ffi.memmove(header, os.pread(fd, ffi.sizeof(header[0]), 0), ffi.sizeof(header[0]))
+        step = ffi.sizeof("struct kvm_stats_desc") + header.name_size
+        raw = os.pread(fd, step * header.num_desc, header.desc_offset)
+        fields = []
+        for i in range(header.num_desc):
+            desc = ffi.from_buffer("struct kvm_stats_desc *", raw[i * step:(i + 1) * step])
+            if desc.flags & KVM_STATS_TYPE_MASK == KVM_STATS_TYPE_CUMULATIVE and desc.size == 1:
+                name = raw[i * step + ffi.sizeof("struct kvm_stats_desc"):(i + 1) * step]
+                fields.append((name.split(b"\0", 1)[0].decode(), desc.offset))
+        return header.data_offset, fields
 
     def stats(self) -> dict[str, int]:
         """KVM's own statistics of this vCPU, the cumulative counters by
@@ -403,6 +401,9 @@ class Vcpu(KernelObject):
         if self._stats is None:
             return {}
         fd, base, fields = self._stats
+        if fields is None:
+            base, fields = self._stats_layout(fd)
+            self._stats = (fd, base, fields)
         size = max(offset for _, offset in fields) + 8 if fields else 0
         data = os.pread(fd, size, base)
         return {name: int.from_bytes(data[offset:offset + 8], "little") for name, offset in fields}

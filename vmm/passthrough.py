@@ -62,6 +62,7 @@ class Passthrough:
         self.eventfds: list[int] = []
         self.msix_armed = False
         self.interrupts = 0
+        self._config = b""  # the config space header, as _identify read it
         self.mmio_unhandled = 0
         #: Set at restore: vCPU id -> (64-byte buffer, mask of the bytes written,
         #: portal line), for the run loops (which hold them while the guest runs).
@@ -105,7 +106,11 @@ class Passthrough:
         self.was_reset = True
 
     def _identify(self) -> str:
-        vendor, device = struct.unpack("<HH", self.dev.config_read(PCI_VENDOR_ID, 4))
+        """The kind of device (KINDS), from its config space's header -- read
+        whole, once, and kept for plan_bars (its capabilities): on the
+        emulated host each read is a round trip on the restore's path."""
+        self._config = self.dev.config_read(0, 256)
+        vendor, device = struct.unpack_from("<HH", self._config, PCI_VENDOR_ID)
         return KINDS.get((vendor, device), "dsa")
 
     def _open(self, device: str) -> None:
@@ -165,7 +170,7 @@ class Passthrough:
                 raise OSError(errno.ENODEV, f"{self.bdf}: BAR{index} of {region.size:#x} bytes does not fit the "
                                             f"guest's {room[gpa]:#x} at {gpa:#x}")
             planned.append(bars.GuestBar(name, index, gpa, region, portal))
-        msix = bars.find_msix(self.dev.config_read) if self.kind == "dsa" else None
+        msix = bars.find_msix(self._config) if self.kind == "dsa" else None
         fd = getattr(self.dev, "fd", -1)
         self.msix_table = bars.plan(planned, msix, fd=fd, access=self.host.region_access(fd) if fd >= 0 else ("", 0))
         self.bars = planned
@@ -235,16 +240,6 @@ class Passthrough:
                 self.interrupts += n
                 came = True
         return came
-
-    def flush_posted(self) -> None:
-        """Wait until every posted write the vCPUs made has reached the
-        device: a read of the function behind them, as PCI ordering
-        guarantees a read completion never passes a posted write (on the
-        emulated host the writes queue on the device's socket, and the
-        read's reply comes after them).  After the pause: a descriptor the
-        guest stored must be in the device before the kexec, not in flight."""
-        if self.dev is not None and getattr(self.dev, "fd", -1) >= 0:
-            self.dev.config_read(PCI_COMMAND, 2)
 
     def ensure_bus_master(self) -> bool:
         """The guest's driver enabled Bus Master Enable before the update, and a

@@ -8,37 +8,30 @@ VMM's, an exit it does not serve).  A guest that drives its device through
 mapped BARs and trapped registers never waits for the interpreter.
 
 The compiled module is built at install time; a checkout whose C sources
-changed since (or that was never installed) builds it in place on first use
-(vmm/runloop_build.py).  Lean: the restore path imports this module.
+are newer than it (or that was never installed) builds it in place on first
+use (vmm/runloop_build.py).  Lean: the restore path imports this module.
 """
 
 from __future__ import annotations
 
 import os
-import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _source_crc() -> int:
-    crc = 0
-    for name in ("runloop.c", "runloop.h"):
-        with open(os.path.join(HERE, name), "rb") as f:
-            crc = zlib.crc32(f.read(), crc)
-    return crc
-
-
 def _built_current() -> bool:
-    """Whether a built vmm._runloop is there and was compiled from these
-    sources: its file carries their CRC (runloop_build.marker), read
-    without loading it -- a module once loaded cannot be replaced."""
+    """Whether a built vmm._runloop is there and newer than its sources (a
+    checkout edited since it was installed is not): a stat of each, this
+    being the restore's path."""
     import _imp  # built in: importlib.machinery's EXTENSION_SUFFIXES without importlib
 
-    want = f"luvmm-runloop-crc={_source_crc():08x}".encode()
+    try:
+        sources = max(os.stat(os.path.join(HERE, name)).st_mtime_ns for name in ("runloop.c", "runloop.h"))
+    except FileNotFoundError:
+        return True  # installed without its sources: what was built is all there is
     for suffix in _imp.extension_suffixes():
         try:
-            with open(os.path.join(HERE, "_runloop" + suffix), "rb") as f:
-                return want in f.read()
+            return os.stat(os.path.join(HERE, "_runloop" + suffix)).st_mtime_ns >= sources
         except FileNotFoundError:
             continue
     return False

@@ -1,6 +1,6 @@
 """Builds ``vmm._runloop``, the vCPU run loop in C (vmm/runloop.c), with
 cffi's API mode: at install time (setup.py's ``cffi_modules``), or in place
-by :func:`build` when the module is missing or older than its source (a
+by :func:`build` when the module is missing or older than its sources (a
 checkout edited since it was installed).  The declarations are runloop.h's,
 between its CDEF markers, so the C compiler and cffi read the same text."""
 
@@ -8,25 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import zlib
 
 import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("runloop.c", "runloop.h")
-
-
-def source_crc() -> int:
-    """Identifies the C sources (what the built module was compiled from)."""
-    crc = 0
-    for name in SOURCES:
-        with open(os.path.join(HERE, name), "rb") as f:
-            crc = zlib.crc32(f.read(), crc)
-    return crc
-
-
-def marker(crc: int | None = None) -> str:
-    return f"luvmm-runloop-crc={source_crc() if crc is None else crc:08x}"
 
 
 def _cdef() -> str:
@@ -43,9 +28,7 @@ def ffibuilder() -> cffi.FFI:
     ffi.cdef(_cdef())
     with open(os.path.join(HERE, "runloop.c")) as f:
         source = f.read()
-    # The sources' CRC, findable in the built file without loading it (vmm/runloop.py).
-    ident = f'__attribute__((used)) static const char luvmm_runloop_id[] = "{marker()}";\n'
-    ffi.set_source("vmm._runloop", ident + source,
+    ffi.set_source("vmm._runloop", source,
                    include_dirs=[HERE], extra_compile_args=["-O2", "-Wall"])
     return ffi
 

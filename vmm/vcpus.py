@@ -93,7 +93,7 @@ class Runner:
             _thread.start_new_thread(self._thread_main, (cpu, step, done))
 
     def _thread_main(self, cpu, step, done) -> None:
-        pin_vcpu()
+        pin_vcpu(cpu.id)
         try:
             while True:
                 if (self._pause or self._stop) and not self._park():

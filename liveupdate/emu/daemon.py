@@ -219,10 +219,20 @@ class HostDaemon:
         sock = trio.socket.from_stdlib_socket(file.sock)
         try:
             while True:
+                # Taken and served with no checkpoint in between (trio's own
+                # recvmsg yields after the syscall): a request this task took
+                # is served by the kernel it was made to, never by one a
+                # kexec replaced meanwhile -- a posted write would be lost.
                 try:
-                    data, anc, flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
-                                                             socket.MSG_CMSG_CLOEXEC)
-                except (OSError, trio.ClosedResourceError):
+                    data, anc, flags, _ = file.sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                            socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    try:
+                        await trio.lowlevel.wait_readable(file.sock)
+                    except (OSError, trio.ClosedResourceError):
+                        break
+                    continue
+                except OSError:
                     break
                 if not data:
                     break
@@ -401,6 +411,7 @@ class HostDaemon:
             # The guests are paused (their VMMs prepared them): their CPUs are
             # free for the kexec and the restore, until they run again.
             use_every_cpu()
+            self._deliver_posted(kernel)
             try:
                 clear_bus_master = await self._kexec_faults()
                 tree = kernel.freeze()  # a KernelError here: nothing happened, the caller gets the errno
@@ -452,6 +463,32 @@ class HostDaemon:
             self.last_kexec = {"generation": self.generation, "seconds": self.kexec_seconds[-1],
                                "kho_bytes": len(image), "kho_error": self.last_kho_error, "marks": marks}
             return self.last_kexec
+
+    def _deliver_posted(self, kernel: Kernel) -> None:
+        """Posted writes still queued on the files' sockets reach their
+        device before the freeze, as a posted PCIe write reaches its device
+        before anything its CPU does after it: a descriptor a VMM stored
+        just before its pause is in the device when the kexec comes, never
+        dropped with the old kernel's files.  Only OP_PWRITE_POSTED messages
+        (the VMMs are paused); anything else stays for its file's task."""
+        for file in list(kernel.files.values()):
+            while file.sock is not None:
+                try:
+                    head = file.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except OSError:  # nothing queued (EAGAIN), or the peer gone
+                    break
+                if head[:1] != bytes([OP_PWRITE_POSTED]):
+                    break
+                data, anc, flags, _ = file.sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                         socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+                try:
+                    fds = fds_from_ancillary(anc, flags)
+                except ProtocolError:
+                    continue
+                try:
+                    self._file_request(kernel, file, data, fds)
+                finally:
+                    close_fds(fds)
 
     async def _off_guest_cpus_when_ready(self, timeout: float = 10.0) -> None:
         """Back off the guest CPUs once every restored VMM says its guest

@@ -49,6 +49,19 @@ def _cmd_bench_blackout(args: argparse.Namespace) -> int:
     return report_updates(summary, args.json)
 
 
+def _cmd_bench_load(args: argparse.Namespace) -> int:
+    check_json_file(args.json)
+    from luvmm.tools.bench import guest_cpus_for
+    from luvmm.tools.load import format_load, run_load
+
+    if pick_guest("auto") != "firmware":
+        raise CliError("the load benchmark measures a KVM guest's pace: it needs a usable /dev/kvm")
+    result = run_load(clients=args.clients, seconds=args.seconds, rounds=args.rounds, memory=args.memory,
+                      guest_cpus=guest_cpus_for(args.guest_cpus, 1), progress=progress())
+    emit(result, args.json, lambda: format_load(result))
+    return exitcodes.OK
+
+
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
     check_json_file(args.json)
     from luvmm.tools.bench import format_soak, run_soak
@@ -118,6 +131,21 @@ def add_parser(sub) -> None:
     json_arg(blackout, "the `luvmm update --json` document", to_file=True)
     host_arg(blackout, BENCH_EMULATED_ONLY)
     blackout.set_defaults(func=_cmd_bench_blackout)
+    load = bench_sub.add_parser(
+        "load", help="the guest's pace while clients scrape its metrics and ask its status",
+        description="Start a fresh emulated host and a firmware VM serving Prometheus metrics; measure its guest's "
+                    "heartbeat pace (the bus observer's) over windows with nobody asking and windows in which "
+                    "CLIENTS client threads of this process each scrape /metrics and ask the VMM's status (what "
+                    "`luvmm vm status` asks) without pause, alternating; print both paces and their ratio.")
+    load.add_argument("--clients", type=positive_int, default=8, help="client threads (default 8)")
+    load.add_argument("--seconds", type=float, default=2.0, help="each window's length (default 2)")
+    load.add_argument("--rounds", type=positive_int, default=3, help="idle/loaded pairs of windows (default 3)")
+    load.add_argument("--memory", type=guest_memory, default=256 << 20, metavar="SIZE", help="guest RAM (default 256M)")
+    guest_cpus_arg(load, "auto")
+    json_arg(load, "{idle_pace_hz, loaded_pace_hz, ratios, ratio_mean, ratio_min, scrapes, statuses, ...}",
+             to_file=True)
+    host_arg(load, BENCH_EMULATED_ONLY)
+    load.set_defaults(func=_cmd_bench_load)
     scale = bench_sub.add_parser(
         "scale", help="blackout against guest RAM and against the number of VMs per kexec",
         description="Blackout p50/p99/max for each guest RAM size (one VM) and each VM count (the smallest RAM).")

@@ -17,7 +17,7 @@ import select
 import sys
 
 from luvmm import exitcodes
-from luvmm.cli.common import CliError, positive_seconds, say
+from luvmm.cli.common import CliError, guest_cpus_arg, positive_seconds, say
 
 #: A real host's state dir (luvmm/wiring/systemd.py's STATE_DIR too).
 DEFAULT_STATE_DIR = "/var/lib/luvmm"
@@ -66,6 +66,10 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     state = _state(args)
     if args.stop:
         return _stop(state, args.timeout)
+    if args.guest_cpus:  # its init passes its environment on to every unit
+        from liveupdate.state import GUEST_CPUS_ENV
+
+        os.environ[GUEST_CPUS_ENV] = args.guest_cpus
     pid = boot.running(state) if os.path.isdir(state.path) else None
     if pid is not None:
         raise CliError(str(boot.AlreadyRunning(state, pid if pid > 0 else None)))
@@ -311,6 +315,7 @@ def add_parser(sub) -> None:
                         "script or an inittab line")
     p.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="S",
                    help="how long to wait for the init to answer, or with --stop to exit (default 30)")
+    guest_cpus_arg(p)
     p.add_argument("--stop", action="store_true",
                    help="stop the init running in the state dir and its units (SIGTERM, then wait)")
     p.set_defaults(func=_cmd_boot)

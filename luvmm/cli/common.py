@@ -281,9 +281,9 @@ def guest_cpus_arg(p: argparse.ArgumentParser, default: str | None = None) -> No
                             "leaving one to the rest; none: share every CPU)")
     else:
         p.add_argument("--guest-cpus", type=cpu_list, metavar="LIST",
-                       help="CPUs set apart for the guests' vCPUs (e.g. 1 or 2-3), which the emulated host -- its "
-                            "DSA engines and kernel are Python on this machine -- and luvmm's own processes keep "
-                            "off once the guests run (default: none, every CPU shared)")
+                       help="CPUs set apart for the guests' vCPUs (e.g. 1 or 2-3): the vCPUs run there, and "
+                            "luvmm's own processes -- and an emulated host's DSA engines and kernel, Python on this "
+                            "machine -- keep off them once the guests run (default: none, every CPU shared)")
 
 
 def metrics_port_arg(p: argparse.ArgumentParser, what: str) -> None:

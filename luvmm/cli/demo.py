@@ -6,7 +6,8 @@ import argparse
 import os
 
 from luvmm import exitcodes
-from luvmm.cli.common import guest_arg, host_arg, listen_address, memory_args, pick_guest, positive_int, profile_arg, say
+from luvmm.cli.common import (guest_arg, guest_cpus_arg, host_arg, listen_address, memory_args, pick_guest,
+                               positive_int, profile_arg, say)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -15,9 +16,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from metrics.report import verdict
 
     guest = pick_guest(args.guest)
+    from luvmm.tools.bench import guest_cpus_for
+
     result = run_demo(cycles=args.cycles, profile=args.kernel_profile, report_dir=args.report,
                       memory=args.memory, guest_kind=guest, metrics_port=args.metrics_port, keep=args.keep,
-                      state_dir=args.state_dir, overcommit=args.overcommit)
+                      state_dir=args.state_dir, overcommit=args.overcommit,
+                      guest_cpus=guest_cpus_for(args.guest_cpus, 1))
     summary = result["summary"]
     _, vtext = verdict(summary, {"kernel_profile": args.kernel_profile})
     print()
@@ -48,6 +52,7 @@ def add_parser(sub) -> None:
     guest_arg(demo)
     demo.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=listen_address,
                       help="serve Prometheus metrics: the host's on PORT, the VM's on PORT+1")
+    guest_cpus_arg(demo, "auto")
     demo.add_argument("--keep", action="store_true", help="leave the host and the VM running afterwards")
     demo.add_argument("--state-dir", metavar="DIR", help="the demo host's state dir (default: a new one in /tmp, "
                                                          "removed afterwards)")

@@ -138,7 +138,7 @@ def _cmd_host_install(args: argparse.Namespace) -> int:
     from luvmm.wiring import systemd
 
     version = args.systemd_version or systemd.systemd_version()
-    files = systemd.unit_files(version)
+    files = systemd.unit_files(version, guest_cpus=args.guest_cpus)
     target = os.path.join(args.root, systemd.UNIT_DIR)
     if args.dry_run:
         for name, text in files.items():
@@ -250,6 +250,7 @@ def add_parser(sub) -> None:
     install.add_argument("--root", metavar="DIR", default="/",
                          help="write under DIR/etc/systemd/system (default /: this host's)")
     install.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+    guest_cpus_arg(install)
     install.add_argument("--systemd-version", type=int, metavar="N",
                          help="write for systemd N (default: what `systemctl --version` says, else a current one):"
                               " before 254, one restart delay instead of growing ones")

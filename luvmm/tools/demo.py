@@ -111,7 +111,8 @@ def _ports(metrics_port: str | None) -> tuple[str | None, str | None]:
 
 def run_demo(*, cycles: int = 5, profile: str = "continuous-dma", report_dir: str = "luvmm-report",
              memory: int = 256 << 20, guest_kind: str = "firmware", metrics_port: str | None = None,
-             keep: bool = False, state_dir: str | None = None, overcommit: bool = False, out=sys.stdout) -> dict:
+             keep: bool = False, state_dir: str | None = None, overcommit: bool = False,
+             guest_cpus: str | None = None, out=sys.stdout) -> dict:
     """Run the demo; returns {"summary", "report", "state_dir", "interrupted"}.
 
     Ctrl-C stops it between (or at the end of) updates: the report holds
@@ -129,8 +130,10 @@ def run_demo(*, cycles: int = 5, profile: str = "continuous-dma", report_dir: st
     t0 = t1 = time.time()
     try:
         say(f"Starting an emulated host in {state.path} (kernel profile {profile}, one Intel DSA at "
-            f"{DSA_BANDWIDTH >> 20} MiB/s)")
-        hostctl.start(state, profile=profile, dsa_bandwidth=DSA_BANDWIDTH, metrics_port=host_metrics)
+            f"{DSA_BANDWIDTH >> 20} MiB/s" + (f"; the vCPU on CPU {guest_cpus}, the rest off it" if guest_cpus else "")
+            + ")")
+        hostctl.start(state, profile=profile, dsa_bandwidth=DSA_BANDWIDTH, metrics_port=host_metrics,
+                      guest_cpus=guest_cpus)
         host = connect(state.socket)
         st = manage.start(state, VmConfig("demo", memory=memory, guest=guest_kind, metrics=vm_metrics), EmulatedUnits(host),
                           overcommit=overcommit)

@@ -78,10 +78,10 @@ class Clients:
 
 
 def run_load(*, clients: int = 8, seconds: float = 2.0, rounds: int = 3, memory: int = 256 << 20,
-             progress=None) -> dict:
+             guest_cpus: str | None = None, progress=None) -> dict:
     """``rounds`` pairs of windows of ``seconds``: idle, then loaded by ``clients``."""
     port = _free_port()
-    with bench_host(memory=memory, metrics=f"127.0.0.1:{port}") as state:
+    with bench_host(memory=memory, metrics=f"127.0.0.1:{port}", guest_cpus=guest_cpus) as state:
         name = "bench0"
         st = manage.wait_ready(state, name)
         bdf = st["bdf"]
@@ -119,7 +119,8 @@ def run_load(*, clients: int = 8, seconds: float = 2.0, rounds: int = 3, memory:
             "scrapes": client_set.scrapes, "statuses": client_set.statuses, "errors": client_set.errors,
             "idle_pace_hz": idle, "loaded_pace_hz": busy, "ratios": [round(r, 4) for r in ratios],
             "ratio_min": round(min(ratios), 4) if ratios else None,
-            "ratio_mean": round(sum(ratios) / len(ratios), 4) if ratios else None, "windows": windows}
+            "ratio_mean": round(sum(ratios) / len(ratios), 4) if ratios else None, "guest_cpus": guest_cpus,
+            "windows": windows}
 
 
 def _steps(a: float, b: float, step: float):

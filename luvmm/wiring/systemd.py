@@ -77,7 +77,7 @@ from __future__ import annotations
 import math
 import os
 
-from liveupdate.state import RESTART_MAX_DELAY_S, python_unit
+from liveupdate.state import GUEST_CPUS_ENV, RESTART_MAX_DELAY_S, python_unit
 
 AGENT_UNIT = "luvmm-agent.service"
 VM_TEMPLATE = "luvmm-vm@.service"
@@ -161,10 +161,12 @@ def _dirs(state_dir: str) -> list[str]:
             "LimitMEMLOCK=infinity"]
 
 
-def unit_files(systemd: int | None = None) -> dict[str, str]:
+def unit_files(systemd: int | None = None, guest_cpus: str | None = None) -> dict[str, str]:
     """{file name: text} of the units, for ``systemd`` (its version; None: a
     current one).  Directives that version does not know are left out rather
-    than warned about at every load."""
+    than warned about at every load.  ``guest_cpus``: the CPUs set apart for
+    the vCPUs (liveupdate.state.GUEST_CPUS_ENV), in both units' environment."""
+    cpus = [f"Environment={GUEST_CPUS_ENV}={guest_cpus}"] if guest_cpus else []
     agent_argv, _ = python_unit("luvmm.wiring.agent", "--host", "real", "--state-dir", STATE_DIR)
     vm_argv, _ = python_unit("vmm.process", "--host", "real", "--state-dir", STATE_DIR, "--name", _INSTANCE)
     new = systemd is None or systemd >= SYSTEMD_RESTART_STEPS
@@ -188,7 +190,7 @@ def unit_files(systemd: int | None = None) -> dict[str, str]:
         "Type=exec",
         f"ExecStart={exec_start(agent_argv)}",
         "Environment=LUVMM_UNIT=agent",
-    ] + _restart(systemd) + [
+    ] + cpus + _restart(systemd) + [
         "# Its start-up must not take CPU from the VMMs restoring their VMs after a kexec.",
         f"StartupCPUWeight={AGENT_STARTUP_CPU_WEIGHT}",
     ] + _dirs(STATE_DIR) + [
@@ -211,7 +213,7 @@ def unit_files(systemd: int | None = None) -> dict[str, str]:
         "Type=exec",
         f"ExecStart={exec_start(vm_argv)}",
         "Environment=LUVMM_UNIT=vm-%i",
-    ] + _restart(systemd) + [
+    ] + cpus + _restart(systemd) + [
         "# The VM's files (RAM, iommufd, device) stay with systemd while the VMM restarts (liveupdate/fdstore.py).",
         f"FileDescriptorStoreMax={FDSTORE_MAX}",
         "NotifyAccess=main",

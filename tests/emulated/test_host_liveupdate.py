@@ -223,3 +223,37 @@ def test_failed_freeze_unfreezes_the_others(emulated_host):
     rig.driver.send_msi()
     assert rig.interrupts() == 1
     rig.close()
+
+
+def test_writes_posted_just_before_a_kexec_reach_the_device(emulated_host):
+    """A VMM's run loop posts a guest's portal stores (OP_PWRITE_POSTED: no
+    reply, as a bus posts an MMIO write) and the guest is paused right
+    after: descriptors still queued on the device's file when the kexec
+    comes reach the device before the freeze -- none is dropped with the old
+    kernel's files -- as a posted PCIe write reaches its device before
+    anything its CPU does next."""
+    from luvmm.uapi.idxd import DSA_OPCODE_MEMMOVE, IDXD_OP_FLAG_CRAV, IDXD_OP_FLAG_RCR, pack_desc
+    from luvmm.uapi.vfio import VFIO_PCI_BAR2_REGION_INDEX
+    from luvmm.wire import OP_PWRITE_POSTED
+    from vmm.runloop import wire_header
+
+    host = emulated_host.host
+    rig = VfioRig(host)
+    rig.preserve(LiveUpdate.open(host).create_session("posted"))
+    portal = rig.dev.get_region_info(VFIO_PCI_BAR2_REGION_INDEX).offset
+    records = DATA + 0x40000
+    count = 48  # within the work queue's depth
+    rig.view[DATA:DATA + 64] = os.urandom(64)
+    rig.view[records:records + 32 * count] = bytes(32 * count)
+    for i in range(count):
+        desc = pack_desc(opcode=DSA_OPCODE_MEMMOVE, flags=IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_RCR, priv=1, src=DATA,
+                         dst=DATA + 0x1000 + 64 * i, xfer_size=64, completion_addr=records + 32 * i)
+        os.write(rig.dev.fd, wire_header(OP_PWRITE_POSTED, 64, portal) + desc)
+    host.kexec()  # at once: most of them are still queued on the file's socket
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(rig.view[records + 32 * i] for i in range(count)):
+        time.sleep(0.01)  # polling guest RAM for the device's completion records
+    assert [rig.view[records + 32 * i] for i in range(count)] == [DSA_COMP_SUCCESS] * count
+    assert all(rig.view[DATA + 0x1000 + 64 * i:DATA + 0x1040 + 64 * i] == rig.view[DATA:DATA + 64]
+               for i in range(count))
+    rig.close()

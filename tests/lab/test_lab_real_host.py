@@ -75,6 +75,11 @@ def test_each_report_the_device_reset_dma_resumed_nothing_corrupted(lab_real_hos
         assert report["mailbox_after"]["completed"] > report["mailbox_at_pause"]["completed"]
         assert report["dma_redone"] in (0, 1)
         assert summary["cycles"][0]["vm"] == VM
+        # Its exits since the resume: the edu's BAR mapped (no MMIO exit), the
+        # interrupt waits served by the run loop, none by the VMM's Python.
+        exits = report["exits"]
+        assert exits["vmm"].get("KVM_EXIT_MMIO", 0) == 0 and exits["vmm"]["KVM_EXIT_IO"] > 0, exits
+        assert exits["to_vmm"] == 0, exits
 
 
 def test_each_report_has_its_phases_including_the_new_kernels_boot(lab_real_host, stages):
