@@ -109,6 +109,7 @@ class Runner:
         with self._cond:
             if not self.first_run and not self._pause:
                 self.first_run, self.first_run_tsc = time.time(), rdtsc()
+                self._cond.notify_all()  # resume() waits for it
 
     def _park(self) -> bool:
         """Park this vCPU thread while the VM is paused; False when it must stop."""
@@ -142,12 +143,22 @@ class Runner:
             self._cond.wait_for(lambda: self._parked >= len(self.cpus))
         return self.last_stop or time.time()
 
+    #: How long resume() waits for a vCPU thread to run again.
+    HANDOFF_S = 0.05
+
     def resume(self) -> float:
+        """Let the vCPUs run again; returns when the first one does (or,
+        bounded, when none could).  Waiting is what hands the vCPU threads
+        the interpreter lock now: a caller that went on with Python would
+        keep it for up to the switch interval (5 ms) before any of them got
+        back into the run loop (which lets go of it) -- the guest paused that
+        much longer after the VMM said it resumed."""
         with self._cond:
             self.first_run, self.first_run_tsc = 0.0, 0
             self._pause = False
             now = time.time()
             self._cond.notify_all()
+            self._cond.wait_for(lambda: self.first_run or self._stop or self.crash or not self.cpus, self.HANDOFF_S)
         return now
 
     def stop(self) -> None:

@@ -55,7 +55,7 @@ from liveupdate.emu.kernel.core import Kernel, KernelError, KernelPanic
 from liveupdate.emu.machine import Machine
 from liveupdate.emu.observer import Observer
 from liveupdate.init import Init
-from liveupdate.state import StateDir, StateError, keep_off_guest_cpus, use_every_cpu
+from liveupdate.state import StateDir, StateError, guest_cpus, keep_off_guest_cpus, use_every_cpu
 
 log = logging.getLogger("luvmm.host")
 
@@ -456,7 +456,8 @@ class HostDaemon:
                 return self.last_kexec
             await self.init.start_all(boot="kexec")
             marks["spawned"] = time.time()
-            self._nursery.start_soon(self._off_guest_cpus_when_ready)
+            if guest_cpus():
+                self._nursery.start_soon(self._off_guest_cpus_when_ready)
             await self.init.reap(dying)  # off the blackout's path: the units already run
             marks["reaped"] = time.time()
             self.kexec_seconds.append(time.monotonic() - started)
