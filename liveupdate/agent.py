@@ -190,18 +190,20 @@ class Agent:
 
     # --- serving -------------------------------------------------------------------------------------
 
-    def fast_restore(self, timeout: float = 5.0):
+    def fast_restore(self, listener=None, timeout: float = 5.0):
         """Serve what restored VMMs need first -- hello, their sessions -- with
         plain blocking sockets, before trio is imported, and import nothing
         until each of them says its guest runs again (``resumed``) or goes
         away: on a 2-core host the agent's ``import trio`` (~150 ms of CPU)
         would otherwise take a core from the VMMs rebuilding their VMs, and
-        lengthen the blackout by a quarter.  Returns the listening socket and
-        the connections to hand to :meth:`serve` (each with a request it has
-        not answered yet, or None)."""
+        lengthen the blackout by a quarter.  Returns the listening socket
+        (``listener``, made early by the unit's main, or here) and the
+        connections to hand to :meth:`serve` (each with a request it has not
+        answered yet, or None)."""
         import select
 
-        listener = listen_seqpacket(self.state.runtime_path("agent.sock"), lean=True)
+        if listener is None:
+            listener = listen_seqpacket(self.state.runtime_path("agent.sock"), lean=True)
         update = self.update or {}
         expected = set(update.get("vms", [])) if update.get("phase") == "restoring" else set()
         conns: dict[int, tuple] = {}  # fd -> (_socket.socket, unanswered request or None)

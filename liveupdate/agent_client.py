@@ -108,5 +108,5 @@ def wait_for_agent(state: StateDir, timeout: float = 60.0, *, not_pid: int | Non
             last = f"agent {not_pid} is still the old one"
         except OSError as e:
             last = str(e)
-        time.sleep(0.002)  # the agent is a separate process being restarted by init: poll its socket
+        time.sleep(0.0005)  # the agent is a separate process being restarted by init: poll its socket
     raise AgentError(errno.ETIMEDOUT, f"the LUO agent did not come up in {timeout:.0f} s ({last})")

@@ -126,6 +126,8 @@ def restore_into(vm, session, state_fd: int, state: MachineState, clock) -> None
     vm.state_memfd = state_fd
     clock.mark("retrieved")
     vm.memory = GuestMemory(session.retrieve_fd(RAM_TOKEN), vm.config.memory)
+    for start, end in vm.guest.working_set(vm):  # its first touches then take KVM's fast path: ~0.5 ms
+        vm.memory.populate(start, end)
     clock.mark("mapped")
     vm.vcpus = vm.guest.restore(vm, state.vcpus)
     clock.mark("vcpus_restored")
@@ -143,10 +145,6 @@ def restore_into(vm, session, state_fd: int, state: MachineState, clock) -> None
     inflight = state.timestamps.inflight_at_pause
     vm.completed_while_paused = len(inflight) - vm.still_in_flight(inflight)
     machine_state.mark_resumed(state_fd)
-    # The guest's working set into this process's page tables, beside the
-    # guest rather than before it: 0.5 ms off the blackout, and its first
-    # touches take KVM's fast path as soon as it is done.
-    vm.memory.populate_behind(vm.guest.working_set(vm))
     vm.runner.start(vm.vcpus, vm.step, paused=True)
     clock.mark("resumed", vm.runner.resume())
 

@@ -39,7 +39,7 @@ class GuestMemory:
 
     def populate(self, start: int, end: int) -> float:
         """Fault guest RAM [start, end) (GPA, below the MMIO hole) into this
-        process's page tables (MADV_POPULATE_WRITE).
+        process's page tables (MADV_POPULATE_WRITE), before the guest runs.
 
         After a live update the pages are in the memfd, but the new VMM's
         mapping has no page-table entries for them, and a new KVM VM has no
@@ -61,15 +61,6 @@ class GuestMemory:
         if libc.madvise(ffi.cast("void *", self.addr + start), end - start, MADV_POPULATE_WRITE) < 0:
             return 0.0  # a kernel before 5.14: the guest faults its pages in, as it always did
         return time.perf_counter() - t0
-
-    def populate_behind(self, ranges: list[tuple[int, int]]) -> None:
-        """:meth:`populate` of each range in a thread of its own (cffi lets go
-        of the GIL for the madvise): the guest runs meanwhile, and faults
-        what it touches before the thread got there as it would have."""
-        import _thread
-
-        if ranges:
-            _thread.start_new_thread(lambda: [self.populate(a, b) for a, b in ranges], ())
 
     def ranges(self) -> list[tuple[int, int, int]]:
         """(GPA, offset in the memfd, length) of each RAM range."""

@@ -45,7 +45,7 @@ def _cmd_bench_blackout(args: argparse.Namespace) -> int:
     summary = run_blackout(memory=args.memory, cycles=args.cycles, vms=args.vms, guest=args.guest,
                            profile=args.kernel_profile, dsa_bandwidth=args.dsa_bandwidth,
                            overcommit=args.overcommit, guest_cpus=guest_cpus_for(args.guest_cpus, args.vms),
-                           progress=progress())
+                           interval=args.interval, progress=progress())
     return report_updates(summary, args.json)
 
 
@@ -124,6 +124,9 @@ def add_parser(sub) -> None:
     memory_args(blackout)
     blackout.add_argument("--cycles", type=positive_int, default=20, help="live updates (default 20)")
     blackout.add_argument("--vms", type=positive_int, default=1, help="VMs updated in each kexec (default 1)")
+    blackout.add_argument("--interval", type=float, default=0.0, metavar="S",
+                          help="start each update S seconds after the last (default: 0.5 s after it ended, what the "
+                               "guest's pace before the next pause is measured over)")
     guest_arg(blackout, auto=False)
     profile_arg(blackout)
     bandwidth_arg(blackout)

@@ -72,13 +72,18 @@ SETTLE_S = pace.BEFORE_S + 0.1
 
 def run_blackout(*, memory: int, cycles: int, vms: int = 1, guest: str = "firmware",
                  profile: str = "continuous-dma", dsa_bandwidth: int = 64 << 20, overcommit: bool = False,
-                 guest_cpus: str | None = None, progress=None) -> dict:
-    """``cycles`` live updates, ``SETTLE_S`` apart; ``progress(line)``, if given, after each."""
+                 guest_cpus: str | None = None, interval: float = 0.0, progress=None) -> dict:
+    """``cycles`` live updates, each started ``interval`` after the last (and
+    at least ``SETTLE_S`` after the last one ended); ``progress(line)``, if
+    given, after each."""
     with bench_host(memory=memory, vms=vms, guest=guest, profile=profile, dsa_bandwidth=dsa_bandwidth,
                     overcommit=overcommit, guest_cpus=guest_cpus) as state:
         records = []
+        started = time.monotonic()
         for n in range(1, cycles + 1):
-            time.sleep(SETTLE_S)  # pacing: the guest at its pace before each pause, for guest_lost_s
+            # Pacing: the guest at its pace before each pause, for guest_lost_s.
+            time.sleep(max(SETTLE_S, started + interval - time.monotonic()) if n > 1 else SETTLE_S)
+            started = time.monotonic()
             records.append(update_once(state, timeout=120))
             if progress:
                 progress(cycle_line(n, cycles, records[-1]))

@@ -12,6 +12,7 @@ import sys
 
 from liveupdate.agent import Agent, _import_trio, log
 from liveupdate.state import StateDir, die_with_init, parse_unit_args, unit_boot, use_every_cpu
+from luvmm.wire import listen_seqpacket
 from luvmm.wiring import connect
 
 
@@ -20,9 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     use_every_cpu()  # serving the restoring VMMs, every CPU; once their guests run, none of theirs
     args = parse_unit_args(sys.argv[1:] if argv is None else argv, name_required=False)
     state = StateDir.of_host(args["state_dir"], args["host"])
+    # Listening first: a restoring VMM that comes for its session connects at
+    # once and waits for the answer, rather than polling a socket not there yet.
+    listener = listen_seqpacket(state.runtime_path("agent.sock"), lean=True)
     host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
     agent = Agent(host, state, services.units, boot=unit_boot())
-    listener, early = agent.fast_restore()  # ends with guests_first(): its imports must not take their CPU
+    listener, early = agent.fast_restore(listener)  # ends with guests_first(): its imports must not take their CPU
     gc.enable()  # off since the unit started (liveupdate.state.python_unit)
     import logging as _logging
 
