@@ -139,7 +139,8 @@ def add_parser(sub) -> None:
         description="Start a fresh emulated host and a firmware VM serving Prometheus metrics; measure its guest's "
                     "heartbeat pace (the bus observer's) over windows with nobody asking and windows in which "
                     "CLIENTS client threads of this process each scrape /metrics and ask the VMM's status (what "
-                    "`luvmm vm status` asks) without pause, alternating; print both paces and their ratio.")
+                    "`luvmm vm status` asks) without pause, alternating; print both paces and their ratio. The clients run "
+                    "off the guest CPUs where some are set apart, as the rest of such a host would.")
     load.add_argument("--clients", type=positive_int, default=8, help="client threads (default 8)")
     load.add_argument("--seconds", type=float, default=2.0, help="each window's length (default 2)")
     load.add_argument("--rounds", type=positive_int, default=3, help="idle/loaded pairs of windows (default 3)")

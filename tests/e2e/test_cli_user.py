@@ -353,7 +353,9 @@ def test_bad_sizes_and_counts_get_one_line(cli):
     for args in (("demo", "--memory", "0"), ("vm", "start", "a", "--memory", "3M"), ("demo", "--memory", "lots"),
                  ("bench", "scale", "--memory", "1G,x"), ("bench", "dsa", "--bytes", "-1"),
                  ("host", "start", "--devices", "-3"), ("vm", "start", "a", "--vcpus", "99"),
-                 ("update", "--cycles", "0"), ("update", "--timeout", "-1"), ("update", "--json", cli.root)):
+                 ("update", "--cycles", "0"), ("update", "--timeout", "-1"), ("update", "--json", cli.root),
+                 ("host", "start", "--guest-cpus", "1-x"), ("host", "start", "--guest-cpus", "4095"),
+                 ("bench", "blackout", "--guest-cpus", "2-1"), ("bench", "load", "--clients", "0")):
         proc = cli(*args, status=exitcodes.USAGE)
         assert cli.error_line(proc).startswith("luvmm"), args
     assert not os.path.exists(cli.state)
