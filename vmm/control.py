@@ -1,33 +1,43 @@
-"""The VMM's control plane (trio), started once the guest runs.
+"""The VMM's control plane (trio), in a process of its own beside the VM's.
+
+The VMM process (vmm.process) holds the VM and, once its guest runs,
+starts this one over a socketpair (vmm.link: why it is another process --
+the guest's CPUs are not interrupted for anything this one loads or
+frees).  Here:
 
 * After a restore: verify the guest (its heartbeat and DMA counters move on
   from where they were, the batches in flight at the pause complete), FINISH
-  the incoming session, and report the update's measurements to the agent.
+  the incoming session, and have the update's report sent to the agent.
 * The agent channel: ``prepare`` pauses the VM, saves and preserves it;
   ``cancel`` resumes it (rollback).  A failed prepare rolls back by itself.
 * ``vms/NAME/vmm.sock``: ``status`` and ``stop`` for `luvmm vm`.
 * Metrics: every update's figures go into ``vms/NAME/metrics.json`` (they
   outlive this process, as counters must), served to Prometheus over HTTP
   when the VM's config has a metrics address.
+
+What it needs of the VM it asks the VMM (:class:`VmLink`); the guest's
+mailbox it reads itself, from a read-only mapping of the RAM memfd the VMM
+hands over.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import signal
 import socket
+import sys
 
 import trio
 
 from metrics.vmm import UpdateStats
 from luvmm import rpc, schema
 from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
-from liveupdate.luo import Session
+from liveupdate.state import StateDir
 from vmm import guest
-from vmm.exits import ExitStats
-from vmm.report import update_report
+from vmm.config import VmConfig
 
 log = logging.getLogger("luvmm.vmm")
 VERIFY_TIMEOUT = 15.0
@@ -38,18 +48,70 @@ VERIFY_TIMEOUT = 15.0
 FAULT = os.environ.get("LUVMM_VMM_FAULT") if os.environ.get("LUVMM_BOOT", "cold") == "cold" else None
 
 
+class VmGone(ConnectionResetError):
+    """The VMM closed the link: it is stopping, or gone -- and so is its control plane."""
+
+    def __init__(self):
+        super().__init__(errno.ECONNRESET, "the VMM is gone")
+
+
+class VmLink:
+    """The control plane's end of the link (vmm.link): one request at a
+    time, answered in the VMM's main thread."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.lock = trio.Lock()
+
+    async def call_fds(self, op: str, **args) -> tuple[object, list[int]]:
+        """The reply's value and the fds that came with it; OSError with its errno."""
+        async with self.lock:
+            if not await rpc.trio_send(self.sock, {"op": op, **args}):
+                raise VmGone()
+            try:
+                reply, fds = await rpc.trio_recv(self.sock)
+            except (OSError, ProtocolError):
+                reply, fds = None, []
+        if reply is None:
+            raise VmGone()
+        if "errno" in reply:
+            close_fds(fds)
+            err = reply["errno"] if isinstance(reply["errno"], int) else errno.EIO
+            raise OSError(err, str(reply.get("error") or os.strerror(err)))
+        return reply.get("ok"), fds
+
+    async def call(self, op: str, **args):
+        ok, fds = await self.call_fds(op, **args)
+        close_fds(fds)
+        return ok
+
+
+class Mailbox:
+    """The guest's mailbox, from a read-only mapping of its RAM's first pages
+    (the memfd the VMM handed over): reading it takes nothing of the VMM."""
+
+    def __init__(self, memfd: int):
+        try:
+            self.map = mmap.mmap(memfd, guest.MAILBOX_GPA + mmap.PAGESIZE, flags=mmap.MAP_SHARED,
+                                 prot=mmap.PROT_READ)
+        finally:
+            os.close(memfd)
+        self.fields = guest.Mailbox(memoryview(self.map))
+
+    def snapshot(self) -> dict[str, int]:
+        return self.fields.snapshot()
+
+
 class Control:
-    def __init__(self, vm, host, services, state, name, agent, clock, restored, boot):
-        self.vm, self.host, self.state, self.name = vm, host, state, name
-        self.services = services
-        self.agent = agent
-        self.clock = clock
-        self.restored = restored
-        self.session: Session | None = None
-        self.boot = boot
+    def __init__(self, link: VmLink, hello: dict, mailbox: Mailbox, state: StateDir, name: str):
+        self.link, self.state, self.name = link, state, name
+        self.hello = hello
+        self.config = VmConfig.from_dict(hello["config"])
+        self.mailbox = mailbox
         self.updates = 0
         self.last_report: dict | None = None
         self.done = trio.Event()
+        self.stop_vm = False  # `stop` asked (vmm.sock): the VMM goes too, not only this process
         self.metrics_path = str(state.vm_dir(name) / "metrics.json")
         self.stats = self._load_stats()
         self.metrics_port: int | None = None
@@ -60,7 +122,6 @@ class Control:
         self.preserve_error: str | None = None
         #: Why the incoming session is not finished yet (FINISH failed); retried until it is.
         self.finish_error: str | None = None
-        self.exits = ExitStats(vm)
 
     # --- metrics -------------------------------------------------------------------------------
 
@@ -84,72 +145,67 @@ class Control:
         from metrics.core import registry_for
         from metrics.vmm import VmmCollector
 
-        registry = registry_for(VmmCollector(self.name, self.stats, self.vm.mailbox.snapshot, self.vm.config.memory))
+        registry = registry_for(VmmCollector(self.name, self.stats, self.mailbox.snapshot, self.config.memory))
         try:
-            await http.serve(registry, self.vm.config.metrics, task_status=task_status)
+            await http.serve(registry, self.config.metrics, task_status=task_status)
         except OSError as e:  # binding: the VM runs on without its endpoint, and says why
-            self.metrics_error = f"cannot serve metrics on {self.vm.config.metrics}: {e.strerror or e}"
+            self.metrics_error = f"cannot serve metrics on {self.config.metrics}: {e.strerror or e}"
             log.error("%s", self.metrics_error)
             task_status.started(None)
 
     # --- after a restore ------------------------------------------------------------------
 
-    async def verify(self) -> dict:
-        incoming, saved = self.restored
-        at_pause = saved.timestamps.mailbox_at_pause
-        inflight = saved.timestamps.inflight_at_pause
-        vm = self.vm
-        if not vm.device_enabled():
+    async def verify(self) -> tuple[dict | None, bool]:
+        device = await self.link.call("device")
+        if not device["enabled"]:
             log.warning("the device was reset during the update: its DMA stopped"
-                        + (" until its driver started it again" if vm.device.was_reset else ""))
+                        + (" until its driver started it again" if device["was_reset"] else ""))
         # A device opened again after the kexec (the kernel did not preserve
         # it) is started again by the guest's driver: wait for its DMA too.
-        with trio.move_on_after(VERIFY_TIMEOUT if vm.device_enabled() or vm.device.was_reset else 0.2):
-            while True:
-                now = vm.mailbox.snapshot()
-                moved = now["heartbeat"] > at_pause["heartbeat"]
-                drained = vm.still_in_flight(inflight) == 0
-                if moved and drained and now["completed"] > at_pause["completed"] or vm.crash:
-                    break
-                await trio.sleep(0.002)
-        self.clock.mark("verified")
-        after = vm.mailbox.snapshot()
-        if vm.bus_master_restored:
+        with trio.move_on_after(VERIFY_TIMEOUT if device["enabled"] or device["was_reset"] else 0.2):
+            while not (await self.link.call("progress"))["done"]:
+                await trio.sleep(0.002)  # polling guest RAM: nothing tells us when the guest moved on
+        await self.link.call("mark", name="verified")
+        after = self.mailbox.snapshot()
+        if device["bus_master_restored"]:
             log.warning("the device came back with Bus Master Enable clear: set again, its DMA went on")
-        finished = await self._finish(incoming)
-        self.clock.mark("finished")
+        finished = await self._finish()
+        await self.link.call("mark", name="finished")
         # The guest's outage is measured over a horizon after the resume
         # (vmm.pace): the report waits for it to pass, and for the observer's
         # last samples of it.  The guest runs meanwhile -- its vCPUs do not
-        # need this process's attention -- and the next update waits for it.
+        # need either process's attention -- and the next update waits for it.
         import time
 
         from vmm.pace import LOST_HORIZON_S
         from vmm.report import OBSERVER_LAG_S
 
-        resumed = vm.first_run or self.clock.marks["resumed"]
+        resumed = self.hello["first_run"] or self.hello["marks"]["resumed"]
         await trio.sleep(max(0.0, resumed + LOST_HORIZON_S + OBSERVER_LAG_S - time.time()))
-        report = update_report(vm, self.services, self.clock.marks, saved, after)
-        report["finish_error"] = self.finish_error
-        # Where the VMM was in the guest's path since the resume: its vCPUs'
-        # exits, KVM's and the run loop's counts (vm status shows them live).
-        report["exits"] = self.exits.counts() or None
+        try:
+            report = await self.link.call("report", after=after, finish_error=self.finish_error)
+        except VmGone:
+            raise
+        except OSError as e:
+            log.error("cannot report the update: %s", e.strerror or e)
+            return None, finished
         self.last_report = report
         self.stats.record(report)
         self._save_stats()
-        await trio.to_thread.run_sync(self.agent.restored, self.name, report)
         lost = report.get("guest_lost_s")
         log.info("restored: blackout %.1f ms, guest lost %s, %s DMA completions during it",
                  report["blackout_s"] * 1000, "not measured" if lost is None else f"{lost * 1000:.1f} ms",
                  report["dma_completed_during_blackout"])
         return report, finished
 
-    async def _finish(self, incoming) -> bool:
+    async def _finish(self) -> bool:
         """FINISH the incoming session.  If the kernel refuses, the VM runs on
         and the session stays (LUO keeps its files): :meth:`finish_later`
         tries again."""
         try:
-            await trio.to_thread.run_sync(incoming.finish)
+            await self.link.call("finish")
+        except VmGone:
+            raise
         except OSError as e:
             self.finish_error = f"FINISH failed: {e.strerror or e}"
             log.error("%s; the incoming session stays, retrying", self.finish_error)
@@ -157,8 +213,8 @@ class Control:
         self.finish_error = None
         return True
 
-    async def finish_later(self, incoming, interval: float = 0.2) -> None:
-        while not await self._finish(incoming):
+    async def finish_later(self, interval: float = 0.2) -> None:
+        while not await self._finish():
             await trio.sleep(interval)  # a retry, not a wait for something: nothing tells us when it may work
         log.info("incoming session finished")
 
@@ -179,9 +235,7 @@ class Control:
                 await self._serve_agent(sock)
             if self.prepared:
                 log.warning("the agent went away with the VM prepared for an update: resuming it")
-                self.prepared = False
-                self.vm.cancel()
-                self._rolled_back()
+                await self._cancel()
             else:
                 log.warning("the agent went away")
 
@@ -216,29 +270,38 @@ class Control:
             if request is None:
                 return
             close_fds(fds)
-            reply = self._handle(request)
+            reply = await self._handle(request)
             die = request.get("op") == "prepare" and "ok" in reply and FAULT == "die-after-prepare"
+            if not await rpc.trio_send(sock, reply):
+                return
             if die:  # said first: the kexec may kill us as soon as the agent has the reply
                 log.warning("fault injection: the VMM exits after preparing")
                 logging.shutdown()
-            if not await rpc.trio_send(sock, reply):
-                return
-            if die:
-                os._exit(137)  # fault injection: the VMM dies between "ready" and the kexec
+                await self.link.call("die")  # fault injection: the VMM dies between "ready" and the kexec
 
-    def _handle(self, request: dict) -> dict:
+    async def _handle(self, request: dict) -> dict:
         try:
             schema.check(schema.CHANNEL, request)
         except ValueError as e:
             return {"errno": errno.EINVAL, "error": str(e)}
         op = request.get("op")
+        try:
+            return await self._channel_request(op)
+        except VmGone:
+            raise
+        except OSError as e:
+            return {"errno": e.errno or errno.EIO, "error": e.strerror or str(e)}
+
+    async def _channel_request(self, op) -> dict:
         if op == "ready":
             # An update is coming: make sure the files are in the session,
             # the guest running on; refusing now pauses nothing anywhere.
             if self.prepared:
                 return {"errno": errno.EBUSY, "error": f"{self.name}: already prepared"}
             try:
-                self.vm.preserve(self.session)
+                await self.link.call("preserve")
+            except VmGone:
+                raise
             except OSError as e:
                 self.preserve_error = f"PRESERVE_FD failed: {e.strerror or e}"
                 return {"errno": e.errno or errno.EIO, "error": self.preserve_error}
@@ -246,33 +309,36 @@ class Control:
             return {"ok": True}
         if op == "prepare":
             if FAULT == "die-in-prepare":
-                self.vm.pause()
                 log.warning("fault injection: the VMM exits with its vCPUs paused, in prepare")
                 logging.shutdown()
-                os._exit(137)
+                await self.link.call("die", pause=True)
             if self.prepared:
                 return {"errno": errno.EBUSY, "error": f"{self.name}: already prepared"}
             if FAULT == "refuse-prepare":
                 log.warning("fault injection: the VMM refuses to prepare")
                 return {"errno": errno.EIO, "error": "prepare refused (fault injection)"}
             try:
-                phases = self.vm.prepare(self.session)
-            except OSError as e:
-                log.error("prepare failed: %s; resuming", e)
-                self.vm.cancel()
+                done = await self.link.call("prepare")
+            except VmGone:
+                raise
+            except OSError as e:  # the VMM resumed the VM
+                log.error("prepare failed: %s; resumed", e.strerror or e)
                 self._rolled_back()
-                return {"errno": e.errno or errno.EIO, "error": f"{self.name}: prepare failed: {e}"}
+                return {"errno": e.errno or errno.EIO, "error": f"{self.name}: prepare failed: {e.strerror or e}"}
             self.preserve_error = None
             self.prepared = True
             self.updates += 1
-            return {"ok": {"phases": phases}}
+            return {"ok": {"phases": done["phases"]}}
         if op == "cancel":
             if self.prepared:
-                self.prepared = False
-                self.vm.cancel()
-                self._rolled_back()
+                await self._cancel()
             return {"ok": True}
         return {"errno": errno.EINVAL, "error": f"unknown request {op!r}"}
+
+    async def _cancel(self) -> None:
+        self.prepared = False
+        await self.link.call("cancel")
+        self._rolled_back()
 
     def _rolled_back(self) -> None:
         self.stats.record_rollback()
@@ -280,22 +346,23 @@ class Control:
 
     # --- vmm.sock ----------------------------------------------------------------------------------
 
-    def status(self) -> dict:
-        vm = self.vm
-        mb = vm.mailbox.snapshot()
-        return {"name": self.name, "pid": os.getpid(), "boot": self.boot, "config": vm.config.to_dict(),
-                "bdf": vm.bdf,
+    async def status(self) -> dict:
+        vm = await self.link.call("status")
+        mb = self.mailbox.snapshot()
+        return {"name": self.name, "pid": vm["pid"], "control_pid": os.getpid(), "boot": vm["boot"],
+                "config": vm["config"], "bdf": vm["bdf"],
                 "guest_state": "paused" if self.prepared else guest.GUEST_STATE.get(mb["state"], str(mb["state"])),
-                "mailbox": mb, "crash": vm.crash and vars(vm.crash), "interrupts": vm.count_interrupts(),
-                "portal_writes": vm.portal_writes, "updates_prepared": self.updates,
-                "ready": self.ready, "prepared": self.prepared, "metrics_port": self.metrics_port, "metrics_error": self.metrics_error,
-                "preserve_error": self.preserve_error, "finish_error": self.finish_error,
-                "last_update": self.last_report, "exits": self.exits.status(), "guest_path": vm.device.guest_path()}
+                "mailbox": mb, "crash": vm["crash"], "interrupts": vm["interrupts"],
+                "portal_writes": vm["portal_writes"], "updates_prepared": self.updates,
+                "ready": self.ready, "prepared": self.prepared, "metrics_port": self.metrics_port,
+                "metrics_error": self.metrics_error, "preserve_error": self.preserve_error,
+                "finish_error": self.finish_error, "last_update": self.last_report, "exits": vm["exits"],
+                "guest_path": vm["guest_path"]}
 
     async def sample_exits(self) -> None:
         """The exit counts every second: `vm status` shows their rates over the last one."""
         while True:
-            self.exits.sample()
+            await self.link.call("sample-exits")
             await trio.sleep(1.0)  # the rate's interval, not a wait for anything
 
     async def serve_local(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -316,57 +383,79 @@ class Control:
     async def _local_request(self, request: dict, fds: list[int]):
         close_fds(fds)
         if request["op"] == "status":
-            return self.status(), []
+            return await self.status(), []
         if request["op"] == "stop":
+            self.stop_vm = True
             self.done.set()
             return True, []
         raise OSError(errno.EINVAL, f"unknown request {request['op'][:40]!r}")
 
+    # --- the whole ----------------------------------------------------------------------------------
 
-def run_control_plane(vm, host, services, state, name, agent, clock, restored, boot) -> int:
-    control = Control(vm, host, services, state, name, agent, clock, restored, boot)
-
-    async def main():
+    async def run(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(control.serve_local)
-                if restored:
-                    _, finished = await control.verify()
+                await nursery.start(self.serve_local)
+                if self.hello["restored"]:
+                    _, finished = await self.verify()
                     if not finished:
-                        nursery.start_soon(control.finish_later, restored[0])
-                # A cold-booted VM has new files: a session an earlier VMM of
-                # this name left behind describes a VM that is gone.
-                session_fd, created = agent.create_session(name, fresh=boot == "cold")
-                control.session = Session(host, session_fd, name)
-                if created:
-                    vm.preserved = set()  # a new session holds none of the files an earlier one did
-                try:
-                    vm.preserve(control.session)
-                except OSError as e:  # the VM runs on; prepare tries again, and refuses the update if it fails
-                    control.preserve_error = f"PRESERVE_FD failed: {e.strerror or e}"
-                    log.error("%s; an update will try again", control.preserve_error)
-                vm.leave_files()
-                if services.observer is not None:  # an observer on the machine's bus (emulated hosts have one)
-                    services.observer.watch(vm.bdf, guest.offset("heartbeat"))
-                await nursery.start(control.agent_channel)
-                if vm.config.metrics is not None:
-                    control.metrics_port = await nursery.start(control.serve_metrics)
-                control.ready = True
+                        nursery.start_soon(self.finish_later)
+                elif self.hello["finish_pending"]:  # a control plane before this one was still retrying
+                    nursery.start_soon(self.finish_later)
+                opened = await self.link.call("open-session")
+                self.preserve_error = opened["preserve_error"]
+                if self.preserve_error:  # the VM runs on; prepare tries again, and refuses the update if it fails
+                    log.error("%s; an update will try again", self.preserve_error)
+                await nursery.start(self.agent_channel)
+                if self.config.metrics is not None:
+                    self.metrics_port = await nursery.start(self.serve_metrics)
+                self.ready = True
 
-                nursery.start_soon(control.sample_exits)
+                nursery.start_soon(self.sample_exits)
 
                 async def on_signal():
                     async for _ in signals:
-                        control.done.set()
+                        self.done.set()
                 nursery.start_soon(on_signal)
-                await control.done.wait()
+                await self.done.wait()
                 nursery.cancel_scope.cancel()
+        if self.stop_vm:
+            await self.link.call("stop")
 
-    trio.run(main)
-    agent.retry = False  # going away: no waiting for an agent that is gone
+
+USAGE = "usage: python -m vmm.control --state-dir DIR --name NAME [--host emulated|real] --link-fd FD --vmm-pid PID"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The control plane's process, started by its VMM (vmm.link.Link.spawn)."""
+    from luvmm.abi import libc
+    from liveupdate.state import PR_SET_PDEATHSIG, SIGKILL
+
+    args = dict(zip(argv[::2], argv[1::2])) if argv is not None else dict(zip(sys.argv[1::2], sys.argv[2::2]))
     try:
-        agent.release(name)  # stopped: the VM is going away, its session and files with it
-    except OSError:
-        pass
-    vm.close()
+        state = StateDir.of_host(args["--state-dir"], args.get("--host", "emulated"))
+        name, link_fd, vmm_pid = args["--name"], int(args["--link-fd"]), int(args["--vmm-pid"])
+    except (KeyError, ValueError):
+        raise SystemExit(USAGE) from None
+    libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # it does not outlive its VMM
+    if libc.getppid() != vmm_pid:
+        return 1  # its VMM is gone already
+    os.closerange(link_fd + 1, 1 << 20)  # nothing of the VMM's but the link (an fd store's fds are inheritable)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vmm[{name}] %(levelname)s %(message)s")
+    sock = socket.socket(fileno=link_fd)
+
+    async def run():
+        link = VmLink(trio.socket.from_stdlib_socket(sock))
+        try:
+            hello, fds = await link.call_fds("hello")
+            control = Control(link, hello, Mailbox(fds[0]), state, name)
+            await control.run()
+        except VmGone:
+            pass  # the VMM is stopping: so are we
+
+    trio.run(run)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,8 +26,6 @@ its value at the pause.  Lean: pure arithmetic on lists.
 
 from __future__ import annotations
 
-import bisect
-
 #: The pre-pause pace is measured over this long before the pause.
 BEFORE_S = 0.4
 #: The pace after the resume is judged over windows this long...
@@ -65,7 +63,7 @@ class Heartbeat:
     def __call__(self, t: float) -> float | None:
         if not self.t or t < self.t[0] or t > self.t[-1]:
             return None
-        i = bisect.bisect_right(self.t, t)
+        i = _bisect_right(self.t, t)
         if i >= len(self.t):
             return float(self.v[-1])
         t0, t1, v0, v1 = self.t[i - 1], self.t[i], self.v[i - 1], self.v[i]
@@ -75,6 +73,19 @@ class Heartbeat:
         """Heartbeats per second over [a, b]."""
         ha, hb = self(a), self(b)
         return None if ha is None or hb is None or b <= a else (hb - ha) / (b - a)
+
+
+def _bisect_right(a: list[float], x: float) -> int:
+    """bisect.bisect_right, without loading its extension module (_bisect)
+    into the VMM that computes a report while its guest runs (vmm.link)."""
+    lo, hi = 0, len(a)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if x < a[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def outage(samples: list[tuple[float, int]], stopped: float, resumed: float, *, at_pause: int | None = None,

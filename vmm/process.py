@@ -10,9 +10,10 @@ DMA never stopped -- and restarts the firmware on them (:meth:`Vm.recover`).  Re
 init starts the unit with ``LUVMM_BOOT=kexec`` and the agent holds an incoming
 session for the VM -- retrieves the session and its files, maps RAM, rebuilds
 KVM and the vCPUs, binds and attaches the device, re-arms interrupts and
-resumes the guest *before* trio (or anything else slow) is imported; only
-then does the control plane start, verify the guest, FINISH the session and
-report to the agent.
+resumes the guest *before* anything slow is done; only then does the
+control plane start -- trio, in a process of its own (vmm.link, vmm.control)
+-- verify the guest, FINISH the session and report to the agent.  This
+process holds the VM and answers its control plane until it is stopped.
 """
 
 from __future__ import annotations
@@ -127,16 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         guests_first()
         fdstore.ready()
     gc.enable()  # off since the unit started (liveupdate.state.python_unit)
-    # Only now the slow parts: logging, trio and the control plane.  They
-    # hold the GIL, and the guest does not care: its vCPUs run in the run
-    # loop in C (vmm/runloop.c), which serves its device's exits without it.
-    # Nor do they take its CPU (guests_first).
-    import logging
+    # The control plane -- trio, the agent channel, vmm.sock, metrics -- in a
+    # process of its own (vmm.link says why); this one serves it what it
+    # needs of the VM, importing nothing more.
+    from vmm.link import Link
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vmm[{name}] %(levelname)s %(message)s")
-    from vmm.control import run_control_plane
-
-    return run_control_plane(vm, host, services, state, name, agent, clock, restored, boot)
+    return Link(vm, host, services, state, name, agent, clock, restored, boot, args["host"]).run()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from luvmm.cli.common import (
     check_json_file,
     guest_cpus_arg,
     count_list,
+    cpu_list,
     emit,
     guest_arg,
     guest_memories,
@@ -59,6 +60,24 @@ def _cmd_bench_load(args: argparse.Namespace) -> int:
     result = run_load(clients=args.clients, seconds=args.seconds, rounds=args.rounds, memory=args.memory,
                       guest_cpus=guest_cpus_for(args.guest_cpus, 1), progress=progress())
     emit(result, args.json, lambda: format_load(result))
+    return exitcodes.OK
+
+
+def _cmd_bench_shootdown(args: argparse.Namespace) -> int:
+    check_json_file(args.json)
+    from luvmm.tools.bench import guest_cpus_for
+    from luvmm.tools.shootdown import format_shootdown, run_shootdown
+
+    if pick_guest("auto") != "firmware":
+        raise CliError("the shootdown benchmark measures a KVM guest's pace: it needs a usable /dev/kvm")
+    cpus = guest_cpus_for(args.guest_cpus, 1)
+    if cpus is None:
+        raise CliError("the shootdown benchmark needs a CPU for the vCPU and another to send from")
+    try:
+        result = run_shootdown(guest_cpus=cpus, seconds=args.seconds, rounds=args.rounds, progress=progress())
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    emit(result, args.json, lambda: format_shootdown(result))
     return exitcodes.OK
 
 
@@ -150,6 +169,21 @@ def add_parser(sub) -> None:
              to_file=True)
     host_arg(load, BENCH_EMULATED_ONLY)
     load.set_defaults(func=_cmd_bench_load)
+    shootdown = bench_sub.add_parser(
+        "shootdown", help="what a TLB shootdown into its CPU costs a guest",
+        description="Start a fresh emulated host and a firmware VM whose VMM is this process, its vCPU on a CPU of "
+                    "its own; measure the guest's heartbeat pace over windows with this process idle and windows "
+                    "in which it flips the protection of a few of its pages (each flip to read-only shoots down "
+                    "the TLB of the vCPU's CPU: the kernel's count, /proc/interrupts), alternating; print the "
+                    "guest time each shootdown cost. Why the VMM's control plane runs in a process of its own.")
+    shootdown.add_argument("--seconds", type=float, default=1.0, help="each window's length (default 1)")
+    shootdown.add_argument("--rounds", type=positive_int, default=3, help="idle/flipping pairs of windows (default 3)")
+    shootdown.add_argument("--guest-cpus", type=lambda t: t if t == "auto" else cpu_list(t), default="auto",
+                           metavar="CPU|auto", help="the vCPU's CPU (auto, the default: the highest-numbered)")
+    json_arg(shootdown, "{rounds: [{idle_pace_hz, flipping_pace_hz, shootdowns, us_per_shootdown}], "
+                        "us_per_shootdown_p50}", to_file=True)
+    host_arg(shootdown, BENCH_EMULATED_ONLY)
+    shootdown.set_defaults(func=_cmd_bench_shootdown)
     scale = bench_sub.add_parser(
         "scale", help="blackout against guest RAM and against the number of VMs per kexec",
         description="Blackout p50/p99/max for each guest RAM size (one VM) and each VM count (the smallest RAM).")

@@ -153,7 +153,8 @@ def _format_vm_status(out: dict[str, dict], device: str = "DSA") -> str:
             continue
         mb = st["mailbox"]
         paused = " (paused for an update)" if st.get("prepared") else ""
-        lines.append(f"{name}: pid {st['pid']} ({st['boot']} boot), guest {st['guest_state']}{paused}, "
+        control = f", control plane pid {st['control_pid']}" if st.get("control_pid") else ""
+        lines.append(f"{name}: pid {st['pid']} ({st['boot']} boot{control}), guest {st['guest_state']}{paused}, "
                      f"{device} {st['bdf']}, heartbeat {mb['heartbeat']}, batches {mb['completed']}/{mb['submitted']} "
                      f"({mb['descs_ok']} descriptors ok, {mb['errors']} errors, {mb['verify_failures']} corrupted), "
                      f"interrupts {st['interrupts']}" + (f", CRASHED: {st['crash']}" if st["crash"] else ""))

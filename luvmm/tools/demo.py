@@ -11,6 +11,7 @@ emulated machine's bus, not from the software being measured.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from liveupdate.emu import hostctl
 from liveupdate.agent_client import AgentError
 from liveupdate.state import StateDir
 from liveupdate.update import recovery_ms, summarize, update_once
+from luvmm.tools.bench import off_the_guest_cpus
 from liveupdate.emu.client import connect
 from liveupdate.emu.services import EmulatedUnits
 from vmm import guest, manage, pace
@@ -128,12 +130,14 @@ def run_demo(*, cycles: int = 5, profile: str = "continuous-dma", report_dir: st
     interrupted = False
     host = None
     t0 = t1 = time.time()
+    stack = contextlib.ExitStack()
     try:
         say(f"Starting an emulated host in {state.path} (kernel profile {profile}, one Intel DSA at "
             f"{DSA_BANDWIDTH >> 20} MiB/s" + (f"; the vCPU on CPU {guest_cpus}, the rest off it" if guest_cpus else "")
             + ")")
         hostctl.start(state, profile=profile, dsa_bandwidth=DSA_BANDWIDTH, metrics_port=host_metrics,
                       guest_cpus=guest_cpus)
+        stack.enter_context(off_the_guest_cpus(guest_cpus))
         host = connect(state.socket)
         st = manage.start(state, VmConfig("demo", memory=memory, guest=guest_kind, metrics=vm_metrics), EmulatedUnits(host),
                           overcommit=overcommit)
@@ -155,6 +159,7 @@ def run_demo(*, cycles: int = 5, profile: str = "continuous-dma", report_dir: st
             timeline = _timelines(host, bdf, summary, t0, t1)
     finally:
         with _no_interrupts():
+            stack.close()
             if host is not None:
                 host.close_connection()
             if not keep:

@@ -9,22 +9,21 @@ over a window with nobody asking, then over a window of the same length in
 which CLIENTS clients, threads of this process, each scrape the VM's
 ``/metrics`` and ask its VMM for its status (what `luvmm vm status` asks)
 without pause -- off the CPUs set apart for the guest, where some are, as
-the rest of such a host would be.  It prints both paces, their ratio and how many requests
-were served; the windows alternate (idle, loaded, idle, loaded...) so that
-the machine's own drift is not taken for the load's effect.
+the rest of such a host would be (luvmm.tools.bench.bench_host).  It prints
+both paces, their ratio and how many requests were served; the windows
+alternate (idle, loaded, idle, loaded...) so that the machine's own drift
+is not taken for the load's effect.
 """
 
 from __future__ import annotations
 
 import http.client
-import os
 import socket
 import _thread
 import time
 
 from luvmm.tools.bench import bench_host
 from liveupdate.emu.client import connect
-from liveupdate.state import parse_cpu_list
 from liveupdate.emu.services import EmulatedObserver
 from vmm import guest, manage
 from vmm.pace import Heartbeat
@@ -39,8 +38,8 @@ def _free_port() -> int:
 class Clients:
     """CLIENTS threads, each scraping /metrics and asking the VMM's status in turn."""
 
-    def __init__(self, state, name: str, port: int, count: int, cpus: frozenset[int] | None = None):
-        self.state, self.name, self.port, self.count, self.cpus = state, name, port, count, cpus
+    def __init__(self, state, name: str, port: int, count: int):
+        self.state, self.name, self.port, self.count = state, name, port, count
         self.stop = False
         self.scrapes = self.statuses = self.errors = 0
         self._lock = _thread.allocate_lock()
@@ -48,8 +47,6 @@ class Clients:
 
     def _client(self, done) -> None:
         try:
-            if self.cpus:
-                os.sched_setaffinity(0, self.cpus)
             while not self.stop:
                 try:
                     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -95,7 +92,7 @@ def run_load(*, clients: int = 8, seconds: float = 2.0, rounds: int = 3, memory:
         try:
             windows = []
             time.sleep(1.0)  # the guest past its start-up: what is measured is its steady state
-            client_set = Clients(state, name, port, clients, _off(guest_cpus))
+            client_set = Clients(state, name, port, clients)
             for n in range(rounds):
                 for loaded in (False, True):
                     t0 = time.time()
@@ -126,17 +123,6 @@ def run_load(*, clients: int = 8, seconds: float = 2.0, rounds: int = 3, memory:
             "ratio_min": round(min(ratios), 4) if ratios else None,
             "ratio_mean": round(sum(ratios) / len(ratios), 4) if ratios else None, "guest_cpus": guest_cpus,
             "windows": windows}
-
-
-def _off(guest_cpus: str | None) -> frozenset[int] | None:
-    """Where the clients run: off the CPUs set apart for the guest, as the
-    rest of a host that sets CPUs apart for its guests (the daemon, the
-    VMMs' control planes, a Prometheus server) would be.  With none set
-    apart they run where the scheduler puts them, the guest's CPU too: what
-    the guest loses then is CPU time, not a lock."""
-    if not guest_cpus:
-        return None
-    return frozenset(os.sched_getaffinity(0)) - parse_cpu_list(guest_cpus) or None
 
 
 def _steps(a: float, b: float, step: float):

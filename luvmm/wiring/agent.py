@@ -23,16 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     state = StateDir.of_host(args["state_dir"], args["host"])
     # Listening first: a restoring VMM that comes for its session connects at
     # once and waits for the answer, rather than polling a socket not there yet.
-    listener = listen_seqpacket(state.runtime_path("agent.sock"), lean=True)
-    host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
-    agent = Agent(host, state, services.units, boot=unit_boot())
-    listener, early = agent.fast_restore(listener)  # ends with guests_first(): its imports must not take their CPU
-    gc.enable()  # off since the unit started (liveupdate.state.python_unit)
-    import logging as _logging
+    path = state.runtime_path("agent.sock")
+    listener = listen_seqpacket(path, lean=True)
+    try:
+        host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
+        agent = Agent(host, state, services.units, boot=unit_boot())
+        listener, early = agent.fast_restore(listener)  # ends with guests_first(): its imports must not take their CPU
+        gc.enable()  # off since the unit started (liveupdate.state.python_unit)
+        import logging as _logging
 
-    _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.info("agent up (%s boot); update on disk: %s", agent.boot, agent.update and agent.update.get("id"))
-    _import_trio().run(agent.serve, listener, early)
+        _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        log.info("agent up (%s boot); update on disk: %s", agent.boot, agent.update and agent.update.get("id"))
+        _import_trio().run(agent.serve, listener, early)
+    finally:
+        try:  # an agent that goes leaves no socket behind that nobody answers
+            os.unlink(path)
+        except OSError:
+            pass
     return 0
 
 

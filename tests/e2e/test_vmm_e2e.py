@@ -118,7 +118,7 @@ def test_with_dma_running_no_exit_goes_to_the_vmms_python(kvm_ok, vm_host):
     assert submitted > 0 and abs(written - submitted) <= 2  # (the guest runs on between the two reads)
     assert b["to_vmm"] == a["to_vmm"], (a, b)
     exits = sum(b["vmm"].values()) - sum(a["vmm"].values())
-    assert exits >= submitted  # each descriptor made at least one exit, every one served in C
+    assert exits >= written  # each descriptor made at least one exit (one snapshot: the run loop's), served in C
     if b["kvm"]:  # KVM's own count agrees: its exits to userspace are the run loop's
         assert b["kvm"]["exits"] - a["kvm"]["exits"] >= exits
     (bar0, portals) = later["guest_path"]
