@@ -87,3 +87,24 @@ def test_an_update_left_restoring_blocks_no_later_update(agent_host):
         assert update_once(state, timeout=30)["phase"] == "done"
     finally:
         client.close()
+
+
+def test_a_client_waiting_for_the_next_agent_does_not_hammer_the_old_one(agent_host, monkeypatch):
+    """`luvmm update` waits for the agent of the next kernel by asking who
+    answers; while the old one still does (its freeze, the kexec), it asks
+    less and less often -- each look is on a CPU the blackout needs -- and
+    says why it gave up."""
+    from liveupdate import agent_client
+
+    state = agent_host
+    hostctl.start(state)
+    client, hello = wait_for_agent(state)
+    client.close()
+    asked = []
+    real_hello = agent_client.AgentClient.hello
+    monkeypatch.setattr(agent_client.AgentClient, "hello", lambda self: asked.append(1) or real_hello(self))
+    with pytest.raises(AgentError) as e:
+        wait_for_agent(state, 0.5, not_pid=hello["pid"])
+    assert e.value.errno == errno.ETIMEDOUT and f"agent {hello['pid']} is still the old one" in str(e.value)
+    # Polled at its first pace throughout, it would have asked ~500 times.
+    assert 5 <= len(asked) <= 0.5 / agent_client.NEXT_AGENT_POLL_MAX_S + 10, len(asked)
