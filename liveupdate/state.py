@@ -43,6 +43,39 @@ def _valid_unit(name: str) -> bool:
     return True
 
 
+#: Run first in every unit (python_unit): the bytecode cache it writes (in
+#: the state dir, PYTHONPYCACHEPREFIX) is written whole or not at all.
+#: CPython's own writer (importlib._bootstrap_external._write_atomic, 3.11)
+#: ignores a short write: on a full disk it renames a truncated .pyc into
+#: place, and every later import of that module fails ("EOFError: marshal
+#: data too short") -- a VMM restarted for ever.  This one writes until all
+#: of it is written or the write fails (ENOSPC); a failure leaves no file,
+#: and the import goes on from the source (SourceFileLoader.set_data does
+#: not cache what it cannot write).
+SAFE_BYTECODE = """\
+import _frozen_importlib_external as _b
+def _write_whole(path, data, mode=0o666, _os=_b._os):
+    tmp = f"{path}.{id(path)}"
+    fd = _os.open(tmp, _os.O_EXCL | _os.O_CREAT | _os.O_WRONLY, mode & 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[_os.write(fd, view):]
+        _os.close(fd)
+        fd = -1
+        _os.replace(tmp, path)
+    except OSError:
+        if fd >= 0:
+            _os.close(fd)
+        try:
+            _os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+_b._write_atomic = _write_whole
+"""
+
+
 def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
     """argv and environment for a unit that runs ``module.main(args)``.
 
@@ -53,7 +86,8 @@ def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
     the cyclic garbage collector off: its restore path allocates a few
     hundred thousand objects (imports, mostly) and no garbage worth a
     collection, which would take a millisecond of the blackout; the unit's
-    main turns it on once its restore path is done.
+    main turns it on once its restore path is done.  The bytecode it
+    caches is written whole or not at all (:data:`SAFE_BYTECODE`).
     """
     import site
     import sys
@@ -61,7 +95,8 @@ def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
     paths = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
     paths += [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
     # Not runpy: calling main() directly spares its imports on the restore path.
-    boot = (f"import gc; gc.disable(); import sys; sys.path += {paths!r}; sys.argv[0] = {module!r}; "
+    boot = (f"import gc; gc.disable(); exec({SAFE_BYTECODE!r}); import sys; sys.path += {paths!r}; "
+            f"sys.argv[0] = {module!r}; "
             f"from {module} import main; sys.exit(main({list(args)!r}))")
     return [sys.executable, "-S", "-c", boot], {}
 
@@ -262,8 +297,52 @@ class StateError(RuntimeError):
 MARKER = ".luvmm-state"
 #: The state's own directories and files (check_safe refuses a symlink in their place).
 STATE_DIRS = ("units", "logs", "vms", "agent", "pycache")
-STATE_FILES = (MARKER, "host.log", "host.pid", "host.sock", "agent.sock", "notify.sock", "agent/update.json",
+STATE_FILES = (MARKER, "host.lock", "host.log", "host.pid", "host.sock", "agent.sock", "notify.sock",
+               "agent/update.json",
                "init.sock", "boot.pid", "boot.log", "boot.id")
+
+
+def lock_file(path: str, mode: int = 0o600) -> int | None:
+    """The file at ``path`` (created if need be, never through a symlink),
+    open and locked for this process alone (flock, exclusive): its fd; None
+    if another process holds it.  The lock goes with the last fd of that open
+    file (across fork and exec too): a process holds it for its life by
+    keeping the fd.  The file locked may be one its last holder just
+    unlinked (as it cleans up): only the one at the path counts."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            st, mine = os.stat(path, follow_symlinks=False), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def lock_held(path: str) -> bool:
+    """Whether some process holds a lock on the file at ``path``.  Read from
+    /proc/locks, not by trying the lock: a try would hold it for a moment,
+    and a process taking it then would think it taken."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return False
+    # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF" (fs/locks.c, lock_get_status)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(len(fields) > 5 and fields[5] == where for fields in map(str.split, table.splitlines()))
 
 
 def runtime_dir() -> str | None:
@@ -321,6 +400,12 @@ class StateDir:
         return os.path.join(self.path, "host.pid")
 
     @property
+    def host_lock(self) -> str:
+        """Held (flock) by the emulated host's daemon for its life, and by
+        whoever starts one or cleans up after one: one host per state dir."""
+        return os.path.join(self.path, "host.lock")
+
+    @property
     def log(self) -> str:
         return os.path.join(self.path, "host.log")
 
@@ -356,19 +441,38 @@ class StateDir:
         whoever can write there can plant a unit the host would run, or swap
         the directory itself; and any of the state's own files or
         directories that is a symlink (they are never followed)."""
-        created = False
+        created = raced = False
         try:
             try:
                 st = os.lstat(self.path)
             except FileNotFoundError:
                 self._check_parents()
-                os.mkdir(self.path, 0o700)  # exclusive: if someone made it meanwhile, this fails
-                created = True
+                try:
+                    os.mkdir(self.path, 0o700)  # exclusive: if someone made it meanwhile, this fails
+                    created = True
+                except FileExistsError:
+                    # Made meanwhile -- by another luvmm command starting a host
+                    # here at the same moment (the host lock settles which one
+                    # runs): used as found, after the same checks.
+                    raced = True
                 st = os.lstat(self.path)
             self.check_safe(st)
-            marker = os.path.join(self.path, MARKER)
-            if created or not os.path.lexists(marker):
-                self.write_file(MARKER, b"created\n" if created else b"existing\n", mode=0o644)
+            if created:
+                self.write_file(MARKER, b"created\n", mode=0o644)
+            elif not raced:
+                # Found, not made: said so unless it says already.  Exclusively:
+                # a luvmm command that made it a moment ago writes "created"
+                # over this, never the other way round.
+                try:
+                    fd = os.open(os.path.join(self.path, MARKER),
+                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                except FileExistsError:
+                    pass
+                else:
+                    try:
+                        os.write(fd, b"existing\n")
+                    finally:
+                        os.close(fd)
             for sub in ("units", "logs"):
                 self.make_dir(sub)
         except OSError as e:
@@ -482,11 +586,14 @@ class StateDir:
         """What a stopped host leaves: the VMs' definitions (units/vm-*.json
         and vms/NAME/: config, metrics) and, while there are any, the logs.
         Everything else the host made goes; so does the directory itself if
-        luvmm created it and nothing is left.  Returns the VMs kept."""
+        luvmm created it and nothing is left.  Returns the VMs kept.  Only
+        with :attr:`host_lock` held (liveupdate.emu.hostctl.clean): a host
+        started here meanwhile keeps its files."""
         import shutil
 
         vms = self.vm_names()
-        for name in ("host.sock", "agent.sock", "notify.sock", "host.pid", "units/agent.json", "units/agent.tmp"):
+        for name in ("host.sock", "agent.sock", "notify.sock", "host.pid", "host.lock", "units/agent.json",
+                     "units/agent.tmp"):
             try:
                 os.unlink(os.path.join(self.path, name))
             except (FileNotFoundError, NotADirectoryError):

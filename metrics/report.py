@@ -32,6 +32,7 @@ import time
 
 from liveupdate.update import LOST_HORIZON_MS, ms, outage_measured_by, p99_label, percentile, phase_values, recovery_ms
 from liveupdate.update import PHASES
+from luvmm.outfiles import open_dir, write_in
 
 EMULATED_NOTE = ("the emulated host (luvmm's emulated DSA, IOMMU, VFIO, iommufd, LUO/KHO and kexec): its kexec takes "
                  "milliseconds where a real one takes seconds, so these blackouts are the VMM's share of a real one")
@@ -343,13 +344,22 @@ window.addEventListener("load", function () {{
 
 
 def write_report(directory: str, summary: dict, timeline: dict, meta: dict) -> str:
-    """Write DIR/index.html, the PNGs and summary.json; returns the index's path."""
+    """Write DIR/index.html, the PNGs and summary.json; returns the index's
+    path.  Each file is made new and renamed into place (luvmm.outfiles):
+    never written through a symlink someone planted in DIR."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(directory, exist_ok=True)
+    dirfd = open_dir(directory, create=True)  # UnsafeOutput: not a directory luvmm may write in
+    try:
+        return _write_report(dirfd, directory, summary, timeline, meta, plt)
+    finally:
+        os.close(dirfd)
+
+
+def _write_report(dirfd: int, directory: str, summary: dict, timeline: dict, meta: dict, plt) -> str:
     figures = [("dma_timeline.png", "DMA throughput and guest activity over the run, blackouts shaded",
                 lambda: plot_timeline(timeline, meta["started"])),
                ("blackout_zoom.png", "Around each blackout (5 ms bins)", lambda: plot_zooms(timeline, summary)),
@@ -364,8 +374,7 @@ def write_report(directory: str, summary: dict, timeline: dict, meta: dict) -> s
         fig = draw()
         data = _png(fig)
         plt.close(fig)
-        with open(os.path.join(directory, filename), "wb") as f:
-            f.write(data)
+        write_in(dirfd, filename, data)  # never through a symlink planted there
         plots.append(f'<h2>{html.escape(title)}</h2>\n<img class="plot" id="{filename[:-4]}" alt="{html.escape(title)}" '
                      f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
     vclass, vtext = verdict(summary, meta)
@@ -384,10 +393,8 @@ def write_report(directory: str, summary: dict, timeline: dict, meta: dict) -> s
     page = PAGE.format(nplots=len(plots), vclass=vclass, vtext=html.escape(vtext),
                        meta="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items()),
                        headline=_headline(summary), plots="\n".join(plots), table=_table(summary))
-    index = os.path.join(directory, "index.html")
-    with open(index, "w") as f:
-        f.write(page)
-    with open(os.path.join(directory, "summary.json"), "w") as f:
-        json.dump({"meta": meta, "verdict": {"class": vclass, "text": vtext}, "summary": summary,
-                   "blackouts": timeline["blackouts"]}, f, indent=1)
-    return index
+    write_in(dirfd, "index.html", page.encode())
+    write_in(dirfd, "summary.json", json.dumps({"meta": meta, "verdict": {"class": vclass, "text": vtext},
+                                                "summary": summary, "blackouts": timeline["blackouts"]},
+                                               indent=1).encode())
+    return os.path.join(directory, "index.html")

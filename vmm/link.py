@@ -199,8 +199,6 @@ class Link:
                 return
             finally:
                 close_fds(out)
-            if request.get("op") == "stop":
-                self.stopping = True
 
     # --- the requests -----------------------------------------------------------------------------
 
@@ -321,7 +319,8 @@ class Link:
         os._exit(137)
 
     def op_stop(self, request) -> tuple[bool, list[int]]:
-        return True, []  # the VM goes once the reply is sent (run)
+        self.stopping = True  # the VM goes once the reply is sent (run)
+        return True, []
 
     # --- helpers ----------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ from liveupdate.emu.kernel.core import Kernel, KernelError, KernelPanic
 from liveupdate.emu.machine import Machine
 from liveupdate.emu.observer import Observer
 from liveupdate.init import Init
-from liveupdate.state import StateDir, StateError, guest_cpus, keep_off_guest_cpus, use_every_cpu
+from liveupdate.state import StateDir, StateError, guest_cpus, keep_off_guest_cpus, lock_file, use_every_cpu
 
 log = logging.getLogger("luvmm.host")
 
@@ -571,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", default=None,
                         help="serve Prometheus metrics over HTTP (loopback unless ADDRESS is given)")
     parser.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd when serving")
+    parser.add_argument("--lock-fd", type=int, default=None,
+                        help="the state dir's host lock, taken by whoever started this daemon (default: taken here)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.setswitchinterval(0.0005)  # keep serving while the DSA engines run Python
@@ -586,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         state.ensure()
+        # One host per state dir: the lock (liveupdate.emu.hostctl.start), held
+        # for this process's life and by none of its units.
+        if args.lock_fd is not None:
+            os.set_inheritable(args.lock_fd, False)
+        elif lock_file(state.host_lock) is None:
+            return failed(f"an emulated host is already running (or starting) in {state.path}")
         daemon = HostDaemon(state, devices=args.devices, profile=args.kernel_profile,
                             dsa_bandwidth=args.dsa_bandwidth, metrics=args.metrics_port)
     except (StateError, ValueError) as e:

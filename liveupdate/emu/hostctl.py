@@ -12,6 +12,8 @@ from liveupdate.state import (
     RESTART_MAX_DELAY_S,
     StateDir,
     default_state_dir,
+    lock_file,
+    lock_held,
     parse_cpu_list,
     python_unit,
 )
@@ -21,11 +23,20 @@ class HostError(RuntimeError):
     pass
 
 
+class HostBusy(HostError):
+    """Another process holds the state dir's host lock: its host runs, or is starting."""
+
+
+#: How long a command that finds a host starting waits for it to serve, and
+#: one that stopped a host waits for the lock to clean up after it.
+LOCK_WAIT_S = 30.0
+
+
 def dead(state: StateDir) -> int | None:
     """The pid of a daemon that ran here and died (its pid file or socket
     left behind, nothing answering), else None."""
-    if not state.exists() or running(state):
-        return None
+    if not state.exists() or running(state) or lock_held(state.host_lock):
+        return None  # answering, or starting, or stopping: the daemon holds its lock for its life
     pid = state.pid()
     if pid is not None and _is_daemon(pid, state):
         return None  # alive, not answering (yet): not dead
@@ -65,8 +76,33 @@ def bury(state: StateDir) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    state.clean()
+    clean(state)
     return pids
+
+
+def clean(state: StateDir, wait: float = LOCK_WAIT_S) -> list[str] | None:
+    """:meth:`StateDir.clean` under the host lock, once the daemon that held
+    it is gone (waiting up to ``wait`` for it to let go); None, cleaning
+    nothing, if a host holds it still -- one started here meanwhile: what is
+    there is its.  The lock file goes with the rest, still locked (the next
+    taker checks it locked the file at the path)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = lock_file(state.host_lock)
+        except FileNotFoundError:
+            return state.vm_names() if state.exists() else []  # the directory itself is gone
+        if fd is not None:
+            break
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)  # polling a lock its holder is letting go of (a daemon exiting)
+    try:
+        return state.clean()
+    finally:
+        os.close(fd)
 
 
 def running(state: StateDir) -> bool:
@@ -94,17 +130,29 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
         parse_cpu_list(guest_cpus)  # ValueError: the caller's mistake, before anything starts
         env = dict(env or {}, **{GUEST_CPUS_ENV: guest_cpus})
     if running(state):
-        raise HostError(f"an emulated host is already running in {state.path}")
+        raise HostBusy(f"an emulated host is already running in {state.path}")
     state.ensure()  # StateError: not a directory, read-only, writable by others
+    # One host per state dir, whoever else starts one at the same moment:
+    # the lock first, before anything of a host is made; the daemon holds it
+    # (the same open file) for its life.
+    lock = lock_file(state.host_lock)
+    if lock is None:
+        raise HostBusy(f"an emulated host is already running (or starting) in {state.path}")
     try:
+        if running(state):  # one that holds no lock (an older luvmm's)
+            raise HostBusy(f"an emulated host is already running in {state.path}")
         return _start(state, devices=devices, profile=profile, dsa_bandwidth=dsa_bandwidth, agent=agent,
-                      timeout=timeout, env=env, metrics_port=metrics_port)
-    except BaseException:
-        state.clean()
+                      timeout=timeout, env=env, metrics_port=metrics_port, lock=lock)
+    except HostBusy:
         raise
+    except BaseException:
+        state.clean()  # the lock still held: nothing of another host's
+        raise
+    finally:
+        os.close(lock)  # the daemon's copy holds it on
 
 
-def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, env, metrics_port) -> int:
+def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, env, metrics_port, lock) -> int:
     from luvmm import abi
 
     if not abi.PREBUILT or not os.path.exists(abi._CACHE):
@@ -122,7 +170,7 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
         state.remove_unit("agent")  # --no-agent means none, whatever an earlier host left
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "liveupdate.emu.daemon", "--state-dir", state.path, "--devices", str(devices),
-            "--kernel-profile", profile, "--ready-fd", str(write_end)]
+            "--kernel-profile", profile, "--ready-fd", str(write_end), "--lock-fd", str(lock)]
     if dsa_bandwidth:
         argv += ["--dsa-bandwidth", str(dsa_bandwidth)]
     if metrics_port is not None:
@@ -130,7 +178,7 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
     log = os.open(state.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                pass_fds=(write_end,), start_new_session=True,
+                                pass_fds=(write_end, lock), start_new_session=True,
                                 env=dict(os.environ, **(env or {})))
     finally:
         os.close(log)
@@ -170,7 +218,7 @@ def stop(state: StateDir, timeout: float = 30.0) -> list[str] | None:
 
             os.kill(pid, signal.SIGTERM)
             _wait_exit(pid, timeout)
-            return state.clean()
+            return clean(state) or []
         return None
     from liveupdate.emu.client import connect
 
@@ -181,7 +229,7 @@ def stop(state: StateDir, timeout: float = 30.0) -> list[str] | None:
         host.close_connection()
     if pid is not None:
         _wait_exit(pid, timeout)
-    return state.clean()
+    return clean(state, timeout) or []
 
 
 def _is_daemon(pid: int, state: StateDir) -> bool:
@@ -237,9 +285,28 @@ def ensure(state_dir: str | None, *, say=print, **start_args) -> StateDir:
         gone = dead(state)
         if gone is not None:  # a new machine over a dead one's state is an explicit act
             raise HostError(died(state, gone))
-        start(state, **start_args)
-        say(f"started an emulated host in {state.path}")
+        try:
+            start(state, **start_args)
+            say(f"started an emulated host in {state.path}")
+        except HostBusy:
+            _wait_serving(state, LOCK_WAIT_S)  # another command is starting it: that one will do
     return state
+
+
+def _wait_serving(state: StateDir, timeout: float) -> None:
+    """Wait for the host another process is starting to serve (HostError if
+    it does not, or gives up)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not running(state):
+        if not lock_held(state.host_lock):
+            if running(state):
+                return
+            raise HostError(f"the emulated host another command was starting in {state.path} did not start")
+        if time.monotonic() >= deadline:
+            raise HostError(f"the emulated host starting in {state.path} did not serve within {timeout:.0f} s")
+        time.sleep(0.02)  # polling its socket: it serves once it has said "ready" to its starter
 
 
 def format_status(status: dict) -> str:

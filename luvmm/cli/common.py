@@ -6,7 +6,6 @@ from __future__ import annotations
 
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -201,11 +200,12 @@ def check_json_file(dest) -> None:
     """Refuse a ``--json FILE`` that cannot be written before a long run, not after it."""
     if dest in (None, False, True, "-"):
         return
-    parent = os.path.dirname(os.path.abspath(dest))
-    if os.path.isdir(dest):
-        raise CliError(f"--json {dest}: is a directory", exitcodes.USAGE)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise CliError(f"--json {dest}: cannot write in {parent}", exitcodes.USAGE)
+    from luvmm.outfiles import UnsafeOutput, check_file
+
+    try:
+        check_file(dest)
+    except UnsafeOutput as e:
+        raise CliError(f"--json {dest}: {e}", exitcodes.USAGE) from None
 
 
 def emit(result, dest, text) -> None:
@@ -215,16 +215,14 @@ def emit(result, dest, text) -> None:
         print_json(result)
         return
     if dest:
-        tmp = f"{dest}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, dest)
+        from luvmm.outfiles import UnsafeOutput, write_file
+
+        try:  # whole or not at all, never through a symlink
+            write_file(dest, (json.dumps(result, indent=2) + "\n").encode())
+        except UnsafeOutput as e:
+            raise CliError(f"--json {dest}: {e}") from None
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise CliError(f"--json {dest}: {e.strerror}") from None
+            raise CliError(f"--json {dest}: {e.strerror or e}") from None
     body = text()
     if body:
         print(body)

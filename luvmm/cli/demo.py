@@ -6,7 +6,7 @@ import argparse
 import os
 
 from luvmm import exitcodes
-from luvmm.cli.common import (guest_arg, guest_cpus_arg, host_arg, listen_address, memory_args, pick_guest,
+from luvmm.cli.common import (CliError, guest_arg, guest_cpus_arg, host_arg, listen_address, memory_args, pick_guest,
                                positive_int, profile_arg, say)
 
 
@@ -16,7 +16,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from metrics.report import verdict
 
     guest = pick_guest(args.guest)
+    from luvmm.outfiles import UnsafeOutput, check_dir
     from luvmm.tools.bench import guest_cpus_for
+
+    try:  # before the run, not after it: the report is what it is for
+        check_dir(args.report)
+    except UnsafeOutput as e:
+        raise CliError(f"--report {args.report}: {e}", exitcodes.USAGE) from None
 
     result = run_demo(cycles=args.cycles, profile=args.kernel_profile, report_dir=args.report,
                       memory=args.memory, guest_kind=guest, metrics_port=args.metrics_port, keep=args.keep,

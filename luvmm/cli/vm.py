@@ -105,7 +105,7 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
 
     if not hostctl.running(state):
         manage.stop(state, args.name, None)
-        state.clean()  # what the stopped host kept for it
+        hostctl.clean(state)  # what the stopped host kept for it
         print(f"VM {args.name} removed (no host was running it)")
         return exitcodes.OK
     with Connection(state) as host:

@@ -112,6 +112,16 @@ class Chaos:
         self._settle(n, action)
         return f"cycle {n}: {action}, update {outcome}"
 
+    def _log_tail(self, unit: str, lines: int = 8) -> list[str]:
+        """The last lines of a unit's log: what a lost VM's VMM said last."""
+        try:
+            with open(self.state.logs / f"{unit}.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                return f.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError as e:
+            return [f"(its log: {e.strerror or e})"]
+
     def _account(self, record: dict) -> None:
         for c in summarize([record])["cycles"]:
             if "error" in c:
@@ -126,7 +136,8 @@ class Chaos:
             try:
                 st = manage.wait_ready(self.state, name, timeout=60)
             except manage.VmError as e:
-                self.result["vms_lost"].append({"cycle": n, "action": action, "vm": name, "why": str(e)})
+                self.result["vms_lost"].append({"cycle": n, "action": action, "vm": name, "why": str(e),
+                                                "log": self._log_tail(f"vm-{name}")})
                 continue
             mb, before = st["mailbox"], self.seen[name]
             if st["boot"] == "cold" and st["pid"] != self.pids[name]:
@@ -232,4 +243,5 @@ def format_chaos(result: dict) -> str:
              f"blackout p50 {b['p50'] * 1e3:.1f} ms, max {b['max'] * 1e3:.1f} ms (updates that went through)"]
     for v in result["vms_lost"][:5]:
         lines.append(f"  LOST: cycle {v['cycle']} ({v['action']}): {v['vm']}: {v['why']}")
+        lines += [f"    | {line}" for line in v.get("log", ())]
     return "\n".join(lines)
