@@ -37,7 +37,7 @@ import os
 import signal
 
 from liveupdate.init import Init, authorize, OPS
-from liveupdate.state import StateDir, python_unit, RESTART_MAX_DELAY_S
+from liveupdate.state import StateDir, lock_file, python_unit, RESTART_MAX_DELAY_S
 
 log = logging.getLogger("luvmm.boot")
 
@@ -126,23 +126,9 @@ def running(state: StateDir) -> int | None:
 def lock(state: StateDir) -> int:
     """Take ``boot.pid`` for this process: its fd, locked, with this pid in
     it; AlreadyRunning if another init holds it."""
-    path = pidfile(state)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AlreadyRunning(state, running(state)) from None
-        # The file locked may be one an init that just exited unlinked: only the one at the path counts.
-        try:
-            st = os.stat(path, follow_symlinks=False)
-            mine = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    fd = lock_file(pidfile(state), 0o644)  # the one at the path, not one an init that just exited unlinked
+    if fd is None:
+        raise AlreadyRunning(state, running(state))
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
