@@ -277,20 +277,23 @@ def died(state: StateDir, pid: int) -> str:
             "(its VMs boot cold)")
 
 
-def ensure(state_dir: str | None, *, say=print, **start_args) -> StateDir:
+def ensure(state_dir: str | None, *, say=print, **start_args) -> tuple[StateDir, bool]:
     """The host of ``state_dir`` (default: the embedded one), started if needed
-    (and said so): what `luvmm vm start` does."""
+    (and said so): what `luvmm vm start` does.  Also whether this call
+    started it (not another command starting it at the same moment)."""
     state = StateDir(state_dir or default_state_dir())
-    if not running(state):
-        gone = dead(state)
-        if gone is not None:  # a new machine over a dead one's state is an explicit act
-            raise HostError(died(state, gone))
-        try:
-            start(state, **start_args)
-            say(f"started an emulated host in {state.path}")
-        except HostBusy:
-            _wait_serving(state, LOCK_WAIT_S)  # another command is starting it: that one will do
-    return state
+    if running(state):
+        return state, False
+    gone = dead(state)
+    if gone is not None:  # a new machine over a dead one's state is an explicit act
+        raise HostError(died(state, gone))
+    try:
+        start(state, **start_args)
+    except HostBusy:
+        _wait_serving(state, LOCK_WAIT_S)  # another command is starting it: that one will do
+        return state, False
+    say(f"started an emulated host in {state.path}")
+    return state, True
 
 
 def _wait_serving(state: StateDir, timeout: float) -> None:

@@ -76,8 +76,7 @@ def _start_emulated(args: argparse.Namespace, state, config) -> dict:
     from liveupdate.emu.services import EmulatedUnits
     from vmm import manage
 
-    started = not hostctl.running(state)
-    hostctl.ensure(state.path, say=say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
+    _, started = hostctl.ensure(state.path, say=say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
     try:
         with Connection(state) as host:
             return manage.start(state, config, EmulatedUnits(host), overcommit=args.overcommit, wait=args.timeout)
