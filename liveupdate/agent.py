@@ -142,6 +142,9 @@ class Agent:
         self.tsc_rate = None
         self.disk_error: str | None = None
         self.update = self._load_update()
+        #: An `update` request is getting its VMs ready (before its record
+        #: exists): a second one is refused, not run beside it.
+        self.preparing = False
 
     # --- the update on disk --------------------------------------------------------------------
 
@@ -531,9 +534,22 @@ class Agent:
                                                                  "after the kexec: its VMM never restored it"})
 
     async def _update(self, timeout: float) -> dict:
+        # One at a time.  One this agent is preparing or rebooting into is
+        # refused at once: waiting would end with this agent, in its kexec.
+        if self.preparing or self.update is not None and self.update.get("phase") in ("kexec", "rolling-back"):
+            raise OSError(errno.EBUSY, "another live update is in progress on this host"
+                          + (f" (update {self.update['id']})" if self.preparing is False else ""))
+        self.preparing = True
+        try:
+            return await self._update_one(timeout)
+        finally:
+            self.preparing = False
+
+    async def _update_one(self, timeout: float) -> dict:
         self._forget_awaited(set((self.update or {}).get("vms", ())) - set(self.state.vm_names()))
-        # One at a time: an update under way (e.g. its `luvmm update` was
-        # interrupted, the host finishes it) is waited for, within the timeout.
+        # One the new kernel's agent is finishing (its VMs restoring: e.g. its
+        # `luvmm update` was interrupted, the host finishes it) is waited for,
+        # within the timeout.
         await self._result(timeout)
         if self.update is not None and self.update.get("phase") in _IN_PROGRESS:
             raise OSError(errno.EBUSY, f"update {self.update['id']} is still in progress")

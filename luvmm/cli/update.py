@@ -4,6 +4,7 @@ update's report, and abandon an update that will not end by itself."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from luvmm import exitcodes
@@ -76,6 +77,8 @@ def _cmd_update(args: argparse.Namespace) -> int:
             try:
                 records.append(update_once(state, timeout=args.timeout))
             except AgentError as e:
+                if e.errno == errno.EBUSY and not records:  # refused up front: another one runs, nothing paused
+                    raise CliError(e.strerror or str(e)) from None
                 failed.append(f"update {n}/{cycles} failed: {e.strerror or e}")
                 break
             if show:

@@ -95,3 +95,26 @@ def test_two_vm_starts_at_once_in_an_empty_dir_share_one_host(cli):
         cli("vm", "stop", name)
     cli("host", "stop")
     assert daemons(cli.state) == []
+
+
+def test_two_updates_at_once_run_one_after_the_other_or_one_is_refused_in_one_line(cli):
+    """A second `luvmm update` while one runs is refused up front while the
+    first prepares and reboots, or waits for it in the next kernel (issue
+    24, item 6) -- never cut off by the other's kexec ("the agent went away")."""
+    import json
+
+    cli("vm", "start", "a", "--guest", "synthetic", "--memory", "64M")
+    cli("host", "faults", "freeze=stall:1")  # each update lasts a second at least: the two overlap
+    for _ in range(3):
+        first, second = at_once(cli, ("update",), ("update",))
+        assert exitcodes.OK in (first.returncode, second.returncode), (first, second)
+        for proc in (first, second):  # the other ran after it (the new kernel's agent waits), or was refused
+            if proc.returncode != exitcodes.OK:
+                assert proc.returncode == exitcodes.FAILED and proc.stdout == "", proc
+                assert cli.error_line(proc).startswith(
+                    "luvmm update: another live update is in progress on this host"), proc.stderr
+        last = json.loads(cli("update", "--last", "--json").stdout)
+        assert last["cycles"][0]["vm"] == "a" and not last["cycles"][0].get("error")
+    cli("host", "faults", "--clear")
+    cli("vm", "stop", "a")
+    cli("host", "stop")
