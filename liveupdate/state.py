@@ -1,7 +1,8 @@
 """The state dir: the emulated host's "disk".
 
 Layout: ``host.sock`` (the daemon's control socket, mode 0600), ``agent.sock``, ``notify.sock`` (init's sd_notify socket),
-``host.pid``, ``host.log``; on a real host under `luvmm boot` instead of the
+``host.pid``, ``host.log``, ``host.lock`` (held by the daemon for its life:
+one host per state dir); on a real host under `luvmm boot` instead of the
 daemon's: ``init.sock``, ``boot.pid``, ``boot.log`` and ``boot.id`` (the
 kernel's boot it last started in); ``units/NAME.json`` (what init starts), ``logs/``
 (each unit's output), ``vms/NAME/`` (per-VM files of the VMM), ``.luvmm-state``
