@@ -10,6 +10,11 @@ from liveupdate.agent_client import AgentError, wait_for_agent
 from liveupdate.state import StateDir
 
 
+#: Once an update has started its kexec, how long at least its outcome is
+#: waited for (the agent's own deadline for the VMs' reports is longer).
+OUTCOME_WAIT_MIN_S = 30.0
+
+
 def update_once(state: StateDir, *, timeout: float = 60.0, on_started=None) -> dict:
     """One live update; returns the agent's record of it, with each VMM's
     report.  ``on_started({"update": ID, "vms": [...]})`` is called once the
@@ -22,13 +27,17 @@ def update_once(state: StateDir, *, timeout: float = 60.0, on_started=None) -> d
         client.close()
     if on_started is not None:
         on_started(started)
-    deadline = time.monotonic() + timeout
+    # From here the update cannot be taken back (its VMs are paused, the
+    # kexec under way): its outcome is waited for at least OUTCOME_WAIT_MIN_S,
+    # whatever ``timeout`` allowed each step before it.
+    wait = max(timeout, OUTCOME_WAIT_MIN_S)
+    deadline = time.monotonic() + wait
     while True:
         # The agent of the new kernel; if it dies before it answers, the one
         # init starts next (the update's record is on disk).
-        client, hello = wait_for_agent(state, timeout, not_pid=hello["pid"])
+        client, hello = wait_for_agent(state, max(0.0, deadline - time.monotonic()), not_pid=hello["pid"])
         try:
-            result = client.call({"op": "result", "timeout": timeout})[0]
+            result = client.call({"op": "result", "timeout": max(0.0, deadline - time.monotonic())})[0]
             break
         except AgentError as e:
             if e.errno != errno.ECONNRESET or time.monotonic() > deadline:
@@ -37,6 +46,9 @@ def update_once(state: StateDir, *, timeout: float = 60.0, on_started=None) -> d
             client.close()
     if not result or result.get("id") != started["update"]:
         raise AgentError(5, f"the agent lost update {started['update']}")
+    if result.get("phase") in ("kexec", "rolling-back", "restoring"):
+        raise AgentError(errno.ETIMEDOUT, f"update {started['update']} is still {result['phase']} after {wait:.0f} s: "
+                                          "`luvmm update --last` shows its outcome once it has one")
     if result.get("phase") == "failed":
         raise AgentError(result.get("errno") or 5, result.get("error", "update failed"))
     return result

@@ -286,7 +286,8 @@ def add_parser(sub) -> None:
                              "what `luvmm host check` finds)")
     update.add_argument("--cycles", type=positive_int, help="updates in a row (default 1; a real host: 1)")
     update.add_argument("--timeout", type=positive_seconds, default=60.0,
-                        help="seconds to wait for each step (default 60)")
+                        help="seconds to wait for each step before the kexec (default 60); once the kexec has "
+                             "started, its outcome is waited for at least 30 s")
     mode = update.add_mutually_exclusive_group()
     mode.add_argument("--last", action="store_true",
                       help="print the report of the host's last update instead (waiting while it restores), "

@@ -141,7 +141,8 @@ class Chaos:
                 continue
             mb, before = st["mailbox"], self.seen[name]
             if st["boot"] == "cold" and st["pid"] != self.pids[name]:
-                self.result["vms_lost"].append({"cycle": n, "action": action, "vm": name, "why": "booted cold"})
+                self.result["vms_lost"].append({"cycle": n, "action": action, "vm": name, "why": "booted cold",
+                                                "log": self._log_tail(f"vm-{name}", 16)})
             if mb["heartbeat"] < before["heartbeat"] or mb["completed"] < before["completed"]:
                 self.result["counters_went_back"].append({"cycle": n, "action": action, "vm": name})
             self.result["guest_dma_errors"] += mb["errors"] - before["errors"]
