@@ -6,6 +6,7 @@ imported (Agent.fast_restore), then everything."""
 
 from __future__ import annotations
 
+import _signal
 import gc
 import os
 import sys
@@ -25,6 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     # once and waits for the answer, rather than polling a socket not there yet.
     path = state.runtime_path("agent.sock")
     listener = listen_seqpacket(path, lean=True)
+    mine = os.stat(path).st_ino
+
+    def unlink_mine():
+        """An agent that goes leaves no socket behind that nobody answers
+        (and never removes the one an agent started after it made)."""
+        try:
+            if os.stat(path).st_ino == mine:
+                os.unlink(path)
+        except OSError:
+            pass
+
+    def on_sigterm(signum, frame):  # init's stop: the socket goes, then the process, as SIGTERM does
+        unlink_mine()
+        _signal.signal(signum, _signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    _signal.signal(_signal.SIGTERM, on_sigterm)
     try:
         host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
         agent = Agent(host, state, services.units, boot=unit_boot())
@@ -36,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("agent up (%s boot); update on disk: %s", agent.boot, agent.update and agent.update.get("id"))
         _import_trio().run(agent.serve, listener, early)
     finally:
-        try:  # an agent that goes leaves no socket behind that nobody answers
-            os.unlink(path)
-        except OSError:
-            pass
+        unlink_mine()
     return 0
 
 
