@@ -22,8 +22,8 @@ only through the host interface, so it runs unchanged on a real host.
 
 Who may ask what (the peer is identified by SO_PEERCRED and SO_PEERPIDFD:
 luvmm.peer): a VM's requests (its sessions, its registration, its reports)
-only from that VM's unit; the operator's (update, result, status, release,
-abandon) only from a process of no unit; ``hello`` from anyone.  A peer that
+only from that VM's unit; the operator's (update, result, status, hold,
+release, abandon) only from a process of no unit; ``hello`` from anyone.  A peer that
 cannot be identified, or a process that left its unit, gets EPERM.
 
 Protocol: SOCK_SEQPACKET at ``agent.sock`` in the state dir, one JSON object
@@ -81,8 +81,8 @@ def _import_trio():
 #: Requests about one VM (its ``name``): only that VM's unit may make them.
 VM_OPS = frozenset({"create-session", "retrieve-session", "register", "restored", "resumed"})
 #: The operator's requests: only a process of no unit may make them (``release``: its VM's unit too).
-OPERATOR_OPS = frozenset({"update", "result", "status", "release", "abandon", "check"})
-NAMED_OPS = VM_OPS | {"release"}
+OPERATOR_OPS = frozenset({"update", "result", "status", "hold", "release", "abandon", "check"})
+NAMED_OPS = VM_OPS | {"hold", "release"}
 #: unit_of's answer for a process that left its unit (liveupdate.init.ORPHAN).
 ORPHAN = "?orphan"
 _UNKNOWN = object()  # a connection whose peer was not looked up yet
@@ -145,6 +145,11 @@ class Agent:
         #: An `update` request is getting its VMs ready (before its record
         #: exists): a second one is refused, not run beside it.
         self.preparing = False
+        #: VMs being started or stopped (`luvmm vm start|stop`, ``hold``): name ->
+        #: the client's channel.  No update starts until each is released, or
+        #: its client goes away.
+        self.held: dict[str, Channel] = {}
+        self.unheld = None  # a trio.Event, made when serve() starts
 
     # --- the update on disk --------------------------------------------------------------------
 
@@ -276,7 +281,7 @@ class Agent:
             from liveupdate import tsc
 
             self.tsc_rate = tsc.Rate()
-        self.reported, self.registered = trio.Event(), trio.Event()
+        self.reported, self.registered, self.unheld = trio.Event(), trio.Event(), trio.Event()
         listener = trio.socket.from_stdlib_socket(listener or listen_seqpacket(self.state.agent_socket))
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
@@ -316,7 +321,7 @@ class Agent:
                         # From now on the agent speaks first on this channel.
                         await self._watch(ch)
                         break
-                    ok, out = await self._request(request)
+                    ok, out = await self._request(request, ch)
                     reply = {"ok": ok}
                 except Exception as e:  # noqa: BLE001 -- the one place a request's failure becomes its reply
                     reply = rpc.error_reply(e, log)
@@ -325,6 +330,8 @@ class Agent:
         if registered and self.vmms.get(registered) is ch:
             del self.vmms[registered]
             log.info("the VMM of %s went away", registered)
+        for name in [n for n, owner in self.held.items() if owner is ch]:
+            self._unhold(name)  # its `vm start` is done, or its `vm stop` died half-way
 
     def _register(self, name: str, ch: Channel) -> None:
         ch.replies = trio.open_memory_channel(1)
@@ -415,33 +422,60 @@ class Agent:
             return self._release(request["name"]), []
         return None
 
+    def _hold(self, name: str, ch: Channel) -> bool:
+        """``hold`` (`luvmm vm start` and `vm stop`, before they touch the VM's
+        unit): refused (EBUSY) while an update is in progress -- a VMM
+        stopped while it prepares or restores leaves its VM half in the
+        update (its device and RAM held by a session no one finishes); one
+        started then is in no update, and its VMM is killed by the kexec.
+        Accepted, no update starts until the VM is released or the client
+        goes away."""
+        update = self.update
+        if name not in self.held and (self.preparing or update is not None and update.get("phase") in _IN_PROGRESS):
+            # (One held already: a `vm start` that failed, stopping its VM.)
+            which = f"update {update['id']}, {update['phase']}" if not self.preparing and update else "preparing"
+            raise OSError(errno.EBUSY, f"an update is in progress on this host ({which}); try again once it is "
+                                       "over (`luvmm update --last` waits for it)")
+        self.held[name] = ch
+        return True
+
+    def _unhold(self, name: str) -> None:
+        if self.held.pop(name, None) is not None and self.unheld is not None:
+            self.unheld.set()
+            self.unheld = trio.Event()
+
     def _release(self, name: str) -> dict:
         """``release``: the VM was stopped for good (`luvmm vm stop`).  Let go
         of everything held for it -- its outgoing session (closing the last
         fd of a session unpreserves its files: LUO lets go of its RAM and its
-        device), its channel -- so that nothing of it stays behind: no
-        session in the next kexec, no device kept busy.  (Init flushes the
-        unit's fd store when it stops the unit.)"""
+        device), the incoming one (closing a retrieved session finishes it:
+        what its VMM did not retrieve is let go), its channel -- so that
+        nothing of it stays behind: no session in the next kexec, no device
+        kept busy.  (Init flushes the unit's fd store when it stops the unit.)"""
         released = []
-        session = self.outgoing.pop(name, None)
-        if session is not None:
-            session.close()
-            released.append("session")
+        for kind, sessions in (("session", self.outgoing), ("incoming session", self.incoming)):
+            session = sessions.pop(name, None)
+            if session is not None:
+                session.close()
+                released.append(kind)
         ch = self.vmms.pop(name, None)
         if ch is not None:
             ch.conn.close()
             released.append("channel")
         self._forget_awaited({name})
         self.reports.pop(name, None)
+        self._unhold(name)
         if released:
             log.info("released VM %s: %s", name, ", ".join(released))
         return {"released": released}
 
-    async def _request(self, request: dict):
+    async def _request(self, request: dict, ch: Channel):
         answered = self._sync_request(request)
         if answered is not None:
             return answered
         op = request["op"]
+        if op == "hold":
+            return self._hold(str(request["name"]), ch), []
         if op == "restored":
             return self._restored(str(request["name"]), request.get("report", {})), []
         if op == "update":
@@ -539,8 +573,15 @@ class Agent:
         if self.preparing or self.update is not None and self.update.get("phase") in ("kexec", "rolling-back"):
             raise OSError(errno.EBUSY, "another live update is in progress on this host"
                           + (f" (update {self.update['id']})" if self.preparing is False else ""))
-        self.preparing = True
+        self.preparing = True  # from here a `vm start` or `vm stop` is refused
         try:
+            # One that has begun goes first: a stop is quick (its VMM killed, its
+            # sessions let go), a start lasts until its guest runs.
+            with trio.move_on_after(timeout):
+                while self.held:
+                    await self.unheld.wait()
+            if self.held:
+                raise OSError(errno.EBUSY, f"VM {', '.join(sorted(self.held))} is being started or stopped")
             return await self._update_one(timeout)
         finally:
             self.preparing = False

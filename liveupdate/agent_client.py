@@ -82,6 +82,12 @@ class AgentClient:
         start-up work (``import trio``) until then, off the blackout."""
         self.call({"op": "resumed", "name": name})
 
+    def hold(self, name: str) -> None:
+        """``name`` is about to be started or stopped: EBUSY if an update is
+        in progress; else no update starts until :meth:`release` (or this
+        connection closes)."""
+        self.call({"op": "hold", "name": name})
+
     def release(self, name: str) -> list[str]:
         """The VM is stopped for good: the agent lets go of its session, files and channel."""
         return self.call({"op": "release", "name": name})[0]["released"]

@@ -59,6 +59,8 @@ AGENT = {
     "restored": (_req(name=str, report=(dict, None)), "true"),
     "resumed": (_req(name=str), "true"),
     "release": (_req(name=str), "{released: [what was let go]}"),
+    "hold": (_req(name=str), "true: no update starts until this connection releases the VM or closes "
+                             "(EBUSY while one is in progress)"),
     "update": (_req(timeout=(NUMBER, None)), "{update, vms}"),
     "result": (_req(timeout=(NUMBER, None)), "the update's record: {id, vms, phase, reports, error?}"),
     "status": (_req(), "{vmms, outgoing, incoming, update}"),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import shutil
 import socket
 import time
 
-from liveupdate.agent_client import AgentClient
+from liveupdate.agent_client import wait_for_agent
 from liveupdate.state import StateDir, check_vm_name, RESTART_MAX_DELAY_S, python_unit
 from luvmm import rpc
 from luvmm.wire import close_fds
@@ -112,30 +113,31 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
     argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name,
                                  *(("--host", host) if host != "emulated" else ()))
     state.ensure()  # a real host's state dir is made by its first VM (0700)
-    try:
-        state.make_dir("vms")
-        state.make_dir(f"vms/{config.name}")
-        state.write_file(f"vms/{config.name}/config.json", json.dumps(config.to_dict(), indent=2).encode())
-        # Restart=on-failure: a VMM that dies is started again, on the VM's files in its unit's fd store.
-        state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
-                         fdstore_max=FDSTORE_MAX, pdeathsig="self", start_limit_burst=0,
-                         restart_max_delay_sec=RESTART_MAX_DELAY_S)
-    except OSError as e:  # a full or read-only disk: nothing of the VM is left
-        shutil.rmtree(state.vm_dir(config.name), ignore_errors=True)
-        state.remove_unit(unit_name(config.name))
-        raise VmError(f"cannot write the VM's definition in {state.path}: {e.strerror or e}") from None
-    try:
-        units.start(unit_name(config.name))
-        st = _wait_running(state, config, units, wait, host)
-        if st.get("metrics_error"):
-            raise VmError(f"{st['metrics_error']}: the VM was not started")
-        return st
-    except BaseException:
+    with held(state, config.name, units) as agent:  # none in progress; none starts before its guest runs
         try:
-            stop(state, config.name, units)  # a VM that did not start leaves no unit behind
-        except OSError:  # init cannot stop what it could not start (no such unit): the error is the start's
+            state.make_dir("vms")
+            state.make_dir(f"vms/{config.name}")
+            state.write_file(f"vms/{config.name}/config.json", json.dumps(config.to_dict(), indent=2).encode())
+            # Restart=on-failure: a VMM that dies is started again, on the VM's files in its unit's fd store.
+            state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
+                             fdstore_max=FDSTORE_MAX, pdeathsig="self", start_limit_burst=0,
+                             restart_max_delay_sec=RESTART_MAX_DELAY_S)
+        except OSError as e:  # a full or read-only disk: nothing of the VM is left
             shutil.rmtree(state.vm_dir(config.name), ignore_errors=True)
-        raise
+            state.remove_unit(unit_name(config.name))
+            raise VmError(f"cannot write the VM's definition in {state.path}: {e.strerror or e}") from None
+        try:
+            units.start(unit_name(config.name))
+            st = _wait_running(state, config, units, wait, host)
+            if st.get("metrics_error"):
+                raise VmError(f"{st['metrics_error']}: the VM was not started")
+            return st
+        except BaseException:
+            try:
+                _remove(state, config.name, units, agent)  # a VM that did not start leaves no unit behind
+            except OSError:  # init cannot stop what it could not start (no such unit): the error is the start's
+                shutil.rmtree(state.vm_dir(config.name), ignore_errors=True)
+            raise
 
 
 def _wait_running(state: StateDir, config: VmConfig, units, wait: float, host: str = "emulated") -> dict:
@@ -169,22 +171,57 @@ def stop(state: StateDir, name: str, units) -> bool:
     its VMM, what the agent holds for it (its LUO session -- and with it the
     preservation of its RAM and device --, its stored files, its channel) and
     its directory.  ``units`` (the host's init) None: no host runs, only the
-    definition goes."""
+    definition goes.  Refused (AgentError EBUSY, nothing changed) while an
+    update is in progress."""
     check_vm_name(name)
+    with held(state, name, units) as agent:
+        return _remove(state, name, units, agent)
+
+
+def _remove(state: StateDir, name: str, units, agent) -> bool:
     if not state.remove_unit(unit_name(name)):
         return False
     if units is not None:
         units.stop(unit_name(name))
-        try:  # a VMM that had to be killed did not release its VM itself
-            client = AgentClient(state)
+        if agent is not None:  # a VMM that had to be killed did not release its VM itself
             try:
-                client.release(name)
-            finally:
-                client.close()
-        except OSError:
-            pass  # no agent (a host started without one): it holds nothing
+                agent.release(name)
+            except OSError:
+                pass  # the agent went away: what it held went with it
     shutil.rmtree(state.vm_dir(name), ignore_errors=True)
     return True
+
+
+#: How long `vm start` and `vm stop` wait for the host's agent to answer
+#: (it is restarted at each kexec, and blocked in its kexec call while the
+#: VMs are frozen) before going on without it: a host whose agent does not
+#: come up makes no update either.
+HOLD_WAIT_S = 30.0
+
+
+@contextlib.contextmanager
+def held(state: StateDir, name: str, units):
+    """While a VM is started or stopped, the agent starts no update (and one
+    in progress refuses it: AgentError EBUSY, before anything is touched).
+    Yields the agent's client, None where there is none (no host, a host
+    started without an agent, or one whose agent does not come up)."""
+    agent = None
+    if units is not None and any(u["name"] == "agent" for u in state.read_units()):
+        try:
+            agent = wait_for_agent(state, HOLD_WAIT_S)[0]
+            agent.retry = True  # the agent it asked kexec'd meanwhile: ask the next one
+            agent.hold(name)
+        except OSError as e:
+            if agent is not None:
+                agent.close()
+            if e.errno == errno.EBUSY:
+                raise
+            agent = None
+    try:
+        yield agent
+    finally:
+        if agent is not None:
+            agent.close()
 
 
 def names(state: StateDir) -> list[str]:

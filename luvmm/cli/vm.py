@@ -213,14 +213,68 @@ def _cmd_vm_list(args: argparse.Namespace) -> int:
 
         up = hostctl.running(state)
     states = _vm_states(state, names) if up else {}
-    rows = [{"name": n, "state": ("running" if _vm_ok(states[n]) else "not running") if up else "host stopped"}
-            for n in names]
+    rows = [_list_row(state, n, states.get(n), up) for n in names]
     if args.json:
         print_json(rows)
-    else:
-        for row in rows:
-            print(f"{row['name']}\t{row['state']}")
+    elif rows:
+        print(_format_table(LIST_COLUMNS, [[_list_cell(key, row[key]) for key, _ in LIST_COLUMNS] for row in rows]))
     return exitcodes.OK
+
+
+#: `vm list`'s columns: (key in its --json rows, heading).
+LIST_COLUMNS = (("name", "NAME"), ("state", "STATE"), ("pid", "PID"), ("memory_bytes", "MEMORY"),
+                ("device", "DEVICE"), ("uptime_s", "UPTIME"), ("last_blackout_s", "LAST BLACKOUT"))
+
+
+def _list_row(state, name: str, st: dict | None, up: bool) -> dict:
+    """One VM of `vm list`: from its VMM where it answers, else from its
+    definition.  Uptime is since `vm start` (live updates do not reset it:
+    the guest runs on); the last blackout is its last update's, kept in its
+    metrics file across VMMs."""
+    import json
+    import os
+    import time
+
+    running = up and st is not None and _vm_ok(st)
+    row = {"name": name, "state": ("running" if running else "not running") if up else "host stopped",
+           "pid": st["pid"] if running else None, "memory_bytes": None, "device": st["bdf"] if running else None,
+           "uptime_s": None, "last_blackout_s": None}
+    config_path = os.path.join(state.vm_dir(name), "config.json")
+    try:
+        config = json.loads(state.read_file(os.path.relpath(config_path, state.path)))
+        row["memory_bytes"] = config.get("memory")
+        if running:
+            row["uptime_s"] = round(time.time() - os.stat(config_path).st_mtime, 1)
+    except (OSError, ValueError):
+        pass  # a definition being written or removed: its columns stay empty
+    try:
+        stats = json.loads(state.read_file(os.path.relpath(os.path.join(state.vm_dir(name), "metrics.json"),
+                                                           state.path)))
+        row["last_blackout_s"] = stats.get("last_blackout_s")
+    except (OSError, ValueError):
+        pass  # no update yet
+    return row
+
+
+def _list_cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "memory_bytes":
+        return f"{value >> 20} MiB"
+    if key == "uptime_s":
+        seconds = int(value)
+        return (f"{seconds // 86400}d {seconds % 86400 // 3600}h" if seconds >= 86400 else
+                f"{seconds // 3600}h {seconds % 3600 // 60}m" if seconds >= 3600 else
+                f"{seconds // 60}m {seconds % 60}s" if seconds >= 60 else f"{seconds}s")
+    if key == "last_blackout_s":
+        return f"{value * 1000:.1f} ms"
+    return str(value)
+
+
+def _format_table(columns, cells: list[list[str]]) -> str:
+    widths = [max(len(heading), *(len(row[i]) for row in cells)) for i, (_, heading) in enumerate(columns)]
+    lines = [[heading for _, heading in columns], *cells]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def add_parser(sub) -> None:
@@ -265,8 +319,12 @@ def add_parser(sub) -> None:
     state_dir_arg(vm_status)
     json_arg(vm_status, "{NAME: status}")
     vm_status.set_defaults(func=_cmd_vm_status)
-    vm_list = vm_sub.add_parser("list", help="the VMs defined on the host, and whether they run")
+    vm_list = vm_sub.add_parser("list", help="the VMs defined on the host: state, pid, memory, device, uptime, "
+                                             "last blackout",
+                                description="The VMs defined on the host, one line each: whether it runs, its "
+                                            "VMM's pid, its memory, its device, its uptime (since `vm start`: "
+                                            "live updates do not reset it) and its last update's blackout.")
     host_arg(vm_list)
     state_dir_arg(vm_list)
-    json_arg(vm_list, '[{"name", "state"}]')
+    json_arg(vm_list, '[{"name", "state", "pid", "memory_bytes", "device", "uptime_s", "last_blackout_s"}]')
     vm_list.set_defaults(func=_cmd_vm_list)

@@ -284,7 +284,8 @@ def test_host_start_says_it_boots_the_vms_of_an_earlier_run(cli):
     proc = cli("host", "stop")
     assert "kept the definitions of VM(s) a" in proc.stdout
     assert sorted(os.listdir(cli.state)) == [".luvmm-state", "host.log", "logs", "units", "vms"]
-    assert cli("vm", "list").stdout.split() == ["a", "host", "stopped"]
+    listed = cli("vm", "list").stdout.splitlines()
+    assert listed[0].split()[:2] == ["NAME", "STATE"] and listed[1].split()[:3] == ["a", "host", "stopped"]
     proc = cli("host", "start")
     assert "booting 1 VM(s) defined there by an earlier run, cold" in proc.stdout and ": a" in proc.stdout
     cli("vm", "stop", "a")
@@ -524,4 +525,24 @@ def test_host_check_on_the_emulated_host(cli):
     cli("host", "start", "--kernel-profile", "reset-on-freeze")
     proc = cli("host", "check", status=exitcodes.DEVICE_RESET)
     assert "its device is reset" in proc.stdout
+    cli("host", "stop")
+
+
+def test_vm_list_shows_each_vms_pid_memory_device_uptime_and_last_blackout(cli):
+    """`luvmm vm list` (issue 24): what a user looks for first, in one line a VM."""
+    cli("vm", "start", "a", *SMALL)
+    [row] = json.loads(cli("vm", "list", "--json").stdout)
+    status = json.loads(cli("vm", "status", "a", "--json").stdout)["a"]
+    assert row["name"] == "a" and row["state"] == "running" and row["pid"] == status["pid"]
+    assert row["memory_bytes"] == status["config"]["memory"] and row["device"] == status["bdf"]
+    assert row["uptime_s"] >= 0 and row["last_blackout_s"] is None  # no update yet
+    cli("update")
+    [row] = json.loads(cli("vm", "list", "--json").stdout)
+    last = json.loads(cli("update", "--last", "--json").stdout)["cycles"][0]
+    assert row["last_blackout_s"] == last["blackout_s"] and row["pid"] != status["pid"]  # a new VMM, the same VM
+    heading, line = cli("vm", "list").stdout.splitlines()
+    assert heading.split() == ["NAME", "STATE", "PID", "MEMORY", "DEVICE", "UPTIME", "LAST", "BLACKOUT"]
+    assert line.split()[:6] == ["a", "running", str(row["pid"]), str(row["memory_bytes"] >> 20), "MiB", row["device"]]
+    assert line.endswith(f"{row['last_blackout_s'] * 1000:.1f} ms")
+    cli("vm", "stop", "a")
     cli("host", "stop")

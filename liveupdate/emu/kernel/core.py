@@ -60,6 +60,10 @@ class File:
     def describe(self) -> str:
         return self.kind
 
+    def memory(self) -> set[tuple[int, int]]:
+        """The machine memory this file references (see Kernel.collect_memory)."""
+        return set()
+
 
 class RealFile:
     """A file of the host's real kernel (a memfd, an eventfd) that the emulated
@@ -226,6 +230,22 @@ class Kernel:
             if file.sock is not None:
                 self.closing(file.sock)
                 file.sock.close()
+        self.collect_memory()
+
+    def collect_memory(self) -> None:
+        """Free the machine memory nothing references any more: no IOMMU
+        domain, no open file (an IOAS mapping a memfd), no LUO session (a
+        preserved memfd, or one handed over and not finished).  On a real
+        kernel a memfd's pages go when its last reference drops; here the
+        machine keeps its own (a mapping, a hold), which would otherwise
+        outlive the VM that made them until the next kexec -- a failed
+        `vm start --memory 2G` left its 2 GiB behind."""
+        if self.dropping:
+            return  # the kexec collects what nothing preserved
+        keep = set(self.luo.memory())
+        for file in self.files.values():
+            keep |= file.memory()
+        self.machine.collect_memory(keep)
 
     # --- paths ------------------------------------------------------------------------------
 

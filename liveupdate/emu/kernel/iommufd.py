@@ -148,6 +148,10 @@ class IommufdFile(File):
     def describe(self):
         return f"iommufd({len(self.objects)} objects)"
 
+    def memory(self) -> set[tuple[int, int]]:
+        return {area.mem_key for obj in self.objects.values() if isinstance(obj, Ioas)
+                for area in obj.areas if area.mem_key is not None}
+
     # --- object table --------------------------------------------------------------------------
 
     def _get(self, obj_id: int, kind):

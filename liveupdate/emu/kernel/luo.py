@@ -285,6 +285,15 @@ class LuoSubsystem:
         session.retrieved = True
         return session
 
+    def memory(self) -> set[tuple[int, int]]:
+        """The machine memory the sessions keep: what their files preserve,
+        outgoing, or hand over until they are finished, incoming."""
+        keys = set()
+        for session in (*self.outgoing.values(), *self.incoming.values()):
+            for lf in session.files:
+                keys |= lf.handler.hardware(lf.state)[2]
+        return keys
+
     def session_closed(self, session: Session) -> None:
         session.file = None
         if session.incoming:
@@ -392,6 +401,7 @@ class LuoSubsystem:
         # the incoming list, retrieved, until its fd is closed
         # (luo_session_release): RETRIEVE_SESSION of it is EINVAL meanwhile.
         session.files.clear()
+        self.kernel.collect_memory()  # what only the handover kept: its retrievers have it now
 
     # --- kexec -------------------------------------------------------------------------------------
 
