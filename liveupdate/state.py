@@ -620,7 +620,14 @@ class StateDir:
             try:
                 os.rmdir(self.path)
             except OSError:
-                pass  # something of the user's is in it
+                # Something is in it: the user's, or what a luvmm command starting
+                # here this very moment made.  It stays luvmm's, marked so: the
+                # clean-up after that command removes it (an unmarked one is left
+                # as the user's, empty, for ever).
+                try:
+                    self.write_file(MARKER, b"created\n", mode=0o644)
+                except OSError:
+                    pass
         return []
 
     def write_pid(self, pid: int) -> None:

@@ -92,3 +92,99 @@ def test_a_vm_that_does_not_start_leaves_no_memory_behind_nor_does_a_stopped_one
     cli("vm", "stop", "a")
     assert machine_memory(cli) == [] and held_by_the_kernel(cli) == NOTHING
     cli("host", "stop")
+
+
+def vmm_processes(state_dir: str) -> dict[str, list[int]]:
+    """VM name -> the pids of the VMMs that run it (their command lines name the state dir and the VM)."""
+    import re
+
+    found: dict[str, list[int]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if "from vmm.process import main" in argv and state_dir in argv:
+            name = re.search(r"'--name', '([^']+)'", argv)
+            found.setdefault(name.group(1) if name else "?", []).append(int(pid))
+    return found
+
+
+#: What the three shells type (each VM small; the host has two DSAs when they start it).
+SHELL_COMMANDS = (
+    ("host", "start", "--devices", "2"),
+    ("vm", "start", "a", "--guest", "synthetic", "--memory", "64M"),
+    ("vm", "start", "b", "--guest", "synthetic", "--memory", "64M"),
+    ("vm", "stop", "a"),
+    ("vm", "stop", "b"),
+    ("update",),
+    ("host", "stop"),
+)
+
+
+def check_invariants(cli, where: str) -> None:
+    """Never two hosts, never a VM run twice, nothing held for a VM that is not defined."""
+    from tests.e2e.test_host_lock import daemons
+
+    hosts = daemons(cli.state)
+    assert len(hosts) <= 1, f"{where}: two hosts {hosts}"
+    if os.path.isdir(cli.state):  # what luvmm made it keeps its mark, or goes whole
+        assert ".luvmm-state" in os.listdir(cli.state), f"{where}: {cli.state} left as {os.listdir(cli.state)}"
+    vmms = vmm_processes(cli.state)
+    assert all(len(pids) == 1 for pids in vmms.values()), f"{where}: a VM run twice: {vmms}"
+    if not hosts:
+        assert not vmms, f"{where}: VMMs without a host: {vmms}"
+        return
+    proc = cli("host", "status", "--json", status=None)
+    if proc.returncode:  # it went away meanwhile (a `host stop` of this round ends as it answers)
+        return
+    status = json.loads(proc.stdout)
+    defined = {u["name"][3:] for u in status["units"] if u["name"].startswith("vm-")}
+    assert set(vmms) <= defined, f"{where}: VMMs {sorted(vmms)} of VMs not defined ({sorted(defined)})"
+    kernel, machine = status["kernel"], status["machine"]
+    sessions = {s["name"] for s in kernel["sessions"]}
+    assert sessions <= defined, f"{where}: sessions {sorted(sessions)} of VMs not defined ({sorted(defined)})"
+    bound = [d["bdf"] for d in kernel["vfio"] if d.get("bound")]
+    assert len(bound) <= len(defined), f"{where}: devices {bound} bound for VMs {sorted(defined)}"
+    assert len(machine["memory"]) <= len(defined), f"{where}: machine memory {machine['memory']} for {defined}"
+    # Each VM's RAM and its state memfd, held for a handover.
+    assert len(machine["held_memory"]) <= 2 * len(defined), f"{where}: held {machine['held_memory']} for {defined}"
+
+
+def test_random_interleavings_of_three_shells_never_make_two_hosts_run_a_vm_twice_or_leak(cli):
+    """Issue 24: 50 rounds in which three shells each type one of
+    SHELL_COMMANDS at the same moment on one state dir.  Every command ends
+    (0, or 1 with a line saying why), and after each round the invariants
+    hold.  LUVMM_STRESS_SEED replays a run (the seed is printed)."""
+    import random
+
+    from tests.e2e.test_host_lock import at_once
+
+    seed = int(os.environ.get("LUVMM_STRESS_SEED") or random.randrange(1 << 32))
+    print(f"LUVMM_STRESS_SEED={seed}")
+    rng = random.Random(seed)
+    for n in range(50):
+        commands = [rng.choice(SHELL_COMMANDS) for _ in range(3)]
+        where = f"seed {seed}, round {n}: {[' '.join(c) for c in commands]}"
+        for proc in at_once(cli, *commands):
+            cli.outputs.append((list(proc.args), proc.stdout + proc.stderr))  # checked for tracebacks
+            assert proc.returncode in (exitcodes.OK, exitcodes.FAILED), f"{where}: {proc}"
+            if proc.returncode:
+                assert proc.stderr.strip(), f"{where}: {proc.args} failed without a word"
+        check_invariants(cli, where)
+    for name in ("a", "b"):
+        cli("vm", "stop", name, status=None)
+    cli("host", "stop", status=None)
+    assert daemons_left(cli) == []
+
+
+def daemons_left(cli) -> list[int]:
+    from tests.e2e.test_host_lock import daemons
+
+    return daemons(cli.state) + [p for pids in vmm_processes(cli.state).values() for p in pids]
