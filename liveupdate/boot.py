@@ -16,6 +16,13 @@ was stopped, or died) starts them ``cold``: whatever the kexec handed over
 was taken by the first.  The new boot_id is recorded only once the units
 have started: an init that failed to start leaves the next one a kexec boot.
 
+**The units' sockets** (a VM's metrics port: liveupdate.init) are bound
+by this init when it starts their units -- after a kexec the new kernel's
+init binds them before its units run, so the port is a unit's from its
+first process on -- and closed when it stops.  One that cannot be bound
+then does not keep its VM down: the unit starts without it, and its VMM
+binds the port itself (or says, in its update's report, why it cannot).
+
 **Its socket** ``init.sock`` (0600, in the 0700 state dir) answers
 ``hello`` and init's requests (liveupdate.init.OPS, authorized as on the
 emulated host: liveupdate.init.authorize); units find it in
@@ -207,6 +214,7 @@ class BootInit:
                 nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            self.init.close_sockets()
             if self.init.notify_sock is not None:
                 self.init.notify_sock.close()
             for path in (self.state.init_socket, self.init.notify_path):

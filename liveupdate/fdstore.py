@@ -17,6 +17,14 @@ agent that dies takes nothing with it.
 A VM's store holds its files under the names of :meth:`vmm.vm.Vm.files` and
 ``meta``, a sealed memfd with what the files are (JSON).  Lean: the restore
 path stores right after the guest resumes.
+
+**Sockets** come the same way, and first: a unit's listening sockets --
+systemd's socket units (FileDescriptorName=), luvmm's init's unit
+``sockets`` -- are passed to every process of the unit, at every start, a
+cold one and one after a kexec too, named in ``$LISTEN_FDNAMES`` beside
+the stored files.  :data:`SOCKETS` are their names: :func:`sockets` takes
+them out of what :func:`listen_fds` found, and :func:`take` never takes one
+for a stored file.
 """
 
 from __future__ import annotations
@@ -31,6 +39,13 @@ from luvmm.wire import ancillary
 
 SD_LISTEN_FDS_START = 3
 META = "meta"
+#: luvmm's init names itself instead of $LISTEN_PID (the pid of a process
+#: it posix_spawn()s is not known before it runs): the fds are for the
+#: process whose parent that is -- the unit's own, not a child of it.
+LISTEN_PARENT_ENV = "LUVMM_LISTEN_PARENT"
+#: The names of the sockets a unit is passed (its FileDescriptorName=): never a stored file's.
+METRICS = "metrics"
+SOCKETS = (METRICS,)
 
 
 class FdStoreError(OSError):
@@ -83,15 +98,18 @@ def store(files: dict[str, int], meta: dict | None = None) -> None:
 
 def listen_fds() -> dict[str, int]:
     """The fds init passed this process (``sd_listen_fds_with_names``), by
-    name; {} if none.  The environment variables are cleared, as
+    name; {} if none (or if they were meant for another: $LISTEN_PID, or
+    luvmm's init's LISTEN_PARENT_ENV, names some other process).  The environment variables are cleared, as
     sd_listen_fds(unset_environment=1) does."""
+    parent = os.environ.pop(LISTEN_PARENT_ENV, None)
     try:
         count = int(os.environ.pop("LISTEN_FDS", "0"))
         pid = int(os.environ.pop("LISTEN_PID", "0"))
     except ValueError:
         return {}
     names = os.environ.pop("LISTEN_FDNAMES", "").split(":")
-    if pid != os.getpid() or count <= 0:
+    ours = pid == os.getpid() or not pid and parent is not None and parent == str(os.getppid())
+    if not ours or count <= 0:
         return {}
     fds = {}
     for i in range(count):
@@ -101,9 +119,23 @@ def listen_fds() -> dict[str, int]:
     return fds
 
 
-def take() -> tuple[dict, dict[str, int]] | None:
-    """(meta, {name: fd}) that a previous process of this unit stored, or None."""
-    fds = listen_fds()
+def sockets(fds: dict[str, int]) -> dict[str, int]:
+    """The sockets of :data:`SOCKETS` among ``fds`` (what :func:`listen_fds`
+    found), taken out of it: what is left is the fd store's."""
+    return {name: fds.pop(name) for name in SOCKETS if name in fds}
+
+
+def take(fds: dict[str, int] | None = None) -> tuple[dict, dict[str, int]] | None:
+    """(meta, {name: fd}) that a previous process of this unit stored, or
+    None (and what was passed is closed).  ``fds``: what :func:`listen_fds`
+    found, its sockets taken out (:func:`sockets`); None: :func:`listen_fds`
+    now, its sockets closed -- never taken for stored files."""
+    if fds is None:
+        fds = listen_fds()
+        for fd in sockets(fds).values():
+            os.close(fd)
+    else:
+        fds = {name: fd for name, fd in fds.items() if name not in SOCKETS}
     memfd = fds.pop(META, None)
     if memfd is None:
         for fd in fds.values():

@@ -35,6 +35,26 @@ store, and so does a kexec (init itself is gone then).  The sender of a
 notification is the process the kernel names in its SCM_CREDENTIALS; a
 process of no unit stores nothing.
 
+A unit's **sockets** are systemd's socket units (ListenStream=,
+FileDescriptorName=, Accept=no): a unit with ``"sockets": [{"name":
+"metrics", "listen": "127.0.0.1:9100"}]`` gets a TCP socket that init binds
+and listens on when it starts the unit the first time, and passes to every
+process it starts for the unit, from fd 3 on (before the fd store's files,
+as systemd orders them), named in ``LISTEN_FDNAMES``.  The socket is the
+unit's, not its process's: it stays bound while the unit's processes die and
+are started again -- at a restart, and at the emulated host's kexecs
+(:meth:`Init.kill_all`: the emulated machine's userspace goes, but a local
+user outside it never sees the port free) -- and is closed only when the
+unit is stopped (:meth:`Init.stop_unit`, :meth:`Init.stop_all`).  So no
+process of the unit ever binds it, and there is no moment between two of
+them when someone else could (a VMM's metrics port, taken over by a local
+user across a live update, would serve Prometheus the user's figures).  A
+socket that cannot be bound fails the unit's start asked for by the
+operator (``unit-start``: `luvmm vm start` says so and leaves nothing);
+at a boot or a restart the unit starts without it and says so in its log:
+a VM is not left down for its metrics endpoint (its VMM binds the port
+itself, and reports it when it cannot).
+
 Init is a **child subreaper** (PR_SET_CHILD_SUBREAPER): a process that forks
 out of its unit is re-parented to init, not to pid 1, so it still belongs to
 no operator (:meth:`Init.unit_of`), and init reaps it when it exits.  And a
@@ -50,6 +70,7 @@ host on that host's socket; luvmm.services.InitUnits is their client.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -60,6 +81,7 @@ import time
 
 import trio
 
+from liveupdate.fdstore import LISTEN_PARENT_ENV
 from liveupdate.state import check_unit_name
 
 log = logging.getLogger("luvmm.init")
@@ -71,7 +93,55 @@ RESTART_INTERVAL = 10.0
 ORPHAN = "?orphan"
 PR_SET_CHILD_SUBREAPER = 36  # include/uapi/linux/prctl.h
 SD_LISTEN_FDS_START = 3
-_FDSTORE_TMP_BASE = 1000  # stored fds are moved above this before a spawn dup2()s them to 3, 4, ...
+_FDSTORE_TMP_BASE = 1000  # passed fds are moved above this before a spawn dup2()s them to 3, 4, ...
+#: listen(2)'s backlog of a unit's socket: systemd's Backlog= default (the kernel caps it at net.core.somaxconn).
+SOCKET_BACKLOG = 4096
+
+
+class SocketError(OSError):
+    """A unit's socket cannot be bound: ``where`` (ADDRESS:PORT), the kernel's errno."""
+
+    def __init__(self, err: int, strerror: str, where: str):
+        super().__init__(err, strerror)
+        self.where = where
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """A unit socket's ``listen``: ``PORT`` (loopback: as `luvmm vm start
+    --metrics-port` means it) or ``ADDRESS:PORT`` (``[ADDRESS]:PORT`` for
+    IPv6) -> (address, port).  ValueError if it is neither."""
+    text = str(spec)
+    address, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"bad socket address {text!r}: want PORT or ADDRESS:PORT") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"bad socket address {text!r}: port {number}")
+    return address.strip("[]") or "127.0.0.1", number
+
+
+def listen_stream(spec: str) -> socket.socket:
+    """A TCP socket listening on ``spec`` (:func:`parse_listen`), made as
+    systemd makes a ListenStream= socket: SO_REUSEADDR (an init started again
+    binds over its old connections in TIME_WAIT; no one else can bind the
+    port while it listens, SO_REUSEADDR or not), IPV6_V6ONLY on an IPv6
+    address (BindIPv6Only=ipv6-only: what the VMM's own bind does), close-on-
+    exec (init passes it by dup2).  SocketError if it cannot be bound."""
+    address, port = parse_listen(spec)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(SOCKET_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise SocketError(e.errno or errno.EIO, e.strerror or str(e), where) from None
+    return sock
 
 
 class UnitProcess:
@@ -162,7 +232,7 @@ class Init:
 
     #: Variables of init's own environment that are never a unit's: each
     #: host sets its own (unit_env), and the fd store's are per start.
-    _NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+    _NOT_INHERITED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", LISTEN_PARENT_ENV, "NOTIFY_SOCKET",
                       "LUVMM_HOST_SOCKET", "LUVMM_INIT_SOCKET")
 
     def __init__(self, state, *, generation=lambda: 0, unit_env: dict[str, str] | None = None,
@@ -179,6 +249,8 @@ class Init:
         self.nursery: trio.Nursery | None = None  # its host's: it watches units for the restart policy
         #: unit name -> {fd name: fd}: each unit's file descriptor store.
         self.fdstores: dict[str, dict[str, int]] = {}
+        #: unit name -> {fd name: (listen, socket)}: each unit's sockets, bound at its first start.
+        self.sockets: dict[str, dict[str, tuple[str, socket.socket]]] = {}
         #: Units whose current process said READY=1 (sd_notify), and when.
         self.ready: dict[str, float] = {}
         self.ready_changed = trio.Event()
@@ -215,7 +287,7 @@ class Init:
         env.update(LUVMM_STATE_DIR=self.state.path, LUVMM_BOOT=boot,
                    LUVMM_GENERATION=str(self.generation()), LUVMM_UNIT=unit["name"],
                    LUVMM_INIT_PID=str(os.getpid()))
-        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", LISTEN_PARENT_ENV, "NOTIFY_SOCKET"):
             env.pop(name, None)
         if unit.get("fdstore_max"):
             env["NOTIFY_SOCKET"] = self.notify_path
@@ -241,26 +313,85 @@ class Init:
         self.log_error = f"unit {name}'s log: {e.strerror or e}"
         log.error("cannot write %s", self.log_error)
 
-    def _start(self, unit: dict, boot: str) -> int:
+    def _unit_sockets(self, unit: dict, strict: bool) -> tuple[dict[str, int], list[str]]:
+        """({fd name: fd}, why not) of the unit's sockets, bound now if they
+        are not yet (or if the unit's file names another address now).  A
+        socket that cannot be bound is SocketError if ``strict`` (the
+        operator's start: one line, naming the address, and none of the
+        unit's sockets left bound), else left out, and why is in the list."""
         name = unit["name"]
+        held = self.sockets.setdefault(name, {})
+        fds, failed = {}, []
+        try:
+            specs = [(str(spec["name"]), str(spec["listen"])) for spec in unit.get("sockets") or ()]
+        except (KeyError, TypeError):
+            if strict:
+                self.close_sockets(name)
+                raise SocketError(errno.EINVAL, f"unit {name}: malformed sockets (want name and listen)", "") from None
+            specs = []
+            failed.append("its sockets: malformed (want name and listen)")
+        for fdname in set(held) - {fdname for fdname, _ in specs}:  # no longer the unit's
+            held.pop(fdname)[1].close()
+        for fdname, listen in specs:
+            if fdname in held and held[fdname][0] != listen:
+                held.pop(fdname)[1].close()
+            if fdname not in held:
+                try:
+                    held[fdname] = (listen, listen_stream(listen))
+                except (SocketError, ValueError) as e:
+                    where = getattr(e, "where", listen)
+                    why = e.strerror if isinstance(e, OSError) else str(e)
+                    if strict:
+                        self.close_sockets(name)
+                        vm = name[3:] if name.startswith("vm-") else None  # what `luvmm vm start` started
+                        what = f"VM {vm}'s {fdname}" if vm else f"unit {name}'s socket {fdname}"
+                        raise SocketError(getattr(e, "errno", errno.EINVAL),
+                                          f"cannot listen on {where} for {what}: {why}: "
+                                          f"the {'VM' if vm else 'unit'} was not started", where) from None
+                    failed.append(f"its socket {fdname}: cannot listen on {where}: {why}")
+                    continue
+            fds[fdname] = held[fdname][1].fileno()
+        if not held:
+            del self.sockets[name]
+        return fds, failed
+
+    def close_sockets(self, name: str | None = None) -> None:
+        """Close unit ``name``'s sockets (None: every unit's): it is stopped for good, or its host is."""
+        for unit in [name] if name is not None else list(self.sockets):
+            for _, sock in self.sockets.pop(unit, {}).values():
+                sock.close()
+
+    def _start(self, unit: dict, boot: str, *, strict: bool = False) -> int:
+        name = unit["name"]
+        sockets, failed = self._unit_sockets(unit, strict)  # before anything else: a failed start leaves nothing
         log_fd = self._open_log(name)
         stored = self.fdstores.get(name, {}) if boot == "restart" else {}
+        # systemd's order (service_collect_fds): the sockets, then the fd store; a stored fd does not
+        # take a socket's name (Init._notified refuses it).
+        passed = dict(sockets, **{k: v for k, v in stored.items() if k not in sockets})
         env = self._env(unit, boot)
         moved = []
         try:
             try:
                 os.write(log_fd, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} start ({boot}, generation "
                                  f"{self.generation()}) ---\n".encode())
+                for why in failed:
+                    os.write(log_fd, f"init: started without {why}\n".encode())
             except OSError as e:
                 self._log_failed(name, e)
-            if stored:
+            for why in failed:
+                log.error("unit %s starts without %s", name, why)
+            if passed:
                 # Above any number the spawn dup2()s to, so that none is overwritten first.
-                moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FDSTORE_TMP_BASE) for fd in stored.values()]
-                env.update(LISTEN_FDS=str(len(moved)), LISTEN_FDNAMES=":".join(stored))
+                moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FDSTORE_TMP_BASE) for fd in passed.values()]
+                env.update(LISTEN_FDS=str(len(moved)), LISTEN_FDNAMES=":".join(passed))
             argv = [str(a) for a in unit["argv"]]
             if moved:
-                # LISTEN_PID must be the new process's own pid: known only once it exists, so a shim sets it.
-                argv = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"] + argv
+                # Not LISTEN_PID: the new process's pid is known only once it exists
+                # (a /bin/sh shim setting it costs ~0.85 ms, on the blackout's path
+                # after a kexec).  The fds are for the process whose parent is init
+                # (liveupdate.fdstore.listen_fds): not a child of the unit.
+                env[LISTEN_PARENT_ENV] = str(os.getpid())
             # A unit that sets PR_SET_PDEATHSIG itself (liveupdate.state.die_with_init, as luvmm's
             # own do) is spared the wrapper's exec: after a kexec it is on the blackout's path.
             wrapper = [] if unit.get("pdeathsig") == "self" else self.wrapper
@@ -345,11 +476,13 @@ class Init:
             if old is not None:
                 os.close(old)
         if fields.get("FDSTORE") == "1" and fds:
-            limit = next((u.get("fdstore_max", 0) for u in self.state.read_units() if u["name"] == unit), 0)
+            spec = next((u for u in self.state.read_units() if u["name"] == unit), {})
+            limit = spec.get("fdstore_max", 0)
             old = store.pop(name, None)
             if old is not None:
                 os.close(old)
-            if len(store) >= limit or len(fds) != 1 or not name.isprintable() or ":" in name:
+            sockets = {str(s.get("name")) for s in spec.get("sockets") or ()}  # a stored fd is never taken for one
+            if len(store) >= limit or len(fds) != 1 or not name.isprintable() or ":" in name or name in sockets:
                 log.warning("unit %s: fd store refused %r (FileDescriptorStoreMax=%d)", unit, name, limit)
                 for fd in fds:
                     os.close(fd)
@@ -439,7 +572,7 @@ class Init:
         proc = self.procs.get(name)
         if proc is not None and proc.returncode is None:
             return {"name": name, "pid": proc.pid, "already": True}
-        return {"name": name, "pid": self._start(unit, "cold")}
+        return {"name": name, "pid": self._start(unit, "cold", strict=True)}
 
     async def _kill(self, proc: UnitProcess) -> None:
         if proc.returncode is None:
@@ -453,6 +586,7 @@ class Init:
         proc = self.procs.pop(name, None)
         if proc is None:
             self.flush_fdstore(name)
+            self.close_sockets(name)
             return {"name": name, "running": False}
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -461,6 +595,7 @@ class Init:
         await self._kill(proc)
         self.kill_members(unit=name)  # KillMode=control-group: whatever left the unit's process group too
         self.flush_fdstore(name)  # stopped: its stored files go (systemd flushes the store at stop)
+        self.close_sockets(name)  # and its sockets, only now: no process of it runs any more
         return {"name": name, "returncode": proc.returncode}
 
     async def stop_all(self) -> list[dict]:
@@ -478,6 +613,7 @@ class Init:
         self.kill_members(before_generation=self.generation() + 1)
         for name in list(self.fdstores):
             self.flush_fdstore(name)
+        self.close_sockets()
         return sorted(results, key=lambda r: r["name"])
 
     async def request(self, request: dict):
@@ -626,6 +762,8 @@ class Init:
         self.procs.clear()
         for name in list(self.fdstores):  # init itself does not outlive a kexec
             self.flush_fdstore(name)
+        # The units' sockets stay bound: the emulated host's kexec replaces its machine's userspace, and
+        # a local user of the real machine outside it would find the ports free until the units start again.
         return procs
 
     async def reap(self, procs: list[UnitProcess], *, everything: bool = False) -> None:
@@ -647,5 +785,6 @@ class Init:
                         "restarts": self.restart_count.get(name, 0),
                         "running": proc is not None and proc.poll() is None,
                         "returncode": proc.poll() if proc else None, "starts": self.starts.get(name, 0),
-                        "fdstore": sorted(self.fdstores.get(name, {}))})
+                        "fdstore": sorted(self.fdstores.get(name, {})),
+                        "sockets": {k: v[0] for k, v in sorted(self.sockets.get(name, {}).items())}})
         return out

@@ -133,8 +133,9 @@ def unit_boot() -> str:
 
     The emulated host's init says so in ``LUVMM_BOOT``.  systemd says nothing
     of the kind (luvmm/wiring/systemd.py): there, ``restart`` when this unit's fd
-    store was passed to it (LISTEN_FDS for this pid: systemd passes the store
-    at a restart) or when it already ran in this boot (its marker
+    store was passed to it (LISTEN_FDS for this pid, its sockets apart -- they
+    are passed at every start: the VMM takes them out first, see
+    vmm.process; systemd passes the store at a restart) or when it already ran in this boot (its marker
     ``$RUNTIME_DIRECTORY/UNIT.started``, made here: /run is a tmpfs that no
     boot inherits); else, its first start since the kernel booted, ``kexec``
     -- the VMM finds no incoming session after a cold boot and boots its VM
@@ -298,7 +299,7 @@ class StateError(RuntimeError):
 MARKER = ".luvmm-state"
 #: The state's own directories and files (check_safe refuses a symlink in their place).
 STATE_DIRS = ("units", "logs", "vms", "agent", "pycache")
-STATE_FILES = (MARKER, "host.lock", "host.log", "host.pid", "host.sock", "agent.sock", "notify.sock",
+STATE_FILES = (MARKER, "host.lock", "host.log", "host.pid", "host.sock", "host.json", "agent.sock", "notify.sock",
                "agent/update.json",
                "init.sock", "boot.pid", "boot.log", "boot.id")
 
@@ -583,10 +584,11 @@ class StateDir:
         except OSError:
             return False
 
-    def clean(self) -> list[str]:
+    def clean(self, keep_logs=()) -> list[str]:
         """What a stopped host leaves: the VMs' definitions (units/vm-*.json
         and vms/NAME/: config, metrics) and, while there are any, the logs.
-        Everything else the host made goes; so does the directory itself if
+        Everything else the host made goes -- but ``keep_logs``, logs an
+        error pointed the user to --; so does the directory itself if
         luvmm created it and nothing is left.  Returns the VMs kept.  Only
         with :attr:`host_lock` held (liveupdate.emu.hostctl.clean): a host
         started here meanwhile keeps its files."""
@@ -609,9 +611,15 @@ class StateDir:
                     pass
             return vms
         created = self.created_by_luvmm()
+        kept = {os.path.realpath(p) for p in keep_logs}
         for name in ("units", "logs", "vms"):
+            if name == "logs" and kept:  # an error pointed there: that log stays, nothing else
+                for entry in self.logs.iterdir() if self.logs.is_dir() else ():
+                    if os.path.realpath(entry) not in kept:
+                        entry.unlink(missing_ok=True)
+                continue
             shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
-        for name in ("host.log", MARKER):
+        for name in ("host.log", "host.json", MARKER):
             try:
                 os.unlink(os.path.join(self.path, name))
             except FileNotFoundError:

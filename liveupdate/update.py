@@ -62,7 +62,7 @@ PHASES = ("preserve", "pause", "save", "freeze", "kexec", "spawn", "start-up", "
 CYCLE_KEYS = ("blackout_s", "guest_lost_s", "guest_recovery_s", "guest_pace_before_hz", "guest_pace_after_hz",
               "phases_s", "heartbeat_gap_s", "dma_completed_during_blackout", "dma_max_gap_s",
               "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed", "device_reset", "device_preserved",
-              "dma_redone", "measured_by")
+              "dma_redone", "measured_by", "metrics_error")
 #: The outage the guest saw (vmm.pace), summed up as the blackout is -- over
 #: the cycles that measured it: None where none did.
 GUEST_OUTAGE = ("guest_lost_s", "guest_recovery_s")
@@ -158,7 +158,12 @@ def summarize(records: list[dict]) -> dict:
 
 def outcome(summary: dict) -> tuple[int, str]:
     """(exit status, why) of a run of live updates (luvmm.exitcodes): the
-    one verdict `luvmm update`, `luvmm demo` and the benchmarks give."""
+    one verdict `luvmm update`, `luvmm demo` and the benchmarks give.
+
+    A VM whose restored VMM could not serve its metrics (``metrics_error``:
+    it had to bind the port itself, and someone else had it) fails the run
+    (FAILED) -- Prometheus is scraping someone else's figures, or none --
+    after what happened to the guest's DMA, which a user must hear of first."""
     from luvmm import exitcodes
 
     failed = list(summary.get("failed_updates") or [])
@@ -179,6 +184,10 @@ def outcome(summary: dict) -> tuple[int, str]:
         return exitcodes.DAMAGED, f"DMA was damaged by a live update ({damage})"
     if stuck:
         return exitcodes.DAMAGED, f"the guest did not go on after {len(stuck)} of {len(done)} live update(s)"
+    unserved = [c for c in done if c.get("metrics_error")]
+    if unserved:
+        return exitcodes.FAILED, (f"{len(unserved)} of {len(done)} live update(s) left a VM without its metrics "
+                                  f"endpoint: {unserved[0]['vm']}: {unserved[0]['metrics_error']}")
     return exitcodes.OK, f"{len(done)} live update(s), DMA intact ({damage})"
 
 
@@ -195,7 +204,8 @@ def cycle_line(n: int, total: int, record: dict) -> str:
                      f"completions while paused, errors/lost/corrupted "
                      f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']}"
                      + (", device reset" if c.get("device_reset") else "")
-                     + (f" ({c['dma_redone']} transfer(s) redone)" if c.get("dma_redone") else ""))
+                     + (f" ({c['dma_redone']} transfer(s) redone)" if c.get("dma_redone") else "")
+                     + (f"; {c['metrics_error']}" if c.get("metrics_error") else ""))
     return f"update {n}/{total}: " + "; ".join(parts)
 
 
@@ -218,6 +228,8 @@ def format_cycles(summary: dict) -> str:
                                 recovery_ms(c), str(c["dma_completed_during_blackout"]),
                                 ms(c["dma_max_gap_s"]), f"{c['dma_errors']}/{c['dma_lost']}/{c['dma_corrupted']}",
                                 {True: "yes", False: "NO"}.get(c["guest_progressed"], "-")))
+        if c.get("metrics_error"):
+            lines.append(f"{'':>5} {c['vm']:<12} {c['metrics_error']}")
     for key, what in (("blackout_s", "blackout"), ("guest_lost_s", "guest lost"),
                       ("guest_recovery_s", "guest recovery")):
         b = summary.get(key)

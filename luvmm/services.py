@@ -19,6 +19,8 @@ Lean on purpose: the restore path imports this module.
 
 from __future__ import annotations
 
+import os
+
 from luvmm.names import check_vm_name
 
 
@@ -184,8 +186,16 @@ class SystemdUnits(Units):
     #: systemctl's exit statuses (LSB) -> errno: 4 "no permission", 5 "not installed" (no such unit).
     _ERRNOS = {4: 13, 5: 2}  # EACCES, ENOENT
 
-    def __init__(self, systemctl: "list[str] | tuple[str, ...]" = ("systemctl",)):
+    def __init__(self, systemctl: "list[str] | tuple[str, ...]" = ("systemctl",), state=None,
+                 root: str | None = None, socket_units=None):
         self.systemctl = list(systemctl)
+        #: The state dir whose unit definitions say what sockets a VM's unit has (None: none).
+        self.state = state
+        #: What writes and removes a VM's socket unit (luvmm.wiring.systemd: its
+        #: install_vm_sockets, remove_vm_sockets), passed in by the wiring.
+        self.socket_units = socket_units
+        #: Where the units are written: / (LUVMM_SYSTEMD_ROOT: a test's stand-in systemd's tree).
+        self.root = root or os.environ.get("LUVMM_SYSTEMD_ROOT", "/")
 
     @classmethod
     def systemd_name(cls, name: str) -> str:
@@ -227,14 +237,37 @@ class SystemdUnits(Units):
         return done.stdout
 
     def start(self, name: str) -> dict:
+        """Enable and start the unit; a VM's sockets (its metrics port: the
+        unit's ``sockets`` in the state dir) first get their socket unit,
+        which systemd binds and keeps across the VMM's restarts."""
         unit = self.systemd_name(name)
-        self._run("enable", "--now", unit)
+        sockets = self._sockets(name)
+        if sockets:
+            self.socket_units.install_vm_sockets(name[3:], sockets, self.root)
+        try:
+            self._run("enable", "--now", unit)
+        except OSError:
+            if sockets:
+                self._remove_sockets(name)
+            raise
         return {"name": name, "unit": unit}
 
     def stop(self, name: str) -> dict:
         unit = self.systemd_name(name)
         self._run("disable", "--now", unit)
+        if name.startswith("vm-"):
+            self._remove_sockets(name)
         return {"name": name, "unit": unit, "running": False}
+
+    def _sockets(self, name: str) -> list[dict]:
+        if self.state is None or self.socket_units is None or not name.startswith("vm-"):
+            return []
+        unit = next((u for u in self.state.read_units() if u["name"] == name), {})
+        return list(unit.get("sockets") or [])
+
+    def _remove_sockets(self, name: str) -> None:
+        if self.socket_units is not None:
+            self.socket_units.remove_vm_sockets(name[3:], self.root)
 
     def list(self) -> list[dict]:
         """luvmm's units systemd has loaded (an enabled VM's is, once its

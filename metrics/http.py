@@ -32,11 +32,25 @@ def parse_listen(spec: str | int) -> tuple[str, int]:
     return address.strip("[]") or "127.0.0.1", number
 
 
-async def serve(registry, listen: str | int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``registry`` on ``listen`` until cancelled.  ``task_status``
-    gets the port actually bound (``0`` picks a free one)."""
+async def open_listeners(listen: str | int | None, *, sock=None) -> list[trio.SocketListener]:
+    """Listeners on ``sock`` -- a TCP socket already listening (socket
+    activation: its unit's init bound it and keeps it; it is served here,
+    never bound, nor shut down) -- or else bound now on ``listen``
+    (``[ADDRESS:]PORT``).  OSError if it cannot be bound, ValueError if
+    ``sock`` is not a listening stream socket."""
+    if sock is not None:
+        return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
     address, port = parse_listen(listen)
-    listeners = await trio.open_tcp_listeners(port, host=address)  # SO_REUSEADDR: a restarted VMM rebinds
+    return await trio.open_tcp_listeners(port, host=address)  # SO_REUSEADDR: a VMM started again rebinds
+
+
+async def serve(registry, listen: str | int | None = None, *, listeners=None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``registry`` until cancelled, on ``listeners``
+    (:func:`open_listeners`) or else on ``listen`` bound now.
+    ``task_status`` gets the port served on (``0`` picks a free one)."""
+    if listeners is None:
+        listeners = await open_listeners(listen)
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(functools.partial(_handle, registry), listeners)
 

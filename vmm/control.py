@@ -13,7 +13,13 @@ frees).  Here:
 * ``vms/NAME/vmm.sock``: ``status`` and ``stop`` for `luvmm vm`.
 * Metrics: every update's figures go into ``vms/NAME/metrics.json`` (they
   outlive this process, as counters must), served to Prometheus over HTTP
-  when the VM's config has a metrics address.
+  when the VM's config has a metrics address -- on the unit's socket, which
+  init holds and the VMM hands over (``--metrics-fd``): the port is never
+  free between two control planes, two VMMs or two kernels, for a local
+  user to take.  Only without one (a VMM run by hand) is the port bound
+  here, and if that fails the VM runs on without it: ``vm status`` says
+  why, and so does the report of the update that restored it (`luvmm
+  update` fails on it).
 
 What it needs of the VM it asks the VMM (:class:`VmLink`); the guest's
 mailbox it reads itself, from a read-only mapping of the RAM memfd the VMM
@@ -103,8 +109,11 @@ class Mailbox:
 
 
 class Control:
-    def __init__(self, link: VmLink, hello: dict, mailbox: Mailbox, state: StateDir, name: str):
+    def __init__(self, link: VmLink, hello: dict, mailbox: Mailbox, state: StateDir, name: str,
+                 metrics_sock: socket.socket | None = None):
         self.link, self.state, self.name = link, state, name
+        #: The unit's metrics socket, listening (init bound it), or None: bind the config's address.
+        self.metrics_sock = metrics_sock
         self.hello = hello
         self.config = VmConfig.from_dict(hello["config"])
         self.mailbox = mailbox
@@ -140,18 +149,31 @@ class Control:
         except OSError as e:
             log.error("cannot save the metrics: %s", e)
 
-    async def serve_metrics(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def metrics_listeners(self) -> list | None:
+        """Where to serve the metrics: the unit's socket (nothing is bound
+        here), else the config's address bound now -- before an update's
+        report is sent, so that it says when that failed (``metrics_error``:
+        the VM runs on without its endpoint).  None: no metrics, or none
+        can be served."""
+        if self.metrics_sock is None and self.config.metrics is None:
+            return None
+        from metrics import http
+
+        try:
+            return await http.open_listeners(self.config.metrics, sock=self.metrics_sock)
+        except (OSError, ValueError) as e:
+            what = "the metrics socket passed by init" if self.metrics_sock is not None else self.config.metrics
+            self.metrics_error = f"cannot serve metrics on {what}: {e.strerror if isinstance(e, OSError) else e}"
+            log.error("%s", self.metrics_error)
+            return None
+
+    async def serve_metrics(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from metrics import http
         from metrics.core import registry_for
         from metrics.vmm import VmmCollector
 
         registry = registry_for(VmmCollector(self.name, self.stats, self.mailbox.snapshot, self.config.memory))
-        try:
-            await http.serve(registry, self.config.metrics, task_status=task_status)
-        except OSError as e:  # binding: the VM runs on without its endpoint, and says why
-            self.metrics_error = f"cannot serve metrics on {self.config.metrics}: {e.strerror or e}"
-            log.error("%s", self.metrics_error)
-            task_status.started(None)
+        await http.serve(registry, listeners=listeners, task_status=task_status)
 
     # --- after a restore ------------------------------------------------------------------
 
@@ -183,7 +205,8 @@ class Control:
         resumed = self.hello["first_run"] or self.hello["marks"]["resumed"]
         await trio.sleep(max(0.0, resumed + LOST_HORIZON_S + OBSERVER_LAG_S - time.time()))
         try:
-            report = await self.link.call("report", after=after, finish_error=self.finish_error)
+            report = await self.link.call("report", after=after, finish_error=self.finish_error,
+                                          metrics_error=self.metrics_error)
         except VmGone:
             raise
         except OSError as e:
@@ -396,6 +419,7 @@ class Control:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.serve_local)
+                listeners = await self.metrics_listeners()  # before a restore's report: it says if this failed
                 if self.hello["restored"]:
                     _, finished = await self.verify()
                     if not finished:
@@ -407,8 +431,8 @@ class Control:
                 if self.preserve_error:  # the VM runs on; prepare tries again, and refuses the update if it fails
                     log.error("%s; an update will try again", self.preserve_error)
                 await nursery.start(self.agent_channel)
-                if self.config.metrics is not None:
-                    self.metrics_port = await nursery.start(self.serve_metrics)
+                if listeners is not None:
+                    self.metrics_port = await nursery.start(self.serve_metrics, listeners)
                 self.ready = True
 
                 nursery.start_soon(self.sample_exits)
@@ -423,7 +447,8 @@ class Control:
             await self.link.call("stop")
 
 
-USAGE = "usage: python -m vmm.control --state-dir DIR --name NAME [--host emulated|real] --link-fd FD --vmm-pid PID"
+USAGE = ("usage: python -m vmm.control --state-dir DIR --name NAME [--host emulated|real] --link-fd FD --vmm-pid PID "
+         "[--metrics-fd FD]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,20 +460,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = StateDir.of_host(args["--state-dir"], args.get("--host", "emulated"))
         name, link_fd, vmm_pid = args["--name"], int(args["--link-fd"]), int(args["--vmm-pid"])
+        metrics_fd = int(args["--metrics-fd"]) if "--metrics-fd" in args else None
     except (KeyError, ValueError):
         raise SystemExit(USAGE) from None
     libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # it does not outlive its VMM
     if libc.getppid() != vmm_pid:
         return 1  # its VMM is gone already
-    os.closerange(link_fd + 1, 1 << 20)  # nothing of the VMM's but the link (an fd store's fds are inheritable)
+    # Nothing of the VMM's but the link and the metrics socket (an fd store's fds are inheritable).
+    keep = sorted({link_fd} | ({metrics_fd} if metrics_fd is not None else set()))
+    for low, high in zip([0] + [fd + 1 for fd in keep], keep + [1 << 20]):
+        if low > 2:
+            os.closerange(low, high)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vmm[{name}] %(levelname)s %(message)s")
     sock = socket.socket(fileno=link_fd)
+    metrics_sock = socket.socket(fileno=metrics_fd) if metrics_fd is not None else None
 
     async def run():
         link = VmLink(trio.socket.from_stdlib_socket(sock))
         try:
             hello, fds = await link.call_fds("hello")
-            control = Control(link, hello, Mailbox(fds[0]), state, name)
+            control = Control(link, hello, Mailbox(fds[0]), state, name, metrics_sock)
             await control.run()
         except VmGone:
             pass  # the VMM is stopping: so are we

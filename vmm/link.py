@@ -26,11 +26,16 @@ control plane's process is this one's child: it dies with it
 VM was paused and saved for an update it was driving: then the VMM exits
 too, as a VMM that died there did before (the next kernel restores the VM
 from its session, or init starts the VMM again on its files).
+
+The metrics socket its unit was passed (vmm.process) is handed to each
+control plane this process starts, on METRICS_FD: the port stays the
+unit's, bound by init, while control planes and VMMs come and go.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sys
 import time
@@ -45,6 +50,8 @@ from vmm import guest as layout
 
 #: The fd the control plane finds its end of the link on.
 LINK_FD = 3
+#: The fd the control plane finds the unit's metrics socket on, when it was passed one.
+METRICS_FD = LINK_FD + 1
 #: A control plane that keeps dying is started again no faster than this.
 RESPAWN_MAX_DELAY_S = 2.0
 #: LUVMM_VMM_FAULT's faults are the control plane's to inject (vmm.control); "die" is how.
@@ -62,9 +69,11 @@ class Link:
     restore, until the update is reported."""
 
     def __init__(self, vm, host, services, state: StateDir, name: str, agent, clock, restored, boot: str,
-                 host_kind: str = "emulated"):
+                 host_kind: str = "emulated", metrics_fd: int | None = None):
         self.vm, self.host, self.services, self.state, self.name = vm, host, services, state, name
         self.host_kind = host_kind
+        #: The unit's metrics socket (init's, passed to this process), or None: the control plane binds.
+        self.metrics_fd = metrics_fd
         self.agent, self.clock, self.restored, self.boot = agent, clock, restored, boot
         #: After a restore: whether its report went to the agent, and whether its incoming session is FINISHed.
         self.reported = self.finished = False
@@ -84,16 +93,25 @@ class Link:
         posix_spawn (vfork): nothing of this address space is copied, and
         nothing of it changes -- no page made copy-on-write to shoot down."""
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
-        argv, env = python_unit("vmm.control", "--state-dir", self.state.path, "--name", self.name,
-                                "--host", self.host_kind, "--link-fd", str(LINK_FD), "--vmm-pid", str(os.getpid()))
+        args = ["--state-dir", self.state.path, "--name", self.name, "--host", self.host_kind,
+                "--link-fd", str(LINK_FD), "--vmm-pid", str(os.getpid())]
+        actions = [(os.POSIX_SPAWN_DUP2, theirs.fileno(), LINK_FD)]
+        metrics = None
         try:
-            self.child = os.posix_spawn(argv[0], argv, dict(os.environ, **env),
-                                        file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), LINK_FD)])
+            if self.metrics_fd is not None:
+                # Above LINK_FD and METRICS_FD: neither dup2 overwrites what the other is to copy.
+                metrics = fcntl.fcntl(self.metrics_fd, fcntl.F_DUPFD_CLOEXEC, METRICS_FD + 1)
+                actions.append((os.POSIX_SPAWN_DUP2, metrics, METRICS_FD))
+                args += ["--metrics-fd", str(METRICS_FD)]
+            argv, env = python_unit("vmm.control", *args)
+            self.child = os.posix_spawn(argv[0], argv, dict(os.environ, **env), file_actions=actions)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+            if metrics is not None:
+                os.close(metrics)
         self.sock = ours
 
     def _reap(self) -> int | None:
@@ -246,6 +264,8 @@ class Link:
 
         report = update_report(self.vm, self.services, self.clock.marks, self._saved(), request["after"])
         report["finish_error"] = request.get("finish_error")
+        # Why its metrics are not served (it had to bind the port itself, and could not): `luvmm update` says so.
+        report["metrics_error"] = request.get("metrics_error")
         # Where the VMM was in the guest's path since the resume: its vCPUs'
         # exits, KVM's and the run loop's counts (vm status shows them live).
         report["exits"] = self._exits().counts() or None

@@ -17,7 +17,10 @@ from vmm.config import VmConfig
 
 
 class VmError(RuntimeError):
-    pass
+    def __init__(self, message: str, log: str | None = None):
+        super().__init__(message)
+        #: The log the message points to (kept when the VM and its host go).
+        self.log = log
 
 
 #: A VM unit's FileDescriptorStoreMax: its files (vmm.vm.Vm.files) and their meta, with room to spare.
@@ -121,7 +124,11 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
             # Restart=on-failure: a VMM that dies is started again, on the VM's files in its unit's fd store.
             state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
                              fdstore_max=FDSTORE_MAX, pdeathsig="self", start_limit_burst=0,
-                             restart_max_delay_sec=RESTART_MAX_DELAY_S)
+                             restart_max_delay_sec=RESTART_MAX_DELAY_S,
+                             # The metrics port is the unit's socket, bound and kept by init (liveupdate.init).
+                             sockets=[] if config.metrics is None else [
+                                 {"name": "metrics", "listen": config.metrics if ":" in str(config.metrics)
+                                  else f"127.0.0.1:{config.metrics}"}])
         except OSError as e:  # a full or read-only disk: nothing of the VM is left
             shutil.rmtree(state.vm_dir(config.name), ignore_errors=True)
             state.remove_unit(unit_name(config.name))
@@ -161,7 +168,10 @@ def _wait_running(state: StateDir, config: VmConfig, units, wait: float, host: s
                                   f"{unit.get('unit') or f'luvmm-vm@{config.name}'})") from None
                 lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
                 cause = next((ln for ln in reversed(lines) if ln and not ln.startswith((" ", "---"))), "")
-                raise VmError(f"the VMM exited with {unit['returncode']}: {cause} (see {log})") from None
+                # What the VMM said, once: "vmm[NAME]: cannot start the VM: why" -> "why".
+                cause = cause.removeprefix(f"vmm[{config.name}]: ").removeprefix("cannot start the VM: ")
+                raise VmError(f"{cause or 'its VMM exited'} (the VMM exited with {unit['returncode']}; its log: "
+                              f"{log})", log=str(log)) from None
         time.sleep(0.02)  # the VMM is another process booting its guest
     raise VmError(f"VM {config.name!r} did not come up in {wait:.0f} s ({last})")
 

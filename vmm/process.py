@@ -14,6 +14,11 @@ resumes the guest *before* anything slow is done; only then does the
 control plane start -- trio, in a process of its own (vmm.link, vmm.control)
 -- verify the guest, FINISH the session and report to the agent.  This
 process holds the VM and answers its control plane until it is stopped.
+
+Its metrics port is its unit's socket (``metrics``), which init binds and
+passes to every process of the unit (liveupdate.fdstore.SOCKETS): this
+process keeps it for its control plane, which serves on it; it binds the
+port itself only where no socket was passed (a VMM started by hand).
 """
 
 from __future__ import annotations
@@ -66,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     agent, hello = wait_for_agent(state, 30)
     agent.retry = True  # an agent that dies while we restore is started again by init
     clock.mark("agent_connected")
-    boot = unit_boot()  # LUVMM_BOOT, or what systemd's start says of it
+    # What init passed (LISTEN_FDS), its sockets apart -- before unit_boot: the socket passed at every
+    # start is no sign of a restart, the fd store's files are.
+    passed = fdstore.listen_fds()
+    metrics_fd = fdstore.sockets(passed).get(fdstore.METRICS)
+    boot = "restart" if passed else unit_boot()  # else LUVMM_BOOT, or what systemd's start says of it
     incoming_fd = agent.retrieve_session(name) if boot == "kexec" else None
-    stored = fdstore.take() if boot == "restart" else None
+    stored = fdstore.take(passed) if boot == "restart" else None
     if boot == "restart" and stored is None:
         # The VMM before us died restoring the VM after a kexec, before it
         # stored its files: the incoming session still holds them.
@@ -121,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             vm = Vm(host, load_config(state, name))
             vm.cold_boot()
         except (OSError, ValueError) as e:
-            print(f"vmm[{name}]: cannot start the VM: {e}", file=sys.stderr)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            print(f"vmm[{name}]: cannot start the VM: {why}", file=sys.stderr)
             return EX_CONFIG  # init does not restart a VM that cannot start
         clock.mark("booted")
     if incoming_fd is None:  # booted or restarted: the guest runs
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     # needs of the VM, importing nothing more.
     from vmm.link import Link
 
-    return Link(vm, host, services, state, name, agent, clock, restored, boot, args["host"]).run()
+    return Link(vm, host, services, state, name, agent, clock, restored, boot, args["host"], metrics_fd).run()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@
 * **Init** (:class:`liveupdate.init.Init`, luvmm's own) starts the units (the
   agent and one VMM per VM) from unit files in the state dir; the daemon
   SIGKILLs them at kexec (a process does not outlive its kernel) and has
-  init start them again after it.
+  init start them again after it.  The units' sockets (a VM's metrics
+  port) stay bound through it: the daemon is the machine, and a local user
+  lives outside it, on the real kernel, where a port the emulated kexec let
+  go would be anyone's to take.  They are closed when their unit is
+  stopped, and when the host stops.
 
 A malformed message gets an error reply and the daemon goes on serving; an
 unexpected failure inside a request is logged and answered with EIO.
@@ -167,6 +171,7 @@ class HostDaemon:
                 nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            self.init.close_sockets()
             if self.init.notify_sock is not None:
                 self.init.notify_sock.close()
             if self.kernel is not None:

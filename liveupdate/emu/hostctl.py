@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import subprocess
@@ -80,7 +81,7 @@ def bury(state: StateDir) -> list[int]:
     return pids
 
 
-def clean(state: StateDir, wait: float = LOCK_WAIT_S) -> list[str] | None:
+def clean(state: StateDir, wait: float = LOCK_WAIT_S, keep_logs: tuple[str, ...] = ()) -> list[str] | None:
     """:meth:`StateDir.clean` under the host lock, once the daemon that held
     it is gone (waiting up to ``wait`` for it to let go); None, cleaning
     nothing, if a host holds it still -- one started here meanwhile: what is
@@ -100,7 +101,7 @@ def clean(state: StateDir, wait: float = LOCK_WAIT_S) -> list[str] | None:
             return None
         time.sleep(0.01)  # polling a lock its holder is letting go of (a daemon exiting)
     try:
-        return state.clean()
+        return state.clean(keep_logs)
     finally:
         os.close(fd)
 
@@ -141,6 +142,9 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
     try:
         if running(state):  # one that holds no lock (an older luvmm's)
             raise HostBusy(f"an emulated host is already running in {state.path}")
+        state.write_file(OPTIONS_FILE, json.dumps({
+            "devices": devices, "kernel_profile": profile, "dsa_bandwidth": dsa_bandwidth, "agent": agent,
+            "metrics_port": metrics_port, "guest_cpus": guest_cpus}).encode())
         return _start(state, devices=devices, profile=profile, dsa_bandwidth=dsa_bandwidth, agent=agent,
                       timeout=timeout, env=env, metrics_port=metrics_port, lock=lock)
     except HostBusy:
@@ -203,11 +207,12 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
     return proc.pid
 
 
-def stop(state: StateDir, timeout: float = 30.0) -> list[str] | None:
+def stop(state: StateDir, timeout: float = 30.0, keep_logs: tuple[str, ...] = ()) -> list[str] | None:
     """Ask the daemon to stop, wait for its process to exit, and clean the
     state dir up (:meth:`StateDir.clean`).  Returns the VMs whose definitions
     stay (init boots them when a host starts there again), or None if no host
-    was running."""
+    was running.  ``keep_logs``: logs (paths) an error pointed the user to,
+    kept whatever else goes."""
     if not state.exists():
         return None
     pid = state.pid()
@@ -218,7 +223,7 @@ def stop(state: StateDir, timeout: float = 30.0) -> list[str] | None:
 
             os.kill(pid, signal.SIGTERM)
             _wait_exit(pid, timeout)
-            return clean(state) or []
+            return clean(state, keep_logs=keep_logs) or []
         return None
     from liveupdate.emu.client import connect
 
@@ -229,7 +234,7 @@ def stop(state: StateDir, timeout: float = 30.0) -> list[str] | None:
         host.close_connection()
     if pid is not None:
         _wait_exit(pid, timeout)
-    return clean(state, timeout) or []
+    return clean(state, timeout, keep_logs) or []
 
 
 def _is_daemon(pid: int, state: StateDir) -> bool:
@@ -277,16 +282,41 @@ def died(state: StateDir, pid: int) -> str:
             "(its VMs boot cold)")
 
 
+#: The options a host was started with (state dir), kept with its VMs'
+#: definitions: a host started there again without options has the same
+#: devices, metrics port... (its VMs boot on it as they ran).
+OPTIONS_FILE = "host.json"
+#: The DSAs of a host `luvmm vm start` starts: room for a few VMs.
+AUTO_DEVICES = 4
+
+
+def saved_options(state: StateDir) -> dict:
+    """The options of the host that ran in ``state`` last (hostctl.start's
+    keyword arguments), {} if none were kept."""
+    try:
+        saved = json.loads(state.read_file(OPTIONS_FILE))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    names = {"devices": "devices", "kernel_profile": "profile", "dsa_bandwidth": "dsa_bandwidth",
+             "agent": "agent", "metrics_port": "metrics_port", "guest_cpus": "guest_cpus"}
+    return {arg: saved[key] for key, arg in names.items() if key in saved}
+
+
 def ensure(state_dir: str | None, *, say=print, **start_args) -> tuple[StateDir, bool]:
     """The host of ``state_dir`` (default: the embedded one), started if needed
-    (and said so): what `luvmm vm start` does.  Also whether this call
-    started it (not another command starting it at the same moment)."""
+    (and said so): what `luvmm vm start` does -- with the options of the host
+    that ran there last, if it kept its VMs, else AUTO_DEVICES DSAs and
+    ``start_args``.  Also whether this call started it (not another command
+    starting it at the same moment)."""
     state = StateDir(state_dir or default_state_dir())
     if running(state):
         return state, False
     gone = dead(state)
     if gone is not None:  # a new machine over a dead one's state is an explicit act
         raise HostError(died(state, gone))
+    start_args = {"devices": AUTO_DEVICES, **start_args, **saved_options(state)}
     try:
         start(state, **start_args)
     except HostBusy:

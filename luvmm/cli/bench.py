@@ -47,7 +47,7 @@ def _cmd_bench_blackout(args: argparse.Namespace) -> int:
                            profile=args.kernel_profile, dsa_bandwidth=args.dsa_bandwidth,
                            overcommit=args.overcommit, guest_cpus=guest_cpus_for(args.guest_cpus, args.vms),
                            interval=args.interval, progress=progress())
-    return report_updates(summary, args.json)
+    return report_updates(summary, args.json, command="bench blackout")
 
 
 def _cmd_bench_load(args: argparse.Namespace) -> int:

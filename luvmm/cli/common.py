@@ -44,8 +44,10 @@ def byte_size(text: str) -> int:
         value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 64K, 256M, 1G)") from None
-    if not 0 <= value < 1 << 62 or value != int(value):
+    if value < 0 or value != int(value):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (a whole, non-negative number of bytes)")
+    if value >= 1 << 62:
+        raise argparse.ArgumentTypeError(f"{text!r}: too big (at most 4096T)")
     return int(value)
 
 
@@ -407,8 +409,9 @@ def pick_guest(choice: str) -> str:
     return "firmware" if ok else "synthetic"
 
 
-def report_updates(summary: dict, as_json, interrupted: str | None = None) -> int:
-    """Print a run of live updates (table or JSON) and return its exit status."""
+def report_updates(summary: dict, as_json, interrupted: str | None = None, command: str = "update") -> int:
+    """Print a run of live updates (table or JSON) and return its exit status
+    (why it is not 0: one line ``luvmm COMMAND: why``)."""
     from liveupdate.update import format_cycles, outcome
 
     status, why = outcome(summary)
@@ -419,5 +422,5 @@ def report_updates(summary: dict, as_json, interrupted: str | None = None) -> in
         say(interrupted)
         return exitcodes.INTERRUPTED
     if status != exitcodes.OK:
-        say(f"luvmm: {why}")
+        say(f"luvmm {command}: {why}")
     return status

@@ -7,6 +7,8 @@ import argparse
 
 from luvmm import exitcodes
 from luvmm.cli.common import (
+    DEFAULT_DSA_BANDWIDTH,
+    PROFILES,
     CliError,
     Connection,
     Parser,
@@ -39,16 +41,30 @@ def _cmd_host_start(args: argparse.Namespace) -> int:
         say(f"the emulated host that ran in {state.path} had died{f' (pid {gone})' if gone > 0 else ''}: "
             f"stopped what was left of it ({len(stopped)} process(es)); starting a new one")
     earlier = state.vm_names() if state.exists() else []
-    pid = hostctl.start(state, devices=args.devices, profile=args.kernel_profile,
-                        dsa_bandwidth=args.dsa_bandwidth or None, agent=not args.no_agent,
-                        metrics_port=args.metrics_port, guest_cpus=args.guest_cpus)
-    print(f"emulated host running in {state.path} (pid {pid}, {args.devices} DSA, kernel profile "
-          f"{args.kernel_profile}); control socket {state.socket}")
+    given = {"devices": args.devices, "profile": args.kernel_profile, "dsa_bandwidth": args.dsa_bandwidth,
+             "metrics_port": args.metrics_port, "guest_cpus": args.guest_cpus}
+    # The host that ran here and kept its VMs: what was not said now is as it was then.
+    saved = hostctl.saved_options(state) if earlier else {}
+    reused = {k: v for k, v in saved.items() if k in given and given[k] is None and v is not None}
+    options = {"devices": 1, "profile": PROFILES[0], "dsa_bandwidth": DEFAULT_DSA_BANDWIDTH,
+               **{k: v for k, v in given.items() if v is not None}, **reused}
+    pid = hostctl.start(state, devices=options["devices"], profile=options["profile"],
+                        dsa_bandwidth=options["dsa_bandwidth"] or None, agent=not args.no_agent,
+                        metrics_port=options.get("metrics_port"), guest_cpus=options.get("guest_cpus"))
+    print(f"emulated host running in {state.path} (pid {pid}, {options['devices']} DSA, kernel profile "
+          f"{options['profile']}); control socket {state.socket}")
+    flags = {"devices": "--devices", "profile": "--kernel-profile", "dsa_bandwidth": "--dsa-bandwidth",
+             "metrics_port": "--metrics-port", "guest_cpus": "--guest-cpus"}
+    said = {k: v for k, v in reused.items() if v != {"devices": 1, "profile": PROFILES[0],
+                                                     "dsa_bandwidth": DEFAULT_DSA_BANDWIDTH}.get(k)}
+    if said:
+        print("with the options of the host that ran there before: "
+              + " ".join(f"{flags[k]} {v}" for k, v in said.items()))
     if earlier:
         print(f"booting {len(earlier)} VM(s) defined there by an earlier run, cold (their RAM did not outlive "
               f"that host): {', '.join(earlier)}")
-    if args.metrics_port is not None:
-        print(f"Prometheus metrics on http://{metrics_url(args.metrics_port)}/metrics")
+    if options.get("metrics_port") is not None:
+        print(f"Prometheus metrics on http://{metrics_url(options['metrics_port'])}/metrics")
     return exitcodes.OK
 
 
@@ -56,11 +72,18 @@ def _cmd_host_stop(args: argparse.Namespace) -> int:
     from liveupdate.emu import hostctl
 
     state = state_of(args)
-    kept = hostctl.stop(state)
-    if kept is None:
-        say(f"no emulated host is running in {state.path}")
-        return exitcodes.OK  # already stopped: what was asked holds (as `systemctl stop`)
-    print(f"stopped the emulated host in {state.path}")
+    gone = hostctl.dead(state)
+    if gone is not None:  # killed (SIGKILL, a crash): what is left of it goes, as its stop would have removed it
+        stopped = hostctl.bury(state)
+        kept = state.vm_names() if state.exists() else []
+        print(f"no emulated host was running in {state.path}: it had died{f' (pid {gone})' if gone > 0 else ''}; "
+              f"stopped what was left of it ({len(stopped)} process(es)) and removed its files")
+    else:
+        kept = hostctl.stop(state)
+        if kept is None:
+            say(f"no emulated host is running in {state.path}")
+            return exitcodes.OK  # already stopped: what was asked holds (as `systemctl stop`)
+        print(f"stopped the emulated host in {state.path}")
     if kept:
         print(f"kept the definitions of VM(s) {', '.join(kept)} there: `luvmm host start` boots them again, "
               "`luvmm vm stop NAME` removes one")
@@ -155,6 +178,9 @@ def _cmd_host_install(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"for {f'systemd {version}' if version else 'a current systemd'}: {', '.join(files)}; "
           f"state in {systemd.STATE_DIR}")
+    grafana = _install_grafana_provider(args.root)
+    if grafana:
+        print(f"wrote {grafana} (Grafana's luvmm dashboard)")
     if os.path.realpath(args.root) != "/":
         return exitcodes.OK
     if shutil.which("systemctl"):
@@ -168,6 +194,41 @@ def _cmd_host_install(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+#: Where Grafana looks for dashboard providers (its packages make it).
+GRAFANA_DASHBOARDS = "etc/grafana/provisioning/dashboards"
+
+
+def _install_grafana_provider(root: str) -> str | None:
+    """Where Grafana is installed (its provisioning directory exists under
+    ROOT): a dashboard provider for luvmm's dashboard, its path the
+    installed package's own metrics/grafana -- not a copy that could go
+    stale.  Returns the file written, None where there is no Grafana."""
+    import os
+
+    import metrics
+
+    target = os.path.join(root, GRAFANA_DASHBOARDS)
+    if not os.path.isdir(target):
+        return None
+    source = os.path.join(os.path.dirname(metrics.__file__), "grafana")
+    with open(os.path.join(source, "provisioning", "dashboards", "luvmm.yaml")) as f:
+        text = f.read()
+    text = text.replace("path: METRICS_GRAFANA_DIR", f"path: {source}")
+    path = os.path.join(target, "luvmm.yaml")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise CliError(f"wrote the units, but not Grafana's dashboard provider {path}: {e.strerror or e}") from None
+    return path
+
+
 def add_parser(sub) -> None:
     host = sub.add_parser("host", help="the emulated host: start, stop, status, kexec, faults; any host: check; "
                                       "a real host's units: install",
@@ -179,14 +240,17 @@ def add_parser(sub) -> None:
     host_sub.required = True
     start = host_sub.add_parser("start", help="start an emulated host daemon in the background",
                                 description="Start an emulated host daemon in the background. VMs defined in the "
-                                            "state dir by an earlier run boot again, cold.")
+                                            "state dir by an earlier run boot again, cold, on a host with that "
+                                            "run's options (--devices, --metrics-port...) unless given now.")
     state_dir_arg(start)
-    start.add_argument("--devices", type=device_count, default=1, help="number of DSA functions, 1-64 (default 1)")
+    start.add_argument("--devices", type=device_count, help="number of DSA functions, 1-64 (default 1)")
     profile_arg(start)
     bandwidth_arg(start)
     guest_cpus_arg(start)
     start.add_argument("--no-agent", action="store_true", help="do not start the LUO agent unit")
     metrics_port_arg(start, "the host's (devices, kexecs, units)")
+    # Not said: as the host that ran in the state dir before had it, if it kept VMs there (else the default).
+    start.set_defaults(kernel_profile=None, dsa_bandwidth=None)
     host_arg(start, "`luvmm host start` starts an emulated host; a real host's agent and VMs are its init's "
                     "(`luvmm host install` writes the systemd units)")
     start.set_defaults(func=_cmd_host_start)

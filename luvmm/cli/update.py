@@ -269,7 +269,8 @@ def add_parser(sub) -> None:
                     "On a real host (--host real) the new kernel is "
                     "--kernel IMAGE, loaded before any VM is paused; this command ends with the old kernel, and "
                     "`luvmm update --last` on the new one shows the report. Exit status: 0 DMA intact, 1 an "
-                    "update failed (rolled back), 3 DMA damaged, 4 the device was reset.")
+                    "update failed (rolled back) or left a VM without its metrics endpoint (its VMM could not "
+                    "serve the port: the table says why), 3 DMA damaged, 4 the device was reset.")
     host_arg(update)
     state_dir_arg(update)
     update.add_argument("--kernel", metavar="IMAGE",

@@ -80,9 +80,10 @@ def _start_emulated(args: argparse.Namespace, state, config) -> dict:
     try:
         with Connection(state) as host:
             return manage.start(state, config, EmulatedUnits(host), overcommit=args.overcommit, wait=args.timeout)
-    except BaseException:
+    except BaseException as e:
         if started and not state.vm_names():  # a host started for a VM that did not start goes too
-            hostctl.stop(state)
+            # ... but not the log its error points to.
+            hostctl.stop(state, keep_logs=(e.log,) if getattr(e, "log", None) else ())
         raise
 
 

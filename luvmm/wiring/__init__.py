@@ -55,5 +55,7 @@ def real_units(state) -> Units:
         client.call({"op": "hello"})
     except OSError:
         client.close()
-        return SystemdUnits()
+        from luvmm.wiring import systemd
+
+        return SystemdUnits(state=state, socket_units=systemd)
     return InitUnits(client)

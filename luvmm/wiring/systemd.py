@@ -35,6 +35,31 @@ systemd's default, written out where systemd knows the setting.  Not
 ``yes``: that would keep a stopped VM's RAM and device open in pid 1 and
 hand them to the next VM of that name, where the emulated init flushes them.
 
+**A VM's metrics port** is a socket unit of its own, as luvmm's init
+holds a unit's ``sockets`` (liveupdate.init): ``luvmm-vm@NAME.socket``
+(:func:`vm_socket_files`: ListenStream=ADDRESS:PORT, Accept=no,
+FileDescriptorName=metrics, Service=luvmm-vm@NAME.service), which the
+template names in ``Sockets=luvmm-vm@%i.socket``.  Sockets= is Wants= and
+After= of it: systemd binds the port before it starts the VMM, passes it
+(LISTEN_FDNAMES ``metrics``, before the fd store's files:
+liveupdate.fdstore.SOCKETS) to every process it starts for the VM, and
+keeps it bound while the VMM restarts -- so no process of the VM ever binds
+the port, and there is no moment between two of them when a local user
+could (and serve Prometheus figures of his own).  After a kexec the new
+systemd binds it before it starts the VMM.  A VM without a metrics port
+has no such unit, and Wants= of a unit that does not exist is nothing.
+Wants=, not Requires=: a port that cannot be bound at a boot must not
+keep the VM down -- its VMM binds the port itself, or says why it cannot
+(`vm start` fails; `luvmm update` reports it).  The socket unit is
+DefaultDependencies=no, as the VMM's (a restore does not wait for
+sysinit.target); FreeBind=yes, as systemd.socket(5) advises for an IP
+address, which may not be up that early; BindIPv6Only=ipv6-only, as the
+VMM's own bind; no trigger limit (connections while the VMM restarts never
+put it into failure, which would close it); StopWhenUnneeded=yes: closed
+once the VM's service is stopped (`luvmm vm stop`) or has failed for good,
+never at its restarts (a service waiting to restart is activating).
+:func:`install_vm_sockets` writes it, :func:`remove_vm_sockets` removes it.
+
 **How a unit knows how it was started.**  The emulated init says it in
 ``LUVMM_BOOT``; systemd says nothing of the kind, so on a real host the
 unit finds out (:func:`liveupdate.state.unit_boot`): ``restart`` when its
@@ -80,6 +105,7 @@ import os
 from liveupdate.state import GUEST_CPUS_ENV, RESTART_MAX_DELAY_S, python_unit
 
 AGENT_UNIT = "luvmm-agent.service"
+VM_PREFIX = "luvmm-vm@"
 VM_TEMPLATE = "luvmm-vm@.service"
 TARGET = "luvmm.target"
 STATE_DIR = "/var/lib/luvmm"
@@ -217,6 +243,8 @@ def unit_files(systemd: int | None = None, guest_cpus: str | None = None) -> dic
         "# The VM's files (RAM, iommufd, device) stay with systemd while the VMM restarts (liveupdate/fdstore.py).",
         f"FileDescriptorStoreMax={FDSTORE_MAX}",
         "NotifyAccess=main",
+        "# Its metrics port, where it has one: bound and kept by systemd (Wants= and After= it; see vm_socket_files).",
+        f"Sockets={VM_PREFIX}%i.socket",
     ] + (["# Flushed when the unit stops (not =yes: a stopped VM's RAM and device would stay open in pid 1).",
           "FileDescriptorStorePreserve=restart"] if new else []) + _dirs(STATE_DIR) + [
         "",
@@ -225,6 +253,87 @@ def unit_files(systemd: int | None = None, guest_cpus: str | None = None) -> dic
     ]
     return {TARGET: "\n".join(target) + "\n", AGENT_UNIT: "\n".join(agent) + "\n",
             VM_TEMPLATE: "\n".join(vm) + "\n"}
+
+
+def _listen_stream(spec: str) -> str:
+    """A unit socket's ``listen`` (liveupdate.init.parse_listen: PORT is
+    loopback) as ListenStream= takes it: ``ADDRESS:PORT``, ``[ADDRESS]:PORT``
+    -- never a port alone, which systemd reads as every address -- with
+    ``%`` doubled (an IPv6 scope is not a specifier)."""
+    from liveupdate.init import parse_listen
+
+    address, port = parse_listen(spec)
+    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return where.replace("%", "%%")
+
+
+def vm_socket_files(name: str, sockets: list[dict]) -> dict[str, str]:
+    """{file name: text} of VM ``name``'s socket unit, for its unit's
+    ``sockets`` (``[{"name": "metrics", "listen": "127.0.0.1:9100"}]``: what
+    `luvmm vm start` writes); {} when it has none.  ValueError for a name
+    or an address systemd would not take."""
+    from luvmm.names import check_vm_name
+
+    check_vm_name(name)
+    if not sockets:
+        return {}
+    service = f"{VM_PREFIX}{name}.service"
+    header = ["# Written by luvmm for VM " + name + " (luvmm/wiring/systemd.py): removed with the VM."]
+    text = header + [
+        "[Unit]",
+        f"Description=luvmm VM {name}'s sockets (bound by systemd across its VMM's restarts and live updates)",
+        "# Early, as its VMM: after a kexec the VM's restore does not wait for sysinit.target.",
+        "DefaultDependencies=no",
+        "Conflicts=shutdown.target",
+        "Before=shutdown.target",
+        "# Closed once the VM's service is stopped or has failed for good, never while it restarts.",
+        "StopWhenUnneeded=yes",
+        "",
+        "[Socket]",
+    ]
+    names = set()
+    for spec in sockets:
+        fdname = str(spec["name"])
+        if not fdname or ":" in fdname or not fdname.isprintable() or len(fdname) > 255 or fdname in names:
+            raise ValueError(f"VM {name}: bad socket name {fdname!r}")
+        names.add(fdname)
+        text += [f"ListenStream={_listen_stream(spec['listen'])}"]
+    if len(names) != 1:  # FileDescriptorName= names every socket of a unit: one name, one unit
+        raise ValueError(f"VM {name}: one socket name per socket unit, not {sorted(names)}")
+    text += [
+        f"FileDescriptorName={names.pop()}",
+        "Accept=no",
+        f"Service={service}",
+        "# An address not up yet at boot (an interface's) can be bound all the same.",
+        "FreeBind=yes",
+        "BindIPv6Only=ipv6-only",
+        "# Connections while the VMM restarts must never put the socket into failure (closed: the port free).",
+        "TriggerLimitIntervalSec=0",
+    ]
+    return {f"{VM_PREFIX}{name}.socket": "\n".join(text) + "\n"}
+
+
+def install_vm_sockets(name: str, sockets: list[dict], root: str = "/") -> list[str]:
+    """Write VM ``name``'s socket unit (:func:`vm_socket_files`) under
+    ROOT/etc/systemd/system, whole or not at all, before its service is
+    enabled and started (systemctl enable reloads systemd's units).  Returns
+    the paths written ([] for a VM without sockets)."""
+    files = vm_socket_files(name, sockets)
+    return install(files, root) if files else []
+
+
+def remove_vm_sockets(name: str, root: str = "/") -> bool:
+    """Remove VM ``name``'s socket unit, once its service is stopped and
+    disabled (systemd closed the socket then: StopWhenUnneeded=).  True if
+    there was one."""
+    from luvmm.names import check_vm_name
+
+    check_vm_name(name)
+    try:
+        os.unlink(os.path.join(root, UNIT_DIR, f"{VM_PREFIX}{name}.socket"))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def systemd_version(systemctl: str = "systemctl") -> int | None:

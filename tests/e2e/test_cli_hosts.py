@@ -104,7 +104,8 @@ SYSTEMCTL = """#!/bin/sh
 # luvmm wrote; `show` says the VM's unit ran and exited with status 1.
 echo "$*" >> "{log}"
 case "$1" in
-  enable) cp "$LUVMM_STATE_DIR/units/vm-a.json" "{seen}" ;;
+  enable) cp "$LUVMM_STATE_DIR/units/vm-a.json" "{seen}"
+          cp "$LUVMM_SYSTEMD_ROOT/etc/systemd/system/luvmm-vm@a.socket" "{seen}.socket" 2>/dev/null || true ;;
   show) printf 'Id=luvmm-vm@a.service\\nLoadState=loaded\\nActiveState=failed\\nSubState=failed\\nMainPID=0\\n'
         printf 'ExecMainCode=1\\nExecMainStatus=1\\nNRestarts=0\\n' ;;
 esac
@@ -121,9 +122,11 @@ def systemd(cli):
     with open(path, "w") as f:
         f.write(SYSTEMCTL.format(log=log, seen=seen))
     os.chmod(path, 0o755)
-    for p in (bin_dir, log, seen, cli.state):
+    root = os.path.join(cli.root, "sysroot")  # where the VM's socket unit is written
+    for p in (bin_dir, log, seen, seen + ".socket", cli.state, root):
         cli.keep(p)
     cli.env["PATH"] = f"{bin_dir}:{cli.env['PATH']}"
+    cli.env["LUVMM_SYSTEMD_ROOT"] = root
     return log, seen
 
 
@@ -145,10 +148,25 @@ def test_vm_start_on_a_real_host_runs_its_unit_with_host_real(cli, systemd):
     assert not os.path.exists(os.path.join(cli.root, "state", "host.sock"))  # no emulated host was started
 
 
+def test_a_real_hosts_vm_with_a_metrics_port_gets_a_socket_unit_and_it_goes_with_the_vm(cli, systemd):
+    """Its port bound by systemd (luvmm-vm@NAME.socket), not by its VMM: no
+    one takes it while the VMM restarts or the host kexecs (issue 24, item 5)."""
+    log, seen = systemd
+    cli("vm", "start", "a", "--host", "real", "--device", BDF, *SMALL, "--metrics-port", "19191",
+        status=exitcodes.FAILED)  # the stand-in says its VMM exited
+    with open(seen + ".socket") as f:  # there when systemd was asked to start the VM
+        socket_unit = f.read()
+    assert "ListenStream=127.0.0.1:19191" in socket_unit and "FileDescriptorName=metrics" in socket_unit
+    calls = open(log).read().splitlines()
+    assert calls[0] == "enable --now luvmm-vm@a.service" and calls[-1] == "disable --now luvmm-vm@a.service"
+    units = os.path.join(cli.env["LUVMM_SYSTEMD_ROOT"], "etc", "systemd", "system")
+    assert os.listdir(units) == []  # removed with the VM that did not start
+
+
 def test_vm_list_status_stop_on_a_real_host_work_on_its_state_dir(cli, systemd):
     log, _ = systemd
     define_vm(cli.state)
-    assert cli("vm", "list", "--host", "real").stdout.split() == ["a", "not", "running"]
+    assert cli("vm", "list", "--host", "real").stdout.splitlines()[1].split()[:3] == ["a", "not", "running"]
     proc = cli("vm", "status", "--host", "real", status=exitcodes.FAILED)
     assert proc.stdout.startswith("a: not running (its VMM does not answer")
     assert cli("vm", "stop", "a", "--host", "real").stdout.strip() == "VM a stopped"

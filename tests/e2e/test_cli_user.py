@@ -283,7 +283,7 @@ def test_host_start_says_it_boots_the_vms_of_an_earlier_run(cli):
     cli("vm", "start", "a", *SMALL)
     proc = cli("host", "stop")
     assert "kept the definitions of VM(s) a" in proc.stdout
-    assert sorted(os.listdir(cli.state)) == [".luvmm-state", "host.log", "logs", "units", "vms"]
+    assert sorted(os.listdir(cli.state)) == [".luvmm-state", "host.json", "host.log", "logs", "units", "vms"]
     listed = cli("vm", "list").stdout.splitlines()
     assert listed[0].split()[:2] == ["NAME", "STATE"] and listed[1].split()[:3] == ["a", "host", "stopped"]
     proc = cli("host", "start")
@@ -428,6 +428,7 @@ def test_a_vm_larger_than_the_machine_is_refused_unless_overcommitted(cli):
     proc = cli("vm", "start", "big", "--memory", too_big, "--guest", "synthetic", status=exitcodes.FAILED)
     assert "--overcommit" in cli.error_line(proc) and "the machine has" in proc.stderr
     assert not os.path.exists(cli.state)  # refused before a host was started for it
+    cli("host", "start")  # one DSA
     cli("vm", "start", "a", *SMALL)
     cli("vm", "start", "big", "--memory", too_big, "--guest", "synthetic", "--overcommit", "--device", "auto",
         status=exitcodes.FAILED)  # fits the check, but this host has one DSA: a's
@@ -546,3 +547,63 @@ def test_vm_list_shows_each_vms_pid_memory_device_uptime_and_last_blackout(cli):
     assert line.endswith(f"{row['last_blackout_s'] * 1000:.1f} ms")
     cli("vm", "stop", "a")
     cli("host", "stop")
+
+
+def test_a_killed_host_is_cleaned_up_by_host_stop_and_started_again_as_it_was(cli):
+    """Issue 24's friction: after `kill -9` of the daemon, `host stop` said
+    none runs and left its files; `host start` over it forgot --devices (the
+    second VM then had no DSA)."""
+    cli("host", "start", "--devices", "2")
+    cli("vm", "start", "a", *SMALL)
+    cli("vm", "start", "b", *SMALL)
+    with open(os.path.join(cli.state, "host.pid")) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while cli("host", "status", status=None).returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the daemon is another process dying
+    proc = cli("host", "stop")
+    assert "it had died" in proc.stdout and "kept the definitions of VM(s) a, b" in proc.stdout
+    assert not any(os.path.exists(os.path.join(cli.state, f)) for f in ("host.sock", "host.pid", "agent.sock"))
+    proc = cli("host", "start")
+    assert "with the options of the host that ran there before: --devices 2" in proc.stdout
+    assert "2 DSA" in proc.stdout
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # both VMs boot again, cold, each on its own DSA
+        rows = json.loads(cli("vm", "list", "--json").stdout)
+        if all(r["state"] == "running" for r in rows):
+            break
+        time.sleep(0.1)  # their VMMs are other processes booting their guests
+    assert sorted((r["name"], r["state"]) for r in rows) == [("a", "running"), ("b", "running")]
+    assert len({r["device"] for r in rows}) == 2
+    cli("vm", "stop", "a")
+    cli("vm", "stop", "b")
+    cli("host", "stop")
+
+
+def test_failure_lines_name_their_command_and_say_the_cause_once(cli):
+    """Issue 24's friction: `luvmm:` instead of `luvmm COMMAND:`, a huge
+    --memory called "not a whole number", a VMM's error nested in another."""
+    proc = cli("vm", "start", "x", "--memory", "99999999999999999999", status=exitcodes.USAGE)
+    assert "too big" in cli.error_line(proc)
+    cli("host", "start")  # one DSA
+    cli("vm", "start", "a", *SMALL)
+    proc = cli("vm", "start", "b", *SMALL, status=exitcodes.FAILED)
+    line = cli.error_line(proc)
+    assert line.startswith("luvmm vm start: every DSA of the host is passed through to another VM"), line
+    assert line.count("vmm[") == 0 and "[Errno" not in line and "(the VMM exited with 78; its log: " in line
+    cli("vm", "stop", "a")
+    cli("host", "stop")
+
+
+def test_a_vm_that_cannot_start_in_an_empty_dir_keeps_the_log_its_error_points_to(cli):
+    """Issue 24, item 2: "see …/vm-t1.log", and that log had been deleted
+    with the host started for the VM."""
+    proc = cli("vm", "start", "t1", *SMALL, "--device", "0000:99:00.0", status=exitcodes.FAILED)
+    started, line = proc.stderr.strip().splitlines()
+    assert started.startswith("started an emulated host") and "0000:99:00.0" in line
+    log = line.rsplit("its log: ", 1)[1].rstrip(")")
+    with open(log) as f:
+        assert "0000:99:00.0" in f.read()
+    cli.keep(log)
+    cli.keep(os.path.join(cli.state, ".luvmm-state"))  # the state dir stays luvmm's, for that log
+    assert not any(os.path.exists(os.path.join(cli.state, f)) for f in ("host.sock", "host.pid", "units", "vms"))

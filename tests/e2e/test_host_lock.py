@@ -3,6 +3,7 @@
 at once in an empty dir, a daemon started by hand beside a running host.
 Real processes, the real CLI; the ``cli`` fixture checks nothing is left."""
 
+import json
 import os
 import subprocess
 
@@ -90,7 +91,7 @@ def test_two_vm_starts_at_once_in_an_empty_dir_share_one_host(cli):
         if p.returncode != exitcodes.OK:  # the host has one DSA: the second VM finds it taken, and says so
             errors = [line for line in p.stderr.splitlines() if "started an emulated host" not in line]
             assert len(errors) == 1 and "every DSA of the host is passed through" in errors[0], p.stderr
-    assert sorted(line.split()[0] for line in cli("vm", "list").stdout.splitlines()) == started
+    assert sorted(row["name"] for row in json.loads(cli("vm", "list", "--json").stdout)) == started
     for name in started:
         cli("vm", "stop", name)
     cli("host", "stop")

@@ -82,6 +82,7 @@ def test_a_vm_that_does_not_start_leaves_no_memory_behind_nor_does_a_stopped_one
     """Issue 24, item 8: a failed `vm start --memory 1G` (the host's one DSA
     is taken) left its RAM memfd with the machine until the next kexec; so
     did every stopped VM whose RAM had been handed over by an update."""
+    cli("host", "start")  # one DSA
     cli("vm", "start", "a", "--guest", "synthetic", "--memory", "64M")
     before = machine_memory(cli)
     assert before and set(before) <= {64 << 20, -1}
