@@ -161,6 +161,7 @@ class UnitProcess:
                    (os.POSIX_SPAWN_DUP2, log_fd, 2)]
         actions += [(os.POSIX_SPAWN_DUP2, fd, SD_LISTEN_FDS_START + i) for i, fd in enumerate(pass_fds)]
         self.pid = os.posix_spawnp(argv[0], argv, env, setsid=True, file_actions=actions)
+        self.started = time.monotonic()
         UnitProcess.live.add(self.pid)
         self.pidfd = os.pidfd_open(self.pid)
         self.returncode: int | None = None
@@ -246,6 +247,10 @@ class Init:
         self.starts: dict[str, int] = {}
         self.restarts: dict[str, list[float]] = {}  # recent restarts, for the limit
         self.restart_count: dict[str, int] = {}
+        #: unit name -> (its last failure's cause, how many times in a row it failed so).
+        self.same_failures: dict[str, tuple[str, int]] = {}
+        #: unit name -> why init gave up on it (its start clears it).
+        self.failed: dict[str, str] = {}
         self.nursery: trio.Nursery | None = None  # its host's: it watches units for the restart policy
         #: unit name -> {fd name: fd}: each unit's file descriptor store.
         self.fdstores: dict[str, dict[str, int]] = {}
@@ -363,6 +368,9 @@ class Init:
 
     def _start(self, unit: dict, boot: str, *, strict: bool = False) -> int:
         name = unit["name"]
+        if boot != "restart":  # started anew (asked for, or a new kernel's boot): its failures are history
+            self.failed.pop(name, None)
+            self.same_failures.pop(name, None)
         sockets, failed = self._unit_sockets(unit, strict)  # before anything else: a failed start leaves nothing
         log_fd = self._open_log(name)
         stored = self.fdstores.get(name, {}) if boot == "restart" else {}
@@ -510,6 +518,9 @@ class Init:
         unit = next((u for u in self.state.read_units() if u["name"] == name), None)
         if unit is None or unit.get("restart") != "on-failure":
             return
+        if self._same_failure_again(unit, proc, code):
+            self.flush_fdstore(name)
+            return
         now = time.monotonic()
         recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_INTERVAL]
         burst = unit.get("start_limit_burst", RESTART_BURST)
@@ -532,6 +543,47 @@ class Init:
                     not any(u["name"] == name for u in self.state.read_units()):
                 return  # started or stopped meanwhile
         self._start_or_log(unit, "restart")
+
+    def _same_failure_again(self, unit: dict, proc: UnitProcess, code: int) -> bool:
+        """Whether init gives up on the unit: it has failed the same way
+        (the last line its process said, and its exit status)
+        ``same_failure_limit`` times in a row, each within RESTART_INTERVAL
+        of its start -- a VMM that dies on a damaged file or a bug at every
+        start, which restarting forever would only hide.  Said in the
+        unit's log and in :meth:`status` (``failed``)."""
+        limit = unit.get("same_failure_limit")
+        if not limit:
+            return False
+        name = unit["name"]
+        status = f"signal {-code}" if code < 0 else f"status {code}"
+        cause = f"{self.last_words(name) or 'no output'} (exit {status})"
+        last, count = self.same_failures.get(name, ("", 0))
+        quick = time.monotonic() - proc.started < RESTART_INTERVAL
+        count = count + 1 if cause == last and quick else 1
+        self.same_failures[name] = (cause, count)
+        if count < limit:
+            return False
+        self.failed[name] = f"{cause}, {count} times in a row: not restarted"
+        log.error("unit %s failed the same way %d times in a row: %s; not restarting it", name, count, cause)
+        try:
+            with open(self.state.logs / f"{name}.log", "a") as f:
+                f.write(f"init: failed the same way {count} times in a row: {cause}; not restarting it\n")
+        except OSError:
+            pass  # its log cannot be written: `luvmm host status` says so
+        return True
+
+    def last_words(self, name: str) -> str:
+        """The last line a unit's process said (its log's last line that is
+        not a traceback's inner line, nor init's own): what it died of."""
+        try:
+            with open(self.state.logs / f"{name}.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return next((ln.strip() for ln in reversed(lines)
+                     if ln.strip() and not ln.startswith((" ", "---", "init: ", "Traceback"))), "")
 
     def _start_or_log(self, unit: dict, boot: str) -> None:
         try:
@@ -782,7 +834,7 @@ class Init:
             name = unit["name"]
             proc = self.procs.get(name)
             out.append({"name": name, "argv": unit["argv"], "pid": proc.pid if proc else None,
-                        "restarts": self.restart_count.get(name, 0),
+                        "restarts": self.restart_count.get(name, 0), "failed": self.failed.get(name),
                         "running": proc is not None and proc.poll() is None,
                         "returncode": proc.poll() if proc else None, "starts": self.starts.get(name, 0),
                         "fdstore": sorted(self.fdstores.get(name, {})),

@@ -31,7 +31,7 @@ HOST = {
     "kexec": (_req(), "{generation, seconds, kho_bytes, kho_error, marks}"),
     "status": (_req(), "{pid, kernel, units, machine, faults, last_kexec, disk_error, ...}"),
     "stop": (_req(), '"stopping"'),
-    "units": (_req(), "[{name, pid, running, returncode, restarts, starts, fdstore, sockets}]"),
+    "units": (_req(), "[{name, pid, running, returncode, restarts, failed, starts, fdstore, sockets}]"),
     "unit-of": (_req(pid=int), "the unit's name, or null"),
     "unit-start": (_req(name=str), "{name, pid}"),
     "unit-stop": (_req(name=str), "{name, returncode}"),

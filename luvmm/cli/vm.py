@@ -114,16 +114,39 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-def _vm_states(state, names: list[str]) -> dict[str, dict]:
+def _vm_states(state, names: list[str], real: bool = False) -> dict[str, dict]:
+    """Each VM's status, from its VMM; where it does not answer, why (and
+    what its unit says: init gave up on a VMM that kept failing the same way)."""
     from vmm import manage
 
-    out = {}
+    out, units = {}, None
     for name in names:
         try:
             out[name] = manage.status(state, name)
         except (OSError, ValueError, manage.VmError) as e:
             out[name] = {"error": getattr(e, "strerror", None) or str(e)}
+            if units is None:
+                units = _units(state, real)
+            unit = units.get(f"vm-{name}") or {}
+            if unit.get("failed"):
+                out[name]["failed"] = unit["failed"]
+                out[name]["log"] = str(state.logs / f"vm-{name}.log")
     return out
+
+
+def _units(state, real: bool) -> dict[str, dict]:
+    """The host's units, by name ({} if its init does not answer)."""
+    try:
+        if real:
+            from luvmm.wiring import real_units
+
+            listed = real_units(state).list()
+        else:
+            with Connection(state) as host:
+                listed = host.call({"op": "units"})[0]
+    except (OSError, CliError):
+        return {}
+    return {u["name"]: u for u in listed}
 
 
 def _vm_ok(st: dict) -> bool:
@@ -137,7 +160,7 @@ def _cmd_vm_status(args: argparse.Namespace) -> int:
         if args.name not in names:
             raise CliError(f"no VM {args.name!r} in {state.path}")
         names = [args.name]
-    out = _vm_states(state, names)
+    out = _vm_states(state, names, is_real(args))
     if args.json:
         print_json(out)
     else:
@@ -148,6 +171,10 @@ def _cmd_vm_status(args: argparse.Namespace) -> int:
 def _format_vm_status(out: dict[str, dict], device: str = "DSA") -> str:
     lines = []
     for name, st in out.items():
+        if st.get("failed"):
+            lines.append(f"{name}: FAILED: its VMM died {st['failed']} (its log: {st['log']}); "
+                         f"`luvmm vm stop {name}` removes it")
+            continue
         if "error" in st:
             lines.append(f"{name}: not running (its VMM does not answer: {st['error']})")
             continue
@@ -213,7 +240,7 @@ def _cmd_vm_list(args: argparse.Namespace) -> int:
         from liveupdate.emu import hostctl
 
         up = hostctl.running(state)
-    states = _vm_states(state, names) if up else {}
+    states = _vm_states(state, names, is_real(args)) if up else {}
     rows = [_list_row(state, n, states.get(n), up) for n in names]
     if args.json:
         print_json(rows)
@@ -237,7 +264,8 @@ def _list_row(state, name: str, st: dict | None, up: bool) -> dict:
     import time
 
     running = up and st is not None and _vm_ok(st)
-    row = {"name": name, "state": ("running" if running else "not running") if up else "host stopped",
+    row = {"name": name, "state": ("running" if running else "failed" if st and st.get("failed") else "not running")
+           if up else "host stopped",
            "pid": st["pid"] if running else None, "memory_bytes": None, "device": st["bdf"] if running else None,
            "uptime_s": None, "last_blackout_s": None}
     config_path = os.path.join(state.vm_dir(name), "config.json")

@@ -189,3 +189,40 @@ def daemons_left(cli) -> list[int]:
     from tests.e2e.test_host_lock import daemons
 
     return daemons(cli.state) + [p for pids in vmm_processes(cli.state).values() for p in pids]
+
+
+def test_a_vmm_that_dies_the_same_way_at_every_start_is_given_up_on_and_vm_status_says_why(cli):
+    """Issue 24, item 2: a VMM that died on a damaged file at every start was
+    started again every 2 s for ever, and the user saw nothing.  Here its
+    unit is made to die so (as a VMM importing a truncated .pyc did): init
+    stops after five identical failures, and `vm status`/`vm list` say so."""
+    import signal
+
+    cli("vm", "start", "a", "--guest", "synthetic", "--memory", "64M")
+    path = os.path.join(cli.state, "units", "vm-a.json")
+    with open(path) as f:
+        unit = json.load(f)
+    unit["argv"] = [unit["argv"][0], "-c", "import sys; sys.exit('EOFError: marshal data too short')"]
+    with open(path + ".new", "w") as f:
+        json.dump(unit, f)
+    os.replace(path + ".new", path)
+    pid = json.loads(cli("vm", "status", "a", "--json").stdout)["a"]["pid"]
+    os.kill(pid, signal.SIGKILL)  # init starts it again: on the damaged unit, which dies at once
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = cli("vm", "status", "a", status=None)
+        if "FAILED" in status.stdout:
+            break
+        time.sleep(0.1)  # init and the unit's processes are other processes
+    assert status.returncode == exitcodes.FAILED
+    assert status.stdout.startswith("a: FAILED: its VMM died EOFError: marshal data too short (exit status 1), "
+                                    "5 times in a row: not restarted (its log: "), status.stdout
+    units = {u["name"]: u for u in host_status(cli)["units"]}
+    starts = units["vm-a"]["starts"]
+    assert [r["state"] for r in json.loads(cli("vm", "list", "--json").stdout)] == ["failed"]
+    assert {u["name"]: u for u in host_status(cli)["units"]}["vm-a"]["starts"] == starts  # not started again
+    with open(os.path.join(cli.state, "logs", "vm-a.log")) as f:
+        assert "init: failed the same way 5 times in a row" in f.read()
+    cli("vm", "stop", "a")
+    assert held_by_the_kernel(cli) == NOTHING
+    cli("host", "stop")
