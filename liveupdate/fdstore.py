@@ -74,11 +74,21 @@ def ready() -> None:
         pass
 
 
-def store(files: dict[str, int], meta: dict | None = None) -> None:
+#: The incoming LUO session a restoring VMM retrieved: kept by init until
+#: the VM's own files are stored (or the session is finished), so that a
+#: VMM and agent killed together during the restore lose nothing -- the
+#: session is not released (and finished: its files let go) while init
+#: holds it, and the VMM init starts next restores from it.
+INCOMING = "incoming"
+
+
+def store(files: dict[str, int], meta: dict | None = None, *, replace: bool = True) -> None:
     """Leave ``{name: fd}`` (and ``meta``) in this unit's store, replacing
-    what was stored under those names.  The fds stay ours too."""
+    what was stored under those names (``replace`` False: nothing was, as
+    after a kexec -- a notification less on the restore's path).  The fds
+    stay ours too."""
     names = list(files) + ([META] if meta is not None else [])
-    for name in names:  # systemd keeps every fd stored; drop the old ones of these names first
+    for name in names if replace else ():  # systemd keeps every fd stored; drop the old ones of these names first
         _notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
     memfd = None
     if meta is not None:
@@ -94,6 +104,14 @@ def store(files: dict[str, int], meta: dict | None = None) -> None:
     finally:
         if memfd is not None:
             os.close(memfd)
+
+
+def remove(name: str) -> None:
+    """``FDSTOREREMOVE=1``: what was stored under ``name`` goes.  Nothing where no init listens."""
+    try:
+        _notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    except OSError:
+        pass
 
 
 def listen_fds() -> dict[str, int]:
@@ -135,7 +153,7 @@ def take(fds: dict[str, int] | None = None) -> tuple[dict, dict[str, int]] | Non
         for fd in sockets(fds).values():
             os.close(fd)
     else:
-        fds = {name: fd for name, fd in fds.items() if name not in SOCKETS}
+        fds = {name: fd for name, fd in fds.items() if name not in SOCKETS and name != INCOMING}
     memfd = fds.pop(META, None)
     if memfd is None:
         for fd in fds.values():

@@ -44,6 +44,7 @@ import _socket
 
 from luvmm import rpc
 from luvmm.wire import ProtocolError, close_fds
+from liveupdate import fdstore
 from liveupdate.luo import Session
 from liveupdate.state import StateDir, python_unit, record_imports
 from vmm import guest as layout
@@ -255,6 +256,7 @@ class Link:
         if not self.finished:
             self.restored[0].finish()
             self.finished = True
+            fdstore.remove(fdstore.INCOMING)  # nothing left in it: init need not keep it
         return True, []
 
     def op_report(self, request) -> tuple[dict, list[int]]:

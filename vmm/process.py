@@ -77,11 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     metrics_fd = fdstore.sockets(passed).get(fdstore.METRICS)
     boot = "restart" if passed else unit_boot()  # else LUVMM_BOOT, or what systemd's start says of it
     incoming_fd = agent.retrieve_session(name) if boot == "kexec" else None
+    if incoming_fd is not None:
+        try:  # init keeps it until the VM's files are stored (fdstore.INCOMING says why)
+            fdstore.store({fdstore.INCOMING: incoming_fd}, replace=False)
+        except OSError:
+            pass  # no init keeps fds: as before, the agent's copy alone
+    kept_session = passed.pop(fdstore.INCOMING, None)
     stored = fdstore.take(passed) if boot == "restart" else None
     if boot == "restart" and stored is None:
         # The VMM before us died restoring the VM after a kexec, before it
-        # stored its files: the incoming session still holds them.
-        incoming_fd = agent.retrieve_session(name)
+        # stored its files: the incoming session still holds them -- the one
+        # init kept (the agent that handed it out may have died too), else
+        # the agent's.
+        incoming_fd = kept_session if kept_session is not None else agent.retrieve_session(name)
+    elif kept_session is not None:
+        os.close(kept_session)
     clock.mark("connected")
     restored = None
     if incoming_fd is not None:

@@ -177,6 +177,28 @@ def test_the_vmm_killed_while_restoring_is_restarted_on_its_session(kvm_ok, vm_h
 
 
 @pytest.mark.timeout(300)
+def test_the_vmm_and_the_agent_killed_together_while_restoring_lose_nothing(kvm_ok, vm_host):
+    """Both die as the VMM retrieves its device: the session they held would
+    be released -- finished, its RAM and device let go -- and the VM booted
+    cold, but init keeps it (the VMM left it in its fd store on retrieving
+    it): the VMM init starts next restores the VM from it."""
+    state, conn = vm_host
+    start_vm(state, conn, guest="firmware")
+    inject(conn, "retrieve:vfio-pci-v1@f=kill:vm-f,retrieve:vfio-pci-v1@f=kill:agent")
+    record = update_once(state, timeout=60)
+    assert record["phase"] == "done"
+    assert_clean(record["reports"]["f"])
+    unit_table = {u["name"]: u for u in conn.call({"op": "units"})[0]}
+    assert unit_table["vm-f"]["restarts"] == 1 and unit_table["agent"]["restarts"] == 1
+    assert manage.status(state, "f")["boot"] == "restart"  # restored, not booted cold
+    inject(conn, clear=True)
+    assert_clean(update_once(state, timeout=60)["reports"]["f"])
+    # Finished: init keeps no session for it any more.
+    wait_until(lambda: "incoming" not in next(u for u in conn.call({"op": "units"})[0]
+                                              if u["name"] == "vm-f")["fdstore"], "the session to leave the store")
+
+
+@pytest.mark.timeout(300)
 def test_the_agent_killed_while_the_vms_restore_loses_nothing(kvm_ok, vm_host):
     """The agent of the new kernel dies as the VMM retrieves its device: the VMM
     goes on with the session it already holds, tells the agent that init
