@@ -407,6 +407,11 @@ class Agent:
                     "update": self.update}, []
         if op == "create-session":
             name = str(request["name"])
+            if not os.path.exists(os.path.join(self.state.path, "units", f"vm-{name}.json")):
+                # Stopped for good (`vm stop` removes the unit first, then lets go of
+                # its session): a request its VMM sent before it was killed, read
+                # only now, must not make the session again -- nobody would let go of it.
+                raise OSError(errno.ENOENT, f"no VM {name!r} on this host (stopped)")
             if request.get("fresh") and name in self.outgoing:
                 self.outgoing.pop(name).close()  # the last reference: LUO unpreserves its files
             created = name not in self.outgoing

@@ -83,6 +83,7 @@ import trio
 
 from liveupdate.fdstore import LISTEN_PARENT_ENV
 from liveupdate.state import check_unit_name
+from luvmm.names import parse_listen
 
 log = logging.getLogger("luvmm.init")
 EX_CONFIG = 78  # sysexits.h: a unit that exits so is not restarted
@@ -106,21 +107,6 @@ class SocketError(OSError):
         self.where = where
 
 
-def parse_listen(spec: str) -> tuple[str, int]:
-    """A unit socket's ``listen``: ``PORT`` (loopback: as `luvmm vm start
-    --metrics-port` means it) or ``ADDRESS:PORT`` (``[ADDRESS]:PORT`` for
-    IPv6) -> (address, port).  ValueError if it is neither."""
-    text = str(spec)
-    address, _, port = text.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"bad socket address {text!r}: want PORT or ADDRESS:PORT") from None
-    if not 0 <= number <= 65535:
-        raise ValueError(f"bad socket address {text!r}: port {number}")
-    return address.strip("[]") or "127.0.0.1", number
-
-
 def listen_stream(spec: str) -> socket.socket:
     """A TCP socket listening on ``spec`` (:func:`parse_listen`), made as
     systemd makes a ListenStream= socket: SO_REUSEADDR (an init started again
@@ -128,7 +114,7 @@ def listen_stream(spec: str) -> socket.socket:
     port while it listens, SO_REUSEADDR or not), IPV6_V6ONLY on an IPv6
     address (BindIPv6Only=ipv6-only: what the VMM's own bind does), close-on-
     exec (init passes it by dup2).  SocketError if it cannot be bound."""
-    address, port = parse_listen(spec)
+    address, port = parse_listen(spec, "socket address")
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

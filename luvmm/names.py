@@ -1,6 +1,7 @@
 """What a VM may be called: one rule for the CLI, the agent, the daemon, the
-VMM and the real host's systemd units (liveupdate.state re-exports it).
-Lean: the restore path imports it."""
+VMM and the real host's systemd units (liveupdate.state re-exports it); and
+what a listening address may be (a metrics port: the CLI, init, systemd's
+socket units, the VMM).  Lean: the restore path imports it."""
 
 from __future__ import annotations
 
@@ -28,3 +29,18 @@ def check_vm_name(name) -> str:
     if name[0] in ".-":
         raise ValueError(f"VM name {name!r} starts with {name[0]!r}: start it with a letter or a digit")
     return name
+
+
+def parse_listen(spec, what: str = "address") -> tuple[str, int]:
+    """``PORT`` (loopback: what `--metrics-port` means by a bare port) or
+    ``ADDRESS:PORT`` (``[ADDRESS]:PORT`` for IPv6) -> (address, port).
+    ValueError naming ``what`` if it is neither."""
+    text = str(spec)
+    address, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"bad {what} {text!r}: want PORT or ADDRESS:PORT") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"bad {what} {text!r}: port {number}")
+    return address.strip("[]") or "127.0.0.1", number

@@ -15,21 +15,15 @@ import functools
 
 import trio
 
+from luvmm import names
+
 MAX_REQUEST = 16 << 10
 REQUEST_TIMEOUT = 10.0
 
 
 def parse_listen(spec: str | int) -> tuple[str, int]:
     """``PORT`` (loopback) or ``ADDRESS:PORT`` -> (address, port)."""
-    text = str(spec)
-    address, _, port = text.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"bad metrics address {text!r}: want PORT or ADDRESS:PORT") from None
-    if not 0 <= number <= 65535:
-        raise ValueError(f"bad metrics port {number}")
-    return address.strip("[]") or "127.0.0.1", number
+    return names.parse_listen(spec, "metrics address")
 
 
 async def open_listeners(listen: str | int | None, *, sock=None) -> list[trio.SocketListener]:

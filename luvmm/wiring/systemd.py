@@ -256,11 +256,11 @@ def unit_files(systemd: int | None = None, guest_cpus: str | None = None) -> dic
 
 
 def _listen_stream(spec: str) -> str:
-    """A unit socket's ``listen`` (liveupdate.init.parse_listen: PORT is
+    """A unit socket's ``listen`` (luvmm.names.parse_listen: PORT is
     loopback) as ListenStream= takes it: ``ADDRESS:PORT``, ``[ADDRESS]:PORT``
     -- never a port alone, which systemd reads as every address -- with
     ``%`` doubled (an IPv6 scope is not a specifier)."""
-    from liveupdate.init import parse_listen
+    from luvmm.names import parse_listen
 
     address, port = parse_listen(spec)
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

@@ -8,6 +8,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from luvmm import exitcodes
 from tests.support.cli import LUVMM
 
@@ -158,6 +160,7 @@ def check_invariants(cli, where: str) -> None:
     assert len(machine["held_memory"]) <= 2 * len(defined), f"{where}: held {machine['held_memory']} for {defined}"
 
 
+@pytest.mark.timeout(900)  # 50 rounds of real commands: 2-5 minutes on a 2-core machine
 def test_random_interleavings_of_three_shells_never_make_two_hosts_run_a_vm_twice_or_leak(cli):
     """Issue 24: 50 rounds in which three shells each type one of
     SHELL_COMMANDS at the same moment on one state dir.  Every command ends

@@ -17,14 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from luvmm import exitcodes
 from liveupdate.state import StateDir
 from vmm import manage
+from tests.e2e.test_metrics import free_port
 
 VM = ("vm", "start", "a", "--guest", "synthetic", "--memory", "64M")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict:

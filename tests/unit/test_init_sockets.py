@@ -16,6 +16,7 @@ import trio
 
 from liveupdate.init import Init, SocketError
 from liveupdate.state import StateDir
+from tests.e2e.test_metrics import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,12 +60,6 @@ def state(tmp_path):
 
     # Init made this process a child subreaper: the tests after this one are not init.
     ctypes.CDLL(None, use_errno=True).prctl(36, 0, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bindable(port: int) -> bool:
