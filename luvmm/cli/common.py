@@ -74,6 +74,11 @@ def count_list(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",") if part.strip()]
 
 
+def count(text: str) -> int:
+    """A whole number, 0 or more."""
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
 def positive_int(text: str) -> int:
     try:
         n = int(text)

@@ -243,7 +243,8 @@ def add_parser(sub) -> None:
                                             "state dir by an earlier run boot again, cold, on a host with that "
                                             "run's options (--devices, --metrics-port...) unless given now.")
     state_dir_arg(start)
-    start.add_argument("--devices", type=device_count, help="number of DSA functions, 1-64 (default 1)")
+    start.add_argument("--devices", type=device_count,
+                       help="number of DSA functions, 1-64 (default 1, or the earlier host's: see below)")
     profile_arg(start)
     bandwidth_arg(start)
     guest_cpus_arg(start)

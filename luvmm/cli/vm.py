@@ -1,4 +1,4 @@
-"""`luvmm vm`: VMs as units of their host -- start, stop, status, list."""
+"""`luvmm vm`: VMs as units of their host -- start, stop, status, list, log."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from luvmm import exitcodes
 from luvmm.cli.common import (
     CliError,
     Connection,
+    count,
     DEFAULT_DSA_BANDWIDTH,
     Parser,
     guest_arg,
@@ -306,9 +307,35 @@ def _format_table(columns, cells: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
+def _cmd_vm_log(args: argparse.Namespace) -> int:
+    """The VM's log: what its VMMs said, start after start (each start's
+    line, its boot: cold, kexec, restart), and what init said of them.  The
+    guest has no console: what it does is in its mailbox (`vm status`)."""
+    import os
+
+    state = state_of(args)
+    if not state.exists() or args.name not in state.vm_names():
+        raise CliError(f"no VM {args.name!r} in {state.path}")
+    path = state.logs / f"vm-{args.name}.log"
+    if is_real(args) and not path.exists():
+        raise CliError(f"on a systemd host the VM's log is the journal: journalctl -u luvmm-vm@{args.name}.service")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return exitcodes.OK  # nothing said yet
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - (1 << 20)))  # the last MiB at most: the lines asked for are in it
+        lines = f.read().decode(errors="replace").splitlines()
+    print("\n".join(lines[-args.lines:] if args.lines else lines))
+    return exitcodes.OK
+
+
 def add_parser(sub) -> None:
     vm = sub.add_parser("vm", help="VMs with a passed-through PCI device (a DSA on the emulated host): start, stop, "
-                                   "status, list",
+                                   "status, list, log",
                         description="VMs are units of their host: init starts them again, in restore mode, "
                                     "after every kexec, and on the same RAM and device when their VMM dies. "
                                     "With --host real, this machine's VMs: their VMMs are systemd units "
@@ -348,6 +375,16 @@ def add_parser(sub) -> None:
     state_dir_arg(vm_status)
     json_arg(vm_status, "{NAME: status}")
     vm_status.set_defaults(func=_cmd_vm_status)
+    vm_log = vm_sub.add_parser("log", help="what the VM's VMMs said, start after start",
+                               description="The VM's log: what each of its VMMs said (a line per start: cold, "
+                                           "after a kexec, after a restart) and what init said of them. The "
+                                           "guest has no console; its counters are in `luvmm vm status`.")
+    vm_log.add_argument("name", type=vm_name_arg, help="the VM")
+    vm_log.add_argument("--lines", "-n", type=count, default=40, metavar="N",
+                        help="the last N lines (default 40; 0: all that is kept)")
+    host_arg(vm_log)
+    state_dir_arg(vm_log)
+    vm_log.set_defaults(func=_cmd_vm_log)
     vm_list = vm_sub.add_parser("list", help="the VMs defined on the host: state, pid, memory, device, uptime, "
                                              "last blackout",
                                 description="The VMs defined on the host, one line each: whether it runs, its "

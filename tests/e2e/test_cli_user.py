@@ -607,3 +607,17 @@ def test_a_vm_that_cannot_start_in_an_empty_dir_keeps_the_log_its_error_points_t
     cli.keep(log)
     cli.keep(os.path.join(cli.state, ".luvmm-state"))  # the state dir stays luvmm's, for that log
     assert not any(os.path.exists(os.path.join(cli.state, f)) for f in ("host.sock", "host.pid", "units", "vms"))
+
+
+def test_vm_log_shows_what_its_vmms_said_start_after_start(cli):
+    """Issue 24's friction: no way to see a VM's log from the CLI."""
+    cli("vm", "start", "a", *SMALL)
+    cli("update")
+    lines = cli("vm", "log", "a", "--lines", "0").stdout.splitlines()
+    starts = [ln for ln in lines if ln.startswith("--- ") and " start (" in ln]
+    assert [s.split(" start (")[1].split(",")[0] for s in starts] == ["cold", "kexec"], lines
+    assert len(cli("vm", "log", "a", "-n", "1").stdout.splitlines()) == 1
+    proc = cli("vm", "log", "nosuch", status=exitcodes.FAILED)
+    assert cli.error_line(proc) == f"luvmm vm log: no VM 'nosuch' in {cli.state}"
+    cli("vm", "stop", "a")
+    cli("host", "stop")
