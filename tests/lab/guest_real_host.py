@@ -28,6 +28,8 @@ import traceback
 from luvmm.lab import guest
 
 VM, REFUSER = "lab-a", "lab-b"
+#: The VM's metrics port: `luvmm boot`'s init binds it, and binds it again first after each kexec.
+METRICS_PORT = 9109
 UPDATES = 3
 RUNTIME = "/run/luvmm"
 #: What waits for a process gets in the lab: under TCG the guest runs Python a few dozen times slower.
@@ -97,7 +99,9 @@ def stage1(record: dict) -> None:
     record["boot"] = luvmm("boot", check=True)
     record["guest"], record["kvm"] = guest_kind()
     record["start"] = luvmm("vm", "start", VM, "--device", guest.devices()[0], "--guest", record["guest"],
-                            "--memory", "32M", "--timeout", str(SLOW), check=True)
+                            "--memory", "32M", "--timeout", str(SLOW), "--metrics-port", str(METRICS_PORT),
+                            check=True)
+    record["metrics"] = scrape()
     record["status_started"] = first = wait_counters(None)
     # Rollback 1: an image that does not exist -- refused before anything is paused.
     record["missing_image"] = luvmm("update", "--kernel", "/nonexistent/bzImage")
@@ -124,6 +128,19 @@ def later_stage(record: dict) -> None:
     record["boot"] = luvmm("boot", check=True)
     record["last"] = luvmm("update", "--last", "--json", guest.path(f"last-{record['stage']}.json"), "--timeout", str(SLOW))
     record["status"] = wait_counters(None)
+    record["metrics"] = scrape()
+
+
+def scrape() -> dict:
+    """The VM's /metrics: how many luvmm_ lines name it, and how many
+    updates its blackout histogram counts."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=SLOW) as r:
+        text = r.read().decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("luvmm_") and f'vm="{VM}"' in ln]
+    counts = [float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("luvmm_blackout_seconds_count")]
+    return {"lines": len(lines), "updates": counts[0] if counts else None}
 
 
 def main() -> int:

@@ -135,3 +135,14 @@ def test_the_edus_bar_is_mapped_into_the_guest_and_its_steady_state_needs_no_pyt
     assert later["to_vmm"] == first["to_vmm"], (first, later)  # not one exit went to Python meanwhile
     if later["kvm"]:
         assert later["kvm"]["mmio_exits"] == 0
+
+
+def test_the_vms_metrics_port_is_served_after_each_kexec(stages):
+    """Issue 24, item 5, on the real kernel: the port is the unit's, bound by
+    `luvmm boot`'s init at the cold boot and again before the units start
+    after each kexec -- the restored VMM serves it, on the socket init passed."""
+    for record in stages:
+        assert record["metrics"]["lines"] > 0, record["metrics"]
+    for n, record in enumerate(stages[1:], 1):
+        assert record["status"]["metrics_error"] is None
+        assert record["metrics"]["updates"] == n, record["metrics"]  # the VM's own figures, each update counted
