@@ -80,6 +80,8 @@ def ready() -> None:
 #: session is not released (and finished: its files let go) while init
 #: holds it, and the VMM init starts next restores from it.
 INCOMING = "incoming"
+#: What a unit is passed beside the VM's stored files: never taken for one of them.
+NOT_STORED_FILES = SOCKETS + (INCOMING,)
 
 
 def store(files: dict[str, int], meta: dict | None = None, *, replace: bool = True) -> None:
@@ -147,13 +149,13 @@ def take(fds: dict[str, int] | None = None) -> tuple[dict, dict[str, int]] | Non
     """(meta, {name: fd}) that a previous process of this unit stored, or
     None (and what was passed is closed).  ``fds``: what :func:`listen_fds`
     found, its sockets taken out (:func:`sockets`); None: :func:`listen_fds`
-    now, its sockets closed -- never taken for stored files."""
+    now, its sockets and kept session closed -- neither is a stored file."""
     if fds is None:
         fds = listen_fds()
-        for fd in sockets(fds).values():
-            os.close(fd)
-    else:
-        fds = {name: fd for name, fd in fds.items() if name not in SOCKETS and name != INCOMING}
+        for name in NOT_STORED_FILES:
+            if name in fds:
+                os.close(fds.pop(name))
+    fds = {name: fd for name, fd in fds.items() if name not in NOT_STORED_FILES}
     memfd = fds.pop(META, None)
     if memfd is None:
         for fd in fds.values():

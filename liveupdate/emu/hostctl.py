@@ -143,7 +143,7 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
         if running(state):  # one that holds no lock (an older luvmm's)
             raise HostBusy(f"an emulated host is already running in {state.path}")
         state.write_file(OPTIONS_FILE, json.dumps({
-            "devices": devices, "kernel_profile": profile, "dsa_bandwidth": dsa_bandwidth, "agent": agent,
+            "devices": devices, "profile": profile, "dsa_bandwidth": dsa_bandwidth, "agent": agent,
             "metrics_port": metrics_port, "guest_cpus": guest_cpus}).encode())
         return _start(state, devices=devices, profile=profile, dsa_bandwidth=dsa_bandwidth, agent=agent,
                       timeout=timeout, env=env, metrics_port=metrics_port, lock=lock)
@@ -286,6 +286,8 @@ def died(state: StateDir, pid: int) -> str:
 #: definitions: a host started there again without options has the same
 #: devices, metrics port... (its VMs boot on it as they ran).
 OPTIONS_FILE = "host.json"
+#: What OPTIONS_FILE keeps: start()'s keyword arguments, by their names.
+SAVED_OPTIONS = ("devices", "profile", "dsa_bandwidth", "agent", "metrics_port", "guest_cpus")
 #: The DSAs of a host `luvmm vm start` starts: room for a few VMs.
 AUTO_DEVICES = 4
 
@@ -299,9 +301,7 @@ def saved_options(state: StateDir) -> dict:
         return {}
     if not isinstance(saved, dict):
         return {}
-    names = {"devices": "devices", "kernel_profile": "profile", "dsa_bandwidth": "dsa_bandwidth",
-             "agent": "agent", "metrics_port": "metrics_port", "guest_cpus": "guest_cpus"}
-    return {arg: saved[key] for key, arg in names.items() if key in saved}
+    return {name: saved[name] for name in SAVED_OPTIONS if name in saved}
 
 
 def ensure(state_dir: str | None, *, say=print, **start_args) -> tuple[StateDir, bool]:
