@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from luvmm import exitcodes
 from luvmm.cli.common import (
@@ -104,15 +105,43 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
     from liveupdate.emu import hostctl
     from liveupdate.emu.services import EmulatedUnits
 
-    if not hostctl.running(state):
-        manage.stop(state, args.name, None)
-        hostctl.clean(state)  # what the stopped host kept for it
+    if _remove_without_host(state, args.name):
         print(f"VM {args.name} removed (no host was running it)")
         return exitcodes.OK
     with Connection(state) as host:
         manage.stop(state, args.name, EmulatedUnits(host))
     print(f"VM {args.name} stopped")
     return exitcodes.OK
+
+
+def _remove_without_host(state, name: str) -> bool:
+    """Where no host runs: remove the VM's definition (and what the stopped
+    host kept for it) under the host lock, so that a host starting at the
+    same moment cannot boot the VM from it meanwhile (the interleavings
+    stress test found one running a VM that was no longer defined).  False:
+    a host runs (or came up while we waited for its lock): stop it there."""
+    import time
+
+    from liveupdate.emu import hostctl
+    from liveupdate.state import lock_file
+    from vmm import manage
+
+    deadline = time.monotonic() + hostctl.LOCK_WAIT_S
+    while not hostctl.running(state):
+        lock = lock_file(state.host_lock)
+        if lock is not None:
+            try:
+                if hostctl.running(state):  # one that holds no lock (an older luvmm's)
+                    return False
+                manage.stop(state, name, None)
+                state.clean()  # what the stopped host kept for it
+                return True
+            finally:
+                os.close(lock)
+        if time.monotonic() >= deadline:
+            raise CliError(f"an emulated host is starting or stopping in {state.path}: try again")
+        time.sleep(0.01)  # another command holds the lock: a host starting, or one stopping
+    return False
 
 
 def _vm_states(state, names: list[str], real: bool = False) -> dict[str, dict]:
