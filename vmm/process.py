@@ -111,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         guests_first()
         fdstore.ready()
         agent.resumed(name)
-        # At once, not when the control plane is up: a VMM that dies from
-        # here on is started again on these files (Vm.recover), the guest
-        # having run on since the state was saved.
-        vm.leave_files()
-        restored = (incoming, saved)
+        restored = (incoming, saved)  # its files are in the fd store already (live_update.restore_into says why)
     elif stored is not None:
         try:
             vm = Vm.recover(host, *stored, clock)
