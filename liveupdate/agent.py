@@ -146,9 +146,13 @@ class Agent:
         #: exists): a second one is refused, not run beside it.
         self.preparing = False
         #: VMs being started or stopped (`luvmm vm start|stop`, ``hold``): name ->
-        #: the client's channel.  No update starts until each is released, or
-        #: its client goes away.
-        self.held: dict[str, Channel] = {}
+        #: the channels of the clients that hold it (two `vm stop`s of one VM
+        #: may run at once).  No update starts until every one has released
+        #: it, or gone away: the first to go must not let the update in while
+        #: the other is still between stopping the VMM and letting go of its
+        #: session (the interleavings stress test: the session went into the
+        #: next kernel, for a VM no longer defined).
+        self.held: dict[str, list[Channel]] = {}
         self.unheld = None  # a trio.Event, made when serve() starts
 
     # --- the update on disk --------------------------------------------------------------------
@@ -330,8 +334,8 @@ class Agent:
         if registered and self.vmms.get(registered) is ch:
             del self.vmms[registered]
             log.info("the VMM of %s went away", registered)
-        for name in [n for n, owner in self.held.items() if owner is ch]:
-            self._unhold(name)  # its `vm start` is done, or its `vm stop` died half-way
+        for name in [n for n, holders in self.held.items() if ch in holders]:
+            self._unhold(name, ch)  # its `vm start` is done, or its `vm stop` died half-way
 
     def _register(self, name: str, ch: Channel) -> None:
         ch.replies = trio.open_memory_channel(1)
@@ -423,8 +427,6 @@ class Agent:
             return True, [os.dup(session.fd)]
         if op == "resumed":
             return True, []  # a restored VMM's guest runs again (see fast_restore)
-        if op == "release":
-            return self._release(request["name"]), []
         return None
 
     def _hold(self, name: str, ch: Channel) -> bool:
@@ -436,20 +438,25 @@ class Agent:
         Accepted, no update starts until the VM is released or the client
         goes away."""
         update = self.update
-        if name not in self.held and (self.preparing or update is not None and update.get("phase") in _IN_PROGRESS):
-            # (One held already: a `vm start` that failed, stopping its VM.)
+        holders = self.held.get(name, [])
+        if ch not in holders and (self.preparing or update is not None and update.get("phase") in _IN_PROGRESS):
+            # (This client's already: a `vm start` that failed, stopping its VM.)
             which = f"update {update['id']}, {update['phase']}" if not self.preparing and update else "preparing"
             raise OSError(errno.EBUSY, f"an update is in progress on this host ({which}); try again once it is "
                                        "over (`luvmm update --last` waits for it)")
-        self.held[name] = ch
+        if ch not in holders:
+            self.held[name] = holders + [ch]
         return True
 
-    def _unhold(self, name: str) -> None:
-        if self.held.pop(name, None) is not None and self.unheld is not None:
+    def _unhold(self, name: str, ch: Channel) -> None:
+        holders = [c for c in self.held.get(name, ()) if c is not ch]
+        if holders:
+            self.held[name] = holders
+        elif self.held.pop(name, None) is not None and self.unheld is not None:
             self.unheld.set()
             self.unheld = trio.Event()
 
-    def _release(self, name: str) -> dict:
+    def _release(self, name: str, ch: Channel) -> dict:
         """``release``: the VM was stopped for good (`luvmm vm stop`).  Let go
         of everything held for it -- its outgoing session (closing the last
         fd of a session unpreserves its files: LUO lets go of its RAM and its
@@ -469,7 +476,7 @@ class Agent:
             released.append("channel")
         self._forget_awaited({name})
         self.reports.pop(name, None)
-        self._unhold(name)
+        self._unhold(name, ch)
         if released:
             log.info("released VM %s: %s", name, ", ".join(released))
         return {"released": released}
@@ -481,6 +488,8 @@ class Agent:
         op = request["op"]
         if op == "hold":
             return self._hold(str(request["name"]), ch), []
+        if op == "release":
+            return self._release(str(request["name"]), ch), []
         if op == "restored":
             return self._restored(str(request["name"]), request.get("report", {})), []
         if op == "update":

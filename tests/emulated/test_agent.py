@@ -89,6 +89,32 @@ def test_an_update_left_restoring_blocks_no_later_update(agent_host):
         client.close()
 
 
+def test_a_vm_held_by_two_clients_blocks_the_update_until_both_let_go(agent_host):
+    """Two `vm stop`s of one VM hold it at once; the second one, finding the
+    VM gone already, leaves first.  The update waits for the other, still
+    between killing the VMM and letting go of its session: the agent's hold
+    was one per VM, and the first to leave let the update in -- the session
+    went into the next kernel with no VM left to let go of it (the
+    interleavings stress test)."""
+    state = agent_host
+    add_fake_vm(state, "a")
+    hostctl.start(state)
+    registered(state, ["a"])
+    first, second, updater = (wait_for_agent(state)[0] for _ in range(3))
+    try:
+        first.hold("a")
+        second.hold("a")
+        second.close()  # its VM was gone: it touched nothing
+        with pytest.raises(AgentError) as e:
+            updater.call({"op": "update", "timeout": 1})
+        assert e.value.errno == errno.EBUSY and "VM a is being started or stopped" in str(e.value)
+        first.close()  # done (or died half-way): the VM is free
+        assert update_once(state, timeout=30)["phase"] == "done"
+    finally:
+        for client in (first, second, updater):
+            client.close()
+
+
 def test_a_client_waiting_for_the_next_agent_does_not_hammer_the_old_one(agent_host, monkeypatch):
     """`luvmm update` waits for the agent of the next kernel by asking who
     answers; while the old one still does (its freeze, the kexec), it asks

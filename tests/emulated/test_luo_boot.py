@@ -73,3 +73,28 @@ def test_an_incompatible_luo_tree_panics_the_kernel(luo):
     finally:
         kernel.drop()
         machine.shutdown()
+
+
+def test_a_session_closed_before_the_reboot_is_not_frozen():
+    """Closing a session's last fd releases it before close() returns
+    (luo_session_release: its files are unpreserved), so a reboot right
+    after hands none of it over.  The emulated kernel hears of a close when
+    the file's task runs -- here never (no daemon) -- and its freeze must ask
+    first: `vm stop` letting go of a VM's session just before an update's
+    kexec put the session in the next kernel, held for a VM no longer defined."""
+    from liveupdate.emu.kernel.luo import SessionFile
+
+    machine, kernel = _booted()
+    try:
+        fds = {}
+        for name in ("kept", "closed"):
+            session = kernel.luo.create(name)
+            session.file = SessionFile(kernel, session)
+            fds[name] = kernel.install(session.file)
+        os.close(fds.pop("closed"))
+        assert [s["name"] for s in kernel.freeze()["luo"]["sessions"]] == ["kept"]
+        assert [s.name for s in kernel.luo.outgoing.values()] == ["kept"]
+        os.close(fds.pop("kept"))
+    finally:
+        kernel.drop()
+        machine.shutdown()

@@ -219,6 +219,23 @@ class Kernel:
             return False
         return True
 
+    def release_closed(self) -> None:
+        """Release every file whose client ends are all closed, now.  On a
+        real kernel a file's release runs when its last fd is closed, before
+        the closing task's next system call; here the daemon hears of a close
+        asynchronously, when the file's task next runs.  The freeze asks
+        first: a session its agent closed just before the reboot (`vm stop`
+        letting go of a VM, then an update) must not be frozen into the KHO
+        image and come back in the next kernel with no one to let go of it."""
+        p = select.poll()
+        by_fd = {}
+        for file in self.files.values():
+            if file.sock is not None and not file.released:
+                p.register(file.sock, select.POLLHUP | select.POLLRDHUP)
+                by_fd[file.sock.fileno()] = file
+        for fd, _ in p.poll(0):
+            self.release(by_fd[fd])
+
     def release(self, file: File) -> None:
         if file.released:
             return
@@ -271,7 +288,9 @@ class Kernel:
     def freeze(self) -> dict:
         """reboot(LINUX_REBOOT_CMD_KEXEC), first half: freeze every preserved
         file and serialize the KHO tree.  A failure unfreezes what was frozen
-        and raises: nothing else happens."""
+        and raises: nothing else happens.  What a task closed before its
+        reboot call is released first (release_closed): it is not handed over."""
+        self.release_closed()
         return {
             "compatible": "luvmm,kho-v1",
             "generation": self.generation,
