@@ -194,6 +194,22 @@ def stop(state: StateDir, name: str, units) -> bool:
 def _remove(state: StateDir, name: str, units, agent) -> bool:
     if not state.remove_unit(unit_name(name)):
         return False
+    _let_go(state, name, units, agent)
+    return True
+
+
+def let_go(state: StateDir, name: str, units) -> None:
+    """What :func:`stop` does once the VM's unit is gone, on the host of
+    ``units``: a `vm stop` whose host went away after it removed the unit (a
+    `host stop` at the same moment) does the rest on the host that runs now
+    -- started meanwhile, it may have booted the VM from the unit before it
+    was removed (the interleavings stress test found such a VMM running a VM
+    no longer defined)."""
+    with held(state, name, units) as agent:
+        _let_go(state, name, units, agent)
+
+
+def _let_go(state: StateDir, name: str, units, agent) -> None:
     if units is not None:
         units.stop(unit_name(name))
         if agent is not None:  # a VMM that had to be killed did not release its VM itself
@@ -202,7 +218,6 @@ def _remove(state: StateDir, name: str, units, agent) -> bool:
             except OSError:
                 pass  # the agent went away: what it held went with it
     shutil.rmtree(state.vm_dir(name), ignore_errors=True)
-    return True
 
 
 #: How long `vm start` and `vm stop` wait for the host's agent to answer

@@ -108,8 +108,21 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
     if _remove_without_host(state, args.name):
         print(f"VM {args.name} removed (no host was running it)")
         return exitcodes.OK
+    from liveupdate.emu.client import HostGone
+
     with Connection(state) as host:
-        manage.stop(state, args.name, EmulatedUnits(host))
+        try:
+            manage.stop(state, args.name, EmulatedUnits(host))
+        except HostGone:
+            if args.name in state.vm_names():
+                raise  # it went before anything was touched: the VM is as it was
+            # It went after the VM's unit was removed: a host started since
+            # may run the VM (see manage.let_go); with none, nothing does.
+            if _remove_without_host(state, args.name):
+                manage.let_go(state, args.name, None)  # its directory: nothing runs it
+            else:
+                with Connection(state) as now:
+                    manage.let_go(state, args.name, EmulatedUnits(now))
     print(f"VM {args.name} stopped")
     return exitcodes.OK
 
