@@ -11,9 +11,10 @@ VM) with the environment a unit needs to find its host (what its host adds:
 ``LUVMM_HOST_SOCKET`` on the emulated host, ``LUVMM_INIT_SOCKET`` under
 `luvmm boot`; and ``LUVMM_STATE_DIR``) and to know how it was started
 (``LUVMM_BOOT`` = ``cold`` or ``kexec``, ``LUVMM_GENERATION``).
-:meth:`Init.kill_all` SIGKILLs each unit's whole process group: at an
-emulated kexec (a process of the old kernel does not survive, and neither
-does anything it did not preserve) and when the host stops.
+:meth:`Init.kill_all` SIGKILLs each unit's whole process group when the
+host stops, and stops them (SIGSTOP) at an emulated kexec -- a process of
+the old kernel does not run again, and nothing it did not preserve
+survives -- to be killed by :meth:`Init.bury` once the new units' guests run.
 
 A unit with ``"restart": "on-failure"`` (systemd's Restart=on-failure) that
 exits with a failure or is killed is started again with ``LUVMM_BOOT=restart``
@@ -82,7 +83,7 @@ import time
 import trio
 
 from liveupdate.fdstore import LISTEN_PARENT_ENV
-from liveupdate.state import check_unit_name
+from liveupdate.state import check_unit_name, guest_cpus
 from luvmm.names import parse_listen
 
 log = logging.getLogger("luvmm.init")
@@ -128,6 +129,30 @@ def listen_stream(spec: str) -> socket.socket:
         sock.close()
         raise SocketError(e.errno or errno.EIO, e.strerror or str(e), where) from None
     return sock
+
+
+def last_in_line(pid: int) -> None:
+    """Every thread of process ``pid`` under SCHED_IDLE -- it runs only when
+    no other task wants its CPU -- and off the CPUs set apart for the guests
+    (liveupdate.state.guest_cpus), where any are.  For the old kernel's
+    processes, killed once the new units' guests run: their teardown is the
+    emulated machine's, which a real kexec does not have, and it must not
+    take CPU from a guest, nor from the emulated devices the guest waits
+    on.  A thread gone meanwhile is no matter."""
+    cpus = guest_cpus()
+    rest = frozenset(range(os.cpu_count() or 1)) - cpus
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    idle = os.sched_param(0)
+    for tid in tids:
+        try:
+            os.sched_setscheduler(int(tid), os.SCHED_IDLE, idle)
+            if cpus and rest:
+                os.sched_setaffinity(int(tid), rest)
+        except (OSError, ValueError):
+            pass
 
 
 class UnitProcess:
@@ -785,16 +810,22 @@ class Init:
             except ProcessLookupError:
                 pass
 
-    def kill_all(self) -> list[UnitProcess]:
+    def kill_all(self, sig: int = signal.SIGKILL) -> list[UnitProcess]:
         """SIGKILL every unit's process group.  Returns the processes to reap:
         the caller need not wait for their teardown (unmapping guest RAM takes
         milliseconds) before the new kernel's units start -- a SIGKILLed
-        process never runs another instruction of its own."""
+        process never runs another instruction of its own.
+
+        With ``sig`` SIGSTOP (an emulated kexec): stopped, not killed, so that
+        they tear nothing down yet -- :meth:`bury` kills them once the new
+        units' guests run.  A real kexec has no such teardown: on the emulated
+        host's two cores it took a core from the restoring VMMs for the
+        length of its unmapping, in the blackout."""
         procs = list(self.procs.values())
         for proc in procs:
             if proc.returncode is None:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     pass
         self.procs.clear()
@@ -803,6 +834,21 @@ class Init:
         # The units' sockets stay bound: the emulated host's kexec replaces its machine's userspace, and
         # a local user of the real machine outside it would find the ports free until the units start again.
         return procs
+
+    async def bury(self, procs: list[UnitProcess]) -> None:
+        """Kill and reap the processes :meth:`kill_all` stopped, their
+        teardown last in line for a CPU and off the guests' ones (a vCPU
+        thread of the old VMM was pinned to one): :func:`last_in_line`.
+        (A host that stops meanwhile kills them with the rest: reap's
+        ``everything``.)"""
+        for proc in procs:
+            if proc.returncode is None:
+                last_in_line(proc.pid)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        await self.reap(procs)
 
     async def reap(self, procs: list[UnitProcess], *, everything: bool = False) -> None:
         """Wait for the old kernel's unit processes, then stop what escaped

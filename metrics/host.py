@@ -28,7 +28,8 @@ METRICS = {
     "luvmm_host_kexec_total": ("counter", "Kexecs into a new kernel"),
     "luvmm_host_kexec_refused_total": ("counter", "Kexecs refused before the reboot (a freeze failed)"),
     "luvmm_host_kexec_duration_seconds": (
-        "histogram", "A kexec: freeze, KHO hand-over, the new kernel up, its units started, the old ones reaped"),
+        "histogram", "A kexec: freeze, KHO hand-over, the new kernel up, its units started and its guests running, "
+                      "the old units reaped"),
     "luvmm_host_kho_refused_total": ("counter", "KHO images the new kernel refused (corrupt or truncated)"),
     "luvmm_host_kernel_generation": ("gauge", "Kernels booted since the machine powered on"),
     "luvmm_host_luo_sessions": ("gauge", "LUO sessions in the running kernel (label direction)"),

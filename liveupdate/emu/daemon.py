@@ -8,8 +8,11 @@
   nursery, so dropping the kernel cancels them all.
 * **Init** (:class:`liveupdate.init.Init`, luvmm's own) starts the units (the
   agent and one VMM per VM) from unit files in the state dir; the daemon
-  SIGKILLs them at kexec (a process does not outlive its kernel) and has
-  init start them again after it.  The units' sockets (a VM's metrics
+  stops them at kexec (a process does not outlive its kernel: not one more
+  instruction of theirs runs), has init start them again after it, and
+  kills the stopped ones once the new units' guests run (their teardown
+  is the emulation's, which a real kexec does not have: not in the
+  blackout).  The units' sockets (a VM's metrics
   port) stay bound through it: the daemon is the machine, and a local user
   lives outside it, on the real kernel, where a port the emulated kexec let
   go would be anyone's to take.  They are closed when their unit is
@@ -59,7 +62,7 @@ from liveupdate.emu.kernel.core import Kernel, KernelError, KernelPanic
 from liveupdate.emu.machine import Machine
 from liveupdate.emu.observer import Observer
 from liveupdate.init import Init
-from liveupdate.state import StateDir, StateError, guest_cpus, keep_off_guest_cpus, lock_file, use_every_cpu
+from liveupdate.state import StateDir, StateError, keep_off_guest_cpus, lock_file, use_every_cpu
 
 log = logging.getLogger("luvmm.host")
 
@@ -435,7 +438,8 @@ class HostDaemon:
             # release path (a dying process's last close must not unpreserve).
             kernel.dropping = True
             self._kernel_scope.cancel()
-            dying = self.init.kill_all()
+            dying = self.init.kill_all(signal.SIGSTOP)  # not one more instruction: killed once the guests run
+            self._unlink_unit_sockets()
             kernel.drop()
             self.machine.reset_for_kexec(bdfs, domains, memory)
             if clear_bus_master:
@@ -457,13 +461,12 @@ class HostDaemon:
                 self.last_kexec = {"generation": self.generation, "kho_bytes": len(image),
                                    "kho_error": self.last_kho_error, "panic": self.panic, "marks": marks}
                 keep_off_guest_cpus()  # a halted machine runs no guest, nor restores one
-                await self.init.reap(dying)
+                await self.init.bury(dying)
                 return self.last_kexec
             await self.init.start_all(boot="kexec")
             marks["spawned"] = time.time()
-            if guest_cpus():
-                self._nursery.start_soon(self._off_guest_cpus_when_ready)
-            await self.init.reap(dying)  # off the blackout's path: the units already run
+            await self._guests_running()
+            await self.init.bury(dying)  # off the blackout's path: the new units' guests run
             marks["reaped"] = time.time()
             self.kexec_seconds.append(time.monotonic() - started)
             self.last_kexec = {"generation": self.generation, "seconds": self.kexec_seconds[-1],
@@ -496,9 +499,23 @@ class HostDaemon:
                 finally:
                     close_fds(fds)
 
-    async def _off_guest_cpus_when_ready(self, timeout: float = 10.0) -> None:
-        """Back off the guest CPUs once every restored VMM says its guest
-        runs again (READY=1), or gave up (exited), or ``timeout``."""
+    def _unlink_unit_sockets(self) -> None:
+        """The old units' sockets go with their kernel, as on a real host,
+        where they are in /run (a tmpfs no boot inherits).  Stopped, not yet
+        dead, their processes still listen on them: a new unit that connected
+        to one (a restoring VMM looking for the agent) would wait for an
+        answer that never comes; it finds none and waits for the new one."""
+        vms = [u["name"][3:] for u in self.state.read_units() if u["name"].startswith("vm-")]
+        for path in [self.state.agent_socket] + [self.state.vmm_socket(vm) for vm in vms]:
+            try:
+                os.unlink(path)
+            except (OSError, ValueError):
+                pass
+
+    async def _guests_running(self, timeout: float = 10.0) -> None:
+        """Wait until every restored VMM says its guest runs again
+        (READY=1), or gave up (exited), or ``timeout``; then back off the
+        guest CPUs."""
         vms = [u["name"] for u in self.state.read_units() if u["name"].startswith("vm-")]
         try:
             await self.init.wait_ready(vms, timeout)

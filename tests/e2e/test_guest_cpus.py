@@ -88,3 +88,18 @@ def test_the_guest_cpu_is_the_vcpus_and_luvmm_keeps_off_it(pinned_host):
     report = update_once(state, timeout=60)["reports"]["gc"]
     assert report.get("error") is None and report["guest_progressed"]
     check(state, guest)  # the restored VMM, the new agent, and the daemon back off it
+
+
+def test_the_old_kernels_units_die_once_the_restored_guest_runs_not_in_its_blackout(pinned_host):
+    """At the emulated kexec the old units are stopped (they run no more),
+    and killed -- their teardown off the guest CPU, last in line for the
+    others -- only once the restored VMM says its guest runs: a real kexec
+    has no teardown, so none is in the blackout.  Gone when the update is done."""
+    state, host, guest = pinned_host
+    manage.start(state, VmConfig("gc", memory=64 << 20), units(host))
+    old = manage.wait_ready(state, "gc")["pid"]
+    report = update_once(state, timeout=60)["reports"]["gc"]
+    assert report.get("error") is None and report["guest_progressed"]
+    marks = report["marks"]
+    assert marks["host_frozen"] <= marks["host_spawned"] <= marks["resumed"] <= marks["host_reaped"], marks
+    assert not os.path.exists(f"/proc/{old}")
