@@ -222,7 +222,7 @@ OPS = ANYONE_OPS | AGENT_OPS | OPERATOR_OPS
 def authorize(op: str, peer) -> bool:
     """Whether ``peer`` (luvmm.peer.Peer; its ``unit`` None: the operator,
     a process of no unit) may ask init for ``op`` (one of :data:`OPS`):
-    the README's trust model, the same on every host init runs on."""
+    the trust model of docs/faults-and-security.md, the same on every host init runs on."""
     if op in ANYONE_OPS:
         return True
     if op in AGENT_OPS:

@@ -1,4 +1,4 @@
-"""luvmm's exit statuses, one table for every command (README.md, "Exit status").
+"""luvmm's exit statuses, one table for every command (docs/cli.md, "Exit status").
 
     0  OK            all good: what was asked was done, and every live update
                      kept the VM, its device and its DMA whole

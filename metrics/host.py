@@ -13,7 +13,7 @@ from metrics.vmm import BLACKOUT_BUCKETS
 
 KEXEC_BUCKETS = BLACKOUT_BUCKETS
 
-#: name -> (type, help), as a scraper sees them (README lists them all).
+#: name -> (type, help), as a scraper sees them (docs/metrics-and-report.md lists them all).
 METRICS = {
     "luvmm_host_dsa_descriptors_completed_total": ("counter", "Descriptors the DSA completed (batch members included)"),
     "luvmm_host_dsa_bytes_completed_total": ("counter", "Bytes the DSA's data operations read or wrote"),

@@ -26,7 +26,7 @@ PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05
 OUTAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 RESULTS = ("success", "rolled_back")
 
-#: name -> (type, help), the names as a scraper sees them (README lists them all).
+#: name -> (type, help), the names as a scraper sees them (docs/metrics-and-report.md lists them all).
 METRICS = {
     "luvmm_blackout_seconds": ("histogram", "Live-update blackout: last vCPU stopped to first vCPU running again"),
     "luvmm_live_update_phase_seconds": ("histogram", "Time of each phase of a live update (label phase)"),

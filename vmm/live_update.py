@@ -1,4 +1,5 @@
-"""A VM's side of a live update, step by step (DESIGN.md, "The VMM"):
+"""A VM's side of a live update, step by step (docs/live-update.md,
+"The VMM and its fd store" and "A live update"):
 
 * :func:`preserve` -- RAM, iommufd (HWPT marked), device and state memfd in
   the VM's LUO session, as soon as the guest runs (LUO takes a file's

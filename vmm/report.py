@@ -1,6 +1,6 @@
 """What one live update did to a VM: the blackout and its phases, and DMA continuity.
 
-Phases (DESIGN.md), from CLOCK_REALTIME marks taken by the old VMM, the host
+Phases (docs/live-update.md, "Phases"), from CLOCK_REALTIME marks taken by the old VMM, the host
 and the new VMM:
 
     preserve         prepare received -> files in the LUO session (the guest

@@ -342,11 +342,12 @@ class HostDaemon:
                 self.observer.release(conn)
 
     def authorize(self, op: str, peer) -> None:
-        """Who may ask what of the machine (README: the trust model).  The
-        emulated syscalls (open, listdir) and what reads the machine
-        (status, units, the bus observer) are anyone's; the reboot and
-        unit-of, the agent's and the operator's; init, fault injection and
-        stopping the machine, the operator's (a process of no unit) only."""
+        """Who may ask what of the machine (docs/faults-and-security.md: the
+        trust model).  The emulated syscalls (open, listdir) and what reads
+        the machine (status, units, the bus observer) are anyone's; the
+        reboot and unit-of, the agent's and the operator's; init, fault
+        injection and stopping the machine, the operator's (a process of no
+        unit) only."""
         if op == "hello":
             return
         if peer is None or peer is UNKNOWN:

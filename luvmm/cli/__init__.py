@@ -6,7 +6,7 @@ share.
 Each subcommand imports what it needs when it runs, so `luvmm --help` and the
 restore path stay fast.
 
-Conventions, the same for every command (README.md):
+Conventions, the same for every command (docs/cli.md):
 * a mistake on the command line is one line on stderr and exit status 2;
   anything else that fails is one line ``luvmm CMD: why`` and a non-zero
   status from :mod:`luvmm.exitcodes` -- never a traceback;

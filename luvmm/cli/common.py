@@ -294,7 +294,7 @@ def guest_cpus_arg(p: argparse.ArgumentParser, default: str | None = None) -> No
 def metrics_port_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--metrics-port", metavar="[ADDRESS:]PORT", type=listen_address,
                    help=f"serve {what} Prometheus metrics over HTTP at /metrics (on loopback unless ADDRESS "
-                        "is given); README.md lists them")
+                        "is given); docs/metrics-and-report.md lists them")
 
 
 def print_json(obj) -> None:

@@ -1,6 +1,6 @@
 """`luvmm bench load`, short: it measures the guest's pace idle and under
 clients that scrape its metrics and ask its status, and prints both; the
-figures themselves are the benchmark's to give (README), not this test's."""
+figures themselves are the benchmark's to give (docs/performance.md), not this test's."""
 
 import json
 import subprocess

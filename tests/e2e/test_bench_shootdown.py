@@ -1,7 +1,7 @@
 """`luvmm bench shootdown`, short: the VMM's own page-protection changes
 reach the vCPU's CPU as TLB shootdowns -- the kernel counts them there while
 it flips, (next to) none while it idles -- and the guest's pace is measured
-in both; the cost itself is the benchmark's to give (README)."""
+in both; the cost itself is the benchmark's to give (docs/guest-path.md)."""
 
 import json
 import os

@@ -1,6 +1,7 @@
 """Python ports of the kernel's LUO selftests (tools/testing/selftests/liveupdate),
 run against the emulated host through the host interface, plus the other
-LUO rules of DESIGN.md, errno for errno."""
+LUO rules of docs/emulated-host.md ("The rules of the real kernel"), errno for
+errno (what mainline itself answers: docs/lab.md, "Facts of mainline 7.2")."""
 
 import errno
 import fcntl

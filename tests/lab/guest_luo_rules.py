@@ -1,7 +1,7 @@
 """Runs inside the lab guest: the emulated kernel's LUO rules, checked against
 the real one.  tests/emulated/test_luo_selftests.py (the Python ports of the upstream
-selftests and the other LUO rules of DESIGN.md) runs against the emulated
-host; here its tests that need no kexec run unchanged against the lab
+selftests and the other LUO rules of docs/emulated-host.md, "The rules of the
+real kernel") runs against the emulated host; here its tests that need no kexec run unchanged against the lab
 kernel, through ``RealHost``.  (The kexec ones are what
 guest_memfd.py and the upstream selftests do across a real kexec.)  Each
 test's new fds are closed after it, as the emulated host's teardown does.
