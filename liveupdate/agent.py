@@ -40,8 +40,8 @@ import time
 from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
 from luvmm import leanjson, rpc, schema
 from luvmm.peer import identify
-from liveupdate.luo import LiveUpdate, Session
-from liveupdate.state import StateDir, check_vm_name, guests_first, record_imports
+from luvmm.liveupdate.luo import LiveUpdate, Session
+from luvmm.liveupdate.state import StateDir, check_vm_name, guests_first, record_imports
 
 _IN_PROGRESS = ("kexec", "rolling-back", "restoring")
 #: A restoring update whose VMs have not all reported this long after its
@@ -282,7 +282,7 @@ class Agent:
     async def serve(self, listener=None, early=(), *, task_status=None) -> None:
         _import_trio()
         if self.host.kind == "real":
-            from liveupdate import tsc
+            from luvmm.liveupdate import tsc
 
             self.tsc_rate = tsc.Rate()
         self.reported, self.registered, self.unheld = trio.Event(), trio.Event(), trio.Event()
@@ -502,7 +502,7 @@ class Agent:
         if op == "abandon":
             return self._abandon(), []
         if op == "check":  # `luvmm host check`: the probe on the LUO fd this agent holds
-            from liveupdate.check import probe_preservation
+            from luvmm.liveupdate.check import probe_preservation
 
             return probe_preservation(self.host, self.luo, request.get("device")), []
         raise ValueError(f"unknown request {op!r}")
@@ -693,7 +693,7 @@ class Agent:
         to disk.  A kexec does not: the page cache
         of the old kernel -- this record, the VMs' definitions -- is lost
         with it (systemctl kexec syncs for the same reason)."""
-        from liveupdate import tsc
+        from luvmm.liveupdate import tsc
 
         update["tsc_hz"] = self.tsc_rate.hz() if self.tsc_rate is not None else None
         update["reboot_tsc"] = tsc.mark()

@@ -7,7 +7,7 @@ import _socket
 import time
 
 from luvmm import rpc
-from liveupdate.state import StateDir
+from luvmm.liveupdate.state import StateDir
 
 
 class AgentError(OSError):

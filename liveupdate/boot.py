@@ -43,8 +43,8 @@ import logging
 import os
 import signal
 
-from liveupdate.init import Init, authorize, OPS
-from liveupdate.state import StateDir, lock_file, python_unit, RESTART_MAX_DELAY_S
+from luvmm.liveupdate.init import Init, authorize, OPS
+from luvmm.liveupdate.state import StateDir, lock_file, python_unit, RESTART_MAX_DELAY_S
 
 log = logging.getLogger("luvmm.boot")
 

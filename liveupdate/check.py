@@ -18,9 +18,9 @@ from __future__ import annotations
 import errno
 import os
 
-from devices.iommufd import IommuFd
-from devices.vfio import VfioDevice, vfio_functions
-from liveupdate.luo import LiveUpdate
+from luvmm.devices.iommufd import IommuFd
+from luvmm.devices.vfio import VfioDevice, vfio_functions
+from luvmm.liveupdate.luo import LiveUpdate
 
 PROBE_SESSION = "luvmm-check"
 RESET = ("the device will be reset at kexec: DMA stops, the work in flight is lost and the guest's driver "

@@ -82,8 +82,8 @@ import time
 
 import trio
 
-from liveupdate.fdstore import LISTEN_PARENT_ENV
-from liveupdate.state import check_unit_name, guest_cpus
+from luvmm.liveupdate.fdstore import LISTEN_PARENT_ENV
+from luvmm.liveupdate.state import check_unit_name, guest_cpus
 from luvmm.names import parse_listen
 
 log = logging.getLogger("luvmm.init")

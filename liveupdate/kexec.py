@@ -1,6 +1,6 @@
 """Loading the next kernel: kexec_file_load(2) through cffi.
 
-    from liveupdate.kexec import load_kernel
+    from luvmm.liveupdate.kexec import load_kernel
     load_kernel("/boot/vmlinuz-7.2.13", initrd="/boot/initrd.img-7.2.13", reuse_cmdline=True)
     host.kexec()                              # reboot(LINUX_REBOOT_CMD_KEXEC) into it
 

@@ -93,7 +93,10 @@ def python_unit(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
     import site
     import sys
 
-    paths = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    import luvmm
+
+    # Where ``luvmm`` is: the checkout, or the site-packages it is installed in.
+    paths = [os.path.dirname(os.path.dirname(os.path.abspath(luvmm.__file__)))]
     paths += [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
     # Not runpy: calling main() directly spares its imports on the restore path.
     boot = (f"import gc; gc.disable(); exec({SAFE_BYTECODE!r}); import sys; sys.path += {paths!r}; "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import errno
 import time
 
-from liveupdate.agent_client import AgentError, wait_for_agent
-from liveupdate.state import StateDir
+from luvmm.liveupdate.agent_client import AgentError, wait_for_agent
+from luvmm.liveupdate.state import StateDir
 
 
 #: Once an update has started its kexec, how long at least its outcome is

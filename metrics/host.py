@@ -8,8 +8,8 @@ only ever goes up.  Device series have the label ``device`` (the BDF).
 
 from __future__ import annotations
 
-from metrics.core import Histogram, family
-from metrics.vmm import BLACKOUT_BUCKETS
+from luvmm.metrics.core import Histogram, family
+from luvmm.metrics.vmm import BLACKOUT_BUCKETS
 
 KEXEC_BUCKETS = BLACKOUT_BUCKETS
 

@@ -30,8 +30,8 @@ import math
 import os
 import time
 
-from liveupdate.update import LOST_HORIZON_MS, ms, outage_measured_by, p99_label, percentile, phase_values, recovery_ms
-from liveupdate.update import PHASES
+from luvmm.liveupdate.update import LOST_HORIZON_MS, ms, outage_measured_by, p99_label, percentile, phase_values, recovery_ms
+from luvmm.liveupdate.update import PHASES
 from luvmm.outfiles import open_dir, write_in
 
 EMULATED_NOTE = ("the emulated host (luvmm's emulated DSA, IOMMU, VFIO, iommufd, LUO/KHO and kexec): its kexec takes "

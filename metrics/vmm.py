@@ -17,8 +17,8 @@ import errno
 import json
 import os
 
-from metrics.core import Histogram, family
-from liveupdate.update import PHASES
+from luvmm.metrics.core import Histogram, family
+from luvmm.liveupdate.update import PHASES
 
 BLACKOUT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)

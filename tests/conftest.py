@@ -1,6 +1,6 @@
 import pytest
 
-from vmm.kvm import kvm_available
+from luvmm.vmm.kvm import kvm_available
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +29,9 @@ def emulated_host(request):
     import tempfile
     from types import SimpleNamespace
 
-    from liveupdate.emu import hostctl
-    from liveupdate.state import StateDir
-    from liveupdate.emu.client import connect
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.state import StateDir
+    from luvmm.liveupdate.emu.client import connect
 
     param = getattr(request, "param", "continuous-dma")
     options = dict(param) if isinstance(param, dict) else {"profile": param}
@@ -57,9 +57,9 @@ def vm_host(request):
     import shutil
     import tempfile
 
-    from liveupdate.emu import hostctl
-    from liveupdate.state import StateDir
-    from liveupdate.emu.client import connect
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.state import StateDir
+    from luvmm.liveupdate.emu.client import connect
 
     param = getattr(request, "param", "continuous-dma")
     options = dict(param) if isinstance(param, dict) else {"profile": param}

@@ -1,3 +1,3 @@
-from vmm.process import main
+from luvmm.vmm.process import main
 
 raise SystemExit(main())

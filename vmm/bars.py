@@ -49,8 +49,8 @@ from luvmm.uapi.pci_regs import (
     PCI_STATUS,
     PCI_STATUS_CAP_LIST,
 )
-from vmm import runloop
-from vmm.runloop import TRAP_PORTAL, TRAP_REGION, TRAP_VMM, XPORT_POSTED, XPORT_PREADWRITE, Trap
+from luvmm.vmm import runloop
+from luvmm.vmm.runloop import TRAP_PORTAL, TRAP_REGION, TRAP_VMM, XPORT_POSTED, XPORT_PREADWRITE, Trap
 
 PAGE_SIZE = _mmap.PAGESIZE
 #: KVM memory slots of mapped BAR areas start here (guest RAM has the ones below).

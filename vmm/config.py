@@ -4,8 +4,8 @@ workload, the metrics address."""
 
 from __future__ import annotations
 
-from liveupdate.state import check_vm_name
-from vmm import guest
+from luvmm.liveupdate.state import check_vm_name
+from luvmm.vmm import guest
 
 GUESTS = ("firmware", "synthetic")
 

@@ -38,12 +38,12 @@ import sys
 
 import trio
 
-from metrics.vmm import UpdateStats
+from luvmm.metrics.vmm import UpdateStats
 from luvmm import rpc, schema
 from luvmm.wire import ProtocolError, close_fds, listen_seqpacket
-from liveupdate.state import StateDir
-from vmm import guest
-from vmm.config import VmConfig
+from luvmm.liveupdate.state import StateDir
+from luvmm.vmm import guest
+from luvmm.vmm.config import VmConfig
 
 log = logging.getLogger("luvmm.vmm")
 VERIFY_TIMEOUT = 15.0
@@ -157,7 +157,7 @@ class Control:
         can be served."""
         if self.metrics_sock is None and self.config.metrics is None:
             return None
-        from metrics import http
+        from luvmm.metrics import http
 
         try:
             return await http.open_listeners(self.config.metrics, sock=self.metrics_sock)
@@ -168,9 +168,9 @@ class Control:
             return None
 
     async def serve_metrics(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from metrics import http
-        from metrics.core import registry_for
-        from metrics.vmm import VmmCollector
+        from luvmm.metrics import http
+        from luvmm.metrics.core import registry_for
+        from luvmm.metrics.vmm import VmmCollector
 
         registry = registry_for(VmmCollector(self.name, self.stats, self.mailbox.snapshot, self.config.memory))
         await http.serve(registry, listeners=listeners, task_status=task_status)
@@ -199,8 +199,8 @@ class Control:
         # need either process's attention -- and the next update waits for it.
         import time
 
-        from vmm.pace import LOST_HORIZON_S
-        from vmm.report import OBSERVER_LAG_S
+        from luvmm.vmm.pace import LOST_HORIZON_S
+        from luvmm.vmm.report import OBSERVER_LAG_S
 
         resumed = self.hello["first_run"] or self.hello["marks"]["resumed"]
         await trio.sleep(max(0.0, resumed + LOST_HORIZON_S + OBSERVER_LAG_S - time.time()))
@@ -447,14 +447,14 @@ class Control:
             await self.link.call("stop")
 
 
-USAGE = ("usage: python -m vmm.control --state-dir DIR --name NAME [--host emulated|real] --link-fd FD --vmm-pid PID "
+USAGE = ("usage: python -m luvmm.vmm.control --state-dir DIR --name NAME [--host emulated|real] --link-fd FD --vmm-pid PID "
          "[--metrics-fd FD]")
 
 
 def main(argv: list[str] | None = None) -> int:
     """The control plane's process, started by its VMM (vmm.link.Link.spawn)."""
     from luvmm.abi import libc
-    from liveupdate.state import PR_SET_PDEATHSIG, SIGKILL
+    from luvmm.liveupdate.state import PR_SET_PDEATHSIG, SIGKILL
 
     args = dict(zip(argv[::2], argv[1::2])) if argv is not None else dict(zip(sys.argv[1::2], sys.argv[2::2]))
     try:

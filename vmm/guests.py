@@ -20,13 +20,13 @@ import errno
 import os
 
 from luvmm.abi import ffi
-from vmm import guest
-from vmm.guest import EduRecord
-from vmm.kvm import FailEntry, Hlt, InternalError, Interrupted, Io, Kvm, Mmio, Shutdown, Unhandled
-from vmm.machine_state import VcpuState
+from luvmm.vmm import guest
+from luvmm.vmm.guest import EduRecord
+from luvmm.vmm.kvm import FailEntry, Hlt, InternalError, Interrupted, Io, Kvm, Mmio, Shutdown, Unhandled
+from luvmm.vmm.machine_state import VcpuState
 from luvmm.uapi.kvm import KVM_CAP_EXIT_ON_EMULATION_FAILURE
-from vmm.runloop import EXIT_DEVICE_ERROR
-from vmm.x86 import MSR_IA32_TSC, identity_page_tables, page_table_bytes, setup_cpuid, setup_long_mode, user_rflags
+from luvmm.vmm.runloop import EXIT_DEVICE_ERROR
+from luvmm.vmm.x86 import MSR_IA32_TSC, identity_page_tables, page_table_bytes, setup_cpuid, setup_long_mode, user_rflags
 
 
 class Guest:
@@ -97,7 +97,7 @@ class FirmwareGuest(Guest):
                 except OSError as e:
                     if e.errno not in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
                         raise
-                    from liveupdate import tsc  # not on the restore path where KVM has the attribute
+                    from luvmm.liveupdate import tsc  # not on the restore path where KVM has the attribute
 
                     now = tsc.read()
                     if now is None:
@@ -144,7 +144,7 @@ class FirmwareGuest(Guest):
             regs.rdi = vcpu.id
             vcpu.set_regs(regs)
         if not vm.mailbox["tsc_mult"]:
-            from liveupdate import tsc  # a cold boot's: the restore path finds it in guest RAM
+            from luvmm.liveupdate import tsc  # a cold boot's: the restore path finds it in guest RAM
 
             # Both drivers keep the pace ring from the TSC; edu's stamps its gaps too.
             vm.mailbox["tsc_mult"] = guest.tsc_mult(tsc.hz())
@@ -164,7 +164,7 @@ class FirmwareGuest(Guest):
         trapped BAR ranges, the wait-for-interrupt port (the firmware's
         driver has no interrupt handler: the loop waits on the device's
         eventfd for it), with a write-combining buffer saved at the pause."""
-        from vmm.runloop import RunLoop
+        from luvmm.vmm.runloop import RunLoop
 
         vm.device.map_bars(vm.vmfd)
         ram = [(gpa, length, vm.memory.addr + off) for gpa, off, length in vm.memory.ranges()]
@@ -260,10 +260,10 @@ class SyntheticGuest(Guest):
     def boot(self, vm, driver: str | None = None) -> list:
         """vCPU 0 as the driver of the VM's device: the DSA's, or edu's (vmm/synthetic_edu.py)."""
         if (driver or vm.device.kind) == "edu":
-            from vmm.synthetic_edu import SyntheticEduCpu
+            from luvmm.vmm.synthetic_edu import SyntheticEduCpu
 
             return [SyntheticEduCpu(vm)]
-        from vmm.synthetic import SyntheticCpu  # only for synthetic guests
+        from luvmm.vmm.synthetic import SyntheticCpu  # only for synthetic guests
 
         return [SyntheticCpu(vm)]
 

@@ -44,10 +44,10 @@ import _socket
 
 from luvmm import rpc
 from luvmm.wire import ProtocolError, close_fds
-from liveupdate import fdstore
-from liveupdate.luo import Session
-from liveupdate.state import StateDir, python_unit, record_imports
-from vmm import guest as layout
+from luvmm.liveupdate import fdstore
+from luvmm.liveupdate.luo import Session
+from luvmm.liveupdate.state import StateDir, python_unit, record_imports
+from luvmm.vmm import guest as layout
 
 #: The fd the control plane finds its end of the link on.
 LINK_FD = 3
@@ -104,7 +104,7 @@ class Link:
                 metrics = fcntl.fcntl(self.metrics_fd, fcntl.F_DUPFD_CLOEXEC, METRICS_FD + 1)
                 actions.append((os.POSIX_SPAWN_DUP2, metrics, METRICS_FD))
                 args += ["--metrics-fd", str(METRICS_FD)]
-            argv, env = python_unit("vmm.control", *args)
+            argv, env = python_unit("luvmm.vmm.control", *args)
             self.child = os.posix_spawn(argv[0], argv, dict(os.environ, **env), file_actions=actions)
         except BaseException:
             ours.close()
@@ -262,7 +262,7 @@ class Link:
     def op_report(self, request) -> tuple[dict, list[int]]:
         """The update's report (vmm.report), sent to the agent; asked once
         the horizon the guest's outage is measured over has passed."""
-        from vmm.report import update_report
+        from luvmm.vmm.report import update_report
 
         report = update_report(self.vm, self.services, self.clock.marks, self._saved(), request["after"])
         report["finish_error"] = request.get("finish_error")
@@ -358,7 +358,7 @@ class Link:
 
     def _exits(self):
         if self.exits is None:
-            from vmm.exits import ExitStats
+            from luvmm.vmm.exits import ExitStats
 
             self.exits = ExitStats(self.vm)
         return self.exits

@@ -21,10 +21,10 @@ from __future__ import annotations
 import errno
 import os
 
-from liveupdate import fdstore
-from vmm import machine_state
-from vmm.machine_state import DeviceWiring, GuestState, MachineState, MemoryState, Timestamps
-from vmm.memory import GuestMemory, sealed_memfd
+from luvmm.liveupdate import fdstore
+from luvmm.vmm import machine_state
+from luvmm.vmm.machine_state import DeviceWiring, GuestState, MachineState, MemoryState, Timestamps
+from luvmm.vmm.memory import GuestMemory, sealed_memfd
 
 RAM_TOKEN = 0x10
 IOMMUFD_TOKEN = 0x11

@@ -9,11 +9,11 @@ import shutil
 import socket
 import time
 
-from liveupdate.agent_client import wait_for_agent
-from liveupdate.state import StateDir, check_vm_name, RESTART_MAX_DELAY_S, python_unit
+from luvmm.liveupdate.agent_client import wait_for_agent
+from luvmm.liveupdate.state import StateDir, check_vm_name, RESTART_MAX_DELAY_S, python_unit
 from luvmm import rpc
 from luvmm.wire import close_fds
-from vmm.config import VmConfig
+from luvmm.vmm.config import VmConfig
 
 
 class VmError(RuntimeError):
@@ -116,7 +116,7 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
         raise VmError(f"VM {config.name!r} exists")
     if not overcommit:
         check_fits(state, config)
-    argv, unit_env = python_unit("vmm.process", "--state-dir", state.path, "--name", config.name,
+    argv, unit_env = python_unit("luvmm.vmm.process", "--state-dir", state.path, "--name", config.name,
                                  *(("--host", host) if host != "emulated" else ()))
     state.ensure()  # a real host's state dir is made by its first VM (0700)
     with held(state, config.name, units) as agent:  # none in progress; none starts before its guest runs

@@ -9,7 +9,7 @@ import mmap
 import os
 
 from luvmm.abi import ffi, libc
-from vmm import guest
+from luvmm.vmm import guest
 
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
 # include/uapi/asm-generic/mman-common.h (Linux 5.14): fault the range in, writable.

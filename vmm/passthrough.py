@@ -20,11 +20,11 @@ import errno
 import os
 import struct
 
-from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
-from devices.iommufd import IommuFd
-from devices.vfio import RegionInfo, VfioDevice
+from luvmm.devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET
+from luvmm.devices.iommufd import IommuFd
+from luvmm.devices.vfio import RegionInfo, VfioDevice
 from luvmm.abi import ffi
-from devices.edu_regs import PCI_DEVICE_ID_EDU, PCI_VENDOR_ID_QEMU
+from luvmm.devices.edu_regs import PCI_DEVICE_ID_EDU, PCI_VENDOR_ID_QEMU
 from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
@@ -39,8 +39,8 @@ from luvmm.uapi.vfio import (
     VFIO_PCI_BAR2_REGION_INDEX,
     VFIO_PCI_MSI_IRQ_INDEX,
 )
-from vmm import bars, guest
-from vmm.machine_state import DeviceWiring
+from luvmm.vmm import bars, guest
+from luvmm.vmm.machine_state import DeviceWiring
 
 MSIX_VECTORS = 9
 #: The kinds of device a guest here drives: (vendor, device) -> kind.

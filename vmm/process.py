@@ -1,6 +1,6 @@
 """The VMM process: one per VM, a unit of its host's init.
 
-    python -m vmm --state-dir DIR --name NAME
+    python -m luvmm.vmm --state-dir DIR --name NAME
 
 Cold boot builds the VM from ``DIR/vms/NAME/config.json``.  Restart
 (``LUVMM_BOOT=restart``: init starts the unit again after its VMM died) picks
@@ -32,10 +32,10 @@ import gc  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from liveupdate import fdstore  # noqa: E402
-from liveupdate.agent_client import wait_for_agent  # noqa: E402
-from liveupdate.luo import Session  # noqa: E402
-from liveupdate.state import (  # noqa: E402
+from luvmm.liveupdate import fdstore  # noqa: E402
+from luvmm.liveupdate.agent_client import wait_for_agent  # noqa: E402
+from luvmm.liveupdate.luo import Session  # noqa: E402
+from luvmm.liveupdate.state import (  # noqa: E402
     StateDir,
     die_with_init,
     guests_first,
@@ -45,8 +45,8 @@ from liveupdate.state import (  # noqa: E402
     unit_boot,
 )
 from luvmm.wiring import connect  # noqa: E402
-from vmm.config import VmConfig  # noqa: E402
-from vmm.vm import Clock, Vm  # noqa: E402
+from luvmm.vmm.config import VmConfig  # noqa: E402
+from luvmm.vmm.vm import Clock, Vm  # noqa: E402
 
 IMPORTED = time.time()
 EX_CONFIG = 78  # liveupdate.init.EX_CONFIG (not imported: the restore path does not import init)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     # The control plane -- trio, the agent channel, vmm.sock, metrics -- in a
     # process of its own (vmm.link says why); this one serves it what it
     # needs of the VM, importing nothing more.
-    from vmm.link import Link
+    from luvmm.vmm.link import Link
 
     return Link(vm, host, services, state, name, agent, clock, restored, boot, args["host"], metrics_fd).run()
 

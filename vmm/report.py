@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import time
 
-from liveupdate.update import PHASES  # noqa: F401 -- the phases this module measures
-from vmm import guest, pace
-from vmm.guest import EduRecord
-from vmm.runloop import rdtsc
+from luvmm.liveupdate.update import PHASES  # noqa: F401 -- the phases this module measures
+from luvmm.vmm import guest, pace
+from luvmm.vmm.guest import EduRecord
+from luvmm.vmm.runloop import rdtsc
 
 
 def phase_marks(saved_phases: dict, kexec_marks: dict, marks: dict) -> list[tuple[str, float | None]]:

@@ -39,10 +39,10 @@ def _built_current() -> bool:
 
 def _load():
     if not _built_current():
-        from vmm import runloop_build
+        from luvmm.vmm import runloop_build
 
         runloop_build.build()
-    from vmm import _runloop
+    from luvmm.vmm import _runloop
 
     return _runloop
 

@@ -28,13 +28,13 @@ def ffibuilder() -> cffi.FFI:
     ffi.cdef(_cdef())
     with open(os.path.join(HERE, "runloop.c")) as f:
         source = f.read()
-    ffi.set_source("vmm._runloop", source,
+    ffi.set_source("luvmm.vmm._runloop", source,
                    include_dirs=[HERE], extra_compile_args=["-O2", "-Wall"])
     return ffi
 
 
 def build() -> None:
-    """Compile ``vmm._runloop`` in place (beside this file)."""
+    """Compile ``luvmm.vmm._runloop`` in place (beside this file)."""
     import contextlib
     import io
     import tempfile

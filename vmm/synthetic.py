@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 
-from devices.dsa_regs import (
+from luvmm.devices.dsa_regs import (
     IDXD_CMD_ENABLE_DEVICE,
     IDXD_CMD_ENABLE_WQ,
     IDXD_CMD_RESET_DEVICE,

@@ -34,7 +34,7 @@ import os
 import struct
 import time
 
-from devices.edu_regs import (
+from luvmm.devices.edu_regs import (
     EDU_CMD_DMA_FROM,
     EDU_CMD_DMA_IRQ,
     EDU_CMD_DMA_START,
@@ -52,9 +52,9 @@ from devices.edu_regs import (
     EDU_REG_INTR_STATUS,
 )
 from luvmm.uapi.vfio import VFIO_PCI_BAR0_REGION_INDEX
-from vmm import guest
-from vmm.guest import EduRecord
-from vmm.synthetic import MASK, pattern
+from luvmm.vmm import guest
+from luvmm.vmm.guest import EduRecord
+from luvmm.vmm.synthetic import MASK, pattern
 
 IRQ_WAIT_S = guest.IRQ_WAIT_S
 BAR0 = VFIO_PCI_BAR0_REGION_INDEX

@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 import _thread
 
-from liveupdate.state import pin_vcpu
-from vmm.runloop import rdtsc
+from luvmm.liveupdate.state import pin_vcpu
+from luvmm.vmm.runloop import rdtsc
 
 
 class Monitor:

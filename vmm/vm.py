@@ -22,13 +22,13 @@ import errno
 import os
 import time
 
-from vmm import guest as layout
-from vmm import live_update
-from vmm.config import VmConfig
-from vmm.guests import guest_for
-from vmm.memory import GuestMemory
-from vmm.passthrough import Passthrough
-from vmm.vcpus import Runner
+from luvmm.vmm import guest as layout
+from luvmm.vmm import live_update
+from luvmm.vmm.config import VmConfig
+from luvmm.vmm.guests import guest_for
+from luvmm.vmm.memory import GuestMemory
+from luvmm.vmm.passthrough import Passthrough
+from luvmm.vmm.vcpus import Runner
 
 
 class Clock:

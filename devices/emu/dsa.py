@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 
 import crc32c
 
-from devices.dsa_regs import (
+from luvmm.devices.dsa_regs import (
     BAR0_SIZE,
     BAR2_SIZE,
     DEVICE_VERSION_1,
@@ -152,7 +152,7 @@ from devices.dsa_regs import (
     WQCFG_STATE_ENABLED,
     WQCFG_STATE_SHIFT,
 )
-from devices.emu.dsa_model import (
+from luvmm.devices.emu.dsa_model import (
     CMDCAP_VALUE,
     ENGCAP_VALUE,
     GENCAP_VALUE,
@@ -220,8 +220,8 @@ from luvmm.uapi.idxd import (
     OP_DELTA,
     OP_U64,
 )
-from devices.emu.iommu import DmaFault, IommuDomain
-from devices.emu.pci import Bar, PciFunction
+from luvmm.devices.emu.iommu import DmaFault, IommuDomain
+from luvmm.devices.emu.pci import Bar, PciFunction
 
 log = logging.getLogger(__name__)
 

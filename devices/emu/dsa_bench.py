@@ -15,8 +15,8 @@ import os
 import select
 import time
 
-from devices.emu.dsa import DsaDevice
-from devices.emu.dsa_driver import MSIX_VECTOR, STATE_SIZE, DmaBuffer, DsaDriver
+from luvmm.devices.emu.dsa import DsaDevice
+from luvmm.devices.emu.dsa_driver import MSIX_VECTOR, STATE_SIZE, DmaBuffer, DsaDriver
 from luvmm.uapi.idxd import (
     DSA_COMP_SUCCESS,
     DSA_OPCODE_MEMMOVE,
@@ -25,8 +25,8 @@ from luvmm.uapi.idxd import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.emu.iommu import IommuDomain
-from devices.emu.memory import PhysMem
+from luvmm.devices.emu.iommu import IommuDomain
+from luvmm.devices.emu.memory import PhysMem
 
 SIZES = (4096, 65536, 1 << 20)
 IOVA = 0x1_0000_0000

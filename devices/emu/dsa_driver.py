@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from devices.dsa_regs import (
+from luvmm.devices.dsa_regs import (
     IDXD_CMD_ENABLE_DEVICE,
     IDXD_CMD_ENABLE_WQ,
     IDXD_CMD_RESET_DEVICE,
@@ -36,7 +36,7 @@ from devices.dsa_regs import (
     IDXD_WQCFG_MIN,
     command,
 )
-from devices.emu.dsa_model import MSIX_TABLE
+from luvmm.devices.emu.dsa_model import MSIX_TABLE
 from luvmm.uapi.idxd import (
     DSA_COMP_SUCCESS,
     DSA_OPCODE_BATCH,
@@ -46,7 +46,7 @@ from luvmm.uapi.idxd import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.emu.pci import MSIX_CAP_OFFSET
+from luvmm.devices.emu.pci import MSIX_CAP_OFFSET
 from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,

@@ -5,7 +5,7 @@ no page-request interface), PASID, ATS and the ops outside
 :data:`OPCAP_SUPPORTED` -- and where it puts its tables in BAR0.  The register
 interface itself is :mod:`devices.dsa_regs`."""
 
-from devices.dsa_regs import (
+from luvmm.devices.dsa_regs import (
     GENCAP_CACHE_CONTROL_MEM,
     GENCAP_CMD_CAP,
     GENCAP_CONFIG_EN,

@@ -18,7 +18,7 @@ import bisect
 import threading
 from dataclasses import dataclass
 
-from devices.emu.memory import PhysMem
+from luvmm.devices.emu.memory import PhysMem
 
 IOMMU_PAGE_SIZE = 4096
 IOMMU_READ = 1

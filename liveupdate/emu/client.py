@@ -1,7 +1,7 @@
 """The emulated implementation of the host interface: a client of the
 emulated host daemon (``luvmm host start``).
 
-    from liveupdate.emu.client import connect
+    from luvmm.liveupdate.emu.client import connect
     host = connect("/run/luvmm/host.sock")   # a luvmm.host.Host
 
 Paths under /dev/vfio/, /dev/iommu, /dev/liveupdate and /sys/bus/pci/ belong

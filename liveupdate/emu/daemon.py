@@ -56,13 +56,13 @@ from luvmm.wire import (
     listen_seqpacket,
 )
 from luvmm.uapi.pci_regs import PCI_COMMAND_MASTER
-from liveupdate.emu import faults
-from liveupdate.emu.kernel import kho
-from liveupdate.emu.kernel.core import Kernel, KernelError, KernelPanic
-from liveupdate.emu.machine import Machine
-from liveupdate.emu.observer import Observer
-from liveupdate.init import Init
-from liveupdate.state import StateDir, StateError, keep_off_guest_cpus, lock_file, use_every_cpu
+from luvmm.liveupdate.emu import faults
+from luvmm.liveupdate.emu.kernel import kho
+from luvmm.liveupdate.emu.kernel.core import Kernel, KernelError, KernelPanic
+from luvmm.liveupdate.emu.machine import Machine
+from luvmm.liveupdate.emu.observer import Observer
+from luvmm.liveupdate.init import Init
+from luvmm.liveupdate.state import StateDir, StateError, keep_off_guest_cpus, lock_file, use_every_cpu
 
 log = logging.getLogger("luvmm.host")
 
@@ -157,9 +157,9 @@ class HostDaemon:
                                                 who="the emulated host").run, listener, self._control, nursery)
                 nursery.start_soon(self.observer.run)
                 if self.metrics_listen is not None:
-                    from metrics import http
-                    from metrics.core import registry_for
-                    from metrics.host import HostCollector
+                    from luvmm.metrics import http
+                    from luvmm.metrics.core import registry_for
+                    from luvmm.metrics.host import HostCollector
 
                     try:
                         self.metrics_port = await nursery.start(http.serve, registry_for(HostCollector(self)),
@@ -586,7 +586,7 @@ def raise_fd_limit() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m liveupdate.emu.daemon", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m luvmm.liveupdate.emu.daemon", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--kernel-profile", choices=PROFILES, default="continuous-dma")

@@ -143,7 +143,7 @@ class Faults:
             elif rule.action == "truncate":
                 image = image[: len(image) // 2]
             elif rule.action == "skew":
-                from liveupdate.emu.kernel import kho
+                from luvmm.liveupdate.emu.kernel import kho
 
                 tree = kho.decode_image(image)
                 for session in tree.get("luo", {}).get("sessions", []):

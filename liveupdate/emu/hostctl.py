@@ -8,7 +8,7 @@ import select
 import subprocess
 import sys
 
-from liveupdate.state import (
+from luvmm.liveupdate.state import (
     GUEST_CPUS_ENV,
     RESTART_MAX_DELAY_S,
     StateDir,
@@ -110,7 +110,7 @@ def running(state: StateDir) -> bool:
     """Whether a daemon answers on the state dir's control socket (changes nothing)."""
     if not os.path.exists(state.socket):
         return False
-    from liveupdate.emu.client import HostGone, connect
+    from luvmm.liveupdate.emu.client import HostGone, connect
 
     try:
         connect(state.socket).close_connection()
@@ -173,7 +173,7 @@ def _start(state: StateDir, *, devices, profile, dsa_bandwidth, agent, timeout, 
     else:
         state.remove_unit("agent")  # --no-agent means none, whatever an earlier host left
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "liveupdate.emu.daemon", "--state-dir", state.path, "--devices", str(devices),
+    argv = [sys.executable, "-m", "luvmm.liveupdate.emu.daemon", "--state-dir", state.path, "--devices", str(devices),
             "--kernel-profile", profile, "--ready-fd", str(write_end), "--lock-fd", str(lock)]
     if dsa_bandwidth:
         argv += ["--dsa-bandwidth", str(dsa_bandwidth)]
@@ -225,7 +225,7 @@ def stop(state: StateDir, timeout: float = 30.0, keep_logs: tuple[str, ...] = ()
             _wait_exit(pid, timeout)
             return clean(state, keep_logs=keep_logs) or []
         return None
-    from liveupdate.emu.client import connect
+    from luvmm.liveupdate.emu.client import connect
 
     host = connect(state.socket)
     try:
@@ -244,7 +244,7 @@ def _is_daemon(pid: int, state: StateDir) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    return b"liveupdate.emu.daemon" in argv and state.path.encode() in argv
+    return b"luvmm.liveupdate.emu.daemon" in argv and state.path.encode() in argv
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import itertools
 import os
 
-from devices.emu.dsa import DsaDevice
-from devices.emu.iommu import IommuDomain
-from devices.emu.memory import PhysMem
+from luvmm.devices.emu.dsa import DsaDevice
+from luvmm.devices.emu.iommu import IommuDomain
+from luvmm.devices.emu.memory import PhysMem
 from luvmm.uapi.pci_regs import PCI_COMMAND_MASTER
 
 

@@ -22,7 +22,7 @@ import time
 
 import trio
 
-from devices.emu.iommu import DmaFault
+from luvmm.devices.emu.iommu import DmaFault
 
 SAMPLE_PERIOD = 0.001
 MAX_BINS = 1 << 16

@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple[type, ...]:
     """The errors that are a refusal, said in one line -- not bugs."""
-    from liveupdate.agent_client import AgentError
-    from liveupdate.emu.hostctl import HostError
-    from liveupdate.state import StateError
-    from vmm.manage import VmError
+    from luvmm.liveupdate.agent_client import AgentError
+    from luvmm.liveupdate.emu.hostctl import HostError
+    from luvmm.liveupdate.state import StateError
+    from luvmm.vmm.manage import VmError
 
     return CliError, HostError, StateError, VmError, AgentError
 

@@ -31,7 +31,7 @@ from luvmm.cli.common import (
 
 def _cmd_bench_dsa(args: argparse.Namespace) -> int:
     check_json_file(args.json)
-    from devices.emu.dsa_bench import format_table, run
+    from luvmm.devices.emu.dsa_bench import format_table, run
 
     result = run(total_bytes=args.bytes, batches=args.batches)
     emit(result, args.json, lambda: format_table(result))

@@ -24,14 +24,14 @@ DEFAULT_STATE_DIR = "/var/lib/luvmm"
 
 
 def _state(args: argparse.Namespace):
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
 
     return StateDir.of_host(args.state_dir or os.environ.get("LUVMM_STATE_DIR") or DEFAULT_STATE_DIR, "real")
 
 
 def _ensure(state) -> bool:
     """Make the state dir usable (CliError saying why not); True if it was created now."""
-    from liveupdate.state import StateError
+    from luvmm.liveupdate.state import StateError
 
     created = not os.path.lexists(state.path)
     try:
@@ -58,7 +58,7 @@ def _build_uapi_cache() -> None:
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
-    from liveupdate import boot
+    from luvmm.liveupdate import boot
 
     if args.host != "real":
         raise CliError(f"--host {args.host}: `luvmm boot` runs luvmm's init over the real kernel; the emulated "
@@ -67,13 +67,13 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     if args.stop:
         return _stop(state, args.timeout)
     if args.guest_cpus:  # its init passes its environment on to every unit
-        from liveupdate.state import GUEST_CPUS_ENV
+        from luvmm.liveupdate.state import GUEST_CPUS_ENV
 
         os.environ[GUEST_CPUS_ENV] = args.guest_cpus
     pid = boot.running(state) if os.path.isdir(state.path) else None
     if pid is not None:
         raise CliError(str(boot.AlreadyRunning(state, pid if pid > 0 else None)))
-    from liveupdate.emu import hostctl
+    from luvmm.liveupdate.emu import hostctl
 
     if os.path.isdir(state.path) and hostctl.running(state):  # its init's notify.sock, its agent.sock
         raise CliError(f"an emulated host runs in {state.path}: `luvmm boot` needs a state dir of its own")
@@ -95,7 +95,7 @@ def _undo(state, created: bool, wrote_agent: bool) -> None:
     created, else the agent's unit it wrote and the init's files."""
     import shutil
 
-    from liveupdate import boot
+    from luvmm.liveupdate import boot
 
     if boot.running(state) is not None:
         return  # another init took the state dir meanwhile: all of it is that one's
@@ -125,7 +125,7 @@ def _say_ready(state, pid: int, kind: str, units: list[str]) -> None:
 def _foreground(state) -> int:
     import logging
 
-    from liveupdate import boot
+    from luvmm.liveupdate import boot
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     said = []
@@ -142,7 +142,7 @@ def _foreground(state) -> int:
 
 
 def _daemon(state, timeout: float) -> int:
-    from liveupdate import boot
+    from luvmm.liveupdate import boot
 
     log_path = os.path.join(state.path, boot.LOG)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -198,7 +198,7 @@ def _daemon(state, timeout: float) -> int:
 def _kill(state) -> None:
     import signal
 
-    from liveupdate import boot
+    from luvmm.liveupdate import boot
 
     pid = boot.running(state)
     if pid is not None and pid > 0:
@@ -223,7 +223,7 @@ def _detach(log_fd: int) -> None:  # pragma: no cover -- runs in the daemon
 def _serve_daemon(state, write_end: int) -> int:  # pragma: no cover -- runs in the daemon
     import logging
 
-    from liveupdate import boot
+    from luvmm.liveupdate import boot
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
 
@@ -278,7 +278,7 @@ def _wait_exit(pid: int, timeout: float) -> bool:
 def _stop(state, timeout: float) -> int:
     import signal
 
-    from liveupdate import boot
+    from luvmm.liveupdate import boot
 
     pid = boot.running(state) if os.path.isdir(state.path) else None
     if pid is None:

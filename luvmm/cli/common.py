@@ -53,7 +53,7 @@ def byte_size(text: str) -> int:
 
 def guest_memory(text: str) -> int:
     """Guest RAM: a size the VM can have (checked here: one line, not a failure inside the VMM)."""
-    from vmm.guest import MIN_MEMORY
+    from luvmm.vmm.guest import MIN_MEMORY
 
     size = byte_size(text)
     if size < MIN_MEMORY or size % (2 << 20):
@@ -90,7 +90,7 @@ def positive_int(text: str) -> int:
 
 
 def device_count(text: str) -> int:
-    from liveupdate.emu.machine import MAX_DEVICES
+    from luvmm.liveupdate.emu.machine import MAX_DEVICES
 
     n = positive_int(text)
     if n > MAX_DEVICES:
@@ -116,7 +116,7 @@ def positive_seconds(text: str) -> float:
 
 
 def vm_name_arg(text: str) -> str:
-    from liveupdate.state import check_vm_name
+    from luvmm.liveupdate.state import check_vm_name
 
     try:
         return check_vm_name(text)
@@ -125,7 +125,7 @@ def vm_name_arg(text: str) -> str:
 
 
 def listen_address(text: str) -> str:
-    from metrics.http import parse_listen
+    from luvmm.metrics.http import parse_listen
 
     try:
         parse_listen(text)
@@ -135,7 +135,7 @@ def listen_address(text: str) -> str:
 
 
 def metrics_url(listen: str) -> str:
-    from metrics.http import parse_listen
+    from luvmm.metrics.http import parse_listen
 
     address, port = parse_listen(listen)
     return f"{address}:{port}"
@@ -264,7 +264,7 @@ def bandwidth_arg(p: argparse.ArgumentParser) -> None:
 
 def cpu_list(text: str) -> str:
     """A CPU list ("0,2-3"), checked."""
-    from liveupdate.state import parse_cpu_list
+    from luvmm.liveupdate.state import parse_cpu_list
 
     try:
         cpus = parse_cpu_list(text)
@@ -319,7 +319,7 @@ def is_real(args: argparse.Namespace) -> bool:
 
 def state_dir_of(args: argparse.Namespace) -> str:
     """--state-dir, else $LUVMM_STATE_DIR, else the host's default (:data:`REAL_STATE_DIR` on a real host)."""
-    from liveupdate.state import default_state_dir
+    from luvmm.liveupdate.state import default_state_dir
 
     if args.state_dir:
         return args.state_dir
@@ -329,7 +329,7 @@ def state_dir_of(args: argparse.Namespace) -> str:
 
 
 def state_of(args: argparse.Namespace):
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
 
     return StateDir.of_host(state_dir_of(args), getattr(args, "host", None) or "emulated")
 
@@ -344,7 +344,7 @@ def running_host(args: argparse.Namespace):
         if state.exists():
             state.check_safe()
         return state
-    from liveupdate.emu.hostctl import HostError, find
+    from luvmm.liveupdate.emu.hostctl import HostError, find
 
     try:
         return find(state_dir_of(args))
@@ -356,7 +356,7 @@ def check_host(args: argparse.Namespace, device: str | None) -> dict:
     """What the host's kernel offers a live update of ``device``
     (liveupdate.check.check: `luvmm host check`), the preservation probed by
     the LUO agent where it holds /dev/liveupdate."""
-    from liveupdate.check import check
+    from luvmm.liveupdate.check import check
     from luvmm.wiring import connect
 
     state = running_host(args)
@@ -365,7 +365,7 @@ def check_host(args: argparse.Namespace, device: str | None) -> dict:
     def ask_agent(device):
         if not os.path.exists(state.agent_socket):
             return None
-        from liveupdate.agent_client import AgentClient
+        from luvmm.liveupdate.agent_client import AgentClient
 
         try:
             client = AgentClient(state)
@@ -391,7 +391,7 @@ class Connection:
     """``with _connect(state) as host``: a connection to the daemon, always closed."""
 
     def __init__(self, state):
-        from liveupdate.emu.client import connect
+        from luvmm.liveupdate.emu.client import connect
 
         self.host = connect(state.socket)
 
@@ -406,7 +406,7 @@ def pick_guest(choice: str) -> str:
     """--guest auto: the firmware under KVM where /dev/kvm is usable, else the synthetic guest."""
     if choice != "auto":
         return choice
-    from vmm.kvm import kvm_available
+    from luvmm.vmm.kvm import kvm_available
 
     ok, why = kvm_available()
     if not ok:
@@ -417,7 +417,7 @@ def pick_guest(choice: str) -> str:
 def report_updates(summary: dict, as_json, interrupted: str | None = None, command: str = "update") -> int:
     """Print a run of live updates (table or JSON) and return its exit status
     (why it is not 0: one line ``luvmm COMMAND: why``)."""
-    from liveupdate.update import format_cycles, outcome
+    from luvmm.liveupdate.update import format_cycles, outcome
 
     status, why = outcome(summary)
     if interrupted:

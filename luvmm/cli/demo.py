@@ -12,8 +12,8 @@ from luvmm.cli.common import (CliError, guest_arg, guest_cpus_arg, host_arg, lis
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from luvmm.tools.demo import run_demo
-    from liveupdate.update import outcome
-    from metrics.report import verdict
+    from luvmm.liveupdate.update import outcome
+    from luvmm.metrics.report import verdict
 
     guest = pick_guest(args.guest)
     from luvmm.outfiles import UnsafeOutput, check_dir

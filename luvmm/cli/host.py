@@ -30,7 +30,7 @@ from luvmm.cli.common import (
 
 
 def _cmd_host_start(args: argparse.Namespace) -> int:
-    from liveupdate.emu import hostctl
+    from luvmm.liveupdate.emu import hostctl
 
     state = state_of(args)
     if hostctl.running(state):
@@ -69,7 +69,7 @@ def _cmd_host_start(args: argparse.Namespace) -> int:
 
 
 def _cmd_host_stop(args: argparse.Namespace) -> int:
-    from liveupdate.emu import hostctl
+    from luvmm.liveupdate.emu import hostctl
 
     state = state_of(args)
     gone = hostctl.dead(state)
@@ -91,7 +91,7 @@ def _cmd_host_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_host_status(args: argparse.Namespace) -> int:
-    from liveupdate.emu.hostctl import format_status
+    from luvmm.liveupdate.emu.hostctl import format_status
 
     with Connection(running_host(args)) as host:
         status = host.call({"op": "status"})[0]
@@ -100,8 +100,8 @@ def _cmd_host_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_host_check(args: argparse.Namespace) -> int:
-    from devices.vfio import is_bdf
-    from liveupdate.check import format_check
+    from luvmm.devices.vfio import is_bdf
+    from luvmm.liveupdate.check import format_check
 
     if args.device is not None and not is_bdf(args.device):
         raise CliError(f"--device {args.device}: not a PCI address (DDDD:BB:DD.F, as lspci -D prints it)",
@@ -205,7 +205,7 @@ def _install_grafana_provider(root: str) -> str | None:
     stale.  Returns the file written, None where there is no Grafana."""
     import os
 
-    import metrics
+    from luvmm import metrics
 
     target = os.path.join(root, GRAFANA_DASHBOARDS)
     if not os.path.isdir(target):

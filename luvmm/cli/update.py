@@ -53,8 +53,8 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
-    from liveupdate.agent_client import AgentError
-    from liveupdate.update import cycle_line, summarize, update_once
+    from luvmm.liveupdate.agent_client import AgentError
+    from luvmm.liveupdate.update import cycle_line, summarize, update_once
 
     check_json_file(args.json)
     _check_options(args)
@@ -96,9 +96,9 @@ def _update_real(args: argparse.Namespace, state) -> int:
     shows here, before a VM is paused), then the agent prepares the VMs and
     kexecs -- this process ends with the old kernel.  An update the agent
     rolled back unloads the kernel again."""
-    from liveupdate.agent_client import AgentError
-    from liveupdate.kexec import load_kernel, unload_kernel
-    from liveupdate.update import summarize, update_once
+    from luvmm.liveupdate.agent_client import AgentError
+    from luvmm.liveupdate.kexec import load_kernel, unload_kernel
+    from luvmm.liveupdate.update import summarize, update_once
 
     try:
         load_kernel(args.kernel, initrd=args.initrd, cmdline=args.append, reuse_cmdline=args.append is None)
@@ -167,7 +167,7 @@ def _vm_devices(state) -> list:
     """The devices of the host's VMs (their VMMs say; else their configs), None where not known."""
     import json
 
-    from vmm import manage
+    from luvmm.vmm import manage
 
     devices = []
     for name in state.vm_names():
@@ -186,7 +186,7 @@ def _vm_devices(state) -> list:
 
 def _last(state, as_json, timeout: float) -> int:
     """`luvmm update --last`: the report of the host's last update, as `luvmm update` gave it."""
-    from liveupdate.update import summarize
+    from luvmm.liveupdate.update import summarize
 
     record = _last_record(state, timeout)
     if record is None:
@@ -211,7 +211,7 @@ def _last_record(state, timeout: float) -> dict | None:
     import json
     import os
 
-    from liveupdate.agent_client import AgentClient
+    from luvmm.liveupdate.agent_client import AgentClient
 
     try:
         client = AgentClient(state)
@@ -242,7 +242,7 @@ def _last_record(state, timeout: float) -> dict | None:
 
 def _abandon(state, as_json) -> int:
     """`luvmm update --abandon`: fail the update under way that will not end by itself."""
-    from liveupdate.agent_client import wait_for_agent
+    from luvmm.liveupdate.agent_client import wait_for_agent
 
     client, _ = wait_for_agent(state, 30)
     try:

@@ -32,12 +32,12 @@ from luvmm.cli.common import (
 
 
 def _cmd_vm_start(args: argparse.Namespace) -> int:
-    from vmm import manage
-    from vmm.config import VmConfig
+    from luvmm.vmm import manage
+    from luvmm.vmm.config import VmConfig
 
     real = is_real(args)
     if real:  # any PCI function, named: no "first free DSA" on a real host
-        from devices.vfio import is_bdf
+        from luvmm.devices.vfio import is_bdf
 
         if args.device == "auto":
             raise CliError("--host real: name the device to pass through (--device BDF, a PCI function bound to "
@@ -74,9 +74,9 @@ def _cmd_vm_start(args: argparse.Namespace) -> int:
 
 def _start_emulated(args: argparse.Namespace, state, config) -> dict:
     """Start the VM on the emulated host, starting one (and saying so) if none runs."""
-    from liveupdate.emu import hostctl
-    from liveupdate.emu.services import EmulatedUnits
-    from vmm import manage
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.emu.services import EmulatedUnits
+    from luvmm.vmm import manage
 
     _, started = hostctl.ensure(state.path, say=say, dsa_bandwidth=DEFAULT_DSA_BANDWIDTH)
     try:
@@ -90,7 +90,7 @@ def _start_emulated(args: argparse.Namespace, state, config) -> dict:
 
 
 def _cmd_vm_stop(args: argparse.Namespace) -> int:
-    from vmm import manage
+    from luvmm.vmm import manage
 
     state = state_of(args)
     if not state.exists() or args.name not in state.vm_names():
@@ -102,13 +102,13 @@ def _cmd_vm_stop(args: argparse.Namespace) -> int:
         manage.stop(state, args.name, real_units(state))
         print(f"VM {args.name} stopped")
         return exitcodes.OK
-    from liveupdate.emu import hostctl
-    from liveupdate.emu.services import EmulatedUnits
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.emu.services import EmulatedUnits
 
     if _remove_without_host(state, args.name):
         print(f"VM {args.name} removed (no host was running it)")
         return exitcodes.OK
-    from liveupdate.emu.client import HostGone
+    from luvmm.liveupdate.emu.client import HostGone
 
     with Connection(state) as host:
         try:
@@ -135,9 +135,9 @@ def _remove_without_host(state, name: str) -> bool:
     a host runs (or came up while we waited for its lock): stop it there."""
     import time
 
-    from liveupdate.emu import hostctl
-    from liveupdate.state import lock_file
-    from vmm import manage
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.state import lock_file
+    from luvmm.vmm import manage
 
     deadline = time.monotonic() + hostctl.LOCK_WAIT_S
     while not hostctl.running(state):
@@ -160,7 +160,7 @@ def _remove_without_host(state, name: str) -> bool:
 def _vm_states(state, names: list[str], real: bool = False) -> dict[str, dict]:
     """Each VM's status, from its VMM; where it does not answer, why (and
     what its unit says: init gave up on a VMM that kept failing the same way)."""
-    from vmm import manage
+    from luvmm.vmm import manage
 
     out, units = {}, None
     for name in names:
@@ -280,7 +280,7 @@ def _cmd_vm_list(args: argparse.Namespace) -> int:
             state.check_safe()
         up = True  # a real host runs as long as this command does
     else:
-        from liveupdate.emu import hostctl
+        from luvmm.liveupdate.emu import hostctl
 
         up = hostctl.running(state)
     states = _vm_states(state, names, is_real(args)) if up else {}

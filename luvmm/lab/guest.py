@@ -109,7 +109,7 @@ def load(name: str, default=None):
 def load_kernel(image: str | None = None) -> str:
     """kexec_file_load the next lab kernel with this boot's command line
     (liveupdate.kexec: the product's own loader, exercised by every lab kexec)."""
-    from liveupdate.kexec import load_kernel as load
+    from luvmm.liveupdate.kexec import load_kernel as load
 
     image = image or os.environ.get("LUVMM_LAB_KERNEL")
     if not image:

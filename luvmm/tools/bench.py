@@ -13,14 +13,14 @@ import shutil
 import tempfile
 import time
 
-from liveupdate.emu import hostctl
-from liveupdate.state import StateDir, parse_cpu_list
-from liveupdate.agent_client import AgentError
-from liveupdate.update import cycle_line, percentile, percentiles, summarize, update_once
-from liveupdate.emu.client import connect
-from liveupdate.emu.services import EmulatedUnits
-from vmm import manage, pace
-from vmm.config import VmConfig
+from luvmm.liveupdate.emu import hostctl
+from luvmm.liveupdate.state import StateDir, parse_cpu_list
+from luvmm.liveupdate.agent_client import AgentError
+from luvmm.liveupdate.update import cycle_line, percentile, percentiles, summarize, update_once
+from luvmm.liveupdate.emu.client import connect
+from luvmm.liveupdate.emu.services import EmulatedUnits
+from luvmm.vmm import manage, pace
+from luvmm.vmm.config import VmConfig
 
 
 def guest_cpus_for(spec: str | None, vcpus: int) -> str | None:

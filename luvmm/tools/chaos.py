@@ -29,11 +29,11 @@ import subprocess
 import threading
 import time
 
-from liveupdate.agent_client import AgentError, wait_for_agent
-from liveupdate.update import percentiles, summarize, update_once
-from liveupdate.emu.client import connect
-from liveupdate.emu.services import EmulatedUnits
-from vmm import manage
+from luvmm.liveupdate.agent_client import AgentError, wait_for_agent
+from luvmm.liveupdate.update import percentiles, summarize, update_once
+from luvmm.liveupdate.emu.client import connect
+from luvmm.liveupdate.emu.services import EmulatedUnits
+from luvmm.vmm import manage
 
 ACTIONS = ("none", "kill-agent", "kill-vmm", "kill-both", "stall", "full-disk")
 VMS = ("chaos0", "chaos1")
@@ -185,9 +185,9 @@ def run_chaos(*, cycles: int, seed: int | None = None, memory: int = 64 << 20, p
     import shutil
     import tempfile
 
-    from liveupdate.emu import hostctl
-    from liveupdate.state import StateDir
-    from vmm.config import VmConfig
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.state import StateDir
+    from luvmm.vmm.config import VmConfig
 
     seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
     path = tempfile.mkdtemp(prefix="luvmm-chaos-")

@@ -10,14 +10,14 @@ import sys
 import tempfile
 
 from luvmm.lab import ROOT, LabError
-from devices.vfio import vfio_functions
+from luvmm.devices.vfio import vfio_functions
 from luvmm.lab import conformance
 
 
 def run_emulated(areas) -> dict[str, dict]:
     """The cases on a fresh emulated host (one DSA, no agent), stopped afterwards."""
-    from liveupdate.emu import hostctl
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.state import StateDir
     from luvmm.wiring import connect
 
     path = tempfile.mkdtemp(prefix="luvmm-conf-")  # short: Unix socket paths are limited

@@ -19,16 +19,16 @@ import time
 
 import trio
 
-from liveupdate.emu import hostctl
-from liveupdate.agent_client import AgentError
-from liveupdate.state import StateDir
-from liveupdate.update import recovery_ms, summarize, update_once
+from luvmm.liveupdate.emu import hostctl
+from luvmm.liveupdate.agent_client import AgentError
+from luvmm.liveupdate.state import StateDir
+from luvmm.liveupdate.update import recovery_ms, summarize, update_once
 from luvmm.tools.bench import off_the_guest_cpus
-from liveupdate.emu.client import connect
-from liveupdate.emu.services import EmulatedUnits
-from vmm import guest, manage, pace
-from liveupdate.update import PHASES
-from vmm.config import VmConfig
+from luvmm.liveupdate.emu.client import connect
+from luvmm.liveupdate.emu.services import EmulatedUnits
+from luvmm.vmm import guest, manage, pace
+from luvmm.liveupdate.update import PHASES
+from luvmm.vmm.config import VmConfig
 
 DSA_BANDWIDTH = 64 << 20
 #: DMA before the first update and between updates: a baseline to compare the blackouts with.
@@ -88,7 +88,7 @@ class TerminalView:
         if "error" in entry:
             self.say(f"  update {n}: {entry['error']}")
             return
-        from metrics.report import dma_flowing
+        from luvmm.metrics.report import dma_flowing
 
         verdict = "DMA kept flowing" if dma_flowing(entry) else "DMA STOPPED"
         lost = entry.get("guest_lost_s")
@@ -105,7 +105,7 @@ def _ports(metrics_port: str | None) -> tuple[str | None, str | None]:
     """The host's and the VM's metrics addresses: PORT and PORT+1."""
     if metrics_port is None:
         return None, None
-    from metrics.http import parse_listen
+    from luvmm.metrics.http import parse_listen
 
     address, port = parse_listen(metrics_port)
     return f"{address}:{port}", f"{address}:{port + 1}"
@@ -166,7 +166,7 @@ def run_demo(*, cycles: int = 5, profile: str = "continuous-dma", report_dir: st
                 hostctl.stop(state)
                 if fresh:
                     shutil.rmtree(state.path, ignore_errors=True)
-    from metrics.report import write_report
+    from luvmm.metrics.report import write_report
 
     meta = {"kernel_profile": profile, "guest": guest_kind, "memory_bytes": memory, "device": bdf,
             "dsa_bandwidth": DSA_BANDWIDTH, "cycles": cycles, "started": t0, "duration_s": t1 - t0,

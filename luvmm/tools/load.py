@@ -23,10 +23,10 @@ import _thread
 import time
 
 from luvmm.tools.bench import bench_host
-from liveupdate.emu.client import connect
-from liveupdate.emu.services import EmulatedObserver
-from vmm import guest, manage
-from vmm.pace import Heartbeat
+from luvmm.liveupdate.emu.client import connect
+from luvmm.liveupdate.emu.services import EmulatedObserver
+from luvmm.vmm import guest, manage
+from luvmm.vmm.pace import Heartbeat
 
 
 def _free_port() -> int:

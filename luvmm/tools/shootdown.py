@@ -25,9 +25,9 @@ import struct
 import tempfile
 import time
 
-from liveupdate.emu import hostctl
-from liveupdate.state import GUEST_CPUS_ENV, StateDir, parse_cpu_list
-from vmm import guest
+from luvmm.liveupdate.emu import hostctl
+from luvmm.liveupdate.state import GUEST_CPUS_ENV, StateDir, parse_cpu_list
+from luvmm.vmm import guest
 
 PAGES = 16
 PROT_READ, PROT_WRITE = 1, 2  # include/uapi/asm-generic/mman-common.h
@@ -48,8 +48,8 @@ def run_shootdown(*, guest_cpus: str, seconds: float = 1.0, rounds: int = 3, mem
                   progress=None) -> dict:
     """``rounds`` pairs of windows of ``seconds``: idle, then flipping."""
     from luvmm.wiring import connect
-    from vmm.config import VmConfig
-    from vmm.vm import Vm
+    from luvmm.vmm.config import VmConfig
+    from luvmm.vmm.vm import Vm
 
     cpu = min(parse_cpu_list(guest_cpus))
     rest = frozenset(os.sched_getaffinity(0)) - {cpu}

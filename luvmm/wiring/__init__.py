@@ -25,8 +25,8 @@ def connect(kind: str, socket_path: str | None = None, state_dir: str | None = N
 
         return RealHost(), Services(units=_real_init(os.environ.get("LUVMM_INIT_SOCKET")),
                                     machine=RealMachine(state_dir))
-    from liveupdate.emu.client import connect as connect_emulated
-    from liveupdate.emu.services import services_for
+    from luvmm.liveupdate.emu.client import connect as connect_emulated
+    from luvmm.liveupdate.emu.services import services_for
 
     host = connect_emulated(socket_path)
     return host, services_for(host)

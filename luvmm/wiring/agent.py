@@ -11,8 +11,8 @@ import gc
 import os
 import sys
 
-from liveupdate.agent import Agent, _import_trio, log
-from liveupdate.state import StateDir, die_with_init, parse_unit_args, unit_boot, use_every_cpu
+from luvmm.liveupdate.agent import Agent, _import_trio, log
+from luvmm.liveupdate.state import StateDir, die_with_init, parse_unit_args, unit_boot, use_every_cpu
 from luvmm.wire import listen_seqpacket
 from luvmm.wiring import connect
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from liveupdate.kexec import probe_kexec_file_load
+from luvmm.liveupdate.kexec import probe_kexec_file_load
 from luvmm.services import MachineInfo
 
 
@@ -49,7 +49,7 @@ class RealMachine(MachineInfo):
             reboot_at = float(record["reboot_at"])
         except (OSError, ValueError, AttributeError, KeyError, TypeError):
             return {}
-        from liveupdate import tsc
+        from luvmm.liveupdate import tsc
 
         before = record.get("reboot_tsc") if isinstance(record.get("reboot_tsc"), dict) else {}
         offset = tsc.clock_offset(before, record.get("tsc_hz"))

@@ -102,7 +102,7 @@ from __future__ import annotations
 import math
 import os
 
-from liveupdate.state import GUEST_CPUS_ENV, RESTART_MAX_DELAY_S, python_unit
+from luvmm.liveupdate.state import GUEST_CPUS_ENV, RESTART_MAX_DELAY_S, python_unit
 
 AGENT_UNIT = "luvmm-agent.service"
 VM_PREFIX = "luvmm-vm@"
@@ -194,7 +194,7 @@ def unit_files(systemd: int | None = None, guest_cpus: str | None = None) -> dic
     the vCPUs (liveupdate.state.GUEST_CPUS_ENV), in both units' environment."""
     cpus = [f"Environment={GUEST_CPUS_ENV}={guest_cpus}"] if guest_cpus else []
     agent_argv, _ = python_unit("luvmm.wiring.agent", "--host", "real", "--state-dir", STATE_DIR)
-    vm_argv, _ = python_unit("vmm.process", "--host", "real", "--state-dir", STATE_DIR, "--name", _INSTANCE)
+    vm_argv, _ = python_unit("luvmm.vmm.process", "--host", "real", "--state-dir", STATE_DIR, "--name", _INSTANCE)
     new = systemd is None or systemd >= SYSTEMD_RESTART_STEPS
     header = ["# Written by `luvmm host install` (luvmm/wiring/systemd.py): install it again rather than edit it."]
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from liveupdate.state import StateDir
+from luvmm.liveupdate.state import StateDir
 from tests.support.cli import LUVMM
 
 UNIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "boot_unit.py")

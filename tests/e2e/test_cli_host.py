@@ -60,12 +60,12 @@ def test_vm_start_starts_the_embedded_host_and_says_so_and_nothing_else_does(sta
 
 def test_update_through_the_agent(state_dir):
     luvmm("host", "start", "--state-dir", state_dir, "--no-agent")
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
 
     state = StateDir(state_dir)
     state.write_unit("agent", [sys.executable, "-m", "luvmm.wiring.agent", "--state-dir", state_dir])
     state.write_unit("vm-x", [sys.executable, os.path.join(SUPPORT, "fake_vmm.py")], {"FAKE_VM_NAME": "x"})
-    from liveupdate.emu.client import connect
+    from luvmm.liveupdate.emu.client import connect
 
     host = connect(state.socket)
     host.call({"op": "unit-start", "name": "agent"})

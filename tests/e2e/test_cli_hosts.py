@@ -19,7 +19,7 @@ BDF = "0000:00:04.0"
 
 def define_vm(path, name="a", device=BDF):
     """A VM defined in state dir ``path`` as `luvmm vm start` leaves it (its unit and config), not running."""
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
 
     state = StateDir(path)
     state.write_unit(f"vm-{name}", ["/bin/false"])
@@ -198,8 +198,8 @@ def test_update_last_prints_the_last_updates_report(cli):
     assert second["guest_lost_s"] == {k: cycle["guest_lost_s"] for k in ("p50", "p99", "max")}
     assert "guest lost p50" in cli("update", "--last").stdout
     # With the agent gone, its record on disk.
-    from liveupdate.emu.client import connect
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.emu.client import connect
+    from luvmm.liveupdate.state import StateDir
 
     host = connect(StateDir(cli.state).socket)
     try:
@@ -245,24 +245,24 @@ def test_require_dma_continuity_refuses_up_front_what_would_reset_the_device(cli
 def real_update(vm_host, monkeypatch):
     """`luvmm update --host real` in-process on the state dir of an emulated
     host with a VM, kexec_file_load stood in for: what it was asked, in order."""
-    import liveupdate.kexec
+    from luvmm.liveupdate import kexec
     from tests.support.vms import start_vm
 
     state, conn = vm_host
     start_vm(state, conn, "a")
     monkeypatch.setenv("LUVMM_RUNTIME_DIR", state.path)  # the emulated agent's socket is in its state dir
     calls = []
-    monkeypatch.setattr(liveupdate.kexec, "load_kernel", lambda image, **kw: calls.append(("load", image, kw)))
-    monkeypatch.setattr(liveupdate.kexec, "unload_kernel", lambda: calls.append(("unload",)))
-    import liveupdate.update
+    monkeypatch.setattr(kexec, "load_kernel", lambda image, **kw: calls.append(("load", image, kw)))
+    monkeypatch.setattr(kexec, "unload_kernel", lambda: calls.append(("unload",)))
+    from luvmm.liveupdate import update
 
-    ask = liveupdate.update.update_once
+    ask = update.update_once
 
     def update_once(*a, **kw):
         calls.append(("ask",))
         return ask(*a, **kw)
 
-    monkeypatch.setattr(liveupdate.update, "update_once", update_once)
+    monkeypatch.setattr(update, "update_once", update_once)
     return state, conn, calls
 
 

@@ -42,8 +42,8 @@ def test_a_stopped_vm_releases_its_session_files_registration_and_device(cli):
     assert [s["name"] for s in status["kernel"]["sessions"]] == ["b"]
     assert not [f for f in status["kernel"]["open_files"] if "session:a" in f]
     assert not next(d for d in status["kernel"]["vfio"] if d["bdf"] == device_a)["bound"]  # the device is free
-    from liveupdate.agent_client import AgentClient
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.agent_client import AgentClient
+    from luvmm.liveupdate.state import StateDir
 
     agent = AgentClient(StateDir(cli.state))
     try:
@@ -65,14 +65,14 @@ def test_the_agent_notices_a_vmm_whose_channel_closed(cli):
     """A registered VMM that goes away is dropped at once, not at the next update."""
     import sys
 
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
     from tests.support.agent import registered
 
     cli("host", "start")
     state = StateDir(cli.state)
     state.write_unit("vm-x", [sys.executable, os.path.join(SUPPORT, "fake_vmm.py")],
                      {"FAKE_VM_NAME": "x"})
-    from liveupdate.emu.client import connect
+    from luvmm.liveupdate.emu.client import connect
 
     host = connect(state.socket)
     try:
@@ -82,7 +82,7 @@ def test_the_agent_notices_a_vmm_whose_channel_closed(cli):
         host.call({"op": "unit-stop", "name": "vm-x"})
     finally:
         host.close_connection()
-    from liveupdate.agent_client import AgentClient
+    from luvmm.liveupdate.agent_client import AgentClient
 
     deadline = time.monotonic() + 10
     while True:
@@ -109,8 +109,8 @@ def test_update_with_no_vm_says_so_at_once_and_changes_nothing(cli):
     assert "no VM runs on the host" in cli.error_line(proc) and proc.stdout == ""
     assert host_status(cli)["kexec_count"] == 0
     # The agent refuses it too (a script asking it directly), and nothing is left in progress.
-    from liveupdate.agent_client import AgentClient, AgentError
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.agent_client import AgentClient, AgentError
+    from luvmm.liveupdate.state import StateDir
 
     agent = AgentClient(StateDir(cli.state))
     try:
@@ -171,9 +171,9 @@ def test_bad_vm_names_are_refused_in_one_line_and_touch_nothing(cli):
     assert not os.path.exists(os.path.join(os.path.dirname(cli.state), "etc"))
     assert cli("vm", "status", "a").returncode == 0  # a is still reachable
     # The daemon and the agent check names too (a script speaking to them directly).
-    from liveupdate.agent_client import AgentClient, AgentError
-    from liveupdate.state import StateDir
-    from liveupdate.emu.client import connect
+    from luvmm.liveupdate.agent_client import AgentClient, AgentError
+    from luvmm.liveupdate.state import StateDir
+    from luvmm.liveupdate.emu.client import connect
 
     host = connect(os.path.join(cli.state, "host.sock"))
     agent = AgentClient(StateDir(cli.state))
@@ -216,7 +216,7 @@ def test_vm_status_exits_1_for_a_missing_vm(cli):
 
 
 def test_outcome_gives_each_kind_of_run_its_exit_status():
-    from liveupdate.update import outcome
+    from luvmm.liveupdate.update import outcome
 
     def run(**cycle):
         base = {"cycle": 1, "vm": "a", "blackout_s": 0.05, "dma_errors": 0, "dma_lost": 0, "dma_corrupted": 0,
@@ -422,7 +422,7 @@ def test_demo_whose_vm_cannot_start_leaks_no_temp_dir(cli):
 
 
 def test_a_vm_larger_than_the_machine_is_refused_unless_overcommitted(cli):
-    from vmm.manage import machine_memory
+    from luvmm.vmm.manage import machine_memory
 
     too_big = f"{(machine_memory() >> 30) + 2}G"
     proc = cli("vm", "start", "big", "--memory", too_big, "--guest", "synthetic", status=exitcodes.FAILED)

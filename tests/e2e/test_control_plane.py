@@ -10,11 +10,11 @@ import urllib.request
 
 import pytest
 
-from liveupdate.update import update_once
+from luvmm.liveupdate.update import update_once
 from tests.support.helpers import units
 from tests.support.vms import wait_for_progress, wait_until
-from vmm import manage
-from vmm.config import VmConfig
+from luvmm.vmm import manage
+from luvmm.vmm.config import VmConfig
 
 
 def _extension(module: str) -> bool:

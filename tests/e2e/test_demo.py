@@ -90,7 +90,7 @@ def test_demo_under_reset_on_freeze_reports_dma_stopping(tmp_path):
     # during the blackout, it finished between the pause and the freeze, at
     # its rate (one batch of the default workload per batch's bytes).
     from luvmm.tools.demo import DSA_BANDWIDTH
-    from vmm.config import VmConfig
+    from luvmm.vmm.config import VmConfig
 
     workload = VmConfig("x")
     per_s = DSA_BANDWIDTH / (workload.pairs * workload.xfer)

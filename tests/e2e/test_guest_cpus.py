@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from liveupdate.state import parse_cpu_list
-from liveupdate.update import update_once
+from luvmm.liveupdate.state import parse_cpu_list
+from luvmm.liveupdate.update import update_once
 from tests.support.helpers import units
-from vmm import manage
-from vmm.config import VmConfig
+from luvmm.vmm import manage
+from luvmm.vmm.config import VmConfig
 
 
 def test_cpu_lists_read_as_the_kernel_writes_them():
@@ -39,9 +39,9 @@ def threads(pid: int) -> dict[int, tuple[str, frozenset]]:
 def pinned_host(kvm_ok):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs: one for the guest, one for the rest")
-    from liveupdate.emu import hostctl
-    from liveupdate.emu.client import connect
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.emu.client import connect
+    from luvmm.liveupdate.state import StateDir
     import shutil
     import tempfile
 
@@ -72,7 +72,7 @@ def check(state, guest: int) -> None:
 
 
 def units_of(state):
-    from liveupdate.emu.client import connect
+    from luvmm.liveupdate.emu.client import connect
 
     host = connect(state.socket)
     try:

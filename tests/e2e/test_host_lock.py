@@ -24,7 +24,7 @@ def daemons(state_dir: str) -> list[int]:
                 zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             continue
-        if b"liveupdate.emu.daemon" in argv and state_dir.encode() in argv and not zombie:
+        if b"luvmm.liveupdate.emu.daemon" in argv and state_dir.encode() in argv and not zombie:
             found.append(int(pid))
     return found
 
@@ -68,7 +68,7 @@ def test_a_losing_starter_removes_nothing_of_the_running_host(cli):
         return {name: os.stat(os.path.join(cli.state, name)).st_ino for name in ("host.sock", "host.pid", "host.lock")}
 
     before = files()
-    proc = subprocess.run([sys.executable, "-m", "liveupdate.emu.daemon", "--state-dir", cli.state],
+    proc = subprocess.run([sys.executable, "-m", "luvmm.liveupdate.emu.daemon", "--state-dir", cli.state],
                           capture_output=True, text=True, env=cli.env, timeout=60)
     assert proc.returncode == 1 and "already running (or starting)" in proc.stderr, proc.stderr
     assert files() == before  # the same files, not made again

@@ -113,7 +113,7 @@ def vmm_processes(state_dir: str) -> dict[str, list[int]]:
                     continue
         except OSError:
             continue
-        if "from vmm.process import main" in argv and state_dir in argv:
+        if "from luvmm.vmm.process import main" in argv and state_dir in argv:
             name = re.search(r"'--name', '([^']+)'", argv)
             found.setdefault(name.group(1) if name else "?", []).append(int(pid))
     return found

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from liveupdate.agent_client import wait_for_agent
-from liveupdate.update import update_once
-from vmm import manage
-from vmm.config import VmConfig
+from luvmm.liveupdate.agent_client import wait_for_agent
+from luvmm.liveupdate.update import update_once
+from luvmm.vmm import manage
+from luvmm.vmm.config import VmConfig
 from tests.support.helpers import units
 
 SUPPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")

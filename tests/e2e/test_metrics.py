@@ -13,18 +13,18 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from liveupdate.emu import hostctl
-from liveupdate.state import StateDir
-from liveupdate.update import update_once
-from liveupdate.emu.client import connect
-from metrics import http
-from metrics.core import Histogram, registry_for
-from metrics.host import METRICS as HOST_METRICS
-from metrics.vmm import METRICS as VMM_METRICS
-from metrics.vmm import UpdateStats, VmmCollector
-from vmm import manage
-from vmm.report import PHASES
-from vmm.config import VmConfig
+from luvmm.liveupdate.emu import hostctl
+from luvmm.liveupdate.state import StateDir
+from luvmm.liveupdate.update import update_once
+from luvmm.liveupdate.emu.client import connect
+from luvmm.metrics import http
+from luvmm.metrics.core import Histogram, registry_for
+from luvmm.metrics.host import METRICS as HOST_METRICS
+from luvmm.metrics.vmm import METRICS as VMM_METRICS
+from luvmm.metrics.vmm import UpdateStats, VmmCollector
+from luvmm.vmm import manage
+from luvmm.vmm.report import PHASES
+from luvmm.vmm.config import VmConfig
 from tests.support.helpers import units
 
 ROOT = Path(__file__).resolve().parent.parent.parent

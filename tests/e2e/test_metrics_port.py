@@ -15,8 +15,8 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from luvmm import exitcodes
-from liveupdate.state import StateDir
-from vmm import manage
+from luvmm.liveupdate.state import StateDir
+from luvmm.vmm import manage
 from tests.e2e.test_metrics import free_port
 
 VM = ("vm", "start", "a", "--guest", "synthetic", "--memory", "64M")

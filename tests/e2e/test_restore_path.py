@@ -12,10 +12,10 @@ import tempfile
 
 import pytest
 
-from liveupdate.update import update_once
+from luvmm.liveupdate.update import update_once
 from tests.support.helpers import units
-from vmm import manage
-from vmm.config import VmConfig
+from luvmm.vmm import manage
+from luvmm.vmm.config import VmConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PINS = os.path.join(HERE, "restore_path")
@@ -38,9 +38,9 @@ def recorded(request, tmp_path):
     guest = request.param
     if guest == "firmware":
         request.getfixturevalue("kvm_ok")
-    from liveupdate.emu import hostctl
-    from liveupdate.emu.client import connect
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.emu.client import connect
+    from luvmm.liveupdate.state import StateDir
 
     record = tmp_path / "imports"
     record.mkdir()

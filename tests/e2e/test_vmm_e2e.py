@@ -6,9 +6,9 @@ continuous-dma.  Under reset-on-freeze the report shows DMA stopping."""
 
 import pytest
 
-from liveupdate.update import summarize, update_once
-from vmm import manage
-from vmm.config import VmConfig
+from luvmm.liveupdate.update import summarize, update_once
+from luvmm.vmm import manage
+from luvmm.vmm.config import VmConfig
 from tests.support.helpers import units
 
 CYCLES = 5

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from liveupdate.emu import hostctl
-from liveupdate.agent_client import AgentError, wait_for_agent
-from liveupdate.update import update_once
+from luvmm.liveupdate.emu import hostctl
+from luvmm.liveupdate.agent_client import AgentError, wait_for_agent
+from luvmm.liveupdate.update import update_once
 from tests.support.agent import add_fake_vm, registered
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -19,7 +19,7 @@ def agent_host():
     import shutil
     import tempfile
 
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
 
     state = StateDir(tempfile.mkdtemp(prefix="luvmm-agent-"))
     state.ensure()
@@ -63,7 +63,7 @@ def test_an_update_left_restoring_blocks_no_later_update(agent_host):
     import json
     import time
 
-    from liveupdate.agent import RESTORE_DEADLINE_S
+    from luvmm.liveupdate.agent import RESTORE_DEADLINE_S
 
     state = agent_host
     add_fake_vm(state, "x")
@@ -120,7 +120,7 @@ def test_a_client_waiting_for_the_next_agent_does_not_hammer_the_old_one(agent_h
     answers; while the old one still does (its freeze, the kexec), it asks
     less and less often -- each look is on a CPU the blackout needs -- and
     says why it gave up."""
-    from liveupdate import agent_client
+    from luvmm.liveupdate import agent_client
 
     state = agent_host
     hostctl.start(state)

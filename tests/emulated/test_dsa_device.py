@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from devices.emu.dsa_driver import MSIX_VECTOR
-from devices.dsa_regs import (
+from luvmm.devices.emu.dsa_driver import MSIX_VECTOR
+from luvmm.devices.dsa_regs import (
     GENCTRL_SOFTERR_INT_EN,
     IDXD_CMD_ABORT_WQ,
     IDXD_CMD_DISABLE_WQ,
@@ -41,7 +41,7 @@ from devices.dsa_regs import (
     command,
     wq_operand,
 )
-from devices.emu.dsa_model import GRPCFG_TABLE, MSIX_PBA, MSIX_TABLE, WQCFG_TABLE
+from luvmm.devices.emu.dsa_model import GRPCFG_TABLE, MSIX_PBA, MSIX_TABLE, WQCFG_TABLE
 from luvmm.uapi.idxd import (
     DSA_COMP_NONE,
     DSA_COMP_SUCCESS,
@@ -52,7 +52,7 @@ from luvmm.uapi.idxd import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.emu.pci import MSIX_CAP_OFFSET
+from luvmm.devices.emu.pci import MSIX_CAP_OFFSET
 from luvmm.uapi.pci_regs import (
     PCI_COMMAND,
     PCI_COMMAND_MASTER,

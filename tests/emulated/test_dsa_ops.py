@@ -6,7 +6,7 @@ import struct
 import crc32c
 import pytest
 
-from devices.dsa_regs import (
+from luvmm.devices.dsa_regs import (
     IDXD_SWERR_OFFSET,
     IDXD_SWERR_VALID,
     SWERR_ERROR_SHIFT,
@@ -54,7 +54,7 @@ from luvmm.uapi.idxd import (
     IDXD_OP_FLAG_RCR,
     pack_desc,
 )
-from devices.emu.iommu import IOMMU_READ
+from luvmm.devices.emu.iommu import IOMMU_READ
 from tests.support.dsa_rig import DATA, REC, submit
 
 CRAV_RCR = IDXD_OP_FLAG_CRAV | IDXD_OP_FLAG_RCR

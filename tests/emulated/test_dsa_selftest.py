@@ -3,9 +3,9 @@
 import os
 import struct
 
-from devices.emu.dsa_driver import BATCH_COMPLETION, COPY_COMPLETION, MSIX_VECTOR
-from devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET, IDXD_SWERR_OFFSET, WQCFG_OCCUP_IDX
-from devices.emu.dsa_model import WQCFG_TABLE
+from luvmm.devices.emu.dsa_driver import BATCH_COMPLETION, COPY_COMPLETION, MSIX_VECTOR
+from luvmm.devices.dsa_regs import IDXD_DEVICE_STATE_ENABLED, IDXD_GENSTATS_OFFSET, IDXD_SWERR_OFFSET, WQCFG_OCCUP_IDX
+from luvmm.devices.emu.dsa_model import WQCFG_TABLE
 from luvmm.uapi.idxd import DSA_COMP_PAGE_FAULT_NOBOF, DSA_COMP_STATUS_WRITE, DSA_COMP_SUCCESS, unpack_completion
 from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
 from tests.support.dsa_rig import DATA

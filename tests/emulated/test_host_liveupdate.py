@@ -11,12 +11,12 @@ import pytest
 
 from tests.support.helpers import errno_of
 
-from devices.emu.dsa_driver import BATCH_COMPLETION
+from luvmm.devices.emu.dsa_driver import BATCH_COMPLETION
 from luvmm.uapi.idxd import DSA_COMP_SUCCESS
-from devices.iommufd import IommuFd
+from luvmm.devices.iommufd import IommuFd
 from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_INTERRUPT_LINE
-from devices.vfio import VfioDevice
-from liveupdate.luo import LiveUpdate
+from luvmm.devices.vfio import VfioDevice
+from luvmm.liveupdate.luo import LiveUpdate
 from tests.support.vfio_rig import DATA, DEVICE_TOKEN, HWPT_TOKEN, IOMMUFD_TOKEN, RAM_TOKEN, VfioRig, sealed_memfd
 
 SLOW = {"dsa_bandwidth": 24 << 20}  # 24 MiB/s: a second of DMA in flight
@@ -235,7 +235,7 @@ def test_writes_posted_just_before_a_kexec_reach_the_device(emulated_host):
     from luvmm.uapi.idxd import DSA_OPCODE_MEMMOVE, IDXD_OP_FLAG_CRAV, IDXD_OP_FLAG_RCR, pack_desc
     from luvmm.uapi.vfio import VFIO_PCI_BAR2_REGION_INDEX
     from luvmm.wire import OP_PWRITE_POSTED
-    from vmm.runloop import wire_header
+    from luvmm.vmm.runloop import wire_header
 
     host = emulated_host.host
     rig = VfioRig(host)

@@ -8,7 +8,7 @@ import sys
 
 import trio
 
-from liveupdate.state import StateDir
+from luvmm.liveupdate.state import StateDir
 
 SUPPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
 

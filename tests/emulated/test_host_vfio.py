@@ -10,12 +10,12 @@ import pytest
 from tests.support.helpers import errno_of
 
 from luvmm.abi import ffi, new_arg
-from devices.emu.dsa_driver import COPY_COMPLETION
+from luvmm.devices.emu.dsa_driver import COPY_COMPLETION
 from luvmm.uapi.idxd import DSA_COMP_SUCCESS
-from devices.iommufd import IommuFd
+from luvmm.devices.iommufd import IommuFd
 from luvmm.uapi.iommufd import IOMMU_IOAS_ALLOC
 from luvmm.uapi.pci_regs import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY
-from devices.vfio import VfioDevice
+from luvmm.devices.vfio import VfioDevice
 from luvmm.uapi.vfio import (
     VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET,
@@ -126,7 +126,7 @@ def test_user_va_cannot_be_pinned_and_a_domain_brings_its_aperture(emulated_host
     """The emulated kernel's one declared limit (iommufd.ECANNOTPIN): a HWPT
     over an IOAS with a user-VA area, or a user-VA map into an IOAS a domain
     uses, is EREMOTE.  A domain brings the aperture and 4 KiB alignment."""
-    from liveupdate.emu.kernel.iommufd import ECANNOTPIN
+    from luvmm.liveupdate.emu.kernel.iommufd import ECANNOTPIN
 
     rig = VfioRig(emulated_host.host)
     try:
@@ -178,10 +178,10 @@ def test_a_daemon_started_with_1024_fds_holds_1500_sessions():
     import shutil
     import tempfile
 
-    from liveupdate.emu import hostctl
-    from liveupdate.emu.client import connect
-    from liveupdate.luo import LiveUpdate
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.emu.client import connect
+    from luvmm.liveupdate.luo import LiveUpdate
+    from luvmm.liveupdate.state import StateDir
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 3500:

@@ -11,8 +11,8 @@ import pytest
 
 
 def _booted():
-    from liveupdate.emu.kernel.core import Kernel
-    from liveupdate.emu.machine import Machine
+    from luvmm.liveupdate.emu.kernel.core import Kernel
+    from luvmm.liveupdate.emu.machine import Machine
 
     machine = Machine(1)
     kernel = Kernel(machine, profile="continuous-dma", generation=2, spawn=lambda file: None)
@@ -23,8 +23,8 @@ def test_an_incoming_file_without_a_handler_makes_dev_liveupdate_eio():
     """luo_file_deserialize_one: no handler for the compatible is -ENOENT, so
     luo_session_deserialize fails, and luo_open returns -EIO ("Always return
     -EIO to user if deserialization fail") for the whole boot."""
-    from liveupdate.emu.kernel.core import KernelError
-    from liveupdate.emu.kernel.luo import LUO_COMPATIBLE
+    from luvmm.liveupdate.emu.kernel.core import KernelError
+    from luvmm.liveupdate.emu.kernel.luo import LUO_COMPATIBLE
 
     machine, kernel = _booted()
     try:
@@ -42,8 +42,8 @@ def test_an_incoming_file_without_a_handler_makes_dev_liveupdate_eio():
 def test_an_incoming_session_name_twice_makes_dev_liveupdate_eio():
     """luo_session_deserialize_one: luo_session_insert -EEXIST fails the
     deserialization: luo_open is -EIO."""
-    from liveupdate.emu.kernel.core import KernelError
-    from liveupdate.emu.kernel.luo import LUO_COMPATIBLE
+    from luvmm.liveupdate.emu.kernel.core import KernelError
+    from luvmm.liveupdate.emu.kernel.luo import LUO_COMPATIBLE
 
     machine, kernel = _booted()
     try:
@@ -64,7 +64,7 @@ def test_an_incompatible_luo_tree_panics_the_kernel(luo):
     """luo_early_startup: a LUO state of another ABI ("LUO state is
     incompatible with ...") fails, and liveupdate_early_init calls
     luo_restore_fail(), which is panic() -- never a clean boot."""
-    from liveupdate.emu.kernel.core import KernelPanic
+    from luvmm.liveupdate.emu.kernel.core import KernelPanic
 
     machine, kernel = _booted()
     try:
@@ -82,7 +82,7 @@ def test_a_session_closed_before_the_reboot_is_not_frozen():
     the file's task runs -- here never (no daemon) -- and its freeze must ask
     first: `vm stop` letting go of a VM's session just before an update's
     kexec put the session in the next kernel, held for a VM no longer defined."""
-    from liveupdate.emu.kernel.luo import SessionFile
+    from luvmm.liveupdate.emu.kernel.luo import SessionFile
 
     machine, kernel = _booted()
     try:

@@ -13,7 +13,7 @@ import pytest
 from tests.support.helpers import errno_of
 
 from luvmm.abi import new_arg, ffi
-from liveupdate.luo import LiveUpdate
+from luvmm.liveupdate.luo import LiveUpdate
 from luvmm.uapi.luo import (
     LIVEUPDATE_IOCTL_CREATE_SESSION,
     LIVEUPDATE_SESSION_FINISH,

@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from liveupdate.emu import observer as obs
-from vmm import pace
+from luvmm.liveupdate.emu import observer as obs
+from luvmm.vmm import pace
 
 BDF, IOVA = "0000:6a:01.0", 0x8048
 

@@ -5,10 +5,10 @@ import struct
 
 import pytest
 
-from devices.emu.dsa import DsaDevice
-from devices.emu.iommu import IOMMU_READ, IOMMU_WRITE, IommuDomain
-from devices.emu.memory import PhysMem
-from devices.emu.pci import MSIX_CAP_OFFSET
+from luvmm.devices.emu.dsa import DsaDevice
+from luvmm.devices.emu.iommu import IOMMU_READ, IOMMU_WRITE, IommuDomain
+from luvmm.devices.emu.memory import PhysMem
+from luvmm.devices.emu.pci import MSIX_CAP_OFFSET
 from luvmm.uapi.pci_regs import (
     PCI_BASE_ADDRESS_0,
     PCI_CAP_ID_EXP,

@@ -7,9 +7,9 @@ waits for a reply stays for its file's task)."""
 import socket
 import struct
 
-from liveupdate.emu.daemon import HostDaemon
+from luvmm.liveupdate.emu.daemon import HostDaemon
 from luvmm.wire import OP_PREAD, OP_PWRITE_POSTED, REQUEST
-from vmm.runloop import wire_header
+from luvmm.vmm.runloop import wire_header
 
 
 class DeviceFile:

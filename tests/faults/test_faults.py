@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from liveupdate.emu import faults
-from liveupdate.agent_client import AgentError
-from liveupdate.update import update_once
-from metrics.vmm import UpdateStats
-from vmm import manage
+from luvmm.liveupdate.emu import faults
+from luvmm.liveupdate.agent_client import AgentError
+from luvmm.liveupdate.update import update_once
+from luvmm.metrics.vmm import UpdateStats
+from luvmm.vmm import manage
 
 from tests.support.vms import wait_for_progress
 from tests.support.vms import assert_clean, assert_intact, host_status, inject, start_vm, wait_until
@@ -284,7 +284,7 @@ def test_the_vmm_killed_after_the_restore_is_restarted_on_its_files(kvm_ok, vm_h
 
 def test_a_machine_state_resumed_from_is_not_resumed_again():
     """Resuming twice from one saved state would take the guest back in time."""
-    from vmm import machine_state
+    from luvmm.vmm import machine_state
 
     fd = os.memfd_create("state")
     os.ftruncate(fd, machine_state.STATE_MEMFD_SIZE)

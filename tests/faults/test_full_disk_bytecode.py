@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from liveupdate.state import python_unit
+from luvmm.liveupdate.state import python_unit
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"),
                                 reason="a full disk of its own (a small tmpfs) needs root")

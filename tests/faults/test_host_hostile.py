@@ -9,12 +9,12 @@ import threading
 
 import pytest
 
-from liveupdate.emu.client import connect
+from luvmm.liveupdate.emu.client import connect
 from luvmm.wire import REQUEST, OP_IOCTL, OP_PREAD, OP_PWRITE
-from liveupdate.emu.kernel.kho import KhoError, decode_image, encode_image
-from liveupdate.luo import LiveUpdate
+from luvmm.liveupdate.emu.kernel.kho import KhoError, decode_image, encode_image
+from luvmm.liveupdate.luo import LiveUpdate
 from luvmm.uapi.luo import LIVEUPDATE_IOCTL_CREATE_SESSION
-from devices.iommufd import IommuFd
+from luvmm.devices.iommufd import IommuFd
 from tests.support.raw import raw_control, raw_file
 
 

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from liveupdate.agent_client import AgentError, wait_for_agent
-from liveupdate.update import update_once
+from luvmm.liveupdate.agent_client import AgentError, wait_for_agent
+from luvmm.liveupdate.update import update_once
 from luvmm import rpc
-from liveupdate.emu.client import connect
-from vmm import manage
+from luvmm.liveupdate.emu.client import connect
+from luvmm.vmm import manage
 
 from tests.support.vms import assert_intact, host_status, start_vm, wait_until
 from tests.support.vms import wait_for_progress
@@ -93,7 +93,7 @@ sys.stdin.read()
 
 @pytest.mark.timeout(300)
 def test_connection_floods_are_bounded_and_the_daemon_keeps_serving(emulated_host):
-    from liveupdate.emu.daemon import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER
+    from luvmm.liveupdate.emu.daemon import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER
 
     state = emulated_host.state
     procs = [_hold_connections(state.socket, 200)]
@@ -184,7 +184,7 @@ def test_when_the_daemon_dies_its_units_go_and_nothing_starts_over_it_silently(c
     # A process that left its unit (new session, double fork): nothing kills it when the daemon dies.
     escapee = os.path.join(cli.root, "escapee.pid")
     cli.keep(escapee)
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
 
     state = StateDir(cli.state)
     state.write_unit("vm-escape", [sys.executable, "-c", f"""
@@ -221,7 +221,7 @@ time.sleep(600)
 
 
 def test_watches_are_bounded_and_go_with_their_connection(emulated_host):
-    from liveupdate.emu.observer import MAX_WATCHES, MAX_WATCHES_PER_OWNER
+    from luvmm.liveupdate.emu.observer import MAX_WATCHES, MAX_WATCHES_PER_OWNER
 
     state = emulated_host.state
     bdf = emulated_host.host.call({"op": "status"})[0]["kernel"]["vfio"][0]["bdf"]
@@ -257,7 +257,7 @@ def test_watches_are_bounded_and_go_with_their_connection(emulated_host):
 def test_a_status_of_thousands_of_sessions_is_delivered(emulated_host):
     import resource
 
-    from liveupdate.luo import LiveUpdate
+    from luvmm.liveupdate.luo import LiveUpdate
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 3500:
@@ -340,7 +340,7 @@ def _restarted(state, old_pid):
 
 def test_an_update_stuck_restoring_is_abandoned_by_a_command(cli):
     cli("vm", "start", "a", "--guest", "synthetic", "--memory", "64M")
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
 
     state = StateDir(cli.state)
     stuck = {"id": "stuck", "vms": ["a", "gone"], "phase": "restoring", "reports": {}, "kexec_started": time.time()}
@@ -372,8 +372,8 @@ def _agent_update(state):
 @pytest.fixture
 def full_disk_host(tmp_path):
     """A host whose state dir is a small tmpfs (root only), and a way to fill it."""
-    from liveupdate.emu import hostctl
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.emu import hostctl
+    from luvmm.liveupdate.state import StateDir
 
     path = tmp_path / "state"
     path.mkdir(mode=0o700)
@@ -511,7 +511,7 @@ def test_a_unit_whose_log_cannot_be_written_starts_anyway_and_status_says_why(em
     assert unit["running"]
     status = conn.call({"op": "status"})[0]
     assert "vm-nolog's log" in status["disk_error"]
-    from liveupdate.emu.hostctl import format_status
+    from luvmm.liveupdate.emu.hostctl import format_status
 
     assert "disk: unit vm-nolog's log" in format_status(status)
     conn.call({"op": "unit-stop", "name": "vm-nolog"})
@@ -520,7 +520,7 @@ def test_a_unit_whose_log_cannot_be_written_starts_anyway_and_status_says_why(em
 def test_no_agent_means_none_and_a_stopped_host_leaves_no_update_behind(cli):
     cli("host", "start")
     cli("host", "stop")
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
 
     state = StateDir(cli.state)
     state.ensure()

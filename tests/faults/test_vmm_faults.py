@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from liveupdate.agent_client import AgentError
-from liveupdate.update import update_once
-from metrics.vmm import UpdateStats
-from vmm import manage
-from vmm.config import VmConfig
+from luvmm.liveupdate.agent_client import AgentError
+from luvmm.liveupdate.update import update_once
+from luvmm.metrics.vmm import UpdateStats
+from luvmm.vmm import manage
+from luvmm.vmm.config import VmConfig
 from tests.support.helpers import units
 from tests.support.vms import wait_for_progress, wait_for_restart
 

@@ -6,12 +6,12 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devices.emu.dsa import DsaDevice
-from devices.dsa_regs import IDXD_SWERR_ACK, IDXD_SWERR_OFFSET
-from devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
+from luvmm.devices.emu.dsa import DsaDevice
+from luvmm.devices.dsa_regs import IDXD_SWERR_ACK, IDXD_SWERR_OFFSET
+from luvmm.devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
 from luvmm.uapi.idxd import DESC, DSA_OPCODE_BATCH
-from devices.emu.iommu import IOMMU_READ, IommuDomain
-from devices.emu.memory import PhysMem
+from luvmm.devices.emu.iommu import IOMMU_READ, IommuDomain
+from luvmm.devices.emu.memory import PhysMem
 
 MEM = 4 << 20
 CANARY = 0x5A

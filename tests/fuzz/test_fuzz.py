@@ -15,15 +15,15 @@ import zlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from liveupdate.emu.kernel import kho
-from liveupdate.emu.kernel.core import Kernel, KernelPanic
-from liveupdate.emu.kernel.luo import LUO_COMPATIBLE
-from liveupdate.luo import LiveUpdate
-from liveupdate.emu.machine import Machine
+from luvmm.liveupdate.emu.kernel import kho
+from luvmm.liveupdate.emu.kernel.core import Kernel, KernelPanic
+from luvmm.liveupdate.emu.kernel.luo import LUO_COMPATIBLE
+from luvmm.liveupdate.luo import LiveUpdate
+from luvmm.liveupdate.emu.machine import Machine
 from luvmm.abi import IOCTLS
 from luvmm.uapi import load_all
 from luvmm.wire import OP_IOCTL, OP_PREAD, OP_PWRITE, REQUEST
-from vmm import machine_state
+from luvmm.vmm import machine_state
 
 from tests.support.raw import raw_control, raw_request
 

@@ -12,7 +12,7 @@ import os
 import select
 import struct
 
-from devices.vfio import VfioDevice
+from luvmm.devices.vfio import VfioDevice
 from luvmm.uapi.vfio import (
     VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_ACTION_UNMASK,
@@ -21,7 +21,7 @@ from luvmm.uapi.vfio import (
     VFIO_PCI_BAR0_REGION_INDEX,
 )
 
-from devices.edu_regs import (  # noqa: E402,F401 -- the names the lab's checks use, from the one table
+from luvmm.devices.edu_regs import (  # noqa: E402,F401 -- the names the lab's checks use, from the one table
     EDU_CMD_DMA_FROM as DMA_TO_RAM,
     EDU_CMD_DMA_IRQ as DMA_IRQ_ON_DONE,
     EDU_CMD_DMA_START as DMA_RUN,

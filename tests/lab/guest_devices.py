@@ -19,15 +19,15 @@ import traceback
 from luvmm.abi import ffi
 from luvmm.host import RealHost
 from luvmm.lab import guest
-from devices.iommufd import IommuFd
-from devices.vfio import VfioDevice
+from luvmm.devices.iommufd import IommuFd
+from luvmm.devices.vfio import VfioDevice
 from luvmm.uapi.vfio import (
     VFIO_PCI_BAR0_REGION_INDEX,
     VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_INTX_IRQ_INDEX,
     VFIO_PCI_MSI_IRQ_INDEX,
 )
-from liveupdate.luo import LiveUpdate
+from luvmm.liveupdate.luo import LiveUpdate
 from tests.lab import edu as E
 
 IOVA = 0x100000          # inside edu's 28-bit DMA mask
@@ -213,8 +213,8 @@ def check_lazy_pin(rig: Rig) -> dict:
 @part("kvm_sregs")
 def check_kvm_sregs() -> dict:
     """Which long-mode KVM_SET_SREGS standard KVM refuses, and why (kvm_is_valid_sregs)."""
-    from vmm.kvm import Kvm
-    from vmm.x86 import setup_cpuid, setup_long_mode
+    from luvmm.vmm.kvm import Kvm
+    from luvmm.vmm.x86 import setup_cpuid, setup_long_mode
 
     kvm = Kvm()
     module = [m for m in ("kvm_amd", "kvm_intel", "kvm_pvm") if os.path.isdir(f"/sys/module/{m}")]

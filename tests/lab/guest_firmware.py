@@ -21,7 +21,7 @@ from tests.support.helpers import units
 def advance(state, name: str, before: dict, timeout: float) -> tuple[dict, float]:
     """Poll the VM's mailbox (guest RAM, another process) until the heartbeat
     and the completed DMA batches both moved past ``before``; bounded."""
-    from vmm import manage
+    from luvmm.vmm import manage
 
     start = time.monotonic()
     while True:
@@ -38,13 +38,13 @@ def main() -> int:
     t0 = time.monotonic()
     state = None
     try:
-        from liveupdate.emu import hostctl
-        from liveupdate.state import StateDir
-        from liveupdate.update import update_once
-        from liveupdate.emu.client import connect
-        from vmm import manage
-        from vmm.kvm import kvm_available
-        from vmm.config import VmConfig
+        from luvmm.liveupdate.emu import hostctl
+        from luvmm.liveupdate.state import StateDir
+        from luvmm.liveupdate.update import update_once
+        from luvmm.liveupdate.emu.client import connect
+        from luvmm.vmm import manage
+        from luvmm.vmm.kvm import kvm_available
+        from luvmm.vmm.config import VmConfig
 
         out["kvm"] = kvm_available()
         state = StateDir(tempfile.mkdtemp(prefix="lab-fw-"))
@@ -72,7 +72,7 @@ def main() -> int:
         out["traceback"] = traceback.format_exc()
     finally:
         if state is not None:
-            from liveupdate.emu import hostctl
+            from luvmm.liveupdate.emu import hostctl
 
             for log in ("host.log",):
                 try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from liveupdate import kexec
+from luvmm.liveupdate import kexec
 from luvmm.lab import guest
 
 

@@ -22,7 +22,7 @@ import traceback
 
 from luvmm.host import RealHost
 from luvmm.lab import guest
-from liveupdate.luo import LiveUpdate
+from luvmm.liveupdate.luo import LiveUpdate
 
 SESSION = "luvmm-lab-memfd"
 RAM_TOKEN, SMALL_TOKEN = 0x10, 0x20

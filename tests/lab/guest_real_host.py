@@ -56,8 +56,8 @@ def luvmm(*args: str, check: bool = False, timeout: float = 3 * SLOW) -> dict:
 def status(name: str = VM) -> dict:
     """The VM's status from its VMM's socket, what `luvmm vm status --json`
     prints (asked in-process: under TCG each command is seconds of Python start-up)."""
-    from liveupdate.state import StateDir
-    from vmm import manage
+    from luvmm.liveupdate.state import StateDir
+    from luvmm.vmm import manage
 
     return manage.status(StateDir.of_host(state_dir(), "real"), name)
 
@@ -81,7 +81,7 @@ def wait_counters(after: dict | None, timeout: float = SLOW) -> dict:
 
 
 def kexec_loaded() -> bool:
-    from liveupdate.kexec import kernel_loaded
+    from luvmm.liveupdate.kexec import kernel_loaded
 
     return kernel_loaded()
 
@@ -89,7 +89,7 @@ def kexec_loaded() -> bool:
 def guest_kind() -> tuple[str, list]:
     """The firmware under the lab guest's own KVM (nested: SVM emulated by
     QEMU) where it has one, else the synthetic guest; and why."""
-    from vmm.kvm import kvm_available
+    from luvmm.vmm.kvm import kvm_available
 
     ok, why = kvm_available()
     return ("firmware" if ok else "synthetic"), [ok, why]
@@ -109,10 +109,10 @@ def stage1(record: dict) -> None:
     record["loaded_after_missing_image"] = kexec_loaded()
     # Rollback 2: a second VM whose VMM refuses prepare: the kernel was loaded,
     # both VMs were asked, the update rolls back and the kernel is unloaded.
-    from liveupdate.state import StateDir
+    from luvmm.liveupdate.state import StateDir
     from luvmm.wiring import real_units
-    from vmm import manage
-    from vmm.config import VmConfig
+    from luvmm.vmm import manage
+    from luvmm.vmm.config import VmConfig
 
     state = StateDir.of_host(state_dir(), "real")
     manage.start(state, VmConfig(REFUSER, memory=32 << 20, device=guest.devices()[1], guest="synthetic"),

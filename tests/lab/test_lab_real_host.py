@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(1800)  # four boots under TCG, each stage minutes of Python at a few dozen times slower
 
-from liveupdate.update import PHASES
+from luvmm.liveupdate.update import PHASES
 from tests.lab.guest_real_host import UPDATES, VM
 
 

@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from liveupdate.agent_client import wait_for_agent
+from luvmm.liveupdate.agent_client import wait_for_agent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

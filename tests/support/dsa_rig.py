@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from devices.emu.dsa import DsaDevice
-from devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
-from devices.emu.iommu import IommuDomain
-from devices.emu.memory import PhysMem
+from luvmm.devices.emu.dsa import DsaDevice
+from luvmm.devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
+from luvmm.devices.emu.iommu import IommuDomain
+from luvmm.devices.emu.memory import PhysMem
 
 IOVA = 0x1_0000_0000  # where the rig's memory appears to the device
 DATA = 0x20000  # offset of the data area inside the memory, after the driver state

@@ -9,9 +9,9 @@ edu does is checked in the lab (tests/lab/test_lab_real_host.py)."""
 import os
 import struct
 
-from devices.vfio import RegionInfo
+from luvmm.devices.vfio import RegionInfo
 from luvmm.uapi.vfio import VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE
-from devices.edu_regs import (
+from luvmm.devices.edu_regs import (
     EDU_BAR_SIZE,
     EDU_CMD_DMA_FROM,
     EDU_CMD_DMA_START,

@@ -8,12 +8,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from devices.iommufd import IommuFd  # noqa: E402
-from devices.vfio import VfioDevice, cdev_path_for_bdf  # noqa: E402
-from liveupdate import fdstore  # noqa: E402
-from liveupdate.agent_client import AgentClient  # noqa: E402
-from liveupdate.state import StateDir  # noqa: E402
-from liveupdate.emu.client import connect  # noqa: E402
+from luvmm.devices.iommufd import IommuFd  # noqa: E402
+from luvmm.devices.vfio import VfioDevice, cdev_path_for_bdf  # noqa: E402
+from luvmm.liveupdate import fdstore  # noqa: E402
+from luvmm.liveupdate.agent_client import AgentClient  # noqa: E402
+from luvmm.liveupdate.state import StateDir  # noqa: E402
+from luvmm.liveupdate.emu.client import connect  # noqa: E402
 
 
 def attempt(fn):

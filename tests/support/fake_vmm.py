@@ -8,10 +8,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from liveupdate.emu.client import connect  # noqa: E402
-from liveupdate.agent_client import AgentClient, wait_for_agent  # noqa: E402
-from liveupdate.luo import Session  # noqa: E402
-from liveupdate.state import StateDir  # noqa: E402
+from luvmm.liveupdate.emu.client import connect  # noqa: E402
+from luvmm.liveupdate.agent_client import AgentClient, wait_for_agent  # noqa: E402
+from luvmm.liveupdate.luo import Session  # noqa: E402
+from luvmm.liveupdate.state import StateDir  # noqa: E402
 
 NAME = os.environ.get("FAKE_VM_NAME", "fake")
 FAIL_PREPARE = os.environ.get("FAKE_VM_FAIL_PREPARE") == "1"

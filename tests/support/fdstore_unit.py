@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from liveupdate import fdstore  # noqa: E402
+from luvmm.liveupdate import fdstore  # noqa: E402
 
 
 def main() -> int:

@@ -12,6 +12,6 @@ def errno_of(fn, *args, **kw) -> int:
 
 def units(host):
     """The emulated host's init, as the product takes it (luvmm.services.Units)."""
-    from liveupdate.emu.services import EmulatedUnits
+    from luvmm.liveupdate.emu.services import EmulatedUnits
 
     return EmulatedUnits(host)

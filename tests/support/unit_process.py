@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from liveupdate.emu.client import connect  # noqa: E402
+from luvmm.liveupdate.emu.client import connect  # noqa: E402
 from tests.support.vfio_rig import VfioRig  # noqa: E402
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import mmap
 import os
 
-from devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
-from devices.iommufd import IommuFd
-from devices.vfio import VfioDevice
-from vmm.memory import sealed_memfd
+from luvmm.devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
+from luvmm.devices.iommufd import IommuFd
+from luvmm.devices.vfio import VfioDevice
+from luvmm.vmm.memory import sealed_memfd
 
 RAM_IOVA = 0
 DATA = 0x20000

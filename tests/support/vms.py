@@ -3,8 +3,8 @@
 import time
 
 from tests.support.helpers import units
-from vmm import manage
-from vmm.config import VmConfig
+from luvmm.vmm import manage
+from luvmm.vmm.config import VmConfig
 
 
 def inject(conn, spec: str | None = None, *, clear: bool = False) -> list[str]:

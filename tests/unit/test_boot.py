@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from liveupdate import boot
-from liveupdate.state import StateDir
+from luvmm.liveupdate import boot
+from luvmm.liveupdate.state import StateDir
 
 
 @pytest.fixture

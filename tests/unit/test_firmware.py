@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from vmm import machine_state
+from luvmm.vmm import machine_state
 from tests.support.machine_state import sample_state as _state
 
 FW = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "vmm", "firmware")

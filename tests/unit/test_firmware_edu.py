@@ -16,12 +16,12 @@ import pytest
 
 from luvmm.host import RealHost
 from tests.support.edu import Edu
-from vmm import guest
-from vmm.config import VmConfig
-from vmm.guest import EDU_IDLE, EduRecord
-from vmm.memory import GuestMemory
-from vmm.passthrough import Passthrough
-from vmm.vm import Vm
+from luvmm.vmm import guest
+from luvmm.vmm.config import VmConfig
+from luvmm.vmm.guest import EDU_IDLE, EduRecord
+from luvmm.vmm.memory import GuestMemory
+from luvmm.vmm.passthrough import Passthrough
+from luvmm.vmm.vm import Vm
 
 #: A bound on vCPU exits, not a delay: each step is one KVM_RUN to the next exit.
 STEPS = 200_000

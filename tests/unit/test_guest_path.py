@@ -16,7 +16,7 @@ import struct
 
 import pytest
 
-from devices.vfio import VfioDevice
+from luvmm.devices.vfio import VfioDevice
 from luvmm.host import RealHost
 from luvmm.uapi.kvm import KVM_EXIT_MMIO
 from luvmm.uapi.pci_regs import PCI_CAP_ID_MSIX, PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST
@@ -29,10 +29,10 @@ from luvmm.uapi.vfio import (
     VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 )
-from vmm import guest
-from vmm.config import VmConfig
-from vmm.memory import GuestMemory
-from vmm.vm import Vm
+from luvmm.vmm import guest
+from luvmm.vmm.config import VmConfig
+from luvmm.vmm.memory import GuestMemory
+from luvmm.vmm.vm import Vm
 
 BAR0_SIZE, BAR2_SIZE = 64 << 10, 128 << 10
 #: BAR0's areas VFIO offers to mmap; the MSI-X table (0x2000) and PBA (0x3000) sit in the first.

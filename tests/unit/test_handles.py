@@ -12,7 +12,7 @@ import pytest
 
 from luvmm.abi import ffi
 from luvmm.host import Host, ioctl_error
-from devices.iommufd import IommuFd
+from luvmm.devices.iommufd import IommuFd
 from luvmm.uapi.iommufd import (
     IOMMU_HWPT_LIVEUPDATE_MARK_PRESERVE,
     IOMMU_IOAS_ALLOC,
@@ -22,7 +22,7 @@ from luvmm.uapi.iommufd import (
     IOMMU_IOAS_MAP_READABLE,
     IOMMU_IOAS_MAP_WRITEABLE,
 )
-from devices.vfio import VfioDevice
+from luvmm.devices.vfio import VfioDevice
 from luvmm.uapi.vfio import (
     VFIO_DEVICE_BIND_IOMMUFD,
     VFIO_DEVICE_GET_REGION_INFO,
@@ -33,7 +33,7 @@ from luvmm.uapi.vfio import (
     VFIO_PCI_BAR0_REGION_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX,
 )
-from liveupdate.luo import LiveUpdate
+from luvmm.liveupdate.luo import LiveUpdate
 from luvmm.uapi.luo import LIVEUPDATE_IOCTL_CREATE_SESSION, LIVEUPDATE_SESSION_PRESERVE_FD
 
 

@@ -14,8 +14,8 @@ import sys
 import pytest
 import trio
 
-from liveupdate.init import Init, SocketError
-from liveupdate.state import StateDir
+from luvmm.liveupdate.init import Init, SocketError
+from luvmm.liveupdate.state import StateDir
 from tests.e2e.test_metrics import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: cold start; otherwise it stays up until it is stopped.
 UNIT = r"""
 import json, os, signal, socket, sys
-from liveupdate import fdstore
+from luvmm.liveupdate import fdstore
 
 boot = os.environ["LUVMM_BOOT"]
 names = os.environ.get("LISTEN_FDNAMES", "")
@@ -170,7 +170,7 @@ async def test_a_socket_dropped_from_the_unit_or_moved_is_let_go_at_its_next_sta
 
 
 def test_a_stored_file_never_takes_a_sockets_name():
-    from liveupdate import fdstore
+    from luvmm.liveupdate import fdstore
 
     r, w = os.pipe()
     passed = {"metrics": r, "ram": w}

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from luvmm.abi import ffi
-from vmm.kvm import Kvm
+from luvmm.vmm.kvm import Kvm
 from luvmm.uapi.kvm import (
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_EXIT_INTR,
@@ -19,7 +19,7 @@ from luvmm.uapi.kvm import (
     KVM_EXIT_IO_OUT,
     KVM_EXIT_MMIO,
 )
-from vmm.x86 import identity_page_tables, setup_cpuid, setup_long_mode, user_rflags
+from luvmm.vmm.x86 import identity_page_tables, setup_cpuid, setup_long_mode, user_rflags
 
 RAM = 2 << 20
 CODE = 0x10000

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from luvmm import rpc
-from vmm.link import Link
+from luvmm.vmm.link import Link
 
 
 class _Vm:

@@ -7,8 +7,8 @@ import mmap
 import os
 import struct
 
-from vmm import guest
-from vmm.memory import GuestMemory
+from luvmm.vmm import guest
+from luvmm.vmm.memory import GuestMemory
 
 
 def mapped(memory: GuestMemory, gpa: int) -> bool:

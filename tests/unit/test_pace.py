@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from vmm import guest, machine_state, pace, report
-from vmm.machine_state import Timestamps
+from luvmm.vmm import guest, machine_state, pace, report
+from luvmm.vmm.machine_state import Timestamps
 
 PACE_HZ = 1000.0  # heartbeats per second, before the pause
 STOPPED, RESUMED = 10.0, 10.05
@@ -185,8 +185,8 @@ def test_a_resume_without_a_first_run_mark_goes_on_the_tsc_by_its_realtime_mark(
     resume's CLOCK_REALTIME mark is put on the TSC clock by a pair read now."""
     import time
 
-    from liveupdate import tsc
-    from vmm.runloop import rdtsc
+    from luvmm.liveupdate import tsc
+    from luvmm.vmm.runloop import rdtsc
 
     hz = tsc.hz(0.05)
     if not hz:
@@ -223,7 +223,7 @@ def test_the_pause_on_the_tsc_is_an_optional_field_of_the_machine_state():
 
 
 def test_the_update_summary_gives_the_guests_outage_beside_the_blackout_in_80_columns():
-    from liveupdate.update import LOST_HORIZON_MS, format_cycles, summarize
+    from luvmm.liveupdate.update import LOST_HORIZON_MS, format_cycles, summarize
 
     def record(lost, recovery, source=report.OBSERVER):
         r = {"blackout_s": 0.06, "guest_lost_s": lost, "guest_recovery_s": recovery, "phases_s": {"pause": 0.0002},

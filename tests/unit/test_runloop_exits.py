@@ -19,10 +19,10 @@ from luvmm.uapi.kvm import (
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 )
 from luvmm.wire import OP_PWRITE_POSTED, REQUEST
-from vmm import guest, runloop
-from vmm.machine_state import GuestState
-from vmm.runloop import SERVED, TRAP_PORTAL, TRAP_REGION, TRAP_VMM, RunLoop, Trap
-from vmm.x86 import identity_page_tables
+from luvmm.vmm import guest, runloop
+from luvmm.vmm.machine_state import GuestState
+from luvmm.vmm.runloop import SERVED, TRAP_PORTAL, TRAP_REGION, TRAP_VMM, RunLoop, Trap
+from luvmm.vmm.x86 import identity_page_tables
 
 PORTAL = guest.BAR2_GPA
 
@@ -169,7 +169,7 @@ def test_page_walk_over_the_guest_tables():
 
 
 def test_a_movdir64b_kvm_could_not_emulate_is_one_portal_write_and_rip_steps_over_it(kvm_ok, device):
-    from vmm.kvm import Kvm
+    from luvmm.vmm.kvm import Kvm
 
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)

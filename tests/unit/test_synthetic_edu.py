@@ -8,12 +8,12 @@ bookkeeping: verification, the counters, a reset with a transfer in flight."""
 import types
 
 from tests.support.edu import Edu
-from vmm import guest
-from vmm.passthrough import Passthrough
-from vmm.guest import EduRecord
-from vmm.guest import edu_in_flight as in_flight
-from vmm.guest import edu_still_in_flight as still_in_flight
-from vmm.synthetic_edu import IDLE, SyntheticEduCpu
+from luvmm.vmm import guest
+from luvmm.vmm.passthrough import Passthrough
+from luvmm.vmm.guest import EduRecord
+from luvmm.vmm.guest import edu_in_flight as in_flight
+from luvmm.vmm.guest import edu_still_in_flight as still_in_flight
+from luvmm.vmm.synthetic_edu import IDLE, SyntheticEduCpu
 
 
 def vm_with_edu():

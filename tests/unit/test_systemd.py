@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from liveupdate import state as unit_state
+from luvmm.liveupdate import state as unit_state
 from luvmm import exitcodes
 from luvmm.wiring import systemd
 from luvmm.services import SystemdUnits
@@ -88,7 +88,7 @@ def test_an_older_systemd_gets_a_fixed_restart_delay_and_no_unknown_directive():
 
 
 def test_the_vm_unit_keeps_its_files_in_its_fd_store_through_a_restart_only():
-    from vmm.manage import FDSTORE_MAX
+    from luvmm.vmm.manage import FDSTORE_MAX
 
     d = directives(systemd.unit_files()["luvmm-vm@.service"])
     assert d["FileDescriptorStoreMax"] == [str(FDSTORE_MAX)]
@@ -123,7 +123,7 @@ def split_exec(line: str) -> list[str]:
 
 @pytest.mark.parametrize("unit,module,args", [
     ("luvmm-agent.service", "luvmm.wiring.agent", ["--host", "real", "--state-dir", "/var/lib/luvmm"]),
-    ("luvmm-vm@.service", "vmm.process", ["--host", "real", "--state-dir", "/var/lib/luvmm", "--name", "%i"]),
+    ("luvmm-vm@.service", "luvmm.vmm.process", ["--host", "real", "--state-dir", "/var/lib/luvmm", "--name", "%i"]),
 ])
 def test_exec_start_runs_the_emulated_hosts_entry_point_lean(unit, module, args):
     argv = split_exec(directives(systemd.unit_files()[unit])["ExecStart"][0])

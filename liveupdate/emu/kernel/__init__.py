@@ -10,5 +10,5 @@ except what the KHO image carries.
 
 # The built-in subsystems and LUO file handlers: importing them registers
 # them (register_subsystem, register_file_handler), as initcalls do.
-from liveupdate.emu.kernel import luo, memfd, iommufd, vfio  # noqa: E402,F401
-from liveupdate.emu.kernel.core import Kernel, KernelError  # noqa: E402,F401
+from luvmm.liveupdate.emu.kernel import luo, memfd, iommufd, vfio  # noqa: E402,F401
+from luvmm.liveupdate.emu.kernel.core import Kernel, KernelError  # noqa: E402,F401

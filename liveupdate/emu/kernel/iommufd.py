@@ -34,7 +34,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
-from devices.emu.iommu import IOMMU_PAGE_SIZE, IOMMU_READ, IOMMU_WRITE
+from luvmm.devices.emu.iommu import IOMMU_PAGE_SIZE, IOMMU_READ, IOMMU_WRITE
 from luvmm.uapi.iommufd import (
     IOMMU_DESTROY,
     IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
@@ -55,9 +55,9 @@ from luvmm.uapi.iommufd import (
     IOMMU_IOAS_MAP_WRITEABLE,
     IOMMU_IOAS_UNMAP,
 )
-from liveupdate.emu.kernel.core import File, KernelError, RealFile, copy_struct, register_subsystem, respond
-from liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
-from liveupdate.emu.kernel.memfd import is_memfd
+from luvmm.liveupdate.emu.kernel.core import File, KernelError, RealFile, copy_struct, register_subsystem, respond
+from luvmm.liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
+from luvmm.liveupdate.emu.kernel.memfd import is_memfd
 
 MAP_FLAGS = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE
 SEALS_FOR_PRESERVE = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK

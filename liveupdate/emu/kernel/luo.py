@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from luvmm.abi import _IOC_NR, ffi
-from liveupdate.emu.kernel.core import File, KernelError, KernelPanic, RealFile, copy_struct, register_subsystem, respond
+from luvmm.liveupdate.emu.kernel.core import File, KernelError, KernelPanic, RealFile, copy_struct, register_subsystem, respond
 from luvmm.uapi.luo import (
     LIVEUPDATE_CMD_SESSION_BASE,
     LIVEUPDATE_IOCTL_CREATE_SESSION,

@@ -31,8 +31,8 @@ import errno
 import fcntl
 import os
 
-from liveupdate.emu.kernel.core import KernelError, RealFile
-from liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
+from luvmm.liveupdate.emu.kernel.core import KernelError, RealFile
+from luvmm.liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
 
 # include/linux/kho/abi/memfd.h (Linux 7.2): every seal Linux defines, F_SEAL_EXEC
 # included -- the lab kernel preserves an exec-sealed memfd (tests/lab/test_lab_luo_rules.py).

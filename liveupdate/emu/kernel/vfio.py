@@ -30,8 +30,8 @@ import errno
 import os
 import struct
 
-from liveupdate.emu.kernel.iommufd import IommufdFile
-from devices.emu.pci import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET
+from luvmm.liveupdate.emu.kernel.iommufd import IommufdFile
+from luvmm.devices.emu.pci import MSIX_CAP_OFFSET, PCIE_CAP_OFFSET
 from luvmm.uapi.pci_regs import (
     PCI_CAP_ID_EXP,
     PCI_CAP_ID_MSI,
@@ -86,8 +86,8 @@ from luvmm.uapi.vfio import (
     VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
 )
-from liveupdate.emu.kernel.core import File, KernelError, RealFile, register_subsystem
-from liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
+from luvmm.liveupdate.emu.kernel.core import File, KernelError, RealFile, register_subsystem
+from luvmm.liveupdate.emu.kernel.luo import FileHandler, LuoFile, register_file_handler
 
 OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
 PASSTHROUGH_COMMAND = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE

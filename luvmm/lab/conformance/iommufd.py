@@ -12,8 +12,8 @@ import fcntl
 import mmap
 import os
 
-from devices.iommufd import IommuFd
-from devices.vfio import VfioDevice
+from luvmm.devices.iommufd import IommuFd
+from luvmm.devices.vfio import VfioDevice
 from luvmm.abi import _IO, ffi, new_arg
 from luvmm.lab.conformance import case, errno_of
 from luvmm.uapi.iommufd import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import struct
 
-from liveupdate.luo import LiveUpdate
+from luvmm.liveupdate.luo import LiveUpdate
 from luvmm.abi import _IO, _IOC_NR, ffi, new_arg
 from luvmm.lab.conformance import LocalFds, case, errno_of
 from luvmm.uapi.luo import (
@@ -357,7 +357,7 @@ def case_preserve_fd_of_a_vfio_cdev(ctx):
     """luo_file.c luo_preserve_file: no registered handler's can_preserve()
     takes the file -> -ENOENT (mainline); the series' vfio-pci handler takes
     a VFIO cdev fd."""
-    from devices.vfio import VfioDevice
+    from luvmm.devices.vfio import VfioDevice
 
     dev = VfioDevice.open_bdf(ctx.host, ctx.device)
     ctx.track(dev.fd)
@@ -368,7 +368,7 @@ def case_preserve_fd_of_a_vfio_cdev(ctx):
 def case_preserve_fd_of_an_iommufd(ctx):
     """luo_file.c luo_preserve_file: -ENOENT on mainline; the series' iommufd
     handler takes an iommufd."""
-    from devices.iommufd import IommuFd
+    from luvmm.devices.iommufd import IommuFd
 
     ifd = IommuFd.open(ctx.host)
     ctx.track(ifd.fd)
@@ -381,7 +381,7 @@ def case_hwpt_liveupdate_mark_preserve(ctx):
     """drivers/iommu/iommufd/main.c iommufd_fops_ioctl: a number past the
     command table goes to iommufd_vfio_ioctl -> -ENOIOCTLCMD (ENOTTY); with
     the series, HWPT 0 does not exist (ENOENT)."""
-    from devices.iommufd import IommuFd
+    from luvmm.devices.iommufd import IommuFd
 
     ifd = IommuFd.open(ctx.host)
     ctx.track(ifd.fd)

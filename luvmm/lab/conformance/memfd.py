@@ -13,7 +13,7 @@ import errno
 import fcntl
 import os
 
-from liveupdate.luo import LiveUpdate
+from luvmm.liveupdate.luo import LiveUpdate
 from luvmm.lab.conformance import LocalFds, case, errno_of
 
 F_SEAL_EXEC = getattr(fcntl, "F_SEAL_EXEC", 0x20)  # include/uapi/linux/fcntl.h

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import struct
 
-from devices.iommufd import IommuFd
-from devices.vfio import VfioDevice
+from luvmm.devices.iommufd import IommuFd
+from luvmm.devices.vfio import VfioDevice
 from luvmm.abi import new_arg
 from luvmm.lab.conformance import case, errno_of
 from luvmm.uapi.pci_regs import (
