@@ -4,7 +4,7 @@ synthetic guest, the VFIO selftests' driver) writes and reads.
 
 Only offsets, field positions and codes live here; what the emulated DSA
 offers (its capability values, where it puts its tables) is the model's:
-:mod:`devices.emu.dsa_model`.
+:mod:`luvmm.devices.emu.dsa_model`.
 """
 
 PCI_VENDOR_ID_INTEL = 0x8086

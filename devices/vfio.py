@@ -257,7 +257,7 @@ class VfioDevice(KernelObject):
     def config_write(self, offset: int, data: bytes) -> None:
         self.region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
 
-    # --- the DeviceAccess of devices.emu.dsa_driver: a driver runs unchanged over VFIO -------------
+    # --- the DeviceAccess of luvmm.devices.emu.dsa_driver: a driver runs unchanged over VFIO -------------
 
     def cfg_read(self, offset: int, size: int) -> bytes:
         return self.config_read(offset, size)

@@ -17,7 +17,7 @@ agent coordinates updates.  An update, asked for by ``luvmm update``:
 The agent holds every session fd it hands out: a VMM that dies before the
 kexec does not take its preservation with it, and a restarted one gets its
 session back.  (A VMM's own files -- RAM, iommufd, device -- it leaves with
-init, in its unit's fd store: liveupdate.fdstore.)  It speaks to the host
+init, in its unit's fd store: luvmm.liveupdate.fdstore.)  It speaks to the host
 only through the host interface, so it runs unchanged on a real host.
 
 Who may ask what (the peer is identified by SO_PEERCRED and SO_PEERPIDFD:
@@ -83,7 +83,7 @@ VM_OPS = frozenset({"create-session", "retrieve-session", "register", "restored"
 #: The operator's requests: only a process of no unit may make them (``release``: its VM's unit too).
 OPERATOR_OPS = frozenset({"update", "result", "status", "hold", "release", "abandon", "check"})
 NAMED_OPS = VM_OPS | {"hold", "release"}
-#: unit_of's answer for a process that left its unit (liveupdate.init.ORPHAN).
+#: unit_of's answer for a process that left its unit (luvmm.liveupdate.init.ORPHAN).
 ORPHAN = "?orphan"
 _UNKNOWN = object()  # a connection whose peer was not looked up yet
 
@@ -138,7 +138,7 @@ class Agent:
         self.reported = self.registered = None  # trio.Events, made when serve() starts
         self.update_file = os.path.join(state.path, "agent", "update.json")
         #: A real host's TSC rate, measured over this agent's life (from serve() on: not on the
-        #: restore path): it times the kexec (liveupdate.tsc).
+        #: restore path): it times the kexec (luvmm.liveupdate.tsc).
         self.tsc_rate = None
         self.disk_error: str | None = None
         self.update = self._load_update()

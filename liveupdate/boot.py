@@ -1,11 +1,11 @@
-"""`luvmm boot`: luvmm's own init (liveupdate.init) over the real kernel, on
+"""`luvmm boot`: luvmm's own init (luvmm.liveupdate.init) over the real kernel, on
 a real host without systemd -- the lab's QEMU guest, where virtme-ng's init
 runs one command per boot; an rc script or an inittab line elsewhere.  It
 does what luvmm's systemd units do (luvmm/wiring/systemd.py): start the
 agent and every VM's VMM of the state dir, restart them when they fail,
 keep their fd stores, and tell them how they started.
 
-**How they started.**  systemd tells nothing of the kind (liveupdate.state.unit_boot
+**How they started.**  systemd tells nothing of the kind (luvmm.liveupdate.state.unit_boot
 guesses from /run); this init knows: the first `luvmm boot` since the
 kernel booted -- the kernel's ``boot_id`` differs from the one recorded in
 the state dir (``boot.id``) -- starts its units with ``LUVMM_BOOT=kexec``,
@@ -16,7 +16,7 @@ was stopped, or died) starts them ``cold``: whatever the kexec handed over
 was taken by the first.  The new boot_id is recorded only once the units
 have started: an init that failed to start leaves the next one a kexec boot.
 
-**The units' sockets** (a VM's metrics port: liveupdate.init) are bound
+**The units' sockets** (a VM's metrics port: luvmm.liveupdate.init) are bound
 by this init when it starts their units -- after a kexec the new kernel's
 init binds them before its units run, so the port is a unit's from its
 first process on -- and closed when it stops.  One that cannot be bound
@@ -24,8 +24,8 @@ then does not keep its VM down: the unit starts without it, and its VMM
 binds the port itself (or says, in its update's report, why it cannot).
 
 **Its socket** ``init.sock`` (0600, in the 0700 state dir) answers
-``hello`` and init's requests (liveupdate.init.OPS, authorized as on the
-emulated host: liveupdate.init.authorize); units find it in
+``hello`` and init's requests (luvmm.liveupdate.init.OPS, authorized as on the
+emulated host: luvmm.liveupdate.init.authorize); units find it in
 ``LUVMM_INIT_SOCKET`` (luvmm.wiring.connect: their Units).
 
 **One per state dir**: ``boot.pid`` holds the pid of the running init and

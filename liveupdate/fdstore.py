@@ -10,11 +10,11 @@ up on the very same RAM, iommufd and device (DMA never stopped).
 
 systemd keeps the store while the unit is restarted after a failure and
 flushes it when the unit is stopped (FileDescriptorStoreMax= bounds it);
-luvmm's own init (liveupdate.init: the emulated host's, `luvmm boot`'s) does
+luvmm's own init (luvmm.liveupdate.init: the emulated host's, `luvmm boot`'s) does
 the same.  Either way the store lives in init, not in the LUO agent: an
 agent that dies takes nothing with it.
 
-A VM's store holds its files under the names of :meth:`vmm.vm.Vm.files` and
+A VM's store holds its files under the names of :meth:`luvmm.vmm.vm.Vm.files` and
 ``meta``, a sealed memfd with what the files are (JSON).  Lean: the restore
 path stores right after the guest resumes.
 

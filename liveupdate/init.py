@@ -1,8 +1,8 @@
 """Init: luvmm's own init -- the userspace supervisor of a host's units.
 
-Two hosts run it: the emulated host's daemon (liveupdate.emu.daemon, which
+Two hosts run it: the emulated host's daemon (luvmm.liveupdate.emu.daemon, which
 kills every unit at each of its emulated kexecs and starts them again), and
-`luvmm boot` (liveupdate.boot) on a real host without systemd, over the real
+`luvmm boot` (luvmm.liveupdate.boot) on a real host without systemd, over the real
 kernel.  On a host with systemd, systemd plays this part with the same
 policy (luvmm/wiring/systemd.py).
 
@@ -134,7 +134,7 @@ def listen_stream(spec: str) -> socket.socket:
 def last_in_line(pid: int) -> None:
     """Every thread of process ``pid`` under SCHED_IDLE -- it runs only when
     no other task wants its CPU -- and off the CPUs set apart for the guests
-    (liveupdate.state.guest_cpus), where any are.  For the old kernel's
+    (luvmm.liveupdate.state.guest_cpus), where any are.  For the old kernel's
     processes, killed once the new units' guests run: their teardown is the
     emulated machine's, which a real kexec does not have, and it must not
     take CPU from a guest, nor from the emulated devices the guest waits
@@ -409,9 +409,9 @@ class Init:
                 # Not LISTEN_PID: the new process's pid is known only once it exists
                 # (a /bin/sh shim setting it costs ~0.85 ms, on the blackout's path
                 # after a kexec).  The fds are for the process whose parent is init
-                # (liveupdate.fdstore.listen_fds): not a child of the unit.
+                # (luvmm.liveupdate.fdstore.listen_fds): not a child of the unit.
                 env[LISTEN_PARENT_ENV] = str(os.getpid())
-            # A unit that sets PR_SET_PDEATHSIG itself (liveupdate.state.die_with_init, as luvmm's
+            # A unit that sets PR_SET_PDEATHSIG itself (luvmm.liveupdate.state.die_with_init, as luvmm's
             # own do) is spared the wrapper's exec: after a kexec it is on the blackout's path.
             wrapper = [] if unit.get("pdeathsig") == "self" else self.wrapper
             proc = UnitProcess(wrapper + argv, env, log_fd, moved)

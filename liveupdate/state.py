@@ -138,7 +138,7 @@ def unit_boot() -> str:
     of the kind (luvmm/wiring/systemd.py): there, ``restart`` when this unit's fd
     store was passed to it (LISTEN_FDS for this pid, its sockets apart -- they
     are passed at every start: the VMM takes them out first, see
-    vmm.process; systemd passes the store at a restart) or when it already ran in this boot (its marker
+    luvmm.vmm.process; systemd passes the store at a restart) or when it already ran in this boot (its marker
     ``$RUNTIME_DIRECTORY/UNIT.started``, made here: /run is a tmpfs that no
     boot inherits); else, its first start since the kernel booted, ``kexec``
     -- the VMM finds no incoming session after a cold boot and boots its VM
@@ -397,7 +397,7 @@ class StateDir:
 
     @property
     def init_socket(self) -> str:
-        """`luvmm boot`'s control socket (liveupdate.boot)."""
+        """`luvmm boot`'s control socket (luvmm.liveupdate.boot)."""
         return os.path.join(self.runtime, "init.sock")
 
     @property
@@ -593,7 +593,7 @@ class StateDir:
         Everything else the host made goes -- but ``keep_logs``, logs an
         error pointed the user to --; so does the directory itself if
         luvmm created it and nothing is left.  Returns the VMs kept.  Only
-        with :attr:`host_lock` held (liveupdate.emu.hostctl.clean): a host
+        with :attr:`host_lock` held (luvmm.liveupdate.emu.hostctl.clean): a host
         started here meanwhile keeps its files."""
         import shutil
 

@@ -55,7 +55,7 @@ def update_once(state: StateDir, *, timeout: float = 60.0, on_started=None) -> d
 
 
 #: The phases of a live update, in order, as every report names them (their
-#: marks: vmm.report); "preserve" and "pause" come before the blackout.
+#: marks: luvmm.vmm.report); "preserve" and "pause" come before the blackout.
 PHASES = ("preserve", "pause", "save", "freeze", "kexec", "spawn", "start-up", "retrieve", "map",
           "vcpu_restore", "device_reattach", "resume")
 
@@ -63,10 +63,10 @@ CYCLE_KEYS = ("blackout_s", "guest_lost_s", "guest_recovery_s", "guest_pace_befo
               "phases_s", "heartbeat_gap_s", "dma_completed_during_blackout", "dma_max_gap_s",
               "dma_errors", "dma_lost", "dma_corrupted", "guest_progressed", "device_reset", "device_preserved",
               "dma_redone", "measured_by", "metrics_error")
-#: The outage the guest saw (vmm.pace), summed up as the blackout is -- over
+#: The outage the guest saw (luvmm.vmm.pace), summed up as the blackout is -- over
 #: the cycles that measured it: None where none did.
 GUEST_OUTAGE = ("guest_lost_s", "guest_recovery_s")
-#: vmm.pace.LOST_HORIZON_S, as tables say it (this module does not import the VMM's).
+#: luvmm.vmm.pace.LOST_HORIZON_S, as tables say it (this module does not import the VMM's).
 LOST_HORIZON_MS = 500
 
 
@@ -95,7 +95,7 @@ def ms(seconds: float | None) -> str:
 
 def not_recovered(cycle: dict) -> bool:
     """The guest's outage was measured, and its heartbeat was not back at
-    pace within the horizon the report waits for (vmm.pace)."""
+    pace within the horizon the report waits for (luvmm.vmm.pace)."""
     return cycle.get("guest_lost_s") is not None and cycle.get("guest_recovery_s") is None
 
 

@@ -1,5 +1,5 @@
 """What a VM may be called: one rule for the CLI, the agent, the daemon, the
-VMM and the real host's systemd units (liveupdate.state re-exports it); and
+VMM and the real host's systemd units (luvmm.liveupdate.state re-exports it); and
 what a listening address may be (a metrics port: the CLI, init, systemd's
 socket units, the VMM).  Lean: the restore path imports it."""
 

@@ -4,11 +4,11 @@ reply holds.  Servers check every request against this before anything else
 (:func:`check`: EINVAL for an unknown request or a field of the wrong type),
 so a handler reads fields it knows are there.
 
-    HOST    host.sock, the emulated host's daemon (liveupdate.emu.daemon)
-    INIT    init.sock, luvmm's init under `luvmm boot` (liveupdate.boot)
-    AGENT   agent.sock, the LUO agent (liveupdate.agent)
-    CHANNEL a VMM's channel to the agent, where the agent asks (vmm.control)
-    VMM     vms/NAME/vmm.sock, a VMM's own socket (vmm.control)
+    HOST    host.sock, the emulated host's daemon (luvmm.liveupdate.emu.daemon)
+    INIT    init.sock, luvmm's init under `luvmm boot` (luvmm.liveupdate.boot)
+    AGENT   agent.sock, the LUO agent (luvmm.liveupdate.agent)
+    CHANNEL a VMM's channel to the agent, where the agent asks (luvmm.vmm.control)
+    VMM     vms/NAME/vmm.sock, a VMM's own socket (luvmm.vmm.control)
 
 Lean: the agent's restore path imports it.
 """

@@ -4,7 +4,7 @@ found by probing the host object.
 
 * :class:`Units`: the host's init -- start, stop and list units, and say
   which unit a process belongs to (the agent authorizes by it).  luvmm's
-  own init (liveupdate.init) on the emulated host or under `luvmm boot`,
+  own init (luvmm.liveupdate.init) on the emulated host or under `luvmm boot`,
   over its host's control socket (:class:`InitUnits`); systemd on a real
   host, whose units are cgroups a process cannot leave (:class:`SystemdUnits`).
 * :class:`Observer`: an observer on the machine's bus -- DMA completions and
@@ -58,7 +58,7 @@ class Observer:
 
     def heartbeat(self, bdf: str, t0: float, t1: float, iova: int) -> list[tuple[float, int]]:
         """The watched word at ``iova`` over [t0, t1]: [(time, value)] where it
-        changed, and where it stood before a change (vmm.pace reads a guest's
+        changed, and where it stood before a change (luvmm.vmm.pace reads a guest's
         outage from them)."""
         raise NotImplementedError
 
@@ -89,9 +89,9 @@ class Services:
 
 
 class InitUnits(Units):
-    """luvmm's own init (liveupdate.init), over the control socket of the
+    """luvmm's own init (luvmm.liveupdate.init), over the control socket of the
     host that runs it: the emulated host's ``host.sock`` (its client,
-    liveupdate.emu.client), or `luvmm boot`'s ``init.sock``
+    luvmm.liveupdate.emu.client), or `luvmm boot`'s ``init.sock``
     (:class:`InitClient`).  ``client.call(request)`` returns (the reply's
     value, fds) or raises OSError; init answers ``unit-start``,
     ``unit-stop``, ``units`` and ``unit-of``."""

@@ -1,5 +1,5 @@
-"""The emulated host's wire protocol, shared by the client (:mod:`liveupdate.emu.client`)
-and the daemon (:mod:`liveupdate.emu.daemon`).
+"""The emulated host's wire protocol, shared by the client (:mod:`luvmm.liveupdate.emu.client`)
+and the daemon (:mod:`luvmm.liveupdate.emu.daemon`).
 
 Two kinds of SOCK_SEQPACKET sockets (message boundaries and SCM_RIGHTS):
 

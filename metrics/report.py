@@ -124,8 +124,8 @@ def plot_zooms(timeline: dict, summary: dict):
 def plot_paces(timeline: dict, summary: dict):
     """The heartbeat's pace around each update, as a share of its pace over
     the 400 ms before the pause; what the guest lost after the resume shaded
-    (vmm.pace: the deficit under 100%, over half a second)."""
-    rule = timeline.get("pace_rule") or {}  # vmm.pace's, as the demo gathered them
+    (luvmm.vmm.pace: the deficit under 100%, over half a second)."""
+    rule = timeline.get("pace_rule") or {}  # luvmm.vmm.pace's, as the demo gathered them
     horizon, recovered = rule.get("horizon_s", 0.5), rule.get("recovered", 0.8)
     paces, windows = timeline.get("paces", [])[:8], timeline["blackouts"][:8]
     cycles = {c["cycle"]: c for c in summary["cycles"] if "error" not in c}

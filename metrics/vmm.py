@@ -22,7 +22,7 @@ from luvmm.liveupdate.update import PHASES
 
 BLACKOUT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
-#: The guest's outage (vmm.pace): from nothing to its horizon, half a second.
+#: The guest's outage (luvmm.vmm.pace): from nothing to its horizon, half a second.
 OUTAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 RESULTS = ("success", "rolled_back")
 
@@ -84,7 +84,7 @@ class UpdateStats:
         self.last_guest_recovery_s: float | None = None
 
     def record(self, report: dict) -> None:
-        """A restored VM's report (vmm.report.update_report)."""
+        """A restored VM's report (luvmm.vmm.report.update_report)."""
         self.updates["success"] += 1
         self.blackout.observe(report["blackout_s"])
         self.last_blackout_s = report["blackout_s"]
@@ -100,7 +100,7 @@ class UpdateStats:
             self.guest_lost.observe(self.last_guest_lost_s)
             if self.last_guest_recovery_s is not None:
                 self.guest_recovery.observe(self.last_guest_recovery_s)
-            else:  # measured, and not back at pace within the horizon (vmm.pace): at least that long
+            else:  # measured, and not back at pace within the horizon (luvmm.vmm.pace): at least that long
                 self.guest_recovery.observe_beyond(OUTAGE_BUCKETS[-1])
         if report.get("dma_completed_during_blackout") is not None:
             self.dma_completed_during_blackout += report["dma_completed_during_blackout"]

@@ -53,7 +53,7 @@ def vm_host(request):
     """A running emulated host with its LUO agent, for VMs: (state dir, host
     connection).  Its DSA moves 48 MiB/s: a guest's 32 batches in flight
     (2 MiB) outlast a blackout.  Parametrize indirectly with a kernel profile
-    name, or a dict of liveupdate.emu.hostctl.start options."""
+    name, or a dict of luvmm.liveupdate.emu.hostctl.start options."""
     import shutil
     import tempfile
 

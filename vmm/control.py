@@ -1,7 +1,7 @@
 """The VMM's control plane (trio), in a process of its own beside the VM's.
 
-The VMM process (vmm.process) holds the VM and, once its guest runs,
-starts this one over a socketpair (vmm.link: why it is another process --
+The VMM process (luvmm.vmm.process) holds the VM and, once its guest runs,
+starts this one over a socketpair (luvmm.vmm.link: why it is another process --
 the guest's CPUs are not interrupted for anything this one loads or
 frees).  Here:
 
@@ -62,7 +62,7 @@ class VmGone(ConnectionResetError):
 
 
 class VmLink:
-    """The control plane's end of the link (vmm.link): one request at a
+    """The control plane's end of the link (luvmm.vmm.link): one request at a
     time, answered in the VMM's main thread."""
 
     def __init__(self, sock):
@@ -194,7 +194,7 @@ class Control:
         finished = await self._finish()
         await self.link.call("mark", name="finished")
         # The guest's outage is measured over a horizon after the resume
-        # (vmm.pace): the report waits for it to pass, and for the observer's
+        # (luvmm.vmm.pace): the report waits for it to pass, and for the observer's
         # last samples of it.  The guest runs meanwhile -- its vCPUs do not
         # need either process's attention -- and the next update waits for it.
         import time
@@ -452,7 +452,7 @@ USAGE = ("usage: python -m luvmm.vmm.control --state-dir DIR --name NAME [--host
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The control plane's process, started by its VMM (vmm.link.Link.spawn)."""
+    """The control plane's process, started by its VMM (luvmm.vmm.link.Link.spawn)."""
     from luvmm.abi import libc
     from luvmm.liveupdate.state import PR_SET_PDEATHSIG, SIGKILL
 

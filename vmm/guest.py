@@ -96,7 +96,7 @@ def working_set(slots: int, pairs: int, xfer: int) -> list[tuple[int, int]]:
     mailbox, image, pace ring and stacks, its DMA area's records and lists,
     and each slot's buffers -- ``pairs`` of its 16 pairs (fw.c: buffer()) --
     merged where they touch.  The restore faults them in as it rebuilds the
-    VM (vmm.memory.GuestMemory.populate)."""
+    VM (luvmm.vmm.memory.GuestMemory.populate)."""
     buffers = DMA_BASE + 0x100000
     ranges = [(0, buffers)]
     for s in range(slots):

@@ -33,7 +33,7 @@ class Guest:
     kind = ""
     #: Whether a VMM started after one died can run it again on the same RAM and device.
     restartable = False
-    #: The clock an edu driver's stamps in guest RAM are taken on (vmm.guest.EduRecord):
+    #: The clock an edu driver's stamps in guest RAM are taken on (luvmm.vmm.guest.EduRecord):
     #: "realtime" (the host's CLOCK_REALTIME, which a kexec does not carry faithfully) or "tsc".
     stamps = "realtime"
 

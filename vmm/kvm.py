@@ -255,7 +255,7 @@ class Vcpu(KernelObject):
         #: The ``struct kvm_cpuid2`` bytes last given to KVM_SET_CPUID2 (the
         #: kernel has KVM_GET_CPUID2 too; keeping them spares a syscall).
         self.cpuid = b""
-        #: The VMM's run loop for this vCPU (vmm.runloop.RunLoop), once it runs it in C.
+        #: The VMM's run loop for this vCPU (luvmm.vmm.runloop.RunLoop), once it runs it in C.
         self.loop = None
         self._stats = None  # (stats fd, data offset, [(name, offset)]), once asked
 
@@ -265,7 +265,7 @@ class Vcpu(KernelObject):
         return int(ffi.cast("uintptr_t", self.kvm_run))
 
     def run(self, loop=None) -> int:
-        """KVM_RUN once -- or, given the VMM's run ``loop`` (vmm.runloop),
+        """KVM_RUN once -- or, given the VMM's run ``loop`` (luvmm.vmm.runloop),
         as many times as the loop serves the exits itself; returns
         ``kvm_run.exit_reason`` (a loop may return its own codes too).
 

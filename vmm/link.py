@@ -3,7 +3,7 @@
 The VM -- KVM, its vCPUs running in C (vmm/runloop.c), its RAM, its device,
 its LUO sessions -- stays in the VMM process.  Its control plane (trio: the
 agent channel, ``vmm.sock``, Prometheus metrics, the checks after a
-restore: vmm.control) runs beside it in a process of its own, started once
+restore: luvmm.vmm.control) runs beside it in a process of its own, started once
 the guest runs, and asks for what it needs of the VM over a socketpair;
 this module answers, in the VMM's main thread.
 
@@ -27,7 +27,7 @@ VM was paused and saved for an update it was driving: then the VMM exits
 too, as a VMM that died there did before (the next kernel restores the VM
 from its session, or init starts the VMM again on its files).
 
-The metrics socket its unit was passed (vmm.process) is handed to each
+The metrics socket its unit was passed (luvmm.vmm.process) is handed to each
 control plane this process starts, on METRICS_FD: the port stays the
 unit's, bound by init, while control planes and VMMs come and go.
 """
@@ -55,7 +55,7 @@ LINK_FD = 3
 METRICS_FD = LINK_FD + 1
 #: A control plane that keeps dying is started again no faster than this.
 RESPAWN_MAX_DELAY_S = 2.0
-#: LUVMM_VMM_FAULT's faults are the control plane's to inject (vmm.control); "die" is how.
+#: LUVMM_VMM_FAULT's faults are the control plane's to inject (luvmm.vmm.control); "die" is how.
 OPS = ("hello", "progress", "device", "mark", "finish", "report", "open-session", "preserve", "prepare", "cancel",
        "status", "sample-exits", "die", "stop")
 
@@ -81,7 +81,7 @@ class Link:
         self.session: Session | None = None
         self.opened = False  # the outgoing session opened, the files left with init
         self.prepared = False
-        self.exits = None  # vmm.exits.ExitStats, made on the first request for it
+        self.exits = None  # luvmm.vmm.exits.ExitStats, made on the first request for it
         self.child = 0
         self.sock = None
         self.waiting = False
@@ -260,7 +260,7 @@ class Link:
         return True, []
 
     def op_report(self, request) -> tuple[dict, list[int]]:
-        """The update's report (vmm.report), sent to the agent; asked once
+        """The update's report (luvmm.vmm.report), sent to the agent; asked once
         the horizon the guest's outage is measured over has passed."""
         from luvmm.vmm.report import update_report
 

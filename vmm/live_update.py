@@ -4,7 +4,7 @@
 * :func:`preserve` -- RAM, iommufd (HWPT marked), device and state memfd in
   the VM's LUO session, as soon as the guest runs (LUO takes a file's
   contents at the reboot, not at PRESERVE_FD: the guest runs on);
-* :func:`prepare` -- pause, save the machine state (vmm.machine_state) into
+* :func:`prepare` -- pause, save the machine state (luvmm.vmm.machine_state) into
   the state memfd; :func:`cancel` -- resume as it was (rollback);
 * after the kexec, :func:`restore_into` -- retrieve the files, map RAM,
   rebuild KVM and the vCPUs, re-bind and re-attach the device, re-arm
@@ -167,7 +167,7 @@ def files(vm) -> tuple[dict, dict[str, int]]:
 
 def leave_files(vm, *, replace: bool = True) -> None:
     """Leave :func:`files` in the unit's fd store: if this VMM dies, init
-    starts the next one on them (liveupdate.fdstore).  Where there is no
+    starts the next one on them (luvmm.liveupdate.fdstore).  Where there is no
     store (not started by such an init), a VMM that dies loses its VM: said,
     not fatal."""
     meta, fds = files(vm)

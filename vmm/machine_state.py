@@ -171,7 +171,7 @@ class Timestamps:
     """The phase marks taken so far (``prepare``, ``stopped``, ``saved``...:
     CLOCK_REALTIME) and what the guest had in flight at the pause.  ``tsc``
     (optional, {"stopped": TSC}): the pause on the clock the guest stamps its
-    pace ring with (vmm.guest.pace_ring), which the new VMM measures the
+    pace ring with (luvmm.vmm.guest.pace_ring), which the new VMM measures the
     guest's outage on where no observer watches its heartbeat; a blob
     without it (an older VMM's) restores the same, its outage not measured."""
 

@@ -23,10 +23,10 @@ class VmError(RuntimeError):
         self.log = log
 
 
-#: A VM unit's FileDescriptorStoreMax: its files (vmm.vm.Vm.files) and their meta, with room to spare.
+#: A VM unit's FileDescriptorStoreMax: its files (luvmm.vmm.vm.Vm.files) and their meta, with room to spare.
 FDSTORE_MAX = 8
 #: A VMM that fails this many times in a row the same way is not started
-#: again (liveupdate.init): `luvmm vm status` says what it died of.
+#: again (luvmm.liveupdate.init): `luvmm vm status` says what it died of.
 SAME_FAILURE_LIMIT = 5
 
 
@@ -128,7 +128,7 @@ def start(state: StateDir, config: VmConfig, units, *, wait: float = 60.0, env: 
             state.write_unit(unit_name(config.name), argv, dict(unit_env, **(env or {})), restart="on-failure",
                              fdstore_max=FDSTORE_MAX, pdeathsig="self", start_limit_burst=0,
                              restart_max_delay_sec=RESTART_MAX_DELAY_S, same_failure_limit=SAME_FAILURE_LIMIT,
-                             # The metrics port is the unit's socket, bound and kept by init (liveupdate.init).
+                             # The metrics port is the unit's socket, bound and kept by init (luvmm.liveupdate.init).
                              sockets=[] if config.metrics is None else [
                                  {"name": "metrics", "listen": config.metrics if ":" in str(config.metrics)
                                   else f"127.0.0.1:{config.metrics}"}])

@@ -77,7 +77,7 @@ class Heartbeat:
 
 def _bisect_right(a: list[float], x: float) -> int:
     """bisect.bisect_right, without loading its extension module (_bisect)
-    into the VMM that computes a report while its guest runs (vmm.link)."""
+    into the VMM that computes a report while its guest runs (luvmm.vmm.link)."""
     lo, hi = 0, len(a)
     while lo < hi:
         mid = (lo + hi) // 2

@@ -71,7 +71,7 @@ class Passthrough:
         self.bars: list[bars.GuestBar] = []
         self.msix_table: bars.MsixTable | None = None
         self.maps = bars.BarMaps()
-        #: The vCPUs' run loops (vmm.runloop.RunLoop), which serve the traps.
+        #: The vCPUs' run loops (luvmm.vmm.runloop.RunLoop), which serve the traps.
         self.loops: list = []
         #: After a restore: the device came back with Bus Master Enable clear, and the VMM set it again.
         self.bus_master_restored = False

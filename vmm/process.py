@@ -5,18 +5,18 @@
 Cold boot builds the VM from ``DIR/vms/NAME/config.json``.  Restart
 (``LUVMM_BOOT=restart``: init starts the unit again after its VMM died) picks
 the VM up from the files the dead VMM left in its unit's file descriptor
-store (liveupdate.fdstore: init passes them back) -- same RAM, same device,
+store (luvmm.liveupdate.fdstore: init passes them back) -- same RAM, same device,
 DMA never stopped -- and restarts the firmware on them (:meth:`Vm.recover`).  Restore mode --
 init starts the unit with ``LUVMM_BOOT=kexec`` and the agent holds an incoming
 session for the VM -- retrieves the session and its files, maps RAM, rebuilds
 KVM and the vCPUs, binds and attaches the device, re-arms interrupts and
 resumes the guest *before* anything slow is done; only then does the
-control plane start -- trio, in a process of its own (vmm.link, vmm.control)
+control plane start -- trio, in a process of its own (luvmm.vmm.link, luvmm.vmm.control)
 -- verify the guest, FINISH the session and report to the agent.  This
 process holds the VM and answers its control plane until it is stopped.
 
 Its metrics port is its unit's socket (``metrics``), which init binds and
-passes to every process of the unit (liveupdate.fdstore.SOCKETS): this
+passes to every process of the unit (luvmm.liveupdate.fdstore.SOCKETS): this
 process keeps it for its control plane, which serves on it; it binds the
 port itself only where no socket was passed (a VMM started by hand).
 """
@@ -49,7 +49,7 @@ from luvmm.vmm.config import VmConfig  # noqa: E402
 from luvmm.vmm.vm import Clock, Vm  # noqa: E402
 
 IMPORTED = time.time()
-EX_CONFIG = 78  # liveupdate.init.EX_CONFIG (not imported: the restore path does not import init)
+EX_CONFIG = 78  # luvmm.liveupdate.init.EX_CONFIG (not imported: the restore path does not import init)
 
 def load_config(state: StateDir, name: str) -> VmConfig:
     import json
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if incoming_fd is None:  # booted or restarted: the guest runs
         guests_first()
         fdstore.ready()
-    gc.enable()  # off since the unit started (liveupdate.state.python_unit)
+    gc.enable()  # off since the unit started (luvmm.liveupdate.state.python_unit)
     # The control plane -- trio, the agent channel, vmm.sock, metrics -- in a
-    # process of its own (vmm.link says why); this one serves it what it
+    # process of its own (luvmm.vmm.link says why); this one serves it what it
     # needs of the VM, importing nothing more.
     from luvmm.vmm.link import Link
 

@@ -17,12 +17,12 @@ and the new VMM:
     device_reattach  -> device bound, attached, interrupts re-armed
     resume           -> first vCPU running again                 (blackout ends)
 
-And the outage the guest itself saw after the resume (vmm.pace):
+And the outage the guest itself saw after the resume (luvmm.vmm.pace):
 ``guest_recovery_s`` and ``guest_lost_s``, from its heartbeat's pace --
 sampled on the bus by the emulated host's observer, or read from the pace
 ring the guest's firmware keeps in its RAM where no observer watches.
 The control plane asks for the report once the horizon they are measured
-over has passed (vmm.control).
+over has passed (luvmm.vmm.control).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ STAMPS = {"realtime": "CLOCK_REALTIME stamps the guest's driver keeps in guest R
           "tsc": "TSC stamps the guest's driver keeps in guest RAM"}
 
 
-#: The guest's own view of the outage (vmm.pace), and where it comes from.
+#: The guest's own view of the outage (luvmm.vmm.pace), and where it comes from.
 PACE_FIGURES = ("guest_recovery_s", "guest_lost_s", "guest_pace_before_hz", "guest_pace_after_hz")
 PACE_RING = "the pace ring the guest's firmware keeps in guest RAM (TSC)"
 #: Asked of the observer past the horizon: it samples every millisecond, and a little late.
@@ -140,11 +140,11 @@ OBSERVER_LAG_S = 0.05
 
 
 def _outage(samples, stopped: float, resumed: float, at_pause: int | None, source: str) -> dict:
-    """vmm.pace.outage's figures, ``measured_by`` ``source`` where the
+    """luvmm.vmm.pace.outage's figures, ``measured_by`` ``source`` where the
     samples gave the pace before the pause to measure against (else every
     figure is None, and so is its ``measured_by``: not measured).  Measured,
     a ``guest_recovery_s`` of None says that the guest was not back at pace
-    within the horizon the report waited for (vmm.pace.LOST_HORIZON_S)."""
+    within the horizon the report waited for (luvmm.vmm.pace.LOST_HORIZON_S)."""
     figures = pace.outage(samples, stopped, resumed, at_pause=at_pause) if samples else dict.fromkeys(PACE_FIGURES)
     measured = figures["guest_pace_before_hz"] is not None
     figures["measured_by"] = dict.fromkeys(PACE_FIGURES, source if measured else None)
@@ -192,15 +192,15 @@ def ring_outage(vm, saved, resumed_at: float) -> dict:
 def without_observer(vm, clock_offset: float = 0.0) -> dict:
     """What a real host measures with no observer on its bus: DMA
     completions during the blackout from the completion records that
-    changed while the guest was paused (vmm.live_update.restore_into counts
+    changed while the guest was paused (luvmm.vmm.live_update.restore_into counts
     them before the guest runs); the heartbeat and DMA gaps from the stamps
-    an edu driver keeps in its guest's RAM (vmm.guest.EduRecord); a DSA
+    an edu driver keeps in its guest's RAM (luvmm.vmm.guest.EduRecord); a DSA
     guest's do not, and those stay None: not measured.  ``measured_by``
     says where each figure came from.  The synthetic guest stamps with the
     host's CLOCK_REALTIME, so its largest gap -- the one across the kexec,
     between a stamp of each kernel -- is corrected by ``clock_offset`` as the
     marks are; the firmware stamps from the TSC, which the kexec does not
-    reset (vmm.guests.FirmwareGuest keeps the guest's on the host's), and
+    reset (luvmm.vmm.guests.FirmwareGuest keeps the guest's on the host's), and
     needs no correction."""
     out = {"dma_completed_during_blackout": vm.completed_while_paused, "dma_max_gap_s": None,
            "heartbeat_gap_s": None}

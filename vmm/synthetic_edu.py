@@ -8,12 +8,13 @@ DMA it into the device's buffer (EDU_CMD_DMA_TO), DMA that back into a
 destination buffer (EDU_CMD_DMA_FROM), compare.  Each transfer is a
 "batch" of the mailbox (submitted, completed, descs_ok, verify_failures):
 the same counters the VMM's report and metrics read for a DSA.  Its
-interrupt is the device's one MSI vector (vmm.passthrough arms it); a turn
+interrupt is the device's one MSI vector (luvmm.vmm.passthrough arms it); a turn
 waits for it, bounded, and reads the command register either way.
 
 What it keeps in guest RAM -- the mailbox, and the record at DMA_BASE
-(vmm.guest.EduRecord, which the firmware's edu driver keeps too) -- crosses a live update with the RAM memfd, so its
-counters go on where they were; its "registers" (the phase of the transfer
+(luvmm.vmm.guest.EduRecord, which the firmware's edu driver keeps too) --
+crosses a live update with the RAM memfd, so its counters go on where they
+were; its "registers" (the phase of the transfer
 in flight) go into the machine state like a vCPU's.  The record also holds
 what a real host can measure without an observer on the bus: the largest
 gap between two heartbeats and between two completed transfers, from the
@@ -21,7 +22,7 @@ CLOCK_REALTIME stamps the driver takes (the VMM clears the two maxima when
 it pauses the guest), and how many transfers were redone.
 
 When the kernel did not preserve the device, the VMM opens it again after
-the kexec (vmm.passthrough.Passthrough.rewire) and tells the driver
+the kexec (luvmm.vmm.passthrough.Passthrough.rewire) and tells the driver
 (:meth:`SyntheticEduCpu.device_reset`), as a PCI driver's reset_done
 handler is told: the transfer in flight was lost with the device's state,
 and is done again from its start -- counted in ``redone``, never as

@@ -1,15 +1,15 @@
 """A VM: what the VMM process runs, put together from its parts --
 
-    config       vmm.config.VmConfig
-    memory       vmm.memory.GuestMemory     guest RAM, a sealed memfd
-    device       vmm.passthrough.Passthrough the passed-through function (a DSA, or
+    config       luvmm.vmm.config.VmConfig
+    memory       luvmm.vmm.memory.GuestMemory     guest RAM, a sealed memfd
+    device       luvmm.vmm.passthrough.Passthrough the passed-through function (a DSA, or
                                             the lab's edu: VFIO cdev + iommufd),
                                             its MMIO and interrupts
-    guest        vmm.guests.Guest           the firmware under KVM (it drives either
+    guest        luvmm.vmm.guests.Guest           the firmware under KVM (it drives either
                                             device), or synthetic
-    runner       vmm.vcpus.Runner           the vCPU threads: pause, resume
-    live update  vmm.live_update            preserve, prepare, cancel, restore,
-                                            recover; the state in vmm.machine_state
+    runner       luvmm.vmm.vcpus.Runner           the vCPU threads: pause, resume
+    live update  luvmm.vmm.live_update            preserve, prepare, cancel, restore,
+                                            recover; the state in luvmm.vmm.machine_state
 
 This module imports no trio and nothing heavy: the restore path after a
 kexec runs it before the control plane exists.  Threads: one per vCPU
@@ -143,7 +143,7 @@ class Vm:
     def stop(self) -> None:
         self.runner.stop()
 
-    # --- live update (vmm.live_update) ---------------------------------------------------------------
+    # --- live update (luvmm.vmm.live_update) ---------------------------------------------------------------
 
     def preserve(self, session) -> None:
         live_update.preserve(self, session)

@@ -3,7 +3,7 @@ entries, 4 groups, 4 engines, max transfer 2 GiB, max batch 1024) minus what
 the model does not implement -- shared WQs (ENQCMD), block on fault (there is
 no page-request interface), PASID, ATS and the ops outside
 :data:`OPCAP_SUPPORTED` -- and where it puts its tables in BAR0.  The register
-interface itself is :mod:`devices.dsa_regs`."""
+interface itself is :mod:`luvmm.devices.dsa_regs`."""
 
 from luvmm.devices.dsa_regs import (
     GENCAP_CACHE_CONTROL_MEM,

@@ -126,7 +126,7 @@ class IommuDomain:
 
     def _backed(self, segments, iova: int, fault: int | None):
         """Cut the segments where the file behind them ends (it was shrunk
-        under the mapping: no seal keeps it whole, see devices.emu.memory)."""
+        under the mapping: no seal keeps it whole, see luvmm.devices.emu.memory)."""
         addr = iova
         for i, (mem, off, n) in enumerate(segments):
             have = mem.backed(off, n)

@@ -1,12 +1,12 @@
 """The emulated host daemon (`luvmm host start`): machine, kernel and init in one process.
 
-* The **machine** (:class:`liveupdate.emu.machine.Machine`) is the hardware; it is
+* The **machine** (:class:`luvmm.liveupdate.emu.machine.Machine`) is the hardware; it is
   created once and never reboots.
-* The **kernel** (:class:`liveupdate.emu.kernel.core.Kernel`) serves the emulated
+* The **kernel** (:class:`luvmm.liveupdate.emu.kernel.core.Kernel`) serves the emulated
   device files; it is replaced at every kexec by a new one built from the KHO
   image alone.  Each emulated file is served by a task in the kernel's own
   nursery, so dropping the kernel cancels them all.
-* **Init** (:class:`liveupdate.init.Init`, luvmm's own) starts the units (the
+* **Init** (:class:`luvmm.liveupdate.init.Init`, luvmm's own) starts the units (the
   agent and one VMM per VM) from unit files in the state dir; the daemon
   stops them at kexec (a process does not outlive its kernel: not one more
   instruction of theirs runs), has init start them again after it, and
@@ -524,7 +524,7 @@ class HostDaemon:
             keep_off_guest_cpus()
 
     async def _kexec_faults(self) -> bool:
-        """Injected faults at the reboot call (liveupdate.emu.faults); True if the
+        """Injected faults at the reboot call (luvmm.liveupdate.emu.faults); True if the
         new kernel is to clear Bus Master Enable of the preserved devices."""
         clear_bus_master = False
         for rule in self.faults.at("kexec"):
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         state.ensure()
-        # One host per state dir: the lock (liveupdate.emu.hostctl.start), held
+        # One host per state dir: the lock (luvmm.liveupdate.emu.hostctl.start), held
         # for this process's life and by none of its units.
         if args.lock_fd is not None:
             os.set_inheritable(args.lock_fd, False)

@@ -126,7 +126,7 @@ def start(state: StateDir, *, devices: int = 1, profile: str = "continuous-dma",
     A daemon that cannot start leaves the state dir as it found it.
     ``guest_cpus``: the CPUs set apart for the guests' vCPUs ("0,2-3"),
     which the daemon -- the machine and its kernel, emulated in Python --
-    and luvmm's own work keep off (liveupdate.state.guests_first)."""
+    and luvmm's own work keep off (luvmm.liveupdate.state.guests_first)."""
     if guest_cpus:
         parse_cpu_list(guest_cpus)  # ValueError: the caller's mistake, before anything starts
         env = dict(env or {}, **{GUEST_CPUS_ENV: guest_cpus})

@@ -6,7 +6,7 @@ would, independently of the software being measured.
 * Heartbeat: a u64 in guest memory, sampled every millisecond through the
   device's IOMMU domain (IOVA = GPA), recording (time, value) where it
   changes, and the last sample before a change where it stood still: its
-  pace (vmm.pace) is read from these, a standstill shows flat.
+  pace (luvmm.vmm.pace) is read from these, a standstill shows flat.
 
 Both live in the machine, so they run straight through a kexec; the VMM and
 `luvmm update` ask for a time window afterwards.
@@ -51,7 +51,7 @@ def change_times(points, t0: float, t1: float) -> list[float]:
 
 def pace_per_bin(points, t0: float, bin_s: float, nbins: int) -> list[float | None]:
     """The pace (how much the value grows per second) in each of ``nbins`` bins
-    from ``t0``: vmm.pace's (pace_series), the value taken as moving evenly
+    from ``t0``: luvmm.vmm.pace's (pace_series), the value taken as moving evenly
     between two points; None where the points do not cover a bin.  Here,
     not imported: the emulated host imports nothing of the VMM (whose
     wiring imports the emulated host)."""
@@ -204,7 +204,7 @@ class Observer:
         """The watched word's points in [t0, t1], [[time, value]] oldest
         first -- where it changed, and where it stood before a change -- and
         its last sample if the word stands still since: what
-        vmm.pace measures a guest's outage from.  A window is at most
+        luvmm.vmm.pace measures a guest's outage from.  A window is at most
         ``MAX_HEARTBEAT_WINDOW_S`` long (some tens of thousands of points)."""
         if bdf not in self.machine.devices:
             raise FileNotFoundError(2, f"no device {bdf}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from luvmm.services import InitUnits, MachineInfo, Observer, Services
 
-#: The emulated host's init is luvmm's own (liveupdate.init), reached over
+#: The emulated host's init is luvmm's own (luvmm.liveupdate.init), reached over
 #: host.sock: the product's client of any such init.
 EmulatedUnits = InitUnits
 
@@ -61,5 +61,5 @@ class EmulatedMachine(MachineInfo):
 
 
 def services_for(client) -> Services:
-    """The services of the emulated host that ``client`` (liveupdate.emu.client) speaks to."""
+    """The services of the emulated host that ``client`` (luvmm.liveupdate.emu.client) speaks to."""
     return Services(units=InitUnits(client), observer=EmulatedObserver(client), machine=EmulatedMachine(client))

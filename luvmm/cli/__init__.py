@@ -1,6 +1,6 @@
 """The `luvmm` command line: a package of small command modules (uapi, demo,
 host, boot, vm, update, bench, lab) over the same APIs a user's script would
-call (vmm.manage, liveupdate.update, luvmm.tools); ``common`` holds what they
+call (luvmm.vmm.manage, luvmm.liveupdate.update, luvmm.tools); ``common`` holds what they
 share.
 
 Each subcommand imports what it needs when it runs, so `luvmm --help` and the

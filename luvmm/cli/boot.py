@@ -1,5 +1,5 @@
 """`luvmm boot`: the start-up luvmm's systemd units do, on a real host
-without systemd (liveupdate.boot: luvmm's own init over the real kernel).
+without systemd (luvmm.liveupdate.boot: luvmm's own init over the real kernel).
 
 By default it daemonizes -- fork, setsid, fork again: the init is no
 session leader, so it can never take a terminal; stdin /dev/null, stdout

@@ -148,7 +148,7 @@ HOSTS = ("emulated", "real")
 #: A real host's state dir: on a disk, it outlives a kexec.  The units of `luvmm host install` run with it
 #: (luvmm.wiring.systemd.STATE_DIR, not imported here: `luvmm --help` stays fast; a test holds them equal).
 REAL_STATE_DIR = "/var/lib/luvmm"
-#: A real host's sockets (liveupdate.state.runtime_dir): what RuntimeDirectory= gives luvmm's systemd units.
+#: A real host's sockets (luvmm.liveupdate.state.runtime_dir): what RuntimeDirectory= gives luvmm's systemd units.
 REAL_RUNTIME_DIR = "/run/luvmm"
 
 
@@ -354,7 +354,7 @@ def running_host(args: argparse.Namespace):
 
 def check_host(args: argparse.Namespace, device: str | None) -> dict:
     """What the host's kernel offers a live update of ``device``
-    (liveupdate.check.check: `luvmm host check`), the preservation probed by
+    (luvmm.liveupdate.check.check: `luvmm host check`), the preservation probed by
     the LUO agent where it holds /dev/liveupdate."""
     from luvmm.liveupdate.check import check
     from luvmm.wiring import connect

@@ -17,7 +17,7 @@ runner:
 
 A command moves to the next stage by kexec: :func:`kexec` here (or
 ``luvmm lab kexec`` from a shell) loads the lab kernel with
-kexec_file_load (:mod:`liveupdate.kexec`, as ``kexec -s -l IMAGE --reuse-cmdline``) and reboots into it with
+kexec_file_load (:mod:`luvmm.liveupdate.kexec`, as ``kexec -s -l IMAGE --reuse-cmdline``) and reboots into it with
 ``reboot(LINUX_REBOOT_CMD_KEXEC)``; whatever process holds LUO sessions must
 still be alive then (the caller itself, or a daemon it left, as the upstream
 selftests do).
@@ -108,7 +108,7 @@ def load(name: str, default=None):
 
 def load_kernel(image: str | None = None) -> str:
     """kexec_file_load the next lab kernel with this boot's command line
-    (liveupdate.kexec: the product's own loader, exercised by every lab kexec)."""
+    (luvmm.liveupdate.kexec: the product's own loader, exercised by every lab kexec)."""
     from luvmm.liveupdate.kexec import load_kernel as load
 
     image = image or os.environ.get("LUVMM_LAB_KERNEL")

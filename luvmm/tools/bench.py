@@ -81,7 +81,7 @@ def bench_host(*, memory: int, vms: int = 1, guest: str = "firmware", profile: s
 
 
 #: Before each update the guest runs this long: the window its pace before the
-#: pause is taken over (vmm.pace.BEFORE_S), and a little more, so that an
+#: pause is taken over (luvmm.vmm.pace.BEFORE_S), and a little more, so that an
 #: update's guest_lost_s is not measured against the crawl after the last one.
 SETTLE_S = pace.BEFORE_S + 0.1
 

@@ -37,7 +37,7 @@ VIEW_PERIOD_S = 0.1
 OVERVIEW_BINS, OVERVIEW_MIN_BIN_S = 600, 0.02  # the whole run's timeline
 ZOOM_S, ZOOM_BIN_S = 0.15, 0.005  # around each blackout
 #: The heartbeat's pace around each update: the pre-pause window it is
-#: compared with, and the horizon after the resume (vmm.pace), in 10 ms bins.
+#: compared with, and the horizon after the resume (luvmm.vmm.pace), in 10 ms bins.
 PACE_BEFORE_S, PACE_AFTER_S, PACE_BIN_S = 0.45, 0.55, 0.01
 
 

@@ -12,7 +12,7 @@ this process does nothing, and over windows in which it flips the
 protection of a few of its own pages (each flip to read-only, one shootdown to the vCPU's CPU), the
 shootdowns counted by the kernel (/proc/interrupts, TLB).  The guest time
 lost over the shootdowns is the cost of one.  It is why the VMM's control
-plane runs in a process of its own (vmm.link).
+plane runs in a process of its own (luvmm.vmm.link).
 """
 
 from __future__ import annotations

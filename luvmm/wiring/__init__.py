@@ -44,7 +44,7 @@ def _real_init(init_socket: str | None) -> Units:
 
 def real_units(state) -> Units:
     """A real host's init, for a command acting on the VMs of ``state``
-    (a liveupdate.state.StateDir): `luvmm boot`'s when its init answers on
+    (a luvmm.liveupdate.state.StateDir): `luvmm boot`'s when its init answers on
     ``init.sock`` in the state dir, else systemd's.  Asked, not guessed
     from the file: a socket left by an init that died (or by the kernel
     before a kexec) is no init."""

@@ -1,6 +1,6 @@
 """The LUO agent's unit: what init runs (`python -S -c "from
 luvmm.wiring.agent import main ..."`).  It wires the agent
-(liveupdate.agent.Agent) to its host -- the real kernel and systemd, or the
+(luvmm.liveupdate.agent.Agent) to its host -- the real kernel and systemd, or the
 emulated host -- and serves: first the restoring VMMs, before trio is
 imported (Agent.fast_restore), then everything."""
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         host, services = connect(args["host"], os.environ.get("LUVMM_HOST_SOCKET", state.socket), state.path)
         agent = Agent(host, state, services.units, boot=unit_boot())
         listener, early = agent.fast_restore(listener)  # ends with guests_first(): its imports must not take their CPU
-        gc.enable()  # off since the unit started (liveupdate.state.python_unit)
+        gc.enable()  # off since the unit started (luvmm.liveupdate.state.python_unit)
         import logging as _logging
 
         _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -22,7 +22,7 @@ class RealMachine(MachineInfo):
         """The last kexec's marks, as a real host can take them (CLOCK_REALTIME):
 
         * ``frozen``: the agent's reboot(LINUX_REBOOT_CMD_KEXEC) call, from its
-          record of the update (liveupdate.agent: LUO's freeze, KHO's image
+          record of the update (luvmm.liveupdate.agent: LUO's freeze, KHO's image
           and the jump happen inside the call, where userspace sees nothing);
         * ``kernel_start``: when this kernel started counting (now minus
           CLOCK_BOOTTIME);
@@ -33,7 +33,7 @@ class RealMachine(MachineInfo):
         CLOCK_REALTIME is not the old one's (it is set at boot from the
         machine's clock: an RTC has whole seconds); ``clock_offset_s`` is
         how far it is, from the TSC, which a kexec does not reset
-        (liveupdate.tsc): every mark taken in this kernel, these and the
+        (luvmm.liveupdate.tsc): every mark taken in this kernel, these and the
         VMM's, is corrected by it (None: the TSC could not say, and the
         marks are as the clocks read).  ``clock`` says which.  {} when no
         update's record says it rebooted."""

@@ -2,7 +2,7 @@
 writes to /etc/systemd/system, generated here and only here.
 
 * ``luvmm-agent.service``: the LUO agent (``luvmm.wiring.agent``).
-* ``luvmm-vm@.service``: one VMM per VM (``vmm.process``), the instance
+* ``luvmm-vm@.service``: one VMM per VM (``luvmm.vmm.process``), the instance
   being the VM's name -- ``luvmm-vm@NAME.service`` is the unit the emulated
   host calls ``vm-NAME``, and the cgroup :meth:`luvmm.services.SystemdUnits.unit_of`
   reads back from ``/proc/PID/cgroup`` (the agent authorizes by it).
@@ -10,12 +10,12 @@ writes to /etc/systemd/system, generated here and only here.
   agent's and each VM's instance are enabled into it (WantedBy=).
 
 They run what the emulated host's init runs: ``python -S -c "..."``
-(liveupdate.state.python_unit: this interpreter, the repo and its
+(luvmm.liveupdate.state.python_unit: this interpreter, the repo and its
 site-packages appended to sys.path, no site initialisation, no runpy, the
 cyclic GC off until the restore path is done), with ``--host real
 --state-dir /var/lib/luvmm``.
 
-**The policy is luvmm's own init's** (liveupdate.init):
+**The policy is luvmm's own init's** (luvmm.liveupdate.init):
 Restart=on-failure, except after EX_CONFIG (78: what the unit was asked to
 run cannot run -- a VM that cannot start is not restarted in a loop);
 luvmm's units are never given up on (StartLimitBurst=0), restarted after a
@@ -26,7 +26,7 @@ KillMode=control-group, and 5 s between SIGTERM and SIGKILL at a stop.
 
 **The fd store.**  A VMM leaves its VM's files (RAM memfd, iommufd, VFIO
 device, and their ``meta``) in its unit's store with sd_notify
-``FDSTORE=1`` (liveupdate.fdstore), which systemd takes only from a unit with
+``FDSTORE=1`` (luvmm.liveupdate.fdstore), which systemd takes only from a unit with
 FileDescriptorStoreMax= > 0 and NotifyAccess= other than none (``main``:
 the VMM sends from its own process).  systemd passes the store back to the
 unit's next process (LISTEN_FDS) when it restarts it after a failure, and
@@ -36,13 +36,13 @@ systemd's default, written out where systemd knows the setting.  Not
 hand them to the next VM of that name, where the emulated init flushes them.
 
 **A VM's metrics port** is a socket unit of its own, as luvmm's init
-holds a unit's ``sockets`` (liveupdate.init): ``luvmm-vm@NAME.socket``
+holds a unit's ``sockets`` (luvmm.liveupdate.init): ``luvmm-vm@NAME.socket``
 (:func:`vm_socket_files`: ListenStream=ADDRESS:PORT, Accept=no,
 FileDescriptorName=metrics, Service=luvmm-vm@NAME.service), which the
 template names in ``Sockets=luvmm-vm@%i.socket``.  Sockets= is Wants= and
 After= of it: systemd binds the port before it starts the VMM, passes it
 (LISTEN_FDNAMES ``metrics``, before the fd store's files:
-liveupdate.fdstore.SOCKETS) to every process it starts for the VM, and
+luvmm.liveupdate.fdstore.SOCKETS) to every process it starts for the VM, and
 keeps it bound while the VMM restarts -- so no process of the VM ever binds
 the port, and there is no moment between two of them when a local user
 could (and serve Prometheus figures of his own).  After a kexec the new
@@ -62,7 +62,7 @@ never at its restarts (a service waiting to restart is activating).
 
 **How a unit knows how it was started.**  The emulated init says it in
 ``LUVMM_BOOT``; systemd says nothing of the kind, so on a real host the
-unit finds out (:func:`liveupdate.state.unit_boot`): ``restart`` when its
+unit finds out (:func:`luvmm.liveupdate.state.unit_boot`): ``restart`` when its
 fd store was passed to it, or when it already ran in this boot (a marker
 in ``$RUNTIME_DIRECTORY``, /run/luvmm: a tmpfs no boot inherits); else --
 its first start since the kernel booted -- ``kexec``, meaning *look for
@@ -81,9 +81,9 @@ and systemd-modules-load.service (/dev/kvm, /dev/vfio, /dev/iommu can come
 from modules), and Before=luvmm-agent.service: the agent's interpreter
 starts after theirs, and during the boot (StartupCPUWeight=) it has a
 fifth of a VMM's CPU weight, so its slower start-up does not take a core
-from a VMM rebuilding its VM (liveupdate.agent.Agent.fast_restore spares
+from a VMM rebuilding its VM (luvmm.liveupdate.agent.Agent.fast_restore spares
 its own imports for the same reason).  A VMM waits for the agent anyway
-(liveupdate.agent_client.wait_for_agent), so starting before it costs
+(luvmm.liveupdate.agent_client.wait_for_agent), so starting before it costs
 nothing.  The agent is DefaultDependencies=no too: restoring VMMs wait for it.
 
 **Where things live.**  The state -- the VMs' definitions, the agent's
@@ -91,7 +91,7 @@ update record, the compiled bytecode -- in /var/lib/luvmm
 (StateDirectory=, 0700): on disk, so it outlives a kexec, as it must.  The
 per-boot markers in /run/luvmm (RuntimeDirectory=, 0700,
 RuntimeDirectoryPreserve=yes: kept while the units restart), and so are the
-agent's and the VMMs' sockets (liveupdate.state.StateDir puts them in
+agent's and the VMMs' sockets (luvmm.liveupdate.state.StateDir puts them in
 ``$RUNTIME_DIRECTORY``): a socket is a thing of one boot.
 
 Not on the restore path: only `luvmm host install` imports this module.
@@ -111,9 +111,9 @@ TARGET = "luvmm.target"
 STATE_DIR = "/var/lib/luvmm"
 RUNTIME_DIR = "/run/luvmm"
 UNIT_DIR = "etc/systemd/system"
-#: EX_CONFIG (sysexits.h): a unit that exits so is not restarted (liveupdate.init, vmm.process).
+#: EX_CONFIG (sysexits.h): a unit that exits so is not restarted (luvmm.liveupdate.init, luvmm.vmm.process).
 EX_CONFIG = 78
-#: A VM unit's FileDescriptorStoreMax= (vmm.manage.FDSTORE_MAX: its files and their meta, with room to spare).
+#: A VM unit's FileDescriptorStoreMax= (luvmm.vmm.manage.FDSTORE_MAX: its files and their meta, with room to spare).
 FDSTORE_MAX = 8
 #: The first restart's delay; each next one doubles it, up to RESTART_MAX_DELAY_S.
 RESTART_FIRST_DELAY_S = 0.05
@@ -124,7 +124,7 @@ RESTART_FIXED_DELAY_S = RESTART_MAX_DELAY_S / 8
 SYSTEMD_RESTART_STEPS = 254
 #: The agent's StartupCPUWeight= (a VMM has systemd's default, 100).
 AGENT_STARTUP_CPU_WEIGHT = 20
-STOP_TIMEOUT_S = 5  # liveupdate.init.Init.stop_unit: SIGTERM, then SIGKILL after 5 s
+STOP_TIMEOUT_S = 5  # luvmm.liveupdate.init.Init.stop_unit: SIGTERM, then SIGKILL after 5 s
 _INSTANCE = "@LUVMM-INSTANCE@"  # stands for %i until the ExecStart line is quoted
 
 
@@ -191,7 +191,7 @@ def unit_files(systemd: int | None = None, guest_cpus: str | None = None) -> dic
     """{file name: text} of the units, for ``systemd`` (its version; None: a
     current one).  Directives that version does not know are left out rather
     than warned about at every load.  ``guest_cpus``: the CPUs set apart for
-    the vCPUs (liveupdate.state.GUEST_CPUS_ENV), in both units' environment."""
+    the vCPUs (luvmm.liveupdate.state.GUEST_CPUS_ENV), in both units' environment."""
     cpus = [f"Environment={GUEST_CPUS_ENV}={guest_cpus}"] if guest_cpus else []
     agent_argv, _ = python_unit("luvmm.wiring.agent", "--host", "real", "--state-dir", STATE_DIR)
     vm_argv, _ = python_unit("luvmm.vmm.process", "--host", "real", "--state-dir", STATE_DIR, "--name", _INSTANCE)

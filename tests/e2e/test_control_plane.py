@@ -1,5 +1,5 @@
 """The VMM's control plane runs beside the VM, in a process of its own
-(vmm.link, vmm.control): the VMM process that holds the guest loads
+(luvmm.vmm.link, luvmm.vmm.control): the VMM process that holds the guest loads
 nothing after the resume -- no trio, no extension module -- and a control
 plane that dies is started again with the guest running on."""
 

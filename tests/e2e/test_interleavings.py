@@ -31,7 +31,7 @@ NOTHING = {"sessions": [], "devices": [], "memfds": []}
 
 def wait_for_update_in_progress(cli, timeout: float = 60.0) -> dict:
     """The agent's record of an update whose VMs are restoring (the new
-    kernel's agent writes it when it starts; see liveupdate.agent)."""
+    kernel's agent writes it when it starts; see luvmm.liveupdate.agent)."""
     record = os.path.join(cli.state, "agent", "update.json")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""A unit's file descriptor store (liveupdate.fdstore, liveupdate.init): kept
+"""A unit's file descriptor store (luvmm.liveupdate.fdstore, luvmm.liveupdate.init): kept
 by init through the systemd protocol, so a VMM that dies is started again on
 the very same files -- whatever happened to the LUO agent meanwhile."""
 

@@ -171,7 +171,7 @@ def test_closing_the_device_disables_it(emulated_host):
 def test_a_daemon_started_with_1024_fds_holds_1500_sessions():
     """A real kernel holds thousands of LUO sessions; the daemon's files are
     its fds, so it raises its RLIMIT_NOFILE soft limit to the hard one when it
-    starts (liveupdate.emu.daemon.raise_fd_limit), even when started with the
+    starts (luvmm.liveupdate.emu.daemon.raise_fd_limit), even when started with the
     common soft limit of 1024.  (This client's fds count too: it raises its
     own soft limit for the test.)"""
     import resource

@@ -1,4 +1,4 @@
-"""Fault injection at each step of a live update (liveupdate.emu.faults), and the
+"""Fault injection at each step of a live update (luvmm.liveupdate.emu.faults), and the
 outcome a user depends on for each: rollback with the VM intact, a clean
 refusal that keeps the session for a retry, or a detected fault repaired.
 

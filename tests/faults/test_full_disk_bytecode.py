@@ -2,7 +2,7 @@
 CPython's own cache writer renames a truncated .pyc into place when the
 disk fills under it, and every later import of that module fails
 ("EOFError: marshal data too short") -- a VMM restarted for ever.  Units
-(liveupdate.state.python_unit) write it whole or not at all."""
+(luvmm.liveupdate.state.python_unit) write it whole or not at all."""
 
 import os
 import shutil

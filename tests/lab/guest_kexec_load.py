@@ -1,8 +1,8 @@
-"""Runs inside the lab guest (the lab_devices boot): liveupdate.kexec against the
+"""Runs inside the lab guest (the lab_devices boot): luvmm.liveupdate.kexec against the
 real kexec_file_load -- the lab kernel loads (and is loaded), a missing
 image, a file that is not a kernel, unload.  Records ``kexec_load.json``;
 tests/lab/test_lab_kexec_load.py asserts.  Every lab kexec loads its next
-kernel through liveupdate.kexec too (luvmm.lab.guest.load_kernel).
+kernel through luvmm.liveupdate.kexec too (luvmm.lab.guest.load_kernel).
 
     python -m tests.lab.guest_kexec_load
 """

@@ -42,7 +42,7 @@ def test_ioas_map_of_an_unmapped_va_is_accepted_and_fails_at_hwpt_alloc(dev):
 def test_standard_kvm_refuses_long_mode_sregs_without_cpuid(dev):
     """arch/x86/kvm/regs.c kvm_is_valid_sregs -> x86.c kvm_valid_efer:
     EFER.LME/LMA need guest CPUID LM, and a fresh vCPU has no CPUID: -EINVAL.
-    vmm.x86.setup_cpuid (KVM_SET_CPUID2 of KVM_GET_SUPPORTED_CPUID) makes the
+    luvmm.vmm.x86.setup_cpuid (KVM_SET_CPUID2 of KVM_GET_SUPPORTED_CPUID) makes the
     VMM's set-up valid; without the LM bit it is refused again."""
     kvm = part(dev, "kvm_sregs")
     assert "kvm_amd" in kvm["modules"] or "kvm_intel" in kvm["modules"]  # a standard KVM, not KVM-PVM

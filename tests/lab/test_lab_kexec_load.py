@@ -1,4 +1,4 @@
-"""liveupdate.kexec on the lab kernel (guest side: tests/lab/guest_kexec_load.py,
+"""luvmm.liveupdate.kexec on the lab kernel (guest side: tests/lab/guest_kexec_load.py,
 in the lab_devices boot): kexec_file_load through cffi loads the lab kernel,
 and each way it can fail says why with the kernel's errno."""
 

@@ -79,7 +79,7 @@ class Edu:
         """What a function reset does: the transfer under way and the buffer are gone."""
         self.regs, self.buffer, self.pending = {}, bytearray(4096), False
 
-    # --- the VFIO region interface (vmm.passthrough.Passthrough.mmio) -----------------------------
+    # --- the VFIO region interface (luvmm.vmm.passthrough.Passthrough.mmio) -----------------------------
 
     #: No fd: the run loop cannot reach this stand-in, and hands every access to it back to the VMM.
     fd = -1

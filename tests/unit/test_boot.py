@@ -1,4 +1,4 @@
-"""liveupdate.boot without starting an init: how its units are told they
+"""luvmm.liveupdate.boot without starting an init: how its units are told they
 started (the kernel's boot_id against the one recorded), one init per state
 dir (the pidfile's lock), and an init that cannot start leaving nothing."""
 

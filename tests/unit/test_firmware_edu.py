@@ -1,5 +1,5 @@
 """The firmware's edu driver (vmm/firmware/fw.c, driver = DRIVER_EDU) under
-KVM, its MMIO exits forwarded by the VMM's passthrough (vmm.passthrough) to
+KVM, its MMIO exits forwarded by the VMM's passthrough (luvmm.vmm.passthrough) to
 a stand-in for QEMU's edu (tests/support/edu.py): it verifies each transfer
 and counts it, a transfer that comes back different is a verify failure, a
 device reset with a transfer under way gets that transfer done again (never

@@ -1,6 +1,6 @@
-"""A unit's sockets in luvmm's own init (liveupdate.init: systemd's socket
+"""A unit's sockets in luvmm's own init (luvmm.liveupdate.init: systemd's socket
 units), and how a process of the unit tells them from its fd store
-(liveupdate.fdstore): bound once, at the unit's first start; the very same
+(luvmm.liveupdate.fdstore): bound once, at the unit's first start; the very same
 socket passed to every process of the unit -- after a crash, beside the fd
 store's files, and after a kexec; closed only when the unit stops.  Init
 runs in this process, its units are real processes."""

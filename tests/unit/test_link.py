@@ -1,4 +1,4 @@
-"""The VMM's side of the link to its control plane (vmm.link): every request
+"""The VMM's side of the link to its control plane (luvmm.vmm.link): every request
 gets one reply -- a malformed one its errno -- and the VMM keeps serving."""
 
 import errno

@@ -1,6 +1,6 @@
-"""The outage the guest saw (vmm.pace), from heartbeat samples, and the
+"""The outage the guest saw (luvmm.vmm.pace), from heartbeat samples, and the
 update report's figures of it where the guest's firmware kept them itself:
-its pace ring in guest RAM, on the TSC (vmm.report)."""
+its pace ring in guest RAM, on the TSC (luvmm.vmm.report)."""
 
 import struct
 import types
@@ -50,7 +50,7 @@ def test_a_guest_standing_still_after_the_resume_lost_that_time():
 
 
 def test_a_crawling_guest_lost_most_of_the_crawl():
-    """2% of its pace for 300 ms: about 294 ms lost (vmm.pace's example)."""
+    """2% of its pace for 300 ms: about 294 ms lost (luvmm.vmm.pace's example)."""
     out = pace.outage(samples(lambda s: 0.02 * PACE_HZ if s < 0.3 else PACE_HZ), STOPPED, RESUMED)
     assert out["guest_lost_s"] == pytest.approx(0.294, abs=0.003)
     assert out["guest_recovery_s"] == pytest.approx(0.29, abs=0.003)
@@ -245,7 +245,7 @@ def test_the_update_summary_gives_the_guests_outage_beside_the_blackout_in_80_co
     assert "guest lost p50 200.0 ms, p99 (of 3) 300.0 ms, max 300.0 ms" in text
     assert "1 update(s) not back at pace within 500 ms" in " ".join(text.split())
     assert "measured by the emulated bus observer" in " ".join(text.split())
-    assert LOST_HORIZON_MS == pace.LOST_HORIZON_S * 1000  # the tables' horizon is vmm.pace's
+    assert LOST_HORIZON_MS == pace.LOST_HORIZON_S * 1000  # the tables' horizon is luvmm.vmm.pace's
     # Nothing measured (a real host's synthetic guest): said, not printed as zeros.
     nothing = format_cycles(summarize([record(None, None)]))
     assert "guest lost: not measured" in nothing and "guest recovery: not measured" in nothing

@@ -211,7 +211,7 @@ def test_a_vms_metrics_port_is_a_socket_unit_the_template_takes_its_fds_from():
     assert list(files) == ["luvmm-vm@demo.socket"]
     unit = sections(files["luvmm-vm@demo.socket"])
     assert unit["Socket"]["ListenStream"] == ["127.0.0.1:9100"]
-    assert unit["Socket"]["FileDescriptorName"] == ["metrics"]  # liveupdate.fdstore.SOCKETS: never a stored file
+    assert unit["Socket"]["FileDescriptorName"] == ["metrics"]  # luvmm.liveupdate.fdstore.SOCKETS: never a stored file
     assert unit["Socket"]["Service"] == ["luvmm-vm@demo.service"] and unit["Socket"]["Accept"] == ["no"]
     assert unit["Socket"]["FreeBind"] == ["yes"] and unit["Socket"]["BindIPv6Only"] == ["ipv6-only"]
     assert unit["Socket"]["TriggerLimitIntervalSec"] == ["0"]  # never put into failure: that would close it

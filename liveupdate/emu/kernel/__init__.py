@@ -1,9 +1,9 @@
 """The emulated kernel: VFIO cdev, iommufd, LUO and KHO, rebuilt at every kexec.
 
-It mirrors the real kernel's split -- :mod:`liveupdate.emu.kernel.vfio`,
-:mod:`liveupdate.emu.kernel.iommufd`, :mod:`liveupdate.emu.kernel.luo` and
-:mod:`liveupdate.emu.kernel.memfd`, :mod:`liveupdate.emu.kernel.kho` -- around
-:mod:`liveupdate.emu.kernel.core` (the file table, device nodes, the boot from a
+It mirrors the real kernel's split -- :mod:`luvmm.liveupdate.emu.kernel.vfio`,
+:mod:`luvmm.liveupdate.emu.kernel.iommufd`, :mod:`luvmm.liveupdate.emu.kernel.luo` and
+:mod:`luvmm.liveupdate.emu.kernel.memfd`, :mod:`luvmm.liveupdate.emu.kernel.kho` -- around
+:mod:`luvmm.liveupdate.emu.kernel.core` (the file table, device nodes, the boot from a
 KHO image and the freeze before a kexec).  Nothing in it survives a kexec
 except what the KHO image carries.
 """

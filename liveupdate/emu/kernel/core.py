@@ -148,7 +148,7 @@ class Kernel:
         #: True while the old kernel is being discarded at kexec: release
         #: paths must not touch the hardware then.
         self.dropping = False
-        #: Fault injection (liveupdate.emu.faults.Faults), or None.
+        #: Fault injection (luvmm.liveupdate.emu.faults.Faults), or None.
         self.faults = None
         #: Seconds an injected stall adds to the request being served (the daemon waits them out).
         self.stall = 0.0
@@ -163,7 +163,7 @@ class Kernel:
     # --- fault injection --------------------------------------------------------------------
 
     def inject(self, point: str, handler: str | None = None, session: str | None = None) -> None:
-        """Where liveupdate.emu.faults may strike: fail here (EIO), stall the
+        """Where luvmm.liveupdate.emu.faults may strike: fail here (EIO), stall the
         caller, or have init kill a unit."""
         if self.faults is None:
             return

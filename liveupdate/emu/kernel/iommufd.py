@@ -131,7 +131,7 @@ class Hwpt:
 @dataclass
 class BoundDevice:
     id: int
-    vfio: object  # liveupdate.emu.kernel.vfio.VfioDeviceFile
+    vfio: object  # luvmm.liveupdate.emu.kernel.vfio.VfioDeviceFile
     attached: int | None = None  # hwpt id
 
 
