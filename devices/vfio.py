@@ -72,7 +72,7 @@ def cdev_path_for_bdf(host: Host, bdf: str) -> str:
         raise OSError(errno.EINVAL, f"{bdf!r} is not a PCI address (DDDD:BB:DD.F)")
     entries = [e for e in host.listdir(f"{PCI_DEVICES_DIR}/{bdf}/vfio-dev") if e.startswith("vfio")]
     if len(entries) != 1:
-        raise OSError(2, f"{bdf} has {len(entries)} vfio-dev entries (is it bound to vfio-pci?)")
+        raise OSError(errno.ENOENT, f"{bdf} has {len(entries)} vfio-dev entries (is it bound to vfio-pci?)")
     return f"{VFIO_CDEV_DIR}/{entries[0]}"
 
 
@@ -237,7 +237,7 @@ class VfioDevice(KernelObject):
             raise ValueError(f"region {index}: [{offset:#x}, +{len(data)}) outside its {size:#x} bytes")
         written = self.host.pwrite(self.fd, data, base + offset)
         if written != len(data):
-            raise OSError(5, f"short region write: {written} of {len(data)} bytes")
+            raise OSError(errno.EIO, f"short region write: {written} of {len(data)} bytes")
 
     def read32(self, index: int, offset: int) -> int:
         return struct.unpack("<I", self.region_read(index, offset, 4))[0]

@@ -631,7 +631,7 @@ class Init:
     async def start_unit(self, name: str) -> dict:
         unit = next((u for u in self.state.read_units() if u["name"] == name), None)
         if unit is None:
-            raise FileNotFoundError(2, f"no unit {name!r}")
+            raise FileNotFoundError(errno.ENOENT, f"no unit {name!r}")
         proc = self.procs.get(name)
         if proc is not None and proc.returncode is None:
             return {"name": name, "pid": proc.pid, "already": True}

@@ -45,7 +45,7 @@ def update_once(state: StateDir, *, timeout: float = 60.0, on_started=None) -> d
         finally:
             client.close()
     if not result or result.get("id") != started["update"]:
-        raise AgentError(5, f"the agent lost update {started['update']}")
+        raise AgentError(errno.EIO, f"the agent lost update {started['update']}")
     if result.get("phase") in ("kexec", "rolling-back", "restoring"):
         raise AgentError(errno.ETIMEDOUT, f"update {started['update']} is still {result['phase']} after {wait:.0f} s: "
                                           "`luvmm update --last` shows its outcome once it has one")

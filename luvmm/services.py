@@ -19,6 +19,7 @@ Lean on purpose: the restore path imports this module.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from luvmm.names import check_vm_name
@@ -227,9 +228,9 @@ class SystemdUnits(Units):
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
         except FileNotFoundError:
-            raise OSError(2, f"{what}: no {self.systemctl[0]} here (is this a systemd host?)") from None
+            raise OSError(errno.ENOENT, f"{what}: no {self.systemctl[0]} here (is this a systemd host?)") from None
         except subprocess.TimeoutExpired:
-            raise OSError(110, f"{what}: no answer in 120 s") from None  # ETIMEDOUT
+            raise OSError(errno.ETIMEDOUT, f"{what}: no answer in 120 s") from None
         if done.returncode:
             lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
             cause = lines[0] if lines else f"exit status {done.returncode}"

@@ -100,7 +100,7 @@ class Observer:
 
     def watch(self, bdf: str, iova: int, owner=None) -> None:
         if bdf not in self.machine.devices:
-            raise FileNotFoundError(2, f"no device {bdf}")
+            raise FileNotFoundError(errno.ENOENT, f"no device {bdf}")
         if not isinstance(iova, int) or not 0 <= iova < 1 << 64:
             raise ValueError(f"bad IOVA {iova!r}")
         key = (bdf, iova)
@@ -171,7 +171,7 @@ class Observer:
         do not cover the bin): what `luvmm demo` plots."""
         dev = self.machine.devices.get(bdf)
         if dev is None:
-            raise FileNotFoundError(2, f"no device {bdf}")
+            raise FileNotFoundError(errno.ENOENT, f"no device {bdf}")
         if not (bin_s > 0 and t1 > t0) or (t1 - t0) / bin_s > MAX_BINS:
             raise ValueError(f"need t1 > t0 and at most {MAX_BINS} bins of a positive width")
         nbins = int(-(-(t1 - t0) // bin_s))
@@ -207,11 +207,11 @@ class Observer:
         luvmm.vmm.pace measures a guest's outage from.  A window is at most
         ``MAX_HEARTBEAT_WINDOW_S`` long (some tens of thousands of points)."""
         if bdf not in self.machine.devices:
-            raise FileNotFoundError(2, f"no device {bdf}")
+            raise FileNotFoundError(errno.ENOENT, f"no device {bdf}")
         if not t1 >= t0 or t1 - t0 > MAX_HEARTBEAT_WINDOW_S:
             raise ValueError(f"need t1 >= t0, at most {MAX_HEARTBEAT_WINDOW_S:.0f} s apart")
         if (bdf, iova) not in self.watches:
-            raise FileNotFoundError(2, f"no watch of {iova:#x} on {bdf}")
+            raise FileNotFoundError(errno.ENOENT, f"no watch of {iova:#x} on {bdf}")
         points = self._points(bdf, iova)
         lo, hi = bisect.bisect_left(points, (t0,)), bisect.bisect_right(points, (t1, float("inf")))
         return [[t, value] for t, value in points[lo:hi]]
@@ -219,7 +219,7 @@ class Observer:
     def observe(self, bdf: str, t0: float, t1: float, iova: int | None = None) -> dict:
         dev = self.machine.devices.get(bdf)
         if dev is None:
-            raise FileNotFoundError(2, f"no device {bdf}")
+            raise FileNotFoundError(errno.ENOENT, f"no device {bdf}")
         completions, dma_gap = window_stats(dev.completion_times, t0, t1)
         result = {"completions": completions, "max_completion_gap_s": dma_gap}
         if iova is not None and (bdf, iova) in self.watches:

@@ -18,6 +18,7 @@ plane runs in a process of its own (luvmm.vmm.link).
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import shutil
@@ -41,7 +42,7 @@ def tlb_interrupts(cpu: int) -> int:
             fields = line.split()
             if fields and fields[0] == "TLB:":
                 return int(fields[1 + header.index(f"CPU{cpu}")])
-    raise OSError(2, "no TLB line in /proc/interrupts (not x86?)")
+    raise OSError(errno.ENOENT, "no TLB line in /proc/interrupts (not x86?)")
 
 
 def run_shootdown(*, guest_cpus: str, seconds: float = 1.0, rounds: int = 3, memory: int = 64 << 20,

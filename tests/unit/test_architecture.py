@@ -238,3 +238,16 @@ def test_the_distribution_installs_one_import_name(monkeypatch):
     assert set(got["packages"]) == packages
     for package, folder in got["package_dir"].items():
         assert os.path.isfile(os.path.join(ROOT, folder, "__init__.py")), package
+
+
+def test_errors_name_their_errno():
+    """An OSError's errno is named (errno.ENOENT), never a number: the
+    numbers are the kernel's, and a reader checks them against its names."""
+    found = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                    and type(node.args[0].value) is int and len(node.args) >= 2 \
+                    and getattr(node.func, "id", getattr(node.func, "attr", "")).endswith("Error"):
+                found.append(f"{module}:{node.lineno}")
+    assert found == []
