@@ -256,17 +256,3 @@ class VfioDevice(KernelObject):
 
     def config_write(self, offset: int, data: bytes) -> None:
         self.region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
-
-    # --- the DeviceAccess of luvmm.devices.emu.dsa_driver: a driver runs unchanged over VFIO -------------
-
-    def cfg_read(self, offset: int, size: int) -> bytes:
-        return self.config_read(offset, size)
-
-    def cfg_write(self, offset: int, data: bytes) -> None:
-        self.config_write(offset, data)
-
-    def bar_read(self, index: int, offset: int, size: int) -> bytes:
-        return self.region_read(index, offset, size)
-
-    def bar_write(self, index: int, offset: int, data: bytes) -> None:
-        self.region_write(index, offset, data)

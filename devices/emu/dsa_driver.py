@@ -69,6 +69,28 @@ class DeviceAccess(Protocol):
     def bar_write(self, index: int, offset: int, data: bytes) -> None: ...
 
 
+class VfioAccess:
+    """A :class:`DeviceAccess` over a VFIO device (luvmm.devices.vfio.VfioDevice):
+    its config region and its BAR regions, so that the driver runs unchanged
+    on a device behind the emulated (or a real) vfio-pci -- the product's
+    handle keeps the kernel's names only."""
+
+    def __init__(self, dev):
+        self.dev = dev
+
+    def cfg_read(self, offset: int, size: int) -> bytes:
+        return self.dev.config_read(offset, size)
+
+    def cfg_write(self, offset: int, data: bytes) -> None:
+        self.dev.config_write(offset, data)
+
+    def bar_read(self, index: int, offset: int, size: int) -> bytes:
+        return self.dev.region_read(index, offset, size)
+
+    def bar_write(self, index: int, offset: int, data: bytes) -> None:
+        self.dev.region_write(index, offset, data)
+
+
 class DsaDriverError(RuntimeError):
     pass
 

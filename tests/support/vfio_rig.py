@@ -7,7 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from luvmm.devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver
+from luvmm.devices.emu.dsa_driver import STATE_SIZE, DmaBuffer, DsaDriver, VfioAccess
 from luvmm.devices.iommufd import IommuFd
 from luvmm.devices.vfio import VfioDevice
 from luvmm.vmm.memory import sealed_memfd
@@ -34,7 +34,7 @@ class VfioRig:
         self.dev.attach_pt(self.hwpt)
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._drivers: list[DsaDriver] = []
-        self.driver = DsaDriver(self.dev, DmaBuffer(self.view[:STATE_SIZE], RAM_IOVA),
+        self.driver = DsaDriver(VfioAccess(self.dev), DmaBuffer(self.view[:STATE_SIZE], RAM_IOVA),
                                 msix=lambda v: self.dev.enable_msix([self.eventfd], start=v))
         if init:
             self.driver.init()
@@ -56,7 +56,7 @@ class VfioRig:
 
     def driver_for(self, dev, **kw) -> DsaDriver:
         """A driver for a device fd retrieved after a kexec (no init: the device kept its state)."""
-        drv = DsaDriver(dev, DmaBuffer(self.view[:STATE_SIZE], RAM_IOVA), **kw)
+        drv = DsaDriver(VfioAccess(dev), DmaBuffer(self.view[:STATE_SIZE], RAM_IOVA), **kw)
         self._drivers.append(drv)
         return drv
 
