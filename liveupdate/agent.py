@@ -28,6 +28,11 @@ cannot be identified, or a process that left its unit, gets EPERM.
 
 Protocol: SOCK_SEQPACKET at ``agent.sock`` in the state dir, one JSON object
 per message, fds by SCM_RIGHTS (luvmm.rpc).
+
+Why this long: the update's record on disk, the server of its clients (the
+plain-socket restore path and the trio server) and the orchestration of an
+update share the agent's state. Splitting it by concern is still to do (issue
+25, item 3).
 """
 
 from __future__ import annotations

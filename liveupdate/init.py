@@ -67,6 +67,12 @@ every process of a real machine stops with it.
 Its control requests (``units``, ``unit-of``, ``unit-start``, ``unit-stop``:
 :meth:`Init.request`, authorized by :func:`authorize`) are served by its
 host on that host's socket; luvmm.services.InitUnits is their client.
+
+Why this long: it is a supervisor with as much of systemd's surface as luvmm's
+units use -- start, restart and its limits, the fd store, sockets bound for a
+unit, process groups and their killing, who a peer is -- around one table of
+units that all of them share. Splitting it by concern is still to do (issue
+25, item 3).
 """
 
 from __future__ import annotations

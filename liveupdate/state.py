@@ -10,6 +10,11 @@ kernel's boot it last started in); ``units/NAME.json`` (what init starts), ``log
 only its owner reaches the host; one the user points at is used as it is,
 unless others may write into it.  A stopped host leaves only its VMs'
 definitions behind (:meth:`StateDir.clean`).
+
+Why this long: it is the one description of the state dir and of how a unit
+starts (python_unit, the guest CPUs, the bytecode written whole), which every
+process of a host reads -- on the restore path too, so it imports nothing of
+luvmm's above it.
 """
 
 from __future__ import annotations

@@ -50,6 +50,10 @@ What the model does, and the status it reports (include/uapi/linux/idxd.h):
   completion records for aborted descriptors).
 * All work queues feed one engine pipeline in submission order (WQ priority
   and the number of engines do not change the order of completion).
+
+Why this long: the device is one class, DsaDevice -- its registers, work
+queues, engine and operations share one lock and one register file. Splitting
+it by concern is still to do (issue 25, item 3).
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@
 
 A malformed message gets an error reply and the daemon goes on serving; an
 unexpected failure inside a request is logged and answered with EIO.
+
+Why this long: it wires the machine, the kernel and init, answers the control
+socket and performs the emulated kexec; each part is short, and they share the
+daemon's state.
 """
 
 from __future__ import annotations

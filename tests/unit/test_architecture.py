@@ -251,3 +251,16 @@ def test_errors_name_their_errno():
                     and getattr(node.func, "id", getattr(node.func, "attr", "")).endswith("Error"):
                 found.append(f"{module}:{node.lineno}")
     assert found == []
+
+
+#: A module this long is read as several: its docstring says why it is one.
+LONG_MODULE = 500
+
+
+def test_a_long_module_says_why_it_is_one():
+    long = []
+    for module, path in modules().items():
+        text = open(path).read()
+        if text.count("\n") > LONG_MODULE and "Why this long:" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long.append(module)
+    assert long == []

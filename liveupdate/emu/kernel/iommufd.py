@@ -24,6 +24,9 @@ immutable (EBUSY).  Preserving the iommufd in a LUO session requires each
 such memfd to be preserved in the same session already (EINVAL).  After the
 kexec the retrieved iommufd has the same object ids, and its marked HWPTs
 still point at the machine domains the device kept translating through.
+
+Why this long: it mirrors one kernel subsystem, iommufd with its live-update
+handler, rule for rule and errno for errno; the kernel's own files are longer.
 """
 
 from __future__ import annotations

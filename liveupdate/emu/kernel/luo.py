@@ -13,6 +13,10 @@ the known struct E2BIG.  FINISH asks every file's can_finish first (EBUSY).
 Closing an outgoing session fd unpreserves its files; closing a retrieved
 one finishes it.  Freeze runs inside the kexec reboot: a failing freeze
 unfreezes the others and the reboot returns the error.
+
+Why this long: it mirrors one kernel subsystem, LUO (luo_core.c,
+luo_session.c, luo_file.c), rule for rule and errno for errno; the kernel's
+own files are longer.
 """
 
 from __future__ import annotations

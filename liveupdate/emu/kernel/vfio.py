@@ -22,6 +22,10 @@ In both, state-changing ioctls and config writes on a preserved device are
 EBUSY; after the kexec, opening the cdev of a preserved device that was not
 retrieved yet is EBUSY; FINISH is EBUSY until the device was retrieved and
 bound to an iommufd.
+
+Why this long: it mirrors one kernel subsystem, vfio-pci's cdev with its live-
+update handler, rule for rule and errno for errno; the kernel's own files are
+longer.
 """
 
 from __future__ import annotations
