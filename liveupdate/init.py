@@ -161,6 +161,16 @@ def last_in_line(pid: int) -> None:
             pass
 
 
+def _killpg(procs: list, sig: int) -> None:
+    """``sig`` to the process group of each of ``procs`` still running (or stopped)."""
+    for proc in procs:
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 class UnitProcess:
     """A unit's process, started with posix_spawn and waited for through a pidfd.
 
@@ -644,11 +654,7 @@ class Init:
         return {"name": name, "pid": self._start(unit, "cold", strict=True)}
 
     async def _kill(self, proc: UnitProcess) -> None:
-        if proc.returncode is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _killpg([proc], signal.SIGKILL)
         await proc.wait()
 
     async def stop_unit(self, name: str) -> dict:
@@ -811,10 +817,7 @@ class Init:
         proc = self.procs.get(name)
         if proc is not None and proc.returncode is None:
             log.warning("%s: killing unit %s (pid %d)", why, name, proc.pid)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _killpg([proc], signal.SIGKILL)
 
     def kill_all(self, sig: int = signal.SIGKILL) -> list[UnitProcess]:
         """SIGKILL every unit's process group.  Returns the processes to reap:
@@ -828,12 +831,7 @@ class Init:
         host's two cores it took a core from the restoring VMMs for the
         length of its unmapping, in the blackout."""
         procs = list(self.procs.values())
-        for proc in procs:
-            if proc.returncode is None:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+        _killpg(procs, sig)
         self.procs.clear()
         for name in list(self.fdstores):  # init itself does not outlive a kexec
             self.flush_fdstore(name)
@@ -850,10 +848,7 @@ class Init:
         for proc in procs:
             if proc.returncode is None:
                 last_in_line(proc.pid)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        _killpg(procs, signal.SIGKILL)
         await self.reap(procs)
 
     async def reap(self, procs: list[UnitProcess], *, everything: bool = False) -> None:

@@ -443,8 +443,9 @@ class HostDaemon:
             # release path (a dying process's last close must not unpreserve).
             kernel.dropping = True
             self._kernel_scope.cancel()
+            running = list(self.init.procs)  # the units' names, from memory: no disk read in the blackout
             dying = self.init.kill_all(signal.SIGSTOP)  # not one more instruction: killed once the guests run
-            self._unlink_unit_sockets()
+            self._unlink_unit_sockets(running)
             kernel.drop()
             self.machine.reset_for_kexec(bdfs, domains, memory)
             if clear_bus_master:
@@ -504,13 +505,13 @@ class HostDaemon:
                 finally:
                     close_fds(fds)
 
-    def _unlink_unit_sockets(self) -> None:
+    def _unlink_unit_sockets(self, units: list[str]) -> None:
         """The old units' sockets go with their kernel, as on a real host,
         where they are in /run (a tmpfs no boot inherits).  Stopped, not yet
         dead, their processes still listen on them: a new unit that connected
         to one (a restoring VMM looking for the agent) would wait for an
         answer that never comes; it finds none and waits for the new one."""
-        vms = [u["name"][3:] for u in self.state.read_units() if u["name"].startswith("vm-")]
+        vms = [name[3:] for name in units if name.startswith("vm-")]
         for path in [self.state.agent_socket] + [self.state.vmm_socket(vm) for vm in vms]:
             try:
                 os.unlink(path)
